@@ -1,0 +1,60 @@
+"""Build of the optional native extension ``slice_kernels._C``.
+
+* C++ CPU kernels (csrc/cpu/*.cpp) whenever a C++ compiler is there;
+* CUDA kernels too (csrc/cuda/*.cu + csrc/cuda_glue/*.cpp) when torch was built with CUDA and nvcc is found.
+
+Switches (flash-attention / torchao style):
+  SLICE_KERNELS_SKIP_EXT=1           build no extension: the pure-Python package.
+  SLICE_KERNELS_CUDA_ARCHS="90;80"   CUDA architectures to build for (default: the visible GPU's, else 80;90).
+  SLICE_KERNELS_FORCE_CPU=1          build only the CPU kernels even when CUDA torch is present.
+A failed build of the extension is an error of `pip install`; at import a missing or incompatible
+extension only logs a fallback to the Python backends.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _extensions():
+    if os.environ.get("SLICE_KERNELS_SKIP_EXT") == "1":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    rel = lambda pats: sorted(os.path.relpath(p, ROOT) for pat in pats for p in glob.glob(os.path.join(ROOT, pat)))
+    cpu_sources = rel(["csrc/bindings.cpp", "csrc/cpu/*.cpp"])
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    with_cuda = (
+        torch.version.cuda is not None
+        and CUDA_HOME is not None
+        and os.environ.get("SLICE_KERNELS_FORCE_CPU") != "1"
+    )
+    if with_cuda:
+        archs = os.environ.get("SLICE_KERNELS_CUDA_ARCHS")
+        if archs:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(
+                f"{a[:-1]}.{a[-1]}" if a.isdigit() else a for a in archs.replace(",", ";").split(";") if a
+            )
+        ext = CUDAExtension(
+            "slice_kernels._C",
+            cpu_sources + rel(["csrc/cuda/*.cu", "csrc/cuda_glue/*.cpp"]),
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cxx + ["-DSK_WITH_CUDA"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = CppExtension(
+            "slice_kernels._C",
+            cpu_sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
+        )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

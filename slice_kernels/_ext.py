@@ -1,0 +1,59 @@
+"""Loading of the optional native extension ``slice_kernels._C``.
+
+The extension registers its kernels as torch operators in the ``slice_kernels_C`` namespace
+(``torch.ops.slice_kernels_C.<op>``), with a CPU kernel, a CUDA kernel, or both. A missing or broken
+extension is logged once and the package carries on with the Python backends: it is never an import error.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("slice_kernels")
+
+NAMESPACE = "slice_kernels_C"
+
+_state: dict = {"tried": False, "module": None, "error": None}
+
+
+def load():
+    """Import ``slice_kernels._C`` once; return the module or None (the reason is in ``load_error()``)."""
+    if _state["tried"]:
+        return _state["module"]
+    _state["tried"] = True
+    if os.environ.get("SLICE_KERNELS_SKIP_EXT") == "1":
+        _state["error"] = "SLICE_KERNELS_SKIP_EXT=1 is set"
+        return None
+    try:
+        from slice_kernels import _C  # noqa: F401  (registers the torch operators as a side effect)
+
+        _state["module"] = _C
+    except Exception as exc:  # ImportError, or an undefined symbol from a torch ABI mismatch
+        _state["error"] = f"{type(exc).__name__}: {exc}"
+        log.info("slice_kernels: native extension unavailable (%s); using the Python backends", _state["error"])
+    return _state["module"]
+
+
+def load_error() -> str | None:
+    load()
+    return _state["error"]
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether ``torch.ops.slice_kernels_C.<op>`` exists with a kernel for ``device_type`` ("cpu" | "cuda")."""
+    if load() is None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if key is None:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", key)
+    except RuntimeError:  # the operator is not registered at all
+        return False
+
+
+def native(op: str):
+    """The native operator ``torch.ops.slice_kernels_C.<op>`` (call ``has_kernel`` first)."""
+    return getattr(getattr(torch.ops, NAMESPACE), op)
