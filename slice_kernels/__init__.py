@@ -6,6 +6,7 @@ from .config import SliceConfig, SliceConfigError
 from .errors import NonFiniteGradientError, SliceInitError
 from .init import InitReport, InitResult, init_from_gradients, lora_scaling
 from .ops import conflict as _conflict  # noqa: F401  (registers ops)
+from .ops import grad_accum as _grad_accum  # noqa: F401
 from .ops import rsvd as _rsvd  # noqa: F401
 
 __version__ = "0.1.0"
