@@ -43,6 +43,8 @@ class SliceConfig:
         stable_gamma: γ_s of the "stable" scale.
         eps: ε in γ = −c·D/(N_p + ε).
         offload_gradients: keep the float32 gradient accumulators in CPU memory during collection.
+        collect_train_mode: collect gradients in train mode (dropout on, as PEFT's LoRA-GA); the default
+            eval mode makes the init a deterministic function of (weights, batches, seed).
     """
 
     method: str = "slice"
@@ -61,6 +63,7 @@ class SliceConfig:
     stable_gamma: float = 16.0
     eps: float = 1e-12
     offload_gradients: bool = False
+    collect_train_mode: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -95,8 +98,9 @@ class SliceConfig:
         number("seed", 0, 2**63 - 1, integer=True)
         number("stable_gamma", 1e-12)
         number("eps", 0.0, 1.0)
-        if not isinstance(self.offload_gradients, bool):
-            raise SliceConfigError(f"SliceConfig.offload_gradients={self.offload_gradients!r} must be True or False")
+        for name in ("offload_gradients", "collect_train_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise SliceConfigError(f"SliceConfig.{name}={getattr(self, name)!r} must be True or False")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -92,15 +92,7 @@ def _validate(weights, g_cur, g_prev, r, lora_alpha, config: SliceConfig):
                 f"{type(w).__name__} {tuple(getattr(w, 'shape', ()))} {getattr(w, 'dtype', '')}. Quantized or "
                 f"embedding layers cannot be initialized: remove them from the targets."
             )
-    need = 2 * r if config.uses_gradients else r
-    for name, w in weights.items():
-        m, n = w.shape
-        if need > min(m, n):
-            raise SliceInitError(
-                f"layer {name!r} of shape ({m}, {n}): method {config.method!r} needs "
-                f"{'2r' if config.uses_gradients else 'r'} = {need} ≤ min(m, n) = {min(m, n)}; lower the rank to "
-                f"at most {min(m, n) // (2 if config.uses_gradients else 1)} or drop this layer from the targets"
-            )
+    validate_ranks(weights, r, config)
     if not config.uses_gradients:
         return
     if g_cur is None:
@@ -121,12 +113,30 @@ def _validate(weights, g_cur, g_prev, r, lora_alpha, config: SliceConfig):
                     f"layer {name!r}: {what} shape {tuple(getattr(g, 'shape', ()))} != weight shape "
                     f"{tuple(weights[name].shape)} (weights and gradients must both be (out, in))"
                 )
-            if g.device != weights[name].device:
+            # offloaded gradients (CPU) with weights elsewhere are fine: the SVD moves them one group at a time
+            if g.device != weights[name].device and g.device.type != "cpu":
                 raise SliceInitError(f"layer {name!r}: {what} on {g.device} but the weight is on {weights[name].device}")
 
     same_layers(g_cur, "current-task gradients (g_cur)")
     if g_prev is not None and config.uses_replay:
         same_layers(g_prev, "replay gradients (g_prev)")
+        for name in weights:
+            if g_prev[name].device != g_cur[name].device:
+                raise SliceInitError(f"layer {name!r}: g_prev on {g_prev[name].device} but g_cur on "
+                                     f"{g_cur[name].device}; keep both on one device (offload both or neither)")
+
+
+def validate_ranks(weights: Mapping[str, torch.Tensor], r: int, config: SliceConfig) -> None:
+    """2r ≤ min(m, n) for the gradient methods (r ≤ min(m, n) otherwise) for every layer (SPEC §1 step 6)."""
+    need = 2 * r if config.uses_gradients else r
+    for name, w in weights.items():
+        m, n = w.shape
+        if need > min(m, n):
+            raise SliceInitError(
+                f"layer {name!r} of shape ({m}, {n}): method {config.method!r} needs "
+                f"{'2r' if config.uses_gradients else 'r'} = {need} ≤ min(m, n) = {min(m, n)}; lower the rank to "
+                f"at most {min(m, n) // (2 if config.uses_gradients else 1)} or drop this layer from the targets"
+            )
 
 
 def _kaiming_A(r: int, n: int, seed: int, device, dtype=torch.float32) -> torch.Tensor:
@@ -206,8 +216,9 @@ def init_from_gradients(
     lora_alpha: float,
     use_rslora: bool = True,
     config: SliceConfig | None = None,
-    adapter_dtype: torch.dtype | None = None,
+    adapter_dtype: torch.dtype | Mapping[str, torch.dtype] | None = None,
     inplace_gradients: bool = False,
+    absorb: bool = True,
 ) -> InitResult:
     """Initialize LoRA factors for every layer of ``weights`` (SPEC §1).
 
@@ -217,9 +228,11 @@ def init_from_gradients(
         g_prev: layer name -> averaged replay gradient; used by "slice" only; None at task 1.
         r, lora_alpha, use_rslora: the LoRA rank and scaling s = α/√r (rsLoRA) or α/r.
         config: a ``SliceConfig`` (defaults: the paper's).
-        adapter_dtype: dtype of A and B (default float32, PEFT's adapter dtype for bf16/fp16 models too);
-            ``lora_ga_peft`` defaults to W's dtype as PEFT does.
+        adapter_dtype: dtype of A and B, one for all layers or a mapping name -> dtype (default float32,
+            PEFT's adapter dtype for bf16/fp16 models too); ``lora_ga_peft`` defaults to W's dtype as PEFT does.
         inplace_gradients: let the surgery overwrite ``g_cur`` instead of copying it (saves one gradient set).
+        absorb: compute the absorbed weights; False returns ``weights={}`` so a caller that writes W in place
+            (``absorb_`` per layer, as ``get_slice_model`` does) never holds a second copy of every weight.
 
     Returns:
         ``InitResult`` with ``A``, ``B``, absorbed ``weights`` (W − s·B·A) and a ``report``.
@@ -284,7 +297,7 @@ def init_from_gradients(
                 per = max(1, _SVD_BATCH_ELEMENTS // (m * nn_))
                 for j in range(0, len(idxs), per):
                     chunk = idxs[j : j + per]
-                    G = torch.stack([cur[i].float() for i in chunk])
+                    G = torch.stack([cur[i].to(device, torch.float32) for i in chunk])
                     if config.svd == "exact":
                         U, S, V = rsvd.exact_svd(G, k)
                     else:
@@ -300,7 +313,8 @@ def init_from_gradients(
             W = weights[n]
             m, nn_ = W.shape
             seed = rsvd.layer_seed(config.seed, n)
-            dt = adapter_dtype or (W.dtype if config.method == "lora_ga_peft" else torch.float32)
+            dt = adapter_dtype.get(n) if isinstance(adapter_dtype, Mapping) else adapter_dtype
+            dt = dt or (W.dtype if config.method == "lora_ga_peft" else torch.float32)
             info = report.layers.setdefault(n, {"shape": [m, nn_]})
             if config.method == "lora":
                 A[n], B[n] = _kaiming_A(r, nn_, seed, W.device, dt), torch.zeros(m, r, device=W.device, dtype=dt)
@@ -343,12 +357,18 @@ def init_from_gradients(
         )
     new_w: dict = {}
     with _phase(report, "absorb", device):
-        for n in names:
+        for n in names if absorb else ():
             W = weights[n]
-            if not report.layers[n].get("offset", False):
-                new_w[n] = W.clone()
-                continue
-            # cast to the adapter dtype first (done above), so W − s·B·A matches what the forward adds back
-            off = (B[n].float() @ A[n].float()).mul_(s)
-            new_w[n] = (W.float() - off).to(W.dtype)
+            new_w[n] = W.clone()
+            if report.layers[n].get("offset", False):
+                absorb_(new_w[n], B[n], A[n], s)
     return InitResult(A=A, B=B, weights=new_w, scaling=s, report=report)
+
+
+@torch.no_grad()
+def absorb_(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, s: float) -> None:
+    """In place: W ← W − s·B·A (SPEC §1 step 8), the product in float32 from A and B as stored in the adapter
+    dtype (so it cancels exactly what the adapter's forward adds back), written in W's dtype. ``W`` may be a
+    transposed view (Conv1D)."""
+    off = (B.float() @ A.float()).mul_(s)
+    W.copy_((W.float() - off).to(W.dtype))

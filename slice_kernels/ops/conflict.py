@@ -12,7 +12,13 @@ from typing import Sequence
 
 import torch
 
-from .. import dispatch
+from .. import _ext, dispatch
+
+try:  # Triton is optional: the package imports (and the other backends run) without it
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - exercised only where triton is missing
+    triton = None
 
 # Elements per float64 chunk in the reference: bounds its temporary memory to 2 × 32 MiB whatever the layer.
 _CHUNK = 1 << 22
@@ -50,6 +56,165 @@ def surgery_torch(cur: Sequence[torch.Tensor], prev: Sequence[torch.Tensor], gam
     for c, p, gamma in zip(cur, prev, g):
         if gamma != 0.0:
             c.add_(p, alpha=gamma)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Multi-tensor work tables shared by the Triton and CUDA backends.
+#
+# Every layer is cut into chunks of a fixed size; one program (Triton) or block (CUDA) handles one chunk, so
+# a 58M-element MLP layer and a 1M-element k_proj load-balance within a single launch. The table rows are
+# [cur address, prev address, start, end]; per-chunk float64 partials are then reduced per layer in chunk
+# order, so the result does not depend on scheduling (no atomics).
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _as_f32(ts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    # Gradients are float32 contiguous accumulators (SPEC §1); anything else is converted once here.
+    return [t if (t.dtype == torch.float32 and t.is_contiguous()) else t.float().contiguous() for t in ts]
+
+
+def _work_table(cur, prev, chunk: int, skip=None):
+    rows, first = [], []
+    for i, c in enumerate(cur):
+        first.append(len(rows))
+        if skip is not None and skip[i]:
+            continue
+        n = c.numel()
+        pa = prev[i].data_ptr() if prev is not None else 0
+        for s in range(0, n, chunk):
+            rows.append((c.data_ptr(), pa, s, min(n, s + chunk), i))
+    first.append(len(rows))
+    dev = cur[0].device
+    tab = torch.tensor([r[:4] for r in rows] or [[0, 0, 0, 0]], dtype=torch.int64)
+    layer = torch.tensor([r[4] for r in rows] or [0], dtype=torch.int64)
+    bounds = torch.tensor(first, dtype=torch.int64)
+    nb = dev.type == "cuda"
+    return tab.to(dev, non_blocking=nb), layer.to(dev, non_blocking=nb), bounds.to(dev, non_blocking=nb), len(rows)
+
+
+def _triton_chunk() -> tuple[int, int]:
+    """(BLOCK, elements per program): small under the interpreter so tests cover many chunks cheaply."""
+    return (64, 256) if dispatch.interpreting() else (1024, 1 << 16)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _stats_chunk_kernel(tab, partial, HAS_PREV: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        c_ptr = tl.load(tab + 4 * pid).to(tl.pointer_type(tl.float32))
+        start = tl.load(tab + 4 * pid + 2)
+        end = tl.load(tab + 4 * pid + 3)
+        nc = tl.zeros([BLOCK], dtype=tl.float64)
+        d = tl.zeros([BLOCK], dtype=tl.float64)
+        np_ = tl.zeros([BLOCK], dtype=tl.float64)
+        offs = tl.arange(0, BLOCK)
+        for s in range(start, end, BLOCK):
+            o = s + offs
+            m = o < end
+            # float32 loads, float64 products: a product of two float32 values is exact in float64
+            x = tl.load(c_ptr + o, mask=m, other=0.0).to(tl.float64)
+            nc += x * x
+            if HAS_PREV:
+                p_ptr = tl.load(tab + 4 * pid + 1).to(tl.pointer_type(tl.float32))
+                y = tl.load(p_ptr + o, mask=m, other=0.0).to(tl.float64)
+                d += x * y
+                np_ += y * y
+        tl.store(partial + 3 * pid, tl.sum(d, 0))
+        tl.store(partial + 3 * pid + 1, tl.sum(np_, 0))
+        tl.store(partial + 3 * pid + 2, tl.sum(nc, 0))
+
+    @triton.jit
+    def _stats_reduce_kernel(partial, bounds, out, BLOCK: tl.constexpr):
+        layer = tl.program_id(0)
+        lo = tl.load(bounds + layer)
+        hi = tl.load(bounds + layer + 1)
+        acc0 = tl.zeros([BLOCK], dtype=tl.float64)
+        acc1 = tl.zeros([BLOCK], dtype=tl.float64)
+        acc2 = tl.zeros([BLOCK], dtype=tl.float64)
+        offs = tl.arange(0, BLOCK)
+        for s in range(lo, hi, BLOCK):
+            o = s + offs
+            m = o < hi
+            acc0 += tl.load(partial + 3 * o, mask=m, other=0.0)
+            acc1 += tl.load(partial + 3 * o + 1, mask=m, other=0.0)
+            acc2 += tl.load(partial + 3 * o + 2, mask=m, other=0.0)
+        tl.store(out + 3 * layer, tl.sum(acc0, 0))
+        tl.store(out + 3 * layer + 1, tl.sum(acc1, 0))
+        tl.store(out + 3 * layer + 2, tl.sum(acc2, 0))
+
+    @triton.jit
+    def _surgery_chunk_kernel(tab, layer_of, gammas, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        c_ptr = tl.load(tab + 4 * pid).to(tl.pointer_type(tl.float32))
+        p_ptr = tl.load(tab + 4 * pid + 1).to(tl.pointer_type(tl.float32))
+        start = tl.load(tab + 4 * pid + 2)
+        end = tl.load(tab + 4 * pid + 3)
+        g = tl.load(gammas + tl.load(layer_of + pid))
+        offs = tl.arange(0, BLOCK)
+        for s in range(start, end, BLOCK):
+            o = s + offs
+            m = o < end
+            x = tl.load(c_ptr + o, mask=m, other=0.0).to(tl.float64)
+            y = tl.load(p_ptr + o, mask=m, other=0.0).to(tl.float64)
+            # one rounding of the float64 result: never less accurate than torch's float32 add_(alpha=γ)
+            tl.store(c_ptr + o, (x + g * y).to(tl.float32), mask=m)
+
+
+@dispatch.register("conflict_stats", "triton")
+def conflict_stats_triton(cur: Sequence[torch.Tensor], prev: Sequence[torch.Tensor] | None) -> torch.Tensor:
+    cur = _as_f32(cur)
+    prev = _as_f32(prev) if prev is not None else None
+    block, chunk = _triton_chunk()
+    tab, _, bounds, n_items = _work_table(cur, prev, chunk)
+    dev = cur[0].device
+    partial = torch.zeros(max(n_items, 1), 3, dtype=torch.float64, device=dev)
+    if n_items:
+        _stats_chunk_kernel[(n_items,)](tab, partial, HAS_PREV=prev is not None, BLOCK=block)
+    out = torch.empty(len(cur), 3, dtype=torch.float64, device=dev)
+    _stats_reduce_kernel[(len(cur),)](partial, bounds, out, BLOCK=32 if dispatch.interpreting() else 128)
+    return out
+
+
+@dispatch.register("surgery", "triton")
+def surgery_triton(cur: Sequence[torch.Tensor], prev: Sequence[torch.Tensor], gammas: torch.Tensor) -> None:
+    work, back = _f32_work(cur)
+    prev = _as_f32(prev)
+    g = gammas.detach().to(torch.float64)
+    block, chunk = _triton_chunk()
+    tab, layer, _, n_items = _work_table(work, prev, chunk, skip=(g == 0).tolist())
+    if n_items:
+        _surgery_chunk_kernel[(n_items,)](tab, layer, g.to(work[0].device), BLOCK=block)
+    for i, c in back:
+        c.copy_(work[i])
+
+
+def _f32_work(cur: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[tuple[int, torch.Tensor]]]:
+    """Buffers the fused kernels can update in place, and the (index, tensor) pairs to copy back: a
+    non-float32 or non-contiguous gradient is updated through a float32 copy."""
+    work, back = [], []
+    for i, c in enumerate(cur):
+        if c.dtype == torch.float32 and c.is_contiguous():
+            work.append(c)
+        else:
+            work.append(c.float().contiguous())
+            back.append((i, c))
+    return work, back
+
+
+@dispatch.register("conflict_stats", "cpp", native_op="conflict_stats")
+@dispatch.register("conflict_stats", "cuda", native_op="conflict_stats")
+def conflict_stats_native(cur: Sequence[torch.Tensor], prev: Sequence[torch.Tensor] | None) -> torch.Tensor:
+    return _ext.native("conflict_stats")(_as_f32(cur), _as_f32(prev) if prev is not None else [])
+
+
+@dispatch.register("surgery", "cpp", native_op="surgery_")
+@dispatch.register("surgery", "cuda", native_op="surgery_")
+def surgery_native(cur: Sequence[torch.Tensor], prev: Sequence[torch.Tensor], gammas: torch.Tensor) -> None:
+    work, back = _f32_work(cur)
+    _ext.native("surgery_")(work, _as_f32(prev), gammas.detach().to("cpu", torch.float64).contiguous())
+    for i, c in back:
+        c.copy_(work[i])
 
 
 def conflict_stats(cur: Sequence[torch.Tensor], prev: Sequence[torch.Tensor] | None = None) -> torch.Tensor:

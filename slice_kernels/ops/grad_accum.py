@@ -1,17 +1,58 @@
 """Gradient accumulation for collection (SPEC §1 steps 1–2): ``acc += alpha · grad`` with a float32
 accumulator whatever the gradient's dtype, called from a post-accumulate-grad hook so the parameter's
 ``.grad`` can be released at once.
+
+Backends: torch (reference), triton and cuda/cpp kernels that fuse the dtype conversion into the axpy (a
+bf16 gradient is never materialized as a float32 temporary). ``offload_async`` copies a finished GPU
+accumulator to pinned CPU memory on a side stream (for ``collect_gradients(offload=True)``).
 """
 from __future__ import annotations
 
 import torch
 
-from .. import dispatch
+from .. import _ext, dispatch
+
+try:  # Triton is optional
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover
+    triton = None
 
 
 @dispatch.register("grad_accumulate", "torch")
 def grad_accumulate_torch(acc: torch.Tensor, grad: torch.Tensor, alpha: float) -> None:
     acc.add_(grad.to(acc.dtype), alpha=alpha)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _axpy_kernel(acc, grad, n, alpha, BLOCK: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: MLP weights of large models pass 2³¹ elements
+        o = pid * BLOCK + tl.arange(0, BLOCK)
+        m = o < n
+        g = tl.load(grad + o, mask=m, other=0.0).to(tl.float32)
+        a = tl.load(acc + o, mask=m, other=0.0)
+        tl.store(acc + o, a + alpha * g, mask=m)
+
+
+@dispatch.register("grad_accumulate", "triton")
+def grad_accumulate_triton(acc: torch.Tensor, grad: torch.Tensor, alpha: float) -> None:
+    if not acc.is_contiguous():  # validated before anything is written
+        raise ValueError("grad_accumulate with the triton backend needs a contiguous float32 accumulator")
+    g = grad.contiguous()
+    n = acc.numel()
+    block = 64 if dispatch.interpreting() else 4096
+    _axpy_kernel[(triton.cdiv(n, block),)](acc, g, n, float(alpha), BLOCK=block)
+
+
+@dispatch.register("grad_accumulate", "cpp", native_op="grad_accumulate_")
+@dispatch.register("grad_accumulate", "cuda", native_op="grad_accumulate_")
+def grad_accumulate_native(acc: torch.Tensor, grad: torch.Tensor, alpha: float) -> None:
+    if not acc.is_contiguous():
+        raise ValueError("grad_accumulate with a native backend needs a contiguous float32 accumulator")
+    g = grad if grad.dtype in (torch.float32, torch.bfloat16, torch.float16) else grad.float()
+    _ext.native("grad_accumulate_")(acc, g.contiguous(), float(alpha))
 
 
 def accumulate_(acc: torch.Tensor, grad: torch.Tensor, alpha: float = 1.0) -> None:
@@ -23,3 +64,56 @@ def accumulate_(acc: torch.Tensor, grad: torch.Tensor, alpha: float = 1.0) -> No
     if acc.device != grad.device:
         raise ValueError(f"accumulator on {acc.device} but gradient on {grad.device}; offload after accumulating")
     dispatch.call("grad_accumulate", grad.device, acc, grad, float(alpha))
+
+
+def accumulate_hook(acc: torch.Tensor, alpha: float = 1.0):
+    """A ``register_post_accumulate_grad_hook`` callback: adds ``alpha · p.grad`` into ``acc`` and frees
+    ``p.grad`` at once, so at most one layer's gradient is alive beside the accumulators."""
+
+    def hook(p: torch.Tensor) -> None:
+        g = p.grad
+        if g is None:
+            return
+        # Conv1D stores Wᵀ: the accumulator is (out, in), so accept the transposed gradient too.
+        accumulate_(acc, g if g.shape == acc.shape else g.t(), alpha)
+        p.grad = None
+
+    return hook
+
+
+class PinnedOffload:
+    """Asynchronous copies of GPU accumulators to pinned CPU memory.
+
+    ``offload(name, acc)`` enqueues ``acc`` → pinned buffer on a side stream that first waits for the work
+    already queued on the current stream (the last accumulation), and returns at once; ``wait()`` blocks until
+    every copy has landed and returns ``{name: cpu_tensor}``. Do not modify ``acc`` until ``wait()``: the copy
+    reads it asynchronously (it is kept alive here until then). On CPU tensors it is a plain clone.
+    """
+
+    def __init__(self):
+        self._out: dict[str, torch.Tensor] = {}
+        self._keep: list[torch.Tensor] = []
+        self._stream = None
+        self._event = None
+
+    def offload(self, name: str, acc: torch.Tensor) -> None:
+        if name in self._out:
+            raise ValueError(f"{name!r} was already offloaded; call wait() and start a new PinnedOffload")
+        if acc.device.type != "cuda":
+            self._out[name] = acc.detach().clone()
+            return
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=acc.device)
+        buf = torch.empty(acc.shape, dtype=acc.dtype, pin_memory=True)
+        self._stream.wait_stream(torch.cuda.current_stream(acc.device))
+        with torch.cuda.stream(self._stream):
+            buf.copy_(acc, non_blocking=True)
+        self._keep.append(acc)
+        self._out[name] = buf
+
+    def wait(self) -> dict[str, torch.Tensor]:
+        if self._stream is not None:
+            self._stream.synchronize()
+        self._keep.clear()
+        out, self._out = self._out, {}
+        return out

@@ -1,0 +1,142 @@
+// CPU kernels of the SLICE conflict statistics and gradient surgery (SPEC §1 steps 3-4), multi-tensor:
+// one call covers every target layer.
+//
+// The work is cut into fixed chunks of kChunk elements (independent of the thread count) and each chunk's
+// float64 partial sums are added per layer in chunk order, so the result is bitwise reproducible whatever
+// OMP_NUM_THREADS is. Loads are float32, products and sums float64: a float64 product of two float32 values
+// is exact, so the only rounding is in the float64 additions (relative error ~ 1e-16 · log(chunk)).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kChunk = 1 << 16;
+
+struct Item {
+  int64_t layer, start, end;
+};
+
+std::vector<Item> make_items(const std::vector<int64_t>& sizes) {
+  std::vector<Item> items;
+  for (int64_t l = 0; l < (int64_t)sizes.size(); ++l)
+    for (int64_t s = 0; s < sizes[l]; s += kChunk) items.push_back({l, s, std::min(sizes[l], s + kChunk)});
+  return items;
+}
+
+void check_list(const at::TensorList cur, const at::TensorList prev, const char* op) {
+  TORCH_CHECK(cur.size() > 0, op, ": needs at least one layer");
+  TORCH_CHECK(prev.empty() || prev.size() == cur.size(), op, ": ", prev.size(), " replay tensors for ", cur.size(),
+              " current ones");
+  for (size_t i = 0; i < cur.size(); ++i) {
+    TORCH_CHECK(cur[i].device().is_cpu() && cur[i].scalar_type() == at::kFloat && cur[i].is_contiguous(), op,
+                ": tensor ", i, " of cur must be a contiguous float32 CPU tensor (the Python wrapper converts)");
+    if (!prev.empty()) {
+      TORCH_CHECK(prev[i].device().is_cpu() && prev[i].scalar_type() == at::kFloat && prev[i].is_contiguous(), op,
+                  ": tensor ", i, " of prev must be a contiguous float32 CPU tensor");
+      TORCH_CHECK(prev[i].numel() == cur[i].numel(), op, ": tensor ", i, " has ", cur[i].numel(),
+                  " elements in cur but ", prev[i].numel(), " in prev");
+    }
+  }
+}
+
+// Four independent accumulators per sum let the compiler vectorize without reassociating one long chain.
+inline void chunk_stats(const float* c, const float* p, int64_t n, double out[3]) {
+  double d[4] = {0, 0, 0, 0}, np[4] = {0, 0, 0, 0}, nc[4] = {0, 0, 0, 0};
+  int64_t i = 0;
+  if (p != nullptr) {
+    for (; i + 4 <= n; i += 4)
+      for (int k = 0; k < 4; ++k) {
+        const double x = c[i + k], y = p[i + k];
+        d[k] += x * y;
+        np[k] += y * y;
+        nc[k] += x * x;
+      }
+    for (; i < n; ++i) {
+      const double x = c[i], y = p[i];
+      d[0] += x * y;
+      np[0] += y * y;
+      nc[0] += x * x;
+    }
+  } else {
+    for (; i + 4 <= n; i += 4)
+      for (int k = 0; k < 4; ++k) {
+        const double x = c[i + k];
+        nc[k] += x * x;
+      }
+    for (; i < n; ++i) {
+      const double x = c[i];
+      nc[0] += x * x;
+    }
+  }
+  out[0] = (d[0] + d[1]) + (d[2] + d[3]);
+  out[1] = (np[0] + np[1]) + (np[2] + np[3]);
+  out[2] = (nc[0] + nc[1]) + (nc[2] + nc[3]);
+}
+
+at::Tensor conflict_stats_cpu(at::TensorList cur, at::TensorList prev) {
+  check_list(cur, prev, "conflict_stats");
+  const int64_t L = cur.size();
+  std::vector<int64_t> sizes(L);
+  for (int64_t l = 0; l < L; ++l) sizes[l] = cur[l].numel();
+  const auto items = make_items(sizes);
+  std::vector<double> partial(items.size() * 3, 0.0);
+  std::vector<const float*> cp(L), pp(L, nullptr);
+  for (int64_t l = 0; l < L; ++l) {
+    cp[l] = cur[l].data_ptr<float>();
+    if (!prev.empty()) pp[l] = prev[l].data_ptr<float>();
+  }
+  at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t b, int64_t e) {
+    for (int64_t it = b; it < e; ++it) {
+      const Item& w = items[it];
+      const float* p = pp[w.layer] ? pp[w.layer] + w.start : nullptr;
+      chunk_stats(cp[w.layer] + w.start, p, w.end - w.start, &partial[it * 3]);
+    }
+  });
+  at::Tensor out = at::zeros({L, 3}, at::TensorOptions().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  for (size_t it = 0; it < items.size(); ++it)
+    for (int k = 0; k < 3; ++k) o[items[it].layer * 3 + k] += partial[it * 3 + k];
+  return out;
+}
+
+void surgery_cpu(at::TensorList cur, at::TensorList prev, const at::Tensor& gammas) {
+  check_list(cur, prev, "surgery_");
+  TORCH_CHECK(!prev.empty(), "surgery_: needs the replay gradients");
+  TORCH_CHECK(gammas.device().is_cpu() && gammas.scalar_type() == at::kDouble && gammas.numel() == (int64_t)cur.size(),
+              "surgery_: gammas must be a float64 CPU tensor with one value per layer");
+  const int64_t L = cur.size();
+  const at::Tensor g = gammas.contiguous();
+  const double* gp = g.data_ptr<double>();
+  std::vector<int64_t> sizes(L);
+  for (int64_t l = 0; l < L; ++l) sizes[l] = gp[l] != 0.0 ? cur[l].numel() : 0;  // γ = 0 layers: no traffic
+  const auto items = make_items(sizes);
+  std::vector<float*> cp(L);
+  std::vector<const float*> pp(L);
+  for (int64_t l = 0; l < L; ++l) {
+    cp[l] = cur[l].data_ptr<float>();
+    pp[l] = prev[l].data_ptr<float>();
+  }
+  at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t b, int64_t e) {
+    for (int64_t it = b; it < e; ++it) {
+      const Item& w = items[it];
+      float* c = cp[w.layer];
+      const float* p = pp[w.layer];
+      const double gamma = gp[w.layer];
+      // float64 fma then one rounding: at most 0.5 ulp, never worse than torch's float32 add_(alpha=γ).
+      for (int64_t i = w.start; i < w.end; ++i) c[i] = (float)((double)c[i] + gamma * (double)p[i]);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(slice_kernels_C, CPU, m) {
+  m.impl("conflict_stats", &conflict_stats_cpu);
+  m.impl("surgery_", &surgery_cpu);
+}

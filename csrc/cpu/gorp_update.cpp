@@ -1,0 +1,83 @@
+// GORP step epilogue on CPU: g' = g - proj, Adam moments, bias-corrected update u, then
+// out <- u and/or param <- decay*param - step_size*u, in one pass (see slice_kernels/ops/gorp_update.py).
+// State tensors (g, proj, moments, out) share float32 or float64; param has that dtype or is bfloat16 with
+// float32 state (upcast, update in float32, round once on store).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+
+namespace {
+
+template <typename T, typename P>
+void gorp_update_cpu_impl(const at::Tensor& g, const std::optional<at::Tensor>& proj, at::Tensor& m, at::Tensor& v,
+                          const std::optional<at::Tensor>& param, const std::optional<at::Tensor>& out, double beta1,
+                          double beta2, double eps, double bc1, double bc2, double step_size, double decay) {
+  const T* gp = g.data_ptr<T>();
+  const T* pr = proj ? proj->data_ptr<T>() : nullptr;
+  T* mp = m.data_ptr<T>();
+  T* vp = v.data_ptr<T>();
+  P* pp = param ? param->data_ptr<P>() : nullptr;
+  T* op = out ? out->data_ptr<T>() : nullptr;
+  const T b1 = static_cast<T>(beta1), b2 = static_cast<T>(beta2), e = static_cast<T>(eps);
+  const T c1 = static_cast<T>(bc1), c2 = static_cast<T>(bc2), ss = static_cast<T>(step_size);
+  const T dc = static_cast<T>(decay);
+  // 1 - beta in double, then rounded: 1 - 0.999f in float32 is off by 5e-5 relative.
+  const T omb1 = static_cast<T>(1.0 - beta1), omb2 = static_cast<T>(1.0 - beta2);
+  // 32k elements per task: enough work to amortize a thread hand-off, small enough to balance 2..64 cores.
+  at::parallel_for(0, g.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T x = gp[i];
+      if (pr) x -= pr[i];
+      const T mi = b1 * mp[i] + omb1 * x;
+      const T vi = b2 * vp[i] + omb2 * x * x;
+      mp[i] = mi;
+      vp[i] = vi;
+      const T u = (mi / c1) / (std::sqrt(vi / c2) + e);
+      if (op) op[i] = u;
+      if (pp) pp[i] = static_cast<P>(dc * static_cast<T>(pp[i]) - ss * u);
+    }
+  });
+}
+
+void check(const at::Tensor& t, const at::Tensor& g, const char* name, bool same_dtype) {
+  TORCH_CHECK(t.device().is_cpu(), "gorp_update: ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.is_contiguous(), "gorp_update: ", name, " must be contiguous");
+  TORCH_CHECK(t.numel() == g.numel(), "gorp_update: ", name, " has ", t.numel(), " elements, the gradient ",
+              g.numel());
+  if (same_dtype) TORCH_CHECK(t.scalar_type() == g.scalar_type(), "gorp_update: ", name, " dtype != gradient dtype");
+}
+
+void gorp_update_cpu(const at::Tensor& g, const std::optional<at::Tensor>& proj, at::Tensor exp_avg,
+                     at::Tensor exp_avg_sq, const std::optional<at::Tensor>& param,
+                     const std::optional<at::Tensor>& out, double beta1, double beta2, double eps, double bc1,
+                     double bc2, double step_size, double decay) {
+  check(g, g, "g", true);
+  if (proj) check(*proj, g, "proj", true);
+  check(exp_avg, g, "exp_avg", true);
+  check(exp_avg_sq, g, "exp_avg_sq", true);
+  if (out) check(*out, g, "out", true);
+  if (param) check(*param, g, "param", false);
+  const auto st = g.scalar_type();
+  const auto pt = param ? param->scalar_type() : st;
+  if (st == at::kFloat && pt == at::kFloat) {
+    gorp_update_cpu_impl<float, float>(g, proj, exp_avg, exp_avg_sq, param, out, beta1, beta2, eps, bc1, bc2,
+                                       step_size, decay);
+  } else if (st == at::kFloat && pt == at::kBFloat16) {
+    gorp_update_cpu_impl<float, c10::BFloat16>(g, proj, exp_avg, exp_avg_sq, param, out, beta1, beta2, eps, bc1,
+                                               bc2, step_size, decay);
+  } else if (st == at::kDouble && pt == at::kDouble) {
+    gorp_update_cpu_impl<double, double>(g, proj, exp_avg, exp_avg_sq, param, out, beta1, beta2, eps, bc1, bc2,
+                                         step_size, decay);
+  } else {
+    TORCH_CHECK(false, "gorp_update: unsupported dtypes (state ", st, ", param ", pt,
+                "); use float32/float64 state with a param of the same dtype, or bfloat16 param with float32 state");
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(slice_kernels_C, CPU, m) { m.impl("gorp_update", &gorp_update_cpu); }

@@ -1,0 +1,100 @@
+// PS-LoRA magnitude merge from factors, tiled CPU kernel (SPEC §3; slice_kernels/ops/magnitude_merge.py).
+//
+// K updates ΔW_k = s_k·B_k·A_k are given as one concatenated B (m×ΣR) and A (ΣR×n) with column offsets.
+// For each tile of `out`, every update's tile is formed in a small buffer and the entry of largest |·| is
+// kept; a later task replaces the current best only when strictly larger, so ties go to the earliest task.
+// With accumulate=true the winner is added into `out` (W += merged) tile by tile: no m×n buffer.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int64_t BM = 32;
+constexpr int64_t BN = 256;
+
+template <typename T, typename O>
+void merge_impl(const T* B, const T* A, int64_t m, int64_t n, int64_t Rt, const std::vector<int64_t>& off,
+                const std::vector<double>& scal, O* out, int64_t ldo, bool accumulate) {
+  const int64_t K = static_cast<int64_t>(scal.size());
+  const int64_t nblk = (m + BM - 1) / BM;
+  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> best(BM * BN), cur(BN);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t i0 = b * BM, bi = std::min(BM, m - i0);
+      for (int64_t j0 = 0; j0 < n; j0 += BN) {
+        const int64_t bj = std::min(BN, n - j0);
+        for (int64_t ii = 0; ii < bi; ++ii) {
+          T* bst = best.data() + ii * BN;
+          const T* brow = B + (i0 + ii) * Rt;
+          for (int64_t k = 0; k < K; ++k) {
+            for (int64_t jj = 0; jj < bj; ++jj) cur[jj] = T(0);
+            for (int64_t c = off[k]; c < off[k + 1]; ++c) {
+              const T bc = brow[c];
+              const T* arow = A + c * n + j0;
+              for (int64_t jj = 0; jj < bj; ++jj) cur[jj] += bc * arow[jj];
+            }
+            const T s = T(scal[k]);
+            if (k == 0) {
+              for (int64_t jj = 0; jj < bj; ++jj) bst[jj] = s * cur[jj];
+            } else {
+              for (int64_t jj = 0; jj < bj; ++jj) {
+                const T v = s * cur[jj];
+                if (std::abs(v) > std::abs(bst[jj])) bst[jj] = v;
+              }
+            }
+          }
+          O* o = out + (i0 + ii) * ldo + j0;
+          if (accumulate) {
+            for (int64_t jj = 0; jj < bj; ++jj) o[jj] = static_cast<O>(static_cast<T>(o[jj]) + bst[jj]);
+          } else {
+            for (int64_t jj = 0; jj < bj; ++jj) o[jj] = static_cast<O>(bst[jj]);
+          }
+        }
+      }
+    }
+  });
+}
+
+void magnitude_merge_factors_cpu(const at::Tensor& B, const at::Tensor& A, at::IntArrayRef offsets,
+                                 at::ArrayRef<double> scalings, const at::Tensor& out, bool accumulate) {
+  TORCH_CHECK(B.dim() == 2 && A.dim() == 2 && B.size(1) == A.size(0), "magnitude_merge: B (m, ΣR), A (ΣR, n)");
+  TORCH_CHECK(B.is_contiguous() && A.is_contiguous(), "magnitude_merge: factors must be contiguous");
+  TORCH_CHECK(B.scalar_type() == A.scalar_type(), "magnitude_merge: B and A must share a dtype");
+  TORCH_CHECK(B.scalar_type() == at::kFloat || B.scalar_type() == at::kDouble,
+              "magnitude_merge (cpp): float32 or float64 factors expected");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == B.size(0) && out.size(1) == A.size(1) && out.stride(1) == 1,
+              "magnitude_merge: out must be m×n with unit column stride");
+  TORCH_CHECK(static_cast<int64_t>(offsets.size()) == static_cast<int64_t>(scalings.size()) + 1 &&
+                  !scalings.empty() && offsets.front() == 0 && offsets.back() == B.size(1),
+              "magnitude_merge: offsets must be [0, ..., ΣR] with one more entry than scalings");
+  std::vector<int64_t> off(offsets.begin(), offsets.end());
+  std::vector<double> scal(scalings.begin(), scalings.end());
+  const int64_t m = B.size(0), n = A.size(1), Rt = B.size(1), ldo = out.stride(0);
+  const auto ot = out.scalar_type();
+  if (B.scalar_type() == at::kDouble) {
+    TORCH_CHECK(ot == at::kDouble, "magnitude_merge: float64 factors need a float64 out");
+    merge_impl<double, double>(B.data_ptr<double>(), A.data_ptr<double>(), m, n, Rt, off, scal,
+                               out.data_ptr<double>(), ldo, accumulate);
+  } else if (ot == at::kFloat) {
+    merge_impl<float, float>(B.data_ptr<float>(), A.data_ptr<float>(), m, n, Rt, off, scal, out.data_ptr<float>(),
+                             ldo, accumulate);
+  } else if (ot == at::kBFloat16) {
+    merge_impl<float, at::BFloat16>(B.data_ptr<float>(), A.data_ptr<float>(), m, n, Rt, off, scal,
+                                    out.data_ptr<at::BFloat16>(), ldo, accumulate);
+  } else if (ot == at::kHalf) {
+    merge_impl<float, at::Half>(B.data_ptr<float>(), A.data_ptr<float>(), m, n, Rt, off, scal,
+                                out.data_ptr<at::Half>(), ldo, accumulate);
+  } else {
+    TORCH_CHECK(false, "magnitude_merge: out must be float32, float64, bfloat16 or float16");
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(slice_kernels_C, CPU, m) {
+  m.impl("magnitude_merge_factors", &magnitude_merge_factors_cpu);
+}

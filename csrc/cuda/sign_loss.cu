@@ -1,0 +1,157 @@
+// PS-LoRA sign-consistency loss, plain CUDA (float32). Mirrors the Triton kernels:
+// * forward: one block per 32-row block walks the column tiles, forms the ΔW and H tiles (shared-memory
+//   tiled products over the rank), reduces the loss summand; one partial per block (deterministic);
+// * dB: one block per row block, dB_rows = s·Σ_tiles G·Aᵀ accumulated in shared memory;
+// * dA: one block per 32-column block, dA_cols = s·Σ_tiles Bᵀ·G accumulated in shared memory;
+// G = ∂L/∂ΔW lives only in shared memory, one tile at a time: no m×n buffer, no atomics.
+#include "cuda/sign_loss.cuh"
+#include "cuda/sign_loss_tiles.cuh"
+
+namespace {
+
+using namespace sk_tiles;
+
+__device__ __forceinline__ float sgnf(float x) { return x > 0.f ? 1.f : (x < 0.f ? -1.f : 0.f); }
+
+// ΔW tile into d[], H tile (±1 for bits) into h[]; entries outside the matrix are flagged by valid[].
+__device__ void form_tiles(const SkSignLossArgs& a, int64_t i0, int64_t j0, float d[RPT], float h[RPT],
+                           bool valid[RPT], Smem& sm) {
+  const int tx = threadIdx.x % BN, ty = threadIdx.x / BN;
+  tile_product(a.B, a.r, a.A, a.n, i0, j0, a.m, a.n, a.r, d, sm);
+  if (a.kind == 0) tile_product(a.H1, a.R, a.H2, a.n, i0, j0, a.m, a.n, a.R, h, sm);
+  const int64_t nbytes = (a.n + 7) / 8;
+#pragma unroll
+  for (int q = 0; q < RPT; ++q) {
+    const int64_t i = i0 + ty + 8 * q, j = j0 + tx;
+    valid[q] = i < a.m && j < a.n;
+    d[q] *= a.scaling;
+    if (a.kind == 1) {
+      h[q] = valid[q] ? a.H1[i * a.n + j] : 0.f;
+    } else if (a.kind == 2) {
+      h[q] = valid[q] ? (((a.bits[i * nbytes + (j >> 3)] >> (j & 7)) & 1) ? 1.f : -1.f) : 0.f;
+    }
+  }
+}
+
+__device__ __forceinline__ float summand(const SkSignLossArgs& a, float d, float h) {
+  if (a.mode == 0) {
+    const float t = a.kind == 2 ? h : tanhf(a.alpha_l * h);
+    return 1.f - tanhf(a.alpha_l * d) * t;
+  }
+  const float v = -sgnf(h) * d;
+  return v > 0.f ? v * a.inv_rms : 0.f;
+}
+
+__device__ __forceinline__ float derivative(const SkSignLossArgs& a, float d, float h) {
+  if (a.mode == 0) {
+    const float t = a.kind == 2 ? h : tanhf(a.alpha_l * h);
+    const float td = tanhf(a.alpha_l * d);
+    return -a.alpha_l * (1.f - td * td) * t;
+  }
+  const float sh = sgnf(h);
+  return (-sh * d > 0.f) ? -sh * a.inv_rms : 0.f;
+}
+
+__global__ void __launch_bounds__(NT) fwd_kernel(SkSignLossArgs a, float* partial) {
+  __shared__ Smem sm;
+  __shared__ float red[NT];
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * BM;
+  float acc = 0.f;
+  for (int64_t j0 = 0; j0 < a.n; j0 += BN) {
+    float d[RPT], h[RPT];
+    bool valid[RPT];
+    form_tiles(a, i0, j0, d, h, valid, sm);
+#pragma unroll
+    for (int q = 0; q < RPT; ++q)
+      if (valid[q]) acc += summand(a, d[q], h[q]);
+  }
+  red[threadIdx.x] = acc;
+  __syncthreads();
+  for (int s = NT / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) partial[blockIdx.x] = red[0];
+}
+
+// G tile (times gs) into sm.G; zero outside the matrix.
+__device__ void g_tile(const SkSignLossArgs& a, int64_t i0, int64_t j0, float gs, Smem& sm) {
+  const int tx = threadIdx.x % BN, ty = threadIdx.x / BN;
+  float d[RPT], h[RPT];
+  bool valid[RPT];
+  form_tiles(a, i0, j0, d, h, valid, sm);
+#pragma unroll
+  for (int q = 0; q < RPT; ++q) sm.G[ty + 8 * q][tx] = valid[q] ? gs * derivative(a, d[q], h[q]) : 0.f;
+  __syncthreads();
+}
+
+// dynamic shared memory: BM × r floats
+__global__ void __launch_bounds__(NT) dB_kernel(SkSignLossArgs a, const float* grad, float* dB) {
+  __shared__ Smem sm;
+  extern __shared__ float accB[];
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const float gs = grad[0] * a.scaling / (static_cast<float>(a.m) * static_cast<float>(a.n));
+  for (int64_t e = threadIdx.x; e < BM * a.r; e += NT) accB[e] = 0.f;
+  for (int64_t j0 = 0; j0 < a.n; j0 += BN) {
+    g_tile(a, i0, j0, gs, sm);
+    for (int64_t e = threadIdx.x; e < BM * a.r; e += NT) {
+      const int64_t ii = e / a.r, k = e % a.r;
+      const float* arow = a.A + k * a.n + j0;
+      float s = 0.f;
+      for (int jj = 0; jj < BN && j0 + jj < a.n; ++jj) s += sm.G[ii][jj] * arow[jj];
+      accB[e] += s;
+    }
+    __syncthreads();
+  }
+  for (int64_t e = threadIdx.x; e < BM * a.r; e += NT) {
+    const int64_t i = i0 + e / a.r;
+    if (i < a.m) dB[i * a.r + e % a.r] = accB[e];
+  }
+}
+
+// dynamic shared memory: r × BN floats
+__global__ void __launch_bounds__(NT) dA_kernel(SkSignLossArgs a, const float* grad, float* dA) {
+  __shared__ Smem sm;
+  extern __shared__ float accA[];
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * BN;
+  const float gs = grad[0] * a.scaling / (static_cast<float>(a.m) * static_cast<float>(a.n));
+  for (int64_t e = threadIdx.x; e < a.r * BN; e += NT) accA[e] = 0.f;
+  for (int64_t i0 = 0; i0 < a.m; i0 += BM) {
+    g_tile(a, i0, j0, gs, sm);
+    for (int64_t e = threadIdx.x; e < a.r * BN; e += NT) {
+      const int64_t k = e / BN;
+      const int jj = static_cast<int>(e % BN);
+      float s = 0.f;
+      for (int ii = 0; ii < BM && i0 + ii < a.m; ++ii) s += a.B[(i0 + ii) * a.r + k] * sm.G[ii][jj];
+      accA[e] += s;
+    }
+    __syncthreads();
+  }
+  for (int64_t e = threadIdx.x; e < a.r * BN; e += NT) {
+    const int64_t j = j0 + e % BN;
+    if (j < a.n) dA[(e / BN) * a.n + j] = accA[e];
+  }
+}
+
+}  // namespace
+
+int64_t sk_sign_loss_num_partials(int64_t m) { return (m + BM - 1) / BM; }
+
+cudaError_t sk_sign_loss_fwd(const SkSignLossArgs& a, float* partial, cudaStream_t stream) {
+  const int64_t nb = sk_sign_loss_num_partials(a.m);
+  if (nb == 0) return cudaSuccess;
+  fwd_kernel<<<static_cast<unsigned>(nb), NT, 0, stream>>>(a, partial);
+  return cudaGetLastError();
+}
+
+cudaError_t sk_sign_loss_bwd(const SkSignLossArgs& a, const float* grad, float* dA, float* dB, cudaStream_t stream) {
+  const int64_t nbr = (a.m + BM - 1) / BM, nbc = (a.n + BN - 1) / BN;
+  const size_t shB = sizeof(float) * BM * a.r, shA = sizeof(float) * a.r * BN;
+  // Static Smem is ~12.6 KB; the per-block accumulators must fit beside it in the default 48 KB.
+  if (shB + sizeof(Smem) > 48 * 1024) return cudaErrorInvalidValue;
+  if (nbr > 0) dB_kernel<<<static_cast<unsigned>(nbr), NT, shB, stream>>>(a, grad, dB);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  if (nbc > 0) dA_kernel<<<static_cast<unsigned>(nbc), NT, shA, stream>>>(a, grad, dA);
+  return cudaGetLastError();
+}

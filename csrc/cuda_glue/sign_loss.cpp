@@ -1,0 +1,99 @@
+// CUDA glue of the PS-LoRA sign-consistency loss: checks the tensors, then calls the plain launchers of
+// csrc/cuda/sign_loss.cu on the current stream. Compiled only in CUDA builds. The kernels compute in
+// float32; slice_kernels/ops/sign_loss.py casts the (small) factors before calling.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "cuda/sign_loss.cuh"
+
+namespace {
+
+SkSignLossArgs make_args(const at::Tensor& A, const at::Tensor& B, const at::Tensor& H1,
+                         const std::optional<at::Tensor>& H2, int64_t kind, int64_t mode, double scaling,
+                         double alpha_l, double inv_rms) {
+  auto f32 = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.is_cuda() && t.device() == A.device(), "sign_loss (cuda): ", name, " must be on ", A.device());
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), "sign_loss (cuda): ", name,
+                " must be contiguous float32");
+  };
+  f32(A, "A");
+  f32(B, "B");
+  TORCH_CHECK(A.dim() == 2 && B.dim() == 2 && B.size(1) == A.size(0), "sign_loss (cuda): A must be (r, n), B (m, r)");
+  SkSignLossArgs a{};
+  a.A = A.data_ptr<float>();
+  a.B = B.data_ptr<float>();
+  a.m = B.size(0);
+  a.r = B.size(1);
+  a.n = A.size(1);
+  a.R = 0;
+  a.kind = static_cast<int>(kind);
+  a.mode = static_cast<int>(mode);
+  a.scaling = static_cast<float>(scaling);
+  a.alpha_l = static_cast<float>(alpha_l);
+  a.inv_rms = static_cast<float>(inv_rms);
+  if (kind == 0) {
+    TORCH_CHECK(H2.has_value(), "sign_loss (cuda): factor history needs Ah");
+    f32(H1, "Bh");
+    f32(*H2, "Ah");
+    TORCH_CHECK(H1.size(0) == a.m && H2->size(1) == a.n && H1.size(1) == H2->size(0), "sign_loss (cuda): Bh/Ah shapes");
+    a.H1 = H1.data_ptr<float>();
+    a.H2 = H2->data_ptr<float>();
+    a.R = H1.size(1);
+  } else if (kind == 1) {
+    f32(H1, "H");
+    TORCH_CHECK(H1.size(0) == a.m && H1.size(1) == a.n, "sign_loss (cuda): dense history must be m×n");
+    a.H1 = H1.data_ptr<float>();
+  } else if (kind == 2) {
+    TORCH_CHECK(H1.is_cuda() && H1.scalar_type() == at::kByte && H1.is_contiguous() && H1.size(0) == a.m &&
+                    H1.size(1) == (a.n + 7) / 8,
+                "sign_loss (cuda): sign bits must be contiguous uint8 (m, ceil(n/8)) on the device");
+    a.bits = H1.data_ptr<uint8_t>();
+  } else {
+    TORCH_CHECK(false, "sign_loss: kind must be 0 (factors), 1 (dense) or 2 (bits)");
+  }
+  return a;
+}
+
+at::Tensor sign_loss_fwd_cuda(const at::Tensor& A, const at::Tensor& B, const at::Tensor& H1,
+                              const std::optional<at::Tensor>& H2, int64_t kind, int64_t mode, double scaling,
+                              double alpha_l, double inv_rms) {
+  const SkSignLossArgs a = make_args(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms);
+  c10::cuda::CUDAGuard guard(A.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(A.device().index()).stream();
+  at::Tensor partial = at::empty({sk_sign_loss_num_partials(a.m)}, A.options());
+  const cudaError_t err = sk_sign_loss_fwd(a, partial.data_ptr<float>(), stream);
+  TORCH_CHECK(err == cudaSuccess, "sign_loss_fwd: CUDA launch failed: ", cudaGetErrorString(err));
+  // The per-row-block partials are added in a fixed order, in float64: deterministic.
+  return partial.sum(at::kDouble).div(static_cast<double>(a.m) * static_cast<double>(a.n)).to(at::kFloat);
+}
+
+std::tuple<at::Tensor, at::Tensor> sign_loss_bwd_cuda(const at::Tensor& grad, const at::Tensor& A,
+                                                      const at::Tensor& B, const at::Tensor& H1,
+                                                      const std::optional<at::Tensor>& H2, int64_t kind,
+                                                      int64_t mode, double scaling, double alpha_l,
+                                                      double inv_rms) {
+  const SkSignLossArgs a = make_args(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms);
+  TORCH_CHECK(grad.is_cuda() && grad.scalar_type() == at::kFloat && grad.numel() == 1,
+              "sign_loss_bwd (cuda): grad must be a float32 scalar on the device");
+  c10::cuda::CUDAGuard guard(A.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(A.device().index()).stream();
+  at::Tensor dA = at::empty(A.sizes(), A.options());
+  at::Tensor dB = at::empty(B.sizes(), B.options());
+  const cudaError_t err = sk_sign_loss_bwd(a, grad.data_ptr<float>(), dA.data_ptr<float>(), dB.data_ptr<float>(), stream);
+  TORCH_CHECK(err == cudaSuccess, "sign_loss_bwd: CUDA launch failed (", cudaGetErrorString(err),
+              "); ranks above 285 exceed the kernel's shared-memory accumulator");
+  return {dA, dB};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(slice_kernels_C, CUDA, m) {
+  m.impl("sign_loss_fwd", &sign_loss_fwd_cuda);
+  m.impl("sign_loss_bwd", &sign_loss_bwd_cuda);
+}

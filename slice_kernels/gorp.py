@@ -1,0 +1,420 @@
+"""GORP: AdamW in a low-rank gradient subspace, orthogonal to earlier tasks' shared spaces (SPEC §4).
+
+``GorpAdamW`` takes parameter groups of three kinds (the ``kind`` key of a group):
+
+* ``"lowrank"`` – full-rank weights W (m×n) trained in a rank-r gradient subspace. Every ``update_proj_gap``
+  steps the projector is refreshed from the top-r singular vectors of the current gradient G (randomized SVD,
+  sketch seeded by (seed, parameter name, refresh index), so a resumed run draws the same sketch): if m ≥ n,
+  Q (r×n) from the right vectors and g = G·Qᵀ (m×r); else U (m×r) and g = Uᵀ·G (r×n).
+* ``"lora_a"`` – LoRA A matrices (r×n): g = G, no projection (A is already low-rank).
+* ``"adamw"`` – everything else (LoRA B, biases, norms): plain AdamW.
+
+Shared space S (orthonormal columns). It lives on the side of g that the projector does not touch, which is
+also g's long side: the rows (dimension m) when m ≥ n (g = G·Qᵀ is m×r, its rows are W's output space), the
+columns (dimension n) when m < n (g = Uᵀ·G is r×n, its columns are W's input space). Because that side is
+never rotated by a projector refresh, S stays meaningful across refreshes and tasks. Orthogonalization:
+g ← g − S·Sᵀ·g on the row side, g ← g − g·S·Sᵀ on the column side. For LoRA A (r×n) S is on the column
+side, A's input space: A's gradient is Bᵀ·δ·xᵀ, whose rows lie in the span of the inputs x, and an update of
+A whose rows avoid an earlier task's input directions leaves that task's B·A·x unchanged — GPM's argument.
+B is unconstrained (SPEC §4).
+
+The step (SPEC §4, with one argued addition): g is orthogonalized, the Adam moments (in g's shape, never
+rotated on refresh) are updated, u = m̂ / (√v̂ + eps), and W ← (1 − lr·wd)·W − lr·scale·lift(u) with
+lift(u) = u·Q or U·u. *Addition:* Adam's elementwise normalization does not preserve orthogonality — even with
+m ⟂ S, m / √v generally has a component in S, and moments carried over a task boundary have one too — so u
+is projected once more, u ← u − S·Sᵀ·u, before the lift. Without it the stated guarantee (later updates
+have no component in the stored space) does not hold; with it it holds to rounding. The gradient projection
+is kept as the spec has it so the moments themselves see only the new directions.
+
+Full rank. With r = min(m, n) the subspace is the whole space; we then use the identity projector (the
+canonical basis) rather than the singular vectors. Any orthonormal basis spans the same space, but Adam's
+per-coordinate normalization is not rotation invariant, and the canonical basis is the one with which a GORP
+step with no shared space equals an AdamW step exactly.
+
+``end_task()`` grows each space from Adam's first moment M (SPEC §4): with Mx the moment oriented so that the
+space side is its rows, take the SVD of R = Mx − S·Sᵀ·Mx and append the fewest leading left vectors of R with
+(‖SᵀMx‖² + Σ_{i≤k} σ_i²) / ‖Mx‖² ≥ energy (0.9); with no S yet this is the SVD of M itself. The appended
+vectors are re-orthogonalized against S (two Gram–Schmidt passes) and among themselves (QR).
+
+The hot elementwise part of every step is ``slice_kernels.ops.gorp_update`` (one fused kernel per backend);
+the skinny GEMMs stay with BLAS / cuBLAS, and the lift-back with the parameter update is one ``addmm``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping
+
+import torch
+
+from .ops import rsvd as _rsvd
+from .ops.gorp_update import gorp_update_
+
+KINDS = ("lowrank", "lora_a", "adamw")
+# Relative slack in the energy rule, so a spectrum that reaches the threshold exactly (up to SVD rounding)
+# is not pushed to one extra vector.
+_ENERGY_SLACK = 1e-10
+
+
+class GorpGroupError(ValueError):
+    """A parameter group cannot be trained by GorpAdamW as given; the message names the parameter."""
+
+
+def _space_side(kind: str, shape: torch.Size) -> int:
+    """0: S spans g's rows (dimension m); 1: S spans g's columns (dimension n)."""
+    if kind == "lora_a":
+        return 1
+    return 0 if shape[0] >= shape[1] else 1
+
+
+class GorpAdamW(torch.optim.Optimizer):
+    """AdamW with GORP's gradient low-rank projection and shared-space orthogonalization (SPEC §4).
+
+    Args:
+        params: parameter groups (dicts with ``params``, optional ``kind`` (default ``"adamw"``), optional
+            ``names`` — one string per parameter, used to seed sketches and to key shared spaces — and any
+            hyper-parameter below to override it per group). ``gorp_param_groups`` builds them from a model.
+        lr, betas, eps, weight_decay: AdamW's, weight decay decoupled (W ← (1 − lr·wd)·W).
+        rank: r of ``lowrank`` groups (1 ≤ r ≤ min(m, n)).
+        update_proj_gap: T, steps between projector refreshes (default 10).
+        scale: multiplies the update of the group (default 1.0; GaLore uses 0.25 for its projected weights).
+        energy: explained-energy threshold of ``end_task`` (default 0.9).
+        seed: seed of the refresh sketches (combined with the parameter name and the refresh index).
+        oversample, power_iters: randomized SVD sketch width q = min(r + oversample, min(m, n)) (default
+            oversample = r) and its power iterations (default 2).
+        shared_spaces: {name: S} carried from an earlier optimizer (``shared_spaces()`` of it), e.g. when a
+            runner builds a fresh optimizer per task.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        rank: int = 8,
+        update_proj_gap: int = 10,
+        scale: float = 1.0,
+        energy: float = 0.9,
+        seed: int = 0,
+        oversample: int | None = None,
+        power_iters: int = 2,
+        shared_spaces: Mapping[str, torch.Tensor] | None = None,
+    ):
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
+            update_proj_gap=update_proj_gap, scale=scale, energy=energy, seed=seed, oversample=oversample,
+            power_iters=power_iters, kind="adamw",
+        )
+        self._check_hparams(defaults, "defaults")
+        super().__init__(params, defaults)
+        if shared_spaces:
+            self.load_shared_spaces(shared_spaces)
+
+    # ------------------------------------------------------------------ groups and validation
+    @staticmethod
+    def _check_hparams(g: Mapping, where: str) -> None:
+        if not g["lr"] >= 0.0:
+            raise GorpGroupError(f"{where}: lr must be ≥ 0, got {g['lr']}")
+        b1, b2 = g["betas"]
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise GorpGroupError(f"{where}: betas must lie in [0, 1), got {g['betas']}")
+        if not g["eps"] > 0.0:
+            raise GorpGroupError(f"{where}: eps must be > 0, got {g['eps']}")
+        if not g["weight_decay"] >= 0.0:
+            raise GorpGroupError(f"{where}: weight_decay must be ≥ 0, got {g['weight_decay']}")
+        if int(g["update_proj_gap"]) < 1:
+            raise GorpGroupError(f"{where}: update_proj_gap must be ≥ 1, got {g['update_proj_gap']}")
+        if int(g["rank"]) < 1:
+            raise GorpGroupError(f"{where}: rank must be ≥ 1, got {g['rank']}")
+        if not 0.0 < g["energy"] <= 1.0:
+            raise GorpGroupError(f"{where}: energy must lie in (0, 1], got {g['energy']}")
+        if g["kind"] not in KINDS:
+            raise GorpGroupError(f"{where}: kind must be one of {KINDS}, got {g['kind']!r}")
+
+    def add_param_group(self, param_group: dict) -> None:
+        # validate everything first so a bad group leaves the optimizer untouched
+        group = dict(param_group)
+        params = group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        idx = len(self.param_groups)
+        names = list(group.get("names") or [f"group{idx}.param{j}" for j in range(len(params))])
+        if len(names) != len(params):
+            raise GorpGroupError(f"group {idx}: {len(names)} names for {len(params)} parameters")
+        merged = {**self.defaults, **{k: v for k, v in group.items() if k not in ("params", "names")}}
+        self._check_hparams(merged, f"group {idx} ({merged['kind']})")
+        kind, rank = merged["kind"], int(merged["rank"])
+        for p, name in zip(params, names):
+            if kind in ("lowrank", "lora_a") and p.dim() != 2:
+                raise GorpGroupError(
+                    f"{name}: a {kind!r} group takes matrices, got a tensor of shape {tuple(p.shape)}; put it in "
+                    f"an 'adamw' group"
+                )
+            if kind == "lowrank" and rank > min(p.shape):
+                raise GorpGroupError(
+                    f"{name}: rank {rank} is larger than the matrix allows (min(m, n) = {min(p.shape)} for shape "
+                    f"{tuple(p.shape)}); lower rank to at most {min(p.shape)}"
+                )
+        group["params"], group["names"] = params, names
+        super().add_param_group(group)
+
+    def _named_params(self):
+        for group in self.param_groups:
+            for p, name in zip(group["params"], group["names"]):
+                yield group, p, name
+
+    # ------------------------------------------------------------------ shared spaces
+    def _space_dim(self, group: dict, p: torch.Tensor) -> int:
+        return p.shape[_space_side(group["kind"], p.shape)]
+
+    def shared_space(self, param: torch.Tensor) -> torch.Tensor | None:
+        """The shared space of ``param`` as a (d, k) matrix with orthonormal columns, or None.
+
+        d is W's output dimension m for a ``lowrank`` weight with m ≥ n, its input dimension n otherwise, and
+        A's input dimension n for a ``lora_a`` matrix (see the module docstring).
+        """
+        for group, p, _ in self._named_params():
+            if p is param:
+                return self.state[p].get("shared") if group["kind"] != "adamw" else None
+        raise KeyError("shared_space: this tensor is not a parameter of the optimizer")
+
+    def shared_spaces(self) -> dict[str, torch.Tensor]:
+        """{parameter name: S} for every parameter that has a space (clones; pass to a new optimizer)."""
+        return {
+            name: self.state[p]["shared"].detach().clone()
+            for _, p, name in self._named_params()
+            if "shared" in self.state.get(p, {})
+        }
+
+    def load_shared_spaces(self, spaces: Mapping[str, torch.Tensor]) -> None:
+        """Install spaces by parameter name (all checked before any is installed)."""
+        by_name = {name: (group, p) for group, p, name in self._named_params()}
+        plan = []
+        for name, S in spaces.items():
+            if name not in by_name:
+                raise GorpGroupError(
+                    f"shared space {name!r} matches no parameter of this optimizer (known: "
+                    f"{sorted(by_name)[:8]}{' …' if len(by_name) > 8 else ''}); build the groups with the same names"
+                )
+            group, p = by_name[name]
+            if group["kind"] == "adamw":
+                raise GorpGroupError(f"shared space {name!r}: the parameter is in an 'adamw' group, which has none")
+            d = self._space_dim(group, p)
+            if S.dim() != 2 or S.shape[0] != d or S.shape[1] > d:
+                raise GorpGroupError(
+                    f"shared space {name!r} has shape {tuple(S.shape)}; this parameter needs ({d}, k) with k ≤ {d}"
+                )
+            plan.append((p, S))
+        for p, S in plan:
+            self.state[p]["shared"] = S.detach().to(device=p.device, dtype=_state_dtype(p)).clone()
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group, p, name in self._named_params():
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{name}: GorpAdamW does not support sparse gradients")
+            self._step_param(group, p, name)
+        return loss
+
+    def _step_param(self, group: dict, p: torch.Tensor, name: str) -> None:
+        state = self.state[p]
+        kind = group["kind"]
+        sd = _state_dtype(p)
+        G = p.grad.to(sd)
+        t = state.get("step", 0)
+        lowrank = kind == "lowrank" and int(group["rank"]) < min(p.shape)
+        side = _space_side(kind, p.shape) if kind != "adamw" else 0
+        if lowrank:
+            if t % int(group["update_proj_gap"]) == 0:
+                state["proj"] = self._refresh(group, G, name, state.get("refreshes", 0))
+                state["refreshes"] = state.get("refreshes", 0) + 1
+            P = state["proj"]
+            g = G @ P.T if side == 0 else P.T @ G
+        else:
+            g = G.contiguous()
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(g, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(g, memory_format=torch.contiguous_format)
+        t += 1
+        state["step"] = t
+        b1, b2 = group["betas"]
+        lr, scale = group["lr"], group["scale"]
+        decay, step_size = 1.0 - lr * group["weight_decay"], lr * scale
+        S = state.get("shared")
+        proj = None if S is None else _project(S, g, side)
+        hp = dict(beta1=b1, beta2=b2, eps=group["eps"], bc1=1.0 - b1**t, bc2=1.0 - b2**t)
+        if not lowrank and S is None and p.is_contiguous():
+            gorp_update_(g, None, state["exp_avg"], state["exp_avg_sq"], param=p, step_size=step_size, decay=decay, **hp)
+            return
+        u = torch.empty_like(g)
+        gorp_update_(g, proj, state["exp_avg"], state["exp_avg_sq"], out=u, **hp)
+        if S is not None:
+            u.sub_(_project(S, u, side))
+        if lowrank:
+            P = state["proj"]
+            a, b = (u, P) if side == 0 else (P, u)
+            if p.dtype == sd:
+                p.addmm_(a, b, beta=decay, alpha=-step_size)  # lift-back and update in BLAS's epilogue
+            else:
+                p.copy_(torch.addmm(p.to(sd), a, b, beta=decay, alpha=-step_size))
+        else:
+            w = p.to(sd)
+            w.mul_(decay).add_(u, alpha=-step_size)
+            p.copy_(w)
+
+    def _refresh(self, group: dict, G: torch.Tensor, name: str, index: int) -> torch.Tensor:
+        """Top-r singular vectors of G: Q (r×n) when m ≥ n, U (m×r) otherwise (randomized SVD, seeded sketch)."""
+        m, n = G.shape
+        r = int(group["rank"])
+        over = r if group["oversample"] is None else int(group["oversample"])
+        q = min(r + over, min(m, n))
+        seed = _rsvd.layer_seed(int(group["seed"]), f"{name}#refresh{index}")
+        omega = _rsvd.sketch([seed], n, q, G.device, dtype=G.dtype)
+        U, _, V = _rsvd.randomized_svd(G.unsqueeze(0), omega, r, int(group["power_iters"]))
+        return V[0].T.contiguous() if m >= n else U[0].contiguous()
+
+    # ------------------------------------------------------------------ end of task
+    @torch.no_grad()
+    def end_task(self) -> dict[str, int]:
+        """Grow every ``lowrank`` / ``lora_a`` parameter's shared space from Adam's first moment.
+
+        Returns {name: number of vectors appended}. All new spaces are computed before any is installed.
+        """
+        updates, added = [], {}
+        for group, p, name in self._named_params():
+            if group["kind"] == "adamw":
+                continue
+            state = self.state.get(p, {})
+            if "exp_avg" not in state:
+                continue  # never stepped: no moment to learn a space from
+            side = _space_side(group["kind"], p.shape)
+            new = grow_space(state.get("shared"), state["exp_avg"], side, float(group["energy"]))
+            added[name] = 0 if new is None else new.shape[1] - (0 if "shared" not in state else state["shared"].shape[1])
+            if new is not None:
+                updates.append((state, new))
+        for state, S in updates:
+            state["shared"] = S
+        return added
+
+    # ------------------------------------------------------------------ state dict
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, except that state tensors keep their saved dtype.
+
+        torch casts floating state to the parameter's dtype; for a bfloat16 weight that would round the
+        float32 moments, projectors and spaces and make a resumed run differ from an uninterrupted one.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            for k, v in state_dict["state"].get(pid, {}).items():
+                if torch.is_tensor(v):
+                    self.state[p][k] = v.to(device=p.device, copy=True)
+
+
+def _state_dtype(p: torch.Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def _project(S: torch.Tensor, X: torch.Tensor, side: int) -> torch.Tensor:
+    """S·Sᵀ·X (side 0, S spans X's rows) or X·S·Sᵀ (side 1, S spans X's columns): two skinny GEMMs."""
+    return S @ (S.T @ X) if side == 0 else (X @ S) @ S.T
+
+
+def energy_count(explained: float, sigma: torch.Tensor, total: float, energy: float) -> int:
+    """Fewest k with (explained + Σ_{i<k} σ_i²) / total ≥ energy (σ descending); 0 when already reached.
+
+    Capped at len(sigma): if even every direction does not reach the threshold, all are taken.
+    """
+    if total <= 0.0 or explained >= (energy - _ENERGY_SLACK) * total:
+        return 0
+    cum = explained + torch.cumsum(sigma.double() ** 2, 0)
+    reached = (cum >= (energy - _ENERGY_SLACK) * total).nonzero()
+    return int(reached[0, 0]) + 1 if reached.numel() else int(sigma.numel())
+
+
+def grow_space(S: torch.Tensor | None, M: torch.Tensor, side: int, energy: float = 0.9) -> torch.Tensor | None:
+    """SPEC §4's growth rule: S (d×k) grown from the moment M; returns the new S, or None if nothing is added.
+
+    ``side`` says which of M's dimensions the space lives on (0: rows, 1: columns). Computed in float64.
+    """
+    Mx = (M if side == 0 else M.T).double()
+    total = float((Mx * Mx).sum())
+    if total == 0.0 or not math.isfinite(total):
+        return None
+    S64 = None if S is None else S.double()
+    R = Mx if S64 is None else Mx - S64 @ (S64.T @ Mx)
+    explained = max(total - float((R * R).sum()), 0.0)
+    U, sigma, _ = torch.linalg.svd(R, full_matrices=False)
+    k = energy_count(explained, sigma, total, energy)
+    if S64 is not None:
+        k = min(k, Mx.shape[0] - S64.shape[1])
+    k = min(k, int((sigma > sigma[0] * Mx.shape[0] * torch.finfo(torch.float64).eps).sum()) if sigma.numel() else 0)
+    if k <= 0:
+        return None
+    new = U[:, :k]
+    if S64 is not None:
+        for _ in range(2):  # "twice is enough": one pass leaves O(eps·κ) components in S
+            new = new - S64 @ (S64.T @ new)
+    new, _ = torch.linalg.qr(new)
+    out = new if S64 is None else torch.cat([S64, new], dim=1)
+    return out.to(dtype=M.dtype if S is None else S.dtype).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------- runner
+def _register_runner_method():
+    """The runner's ``gorp`` method: vanilla LoRA on the run's targets, GorpAdamW as the optimizer (LoRA A
+    orthogonalized, full-rank MLP weights in a low-rank gradient subspace), spaces grown at the end of each
+    task and kept in the run's method state (so checkpoints and resumes carry them).
+
+    Options (``ctx.options``): ``gorp_full_rank`` (module patterns; default the first of gate_proj / c_fc /
+    fc1 the model has), ``gorp_rank`` (default the LoRA rank, capped by the matched weights), ``gorp_scale``
+    (default 0.25, GaLore's, for the full-rank weights), ``gorp_gap`` (T, default 10), ``gorp_energy`` (0.9).
+    """
+    from .runner.init_methods import InitMethod
+    from .runner.methods import register
+
+    class GorpMethod(InitMethod):
+        init = "lora"
+
+        def make_optimizer(self, ctx, peft_model, params, lr):
+            from .gorp_groups import _base_linears, _matches, build_gorp_optimizer
+
+            o = ctx.options
+            patterns = o.get("gorp_full_rank")
+            if patterns is None:
+                names = list(_base_linears(peft_model))
+                patterns = next(([p] for p in ("gate_proj", "c_fc", "fc1") if any(_matches(p, n) for n in names)), [])
+            linears = _base_linears(peft_model)
+            dims = [min(m.weight.shape) for n, m in linears.items() if any(_matches(p, n) for p in patterns)]
+            rank = int(o.get("gorp_rank", min([ctx.lora.rank] + dims)))
+            spaces = {k: v for k, v in ctx.state.get("spaces", {}).items()}
+            self.opt = build_gorp_optimizer(
+                peft_model, full_rank=patterns, rank=rank, shared_spaces=spaces, lr=lr, weight_decay=0.0,
+                update_proj_gap=int(o.get("gorp_gap", 10)), energy=float(o.get("gorp_energy", 0.9)),
+                seed=int(ctx.seed) * 1000003 + int(ctx.stage), lowrank_options={"scale": float(o.get("gorp_scale", 0.25))},
+            )
+            return self.opt
+
+        def end_of_task(self, ctx, peft_model):
+            self.opt.end_task()
+            ctx.state["spaces"] = {k: v.cpu() for k, v in self.opt.shared_spaces().items()}
+            self.opt = None  # the next stage builds a fresh optimizer around the new adapter
+
+    register("gorp", GorpMethod, overwrite=True)
+
+
+try:
+    _register_runner_method()
+except ImportError as exc:  # a package without the runner still has the optimizer
+    import logging
+
+    logging.getLogger("slice_kernels").info("slice_kernels.gorp: runner method not registered (%s)", exc)

@@ -1,0 +1,298 @@
+"""History of earlier tasks' updates for the PS-LoRA stability loss (SPEC §3).
+
+``H_ℓ = Σ_{i<t} ΔW_i,ℓ`` of one layer is held in one of three forms:
+
+* ``"factors"``: the exact low-rank factors ``Bh`` (m×R) and ``Ah`` (R×n), each earlier task's scaling
+  folded into its columns of ``Bh`` (so ``H = Bh @ Ah``);
+* ``"dense"``: the m×n matrix itself;
+* ``"bits"``: one sign bit per entry, packed little-endian along each row into uint8 (``m × ceil(n/8)``),
+  plus the scalar ``rms(H)``: 32× smaller than float32, the hard-sign limit of the tanh loss.
+
+``rms(H)`` is computed once per form (from factors by the Gram identity ``‖BA‖² = tr((BᵀB)(AAᵀ))``, so
+no m×n matrix) and carried as a Python float: the kernels take ``α_ℓ = α / rms(H)`` as a scalar.
+
+``HistoryStore`` keeps one ``History`` per layer name, is updated after each task from a PEFT model's
+LoRA factors, and saves/loads with the run.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+
+KINDS = ("factors", "dense", "bits")
+
+# Row blocks used when a form must be converted without holding an m×n matrix; at 8192 columns this is
+# 256 rows × 8192 × 4 bytes = 8 MiB at a time.
+_ROW_BLOCK = 256
+
+
+def gram_sq_norm(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """‖B @ A‖_F² without forming B @ A: tr((BᵀB)(AAᵀ)), in float64."""
+    Bd, Ad = B.double(), A.double()
+    return ((Bd.T @ Bd) * (Ad @ Ad.T)).sum()
+
+
+def pack_sign_bits(H: torch.Tensor) -> torch.Tensor:
+    """One bit per entry of a 2-D tensor: bit j%8 of byte j//8 of row i is 1 when ``H[i, j] >= 0``.
+
+    Exact zeros pack as +1: the bit form has no third state (documented departure from sign(0) = 0)."""
+    m, n = H.shape
+    nb = (n + 7) // 8
+    pos = (H >= 0).to(torch.uint8)
+    pad = nb * 8 - n
+    if pad:
+        pos = torch.nn.functional.pad(pos, (0, pad))
+    pos = pos.view(m, nb, 8)
+    weights = (1 << torch.arange(8, device=H.device, dtype=torch.int32)).to(torch.uint8)
+    return (pos * weights).sum(dim=-1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_sign_bits(bits: torch.Tensor, n: int, dtype=torch.float32) -> torch.Tensor:
+    """±1 matrix (m×n) from ``pack_sign_bits``'s output."""
+    shifts = torch.arange(8, device=bits.device, dtype=torch.int32)
+    b = (bits.to(torch.int32).unsqueeze(-1) >> shifts) & 1
+    b = b.reshape(bits.shape[0], -1)[:, :n]
+    return (b.to(dtype) * 2 - 1)
+
+
+@dataclass
+class History:
+    """H of one layer, in one of the forms of ``KINDS`` (see the module doc). Build with the
+    ``from_*`` constructors; ``rms`` is ``sqrt(mean H²)``."""
+
+    kind: str
+    shape: tuple[int, int]
+    rms: float
+    Bh: torch.Tensor | None = None
+    Ah: torch.Tensor | None = None
+    dense: torch.Tensor | None = None
+    bits: torch.Tensor | None = None
+    meta: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_factors(cls, Bs, As, scalings=None) -> "History":
+        """Earlier adapters of one layer: ``H = Σ_i s_i · B_i @ A_i`` (B_i m×r_i, A_i r_i×n).
+
+        ``Bs``/``As`` are tensors or sequences of tensors; ``scalings`` a float or a sequence (default 1)."""
+        Bs = [Bs] if isinstance(Bs, torch.Tensor) else list(Bs)
+        As = [As] if isinstance(As, torch.Tensor) else list(As)
+        if scalings is None:
+            scalings = [1.0] * len(Bs)
+        elif isinstance(scalings, (int, float)):
+            scalings = [float(scalings)] * len(Bs)
+        scalings = [float(s) for s in scalings]
+        if not (len(Bs) == len(As) == len(scalings)) or not Bs:
+            raise ValueError(
+                f"History.from_factors needs as many B factors as A factors and scalings, at least one "
+                f"(got {len(Bs)} B, {len(As)} A, {len(scalings)} scalings)"
+            )
+        m, n = Bs[0].shape[0], As[0].shape[1]
+        for i, (B, A) in enumerate(zip(Bs, As)):
+            if B.dim() != 2 or A.dim() != 2 or B.shape[0] != m or A.shape[1] != n or B.shape[1] != A.shape[0]:
+                raise ValueError(
+                    f"History.from_factors: task {i} has B {tuple(B.shape)} and A {tuple(A.shape)}; expected "
+                    f"B (m={m}, r) and A (r, n={n}) with the same r"
+                )
+        Bh = torch.cat([(s * B.detach()).float() for s, B in zip(scalings, Bs)], dim=1).contiguous()
+        Ah = torch.cat([A.detach().float() for A in As], dim=0).contiguous()
+        rms = math.sqrt(float(gram_sq_norm(Bh, Ah)) / (m * n))
+        return cls("factors", (m, n), rms, Bh=Bh, Ah=Ah)
+
+    @classmethod
+    def from_dense(cls, H: torch.Tensor) -> "History":
+        if H.dim() != 2:
+            raise ValueError(f"History.from_dense needs a 2-D (out, in) matrix, got shape {tuple(H.shape)}")
+        H = H.detach().contiguous()
+        rms = math.sqrt(float(H.double().pow(2).sum()) / H.numel())
+        return cls("dense", tuple(H.shape), rms, dense=H)
+
+    @classmethod
+    def from_bits(cls, bits: torch.Tensor, n: int, rms: float) -> "History":
+        m = bits.shape[0]
+        if bits.dtype != torch.uint8 or bits.dim() != 2 or bits.shape[1] != (n + 7) // 8:
+            raise ValueError(f"sign bits must be uint8 of shape (m, ceil(n/8)) = (m, {(n + 7) // 8}), got "
+                             f"{bits.dtype} {tuple(bits.shape)}")
+        return cls("bits", (m, n), float(rms), bits=bits.contiguous())
+
+    # ------------------------------------------------------------------ conversions
+    @property
+    def rank(self) -> int | None:
+        return None if self.Bh is None else self.Bh.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        t = {"factors": self.Bh, "dense": self.dense, "bits": self.bits}[self.kind]
+        return t.device
+
+    def _row_blocks(self, dtype=torch.float32):
+        """Yield (row0, row1, H[row0:row1]) without holding more than one row block."""
+        m, n = self.shape
+        for r0 in range(0, m, _ROW_BLOCK):
+            r1 = min(m, r0 + _ROW_BLOCK)
+            if self.kind == "factors":
+                yield r0, r1, self.Bh[r0:r1].to(dtype) @ self.Ah.to(dtype)
+            elif self.kind == "dense":
+                yield r0, r1, self.dense[r0:r1].to(dtype)
+            else:
+                yield r0, r1, unpack_sign_bits(self.bits[r0:r1], n, dtype) * self.rms
+
+    def to_sign_bits(self) -> "History":
+        """The bit form (1 bit per entry + rms(H)), built row block by row block."""
+        if self.kind == "bits":
+            return self
+        m, n = self.shape
+        bits = torch.empty((m, (n + 7) // 8), dtype=torch.uint8, device=self.device)
+        for r0, r1, blk in self._row_blocks():
+            bits[r0:r1] = pack_sign_bits(blk)
+        return History("bits", (m, n), self.rms, bits=bits)
+
+    def to_dense(self, dtype=torch.float32) -> torch.Tensor:
+        """H as an m×n matrix (bit form: sign · rms). Meant for small layers and tests."""
+        m, n = self.shape
+        out = torch.empty((m, n), dtype=dtype, device=self.device)
+        for r0, r1, blk in self._row_blocks(dtype):
+            out[r0:r1] = blk
+        return out
+
+    def to(self, device) -> "History":
+        mv = lambda t: None if t is None else t.to(device)
+        return History(self.kind, self.shape, self.rms, mv(self.Bh), mv(self.Ah), mv(self.dense), mv(self.bits),
+                       dict(self.meta))
+
+    # ------------------------------------------------------------------ update after a task
+    def append(self, B: torch.Tensor, A: torch.Tensor, scaling: float = 1.0) -> "History":
+        """H + s·B·A, in this History's form (returns a new History; this one is left unchanged).
+
+        factors: the factors are concatenated (exact). dense: added row block by row block. bits: the old H
+        is only known as sign·rms, so that 1-bit reconstruction is updated and re-quantized (lossy; keep
+        the factor form and call ``to_sign_bits()`` after each task for the exact bit form)."""
+        m, n = self.shape
+        if B.dim() != 2 or A.dim() != 2 or B.shape[0] != m or A.shape[1] != n or B.shape[1] != A.shape[0]:
+            raise ValueError(f"History.append: B {tuple(B.shape)} and A {tuple(A.shape)} do not make an "
+                             f"update of shape {self.shape}")
+        B, A = B.detach().to(self.device), A.detach().to(self.device)
+        if self.kind == "factors":
+            Bh = torch.cat([self.Bh, (scaling * B).float()], dim=1).contiguous()
+            Ah = torch.cat([self.Ah, A.float()], dim=0).contiguous()
+            return History("factors", (m, n), math.sqrt(float(gram_sq_norm(Bh, Ah)) / (m * n)), Bh=Bh, Ah=Ah)
+        dtype = self.dense.dtype if self.kind == "dense" else torch.float32
+        Bf, Af = (scaling * B).to(dtype), A.to(dtype)
+        if self.kind == "dense":
+            H = self.dense.clone()
+            sq = 0.0
+            for r0 in range(0, m, _ROW_BLOCK):
+                r1 = min(m, r0 + _ROW_BLOCK)
+                H[r0:r1].addmm_(Bf[r0:r1], Af)
+                sq += float(H[r0:r1].double().pow(2).sum())
+            return History("dense", (m, n), math.sqrt(sq / (m * n)), dense=H)
+        bits = torch.empty_like(self.bits)
+        sq = 0.0
+        for r0, r1, blk in self._row_blocks():
+            blk.addmm_(Bf[r0:r1], Af)
+            sq += float(blk.double().pow(2).sum())
+            bits[r0:r1] = pack_sign_bits(blk)
+        return History("bits", (m, n), math.sqrt(sq / (m * n)), bits=bits)
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict:
+        d = {"kind": self.kind, "shape": list(self.shape), "rms": self.rms}
+        for k in ("Bh", "Ah", "dense", "bits"):
+            t = getattr(self, k)
+            if t is not None:
+                d[k] = t.detach().cpu()
+        return d
+
+    @classmethod
+    def from_state_dict(cls, d: dict, device="cpu") -> "History":
+        if d.get("kind") not in KINDS:
+            raise ValueError(f"not a History state dict (kind={d.get('kind')!r}; expected one of {KINDS})")
+        mv = lambda k: None if d.get(k) is None else d[k].to(device)
+        return cls(d["kind"], tuple(d["shape"]), float(d["rms"]), mv("Bh"), mv("Ah"), mv("dense"), mv("bits"))
+
+
+def lora_layers(model) -> Iterable[tuple[str, torch.nn.Module, str]]:
+    """(name, module, adapter) for every PEFT LoRA layer of ``model`` with an active adapter; the name is
+    the one from ``model.named_modules()``."""
+    for name, mod in model.named_modules():
+        lora_A = getattr(mod, "lora_A", None)
+        if not isinstance(lora_A, torch.nn.ModuleDict):
+            continue
+        active = getattr(mod, "active_adapters", None) or [getattr(mod, "active_adapter", "default")]
+        if isinstance(active, str):
+            active = [active]
+        for ad in active:
+            if ad in lora_A:
+                yield name, mod, ad
+
+
+def lora_factors(mod, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(B m×r, A r×n, scaling) of one PEFT LoRA layer in (out, in) orientation.
+
+    PEFT stores lora_A as (r, in_features) and lora_B as (out_features, r) for every base layer, Conv1D
+    included (``fan_in_fan_out`` only transposes B·A into Conv1D's storage), so B·A is already (out, in)."""
+    A = mod.lora_A[adapter].weight
+    B = mod.lora_B[adapter].weight
+    return B, A, float(mod.scaling[adapter])
+
+
+class HistoryStore:
+    """One ``History`` per layer name; updated after each task, saved and loaded with the run."""
+
+    def __init__(self, kind: str = "factors", layers: dict[str, History] | None = None, tasks: int = 0):
+        if kind not in KINDS:
+            raise ValueError(f"unknown history form {kind!r}; choose one of {KINDS}")
+        self.kind = kind
+        self.layers: dict[str, History] = dict(layers or {})
+        self.tasks = tasks
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __contains__(self, name):
+        return name in self.layers
+
+    def __getitem__(self, name) -> History:
+        return self.layers[name]
+
+    def record_task(self, model) -> None:
+        """Add the current LoRA adapter of every layer of a PEFT ``model`` (call before merging it).
+
+        The store keeps exact factors when ``kind="factors"``; for ``"dense"`` and ``"bits"`` the update
+        is folded in (bits: see ``History.append``; the first task's bits are exact)."""
+        found = [(name, *lora_factors(mod, ad)) for name, mod, ad in lora_layers(model)]
+        if not found:
+            raise ValueError("HistoryStore.record_task: the model has no active PEFT LoRA layer; pass the "
+                             "PeftModel (before merge_and_unload)")
+        new = {}
+        for name, B, A, s in found:
+            prev = self.layers.get(name)
+            if prev is None:
+                h = History.from_factors([B], [A], [s])
+                if self.kind == "dense":
+                    h = History.from_dense(h.to_dense())
+                elif self.kind == "bits":
+                    h = h.to_sign_bits()
+            else:
+                h = prev.append(B, A, s)
+            new[name] = h
+        self.layers.update(new)
+        self.tasks += 1
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "tasks": self.tasks, "layers": {k: v.state_dict() for k, v in self.layers.items()}}
+
+    @classmethod
+    def from_state_dict(cls, d: dict, device="cpu") -> "HistoryStore":
+        return cls(d["kind"], {k: History.from_state_dict(v, device) for k, v in d["layers"].items()}, d["tasks"])
+
+    def save(self, path: str | os.PathLike) -> None:
+        torch.save(self.state_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device="cpu") -> "HistoryStore":
+        return cls.from_state_dict(torch.load(path, map_location="cpu", weights_only=True), device)

@@ -1,0 +1,199 @@
+"""Triton kernels of the PS-LoRA sign-consistency loss (algorithm: ``slice_kernels/ops/sign_loss.py``).
+
+Three kernels, all in float32 whatever the input dtype (the interpreter gets bf16 arithmetic wrong, and a GPU
+kernel should accumulate in float32 anyway):
+
+* forward: one program per row block; it walks the column blocks, forms ΔW = s·B·A and H tiles with
+  ``tl.dot`` (or loads H / its bits), reduces the loss summand, and writes one partial sum (added on the
+  host in a fixed order: deterministic);
+* dB: one program per row block, dB_rows = s·Σ_cols G·Aᵀ;
+* dA: one program per column block, dA_cols = s·Σ_rows Bᵀ·G.
+G = ∂L/∂ΔW is recomputed from the tiles in each backward kernel instead of being stored (m×n).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import dispatch
+
+
+@triton.jit
+def _tanh(x):
+    # tanh from exp of a non-positive argument: no overflow at either end.
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _h_tile(H1, H2, rows, cols, rmask, cmask, n, R, sh1, bh,
+            KIND: tl.constexpr, RHP: tl.constexpr, PREC: tl.constexpr):
+    if KIND == 0:
+        kh = tl.arange(0, RHP)
+        ah = tl.load(H2 + kh[:, None] * n + cols[None, :], mask=(kh[:, None] < R) & cmask[None, :], other=0.0)
+        h = tl.dot(bh, ah.to(tl.float32), input_precision=PREC)
+    elif KIND == 1:
+        h = tl.load(H1 + rows[:, None] * sh1 + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                    other=0.0).to(tl.float32)
+    else:
+        byte = tl.load(H1 + rows[:, None] * sh1 + (cols // 8)[None, :], mask=rmask[:, None] & cmask[None, :],
+                       other=0).to(tl.int32)
+        bit = (byte >> (cols % 8)[None, :]) & 1
+        h = bit.to(tl.float32) * 2.0 - 1.0
+    return h
+
+
+@triton.jit
+def _load_bh(H1, rows, rmask, R, KIND: tl.constexpr, BM: tl.constexpr, RHP: tl.constexpr):
+    kh = tl.arange(0, RHP)
+    if KIND == 0:
+        bh = tl.load(H1 + rows[:, None] * R + kh[None, :], mask=rmask[:, None] & (kh[None, :] < R),
+                     other=0.0).to(tl.float32)
+    else:
+        bh = tl.zeros((BM, RHP), tl.float32)
+    return bh
+
+
+@triton.jit
+def _summand(d, h, alpha_l, inv_rms, KIND: tl.constexpr, MODE: tl.constexpr):
+    if MODE == 0:
+        if KIND == 2:
+            t = h
+        else:
+            t = _tanh(alpha_l * h)
+        f = 1.0 - _tanh(alpha_l * d) * t
+    else:
+        sg = tl.where(h > 0, 1.0, tl.where(h < 0, -1.0, 0.0))
+        v = -sg * d
+        f = tl.where(v > 0, v * inv_rms, 0.0)
+    return f
+
+
+@triton.jit
+def _derivative(d, h, alpha_l, inv_rms, KIND: tl.constexpr, MODE: tl.constexpr):
+    if MODE == 0:
+        if KIND == 2:
+            t = h
+        else:
+            t = _tanh(alpha_l * h)
+        td = _tanh(alpha_l * d)
+        g = -alpha_l * (1.0 - td * td) * t
+    else:
+        sg = tl.where(h > 0, 1.0, tl.where(h < 0, -1.0, 0.0))
+        g = tl.where(-sg * d > 0, -sg * inv_rms, 0.0)
+    return g
+
+
+@triton.jit
+def _fwd_kernel(A, B, H1, H2, partial, m, n, r, R, sh1, scaling, alpha_l, inv_rms,
+                KIND: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                RP: tl.constexpr, RHP: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    rmask = rows < m
+    kr = tl.arange(0, RP)
+    b = tl.load(B + rows[:, None] * r + kr[None, :], mask=rmask[:, None] & (kr[None, :] < r), other=0.0).to(tl.float32)
+    bh = _load_bh(H1, rows, rmask, R, KIND, BM, RHP)
+    acc = tl.zeros((BM, BN), tl.float32)
+    for j0 in range(0, n, BN):
+        cols = j0 + tl.arange(0, BN)
+        cmask = cols < n
+        a = tl.load(A + kr[:, None] * n + cols[None, :], mask=(kr[:, None] < r) & cmask[None, :], other=0.0)
+        d = tl.dot(b, a.to(tl.float32), input_precision=PREC) * scaling
+        h = _h_tile(H1, H2, rows, cols, rmask, cmask, n, R, sh1, bh, KIND, RHP, PREC)
+        f = _summand(d, h, alpha_l, inv_rms, KIND, MODE)
+        acc += tl.where(rmask[:, None] & cmask[None, :], f, 0.0)
+    tl.store(partial + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
+
+
+@triton.jit
+def _dB_kernel(A, B, H1, H2, grad, dB, m, n, r, R, sh1, scaling, alpha_l, inv_rms, inv_mn,
+               KIND: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+               RP: tl.constexpr, RHP: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    rmask = rows < m
+    kr = tl.arange(0, RP)
+    bmask = rmask[:, None] & (kr[None, :] < r)
+    b = tl.load(B + rows[:, None] * r + kr[None, :], mask=bmask, other=0.0).to(tl.float32)
+    bh = _load_bh(H1, rows, rmask, R, KIND, BM, RHP)
+    gs = tl.load(grad).to(tl.float32) * inv_mn * scaling
+    acc = tl.zeros((BM, RP), tl.float32)
+    for j0 in range(0, n, BN):
+        cols = j0 + tl.arange(0, BN)
+        cmask = cols < n
+        a = tl.load(A + kr[:, None] * n + cols[None, :], mask=(kr[:, None] < r) & cmask[None, :], other=0.0).to(tl.float32)
+        d = tl.dot(b, a, input_precision=PREC) * scaling
+        h = _h_tile(H1, H2, rows, cols, rmask, cmask, n, R, sh1, bh, KIND, RHP, PREC)
+        g = tl.where(rmask[:, None] & cmask[None, :], _derivative(d, h, alpha_l, inv_rms, KIND, MODE), 0.0)
+        acc += tl.dot(g, tl.trans(a), input_precision=PREC)
+    tl.store(dB + rows[:, None] * r + kr[None, :], acc * gs, mask=bmask)
+
+
+@triton.jit
+def _dA_kernel(A, B, H1, H2, grad, dA, m, n, r, R, sh1, scaling, alpha_l, inv_rms, inv_mn,
+               KIND: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+               RP: tl.constexpr, RHP: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = pid * BN + tl.arange(0, BN)
+    cmask = cols < n
+    kr = tl.arange(0, RP)
+    amask = (kr[:, None] < r) & cmask[None, :]
+    a = tl.load(A + kr[:, None] * n + cols[None, :], mask=amask, other=0.0).to(tl.float32)
+    gs = tl.load(grad).to(tl.float32) * inv_mn * scaling
+    acc = tl.zeros((RP, BN), tl.float32)
+    for i0 in range(0, m, BM):
+        rows = i0 + tl.arange(0, BM)
+        rmask = rows < m
+        b = tl.load(B + rows[:, None] * r + kr[None, :], mask=rmask[:, None] & (kr[None, :] < r), other=0.0).to(tl.float32)
+        bh = _load_bh(H1, rows, rmask, R, KIND, BM, RHP)
+        d = tl.dot(b, a, input_precision=PREC) * scaling
+        h = _h_tile(H1, H2, rows, cols, rmask, cmask, n, R, sh1, bh, KIND, RHP, PREC)
+        g = tl.where(rmask[:, None] & cmask[None, :], _derivative(d, h, alpha_l, inv_rms, KIND, MODE), 0.0)
+        acc += tl.dot(tl.trans(b), g, input_precision=PREC)
+    tl.store(dA + kr[:, None] * n + cols[None, :], acc * gs, mask=amask)
+
+
+def _pad(x: int) -> int:
+    return max(16, triton.next_power_of_2(max(1, x)))
+
+
+def _prep(A, B, H1, H2, kind):
+    A, B = A.float().contiguous(), B.float().contiguous()
+    if kind == 0:
+        H1, H2 = H1.float().contiguous(), H2.float().contiguous()
+        R = H1.shape[1]
+    else:
+        H1 = H1.contiguous() if kind == 2 else H1.float().contiguous()
+        H2 = H1  # unused pointer
+        R = 1
+    blocks = (32, 32) if dispatch.interpreting() else (64, 64)
+    return A, B, H1, H2, R, blocks
+
+
+def sign_loss_fwd_triton(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms):
+    out_dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
+    A_, B_, H1, H2, R, (BM, BN) = _prep(A, B, H1, H2, kind)
+    m, r = B_.shape
+    n = A_.shape[1]
+    grid = (triton.cdiv(m, BM),)
+    partial = torch.empty(grid[0], dtype=torch.float32, device=A.device)
+    _fwd_kernel[grid](A_, B_, H1, H2, partial, m, n, r, R, H1.stride(0), float(scaling), float(alpha_l),
+                      float(inv_rms), KIND=kind, MODE=mode, BM=BM, BN=BN, RP=_pad(r), RHP=_pad(R), PREC="ieee")
+    return (partial.double().sum() / (m * n)).to(out_dtype)
+
+
+def sign_loss_bwd_triton(grad, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms):
+    A_, B_, H1, H2, R, (BM, BN) = _prep(A, B, H1, H2, kind)
+    m, r = B_.shape
+    n = A_.shape[1]
+    g = grad.float().reshape(1).contiguous()
+    dA = torch.empty_like(A_)
+    dB = torch.empty_like(B_)
+    common = dict(KIND=kind, MODE=mode, BM=BM, BN=BN, RP=_pad(r), RHP=_pad(R), PREC="ieee")
+    args = (m, n, r, R, H1.stride(0), float(scaling), float(alpha_l), float(inv_rms), 1.0 / (m * n))
+    _dB_kernel[(triton.cdiv(m, BM),)](A_, B_, H1, H2, g, dB, *args, **common)
+    _dA_kernel[(triton.cdiv(n, BN),)](A_, B_, H1, H2, g, dA, *args, **common)
+    return dA.to(A.dtype), dB.to(B.dtype)

@@ -1,0 +1,152 @@
+"""PS-LoRA magnitude merge (SPEC §3): merged_j = ΔW_{k*, j}, k* = argmax_k |ΔW_{k, j}|, ties to the earliest.
+
+Updates are given as factors ``(B_k, A_k, s_k)`` (ΔW_k = s_k·B_k·A_k, (out, in) orientation) or as dense
+m×n tensors. Output: a new dense matrix, or ``into=W`` to add the merged update into W in place.
+
+From factors, every backend walks tiles of the output, forms each task's tile on chip and keeps the largest
+magnitude (a later task wins only when strictly larger): no m×n buffer besides the output (none at all with
+``into=``). Dense inputs are m×n already; they take the torch path row block by row block.
+
+Backends of ``magnitude_merge_factors``: ``torch`` (row blocks), ``cpp`` (tiled, OpenMP), ``triton`` and
+``cuda`` (float32 arithmetic).
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+
+from .. import _ext, dispatch
+
+Update = Union[torch.Tensor, tuple]
+_ROW_BLOCK = 128
+
+
+@dispatch.register("magnitude_merge_factors", "torch")
+def merge_factors_torch(B, A, offsets, scalings, out, accumulate):
+    m = B.shape[0]
+    for r0 in range(0, m, _ROW_BLOCK):
+        r1 = min(m, r0 + _ROW_BLOCK)
+        best = None
+        for k, s in enumerate(scalings):
+            cur = s * (B[r0:r1, offsets[k]:offsets[k + 1]] @ A[offsets[k]:offsets[k + 1]])
+            best = cur if best is None else torch.where(cur.abs() > best.abs(), cur, best)
+        if accumulate:
+            out[r0:r1] += best.to(out.dtype)
+        else:
+            out[r0:r1] = best.to(out.dtype)
+
+
+@dispatch.register("magnitude_merge_factors", "cpp", native_op="magnitude_merge_factors")
+@dispatch.register("magnitude_merge_factors", "cuda", native_op="magnitude_merge_factors")
+def merge_factors_native(B, A, offsets, scalings, out, accumulate):
+    if B.device.type == "cuda":  # the CUDA kernel computes in float32 (mirroring Triton)
+        B, A = B.float(), A.float()
+    _ext.native("magnitude_merge_factors")(B.contiguous(), A.contiguous(), list(offsets), list(scalings), out,
+                                           bool(accumulate))
+
+
+try:
+    from ._magnitude_merge_triton import merge_factors_triton
+
+    dispatch.register("magnitude_merge_factors", "triton")(merge_factors_triton)
+except ImportError:  # no triton: the dispatcher says so when it is forced
+    pass
+
+
+def _normalize(updates: Sequence[Update]):
+    """[(kind, payload)] with kind 'factors' → (B, A, s) or 'dense' → H; and the common (m, n)."""
+    if isinstance(updates, torch.Tensor) or not len(updates):
+        raise ValueError("magnitude_merge: pass a non-empty list of updates, each a dense m×n tensor or a "
+                         "(B, A) / (B, A, scaling) tuple")
+    items, shape = [], None
+    for k, u in enumerate(updates):
+        if isinstance(u, torch.Tensor):
+            if u.dim() != 2:
+                raise ValueError(f"magnitude_merge: update {k} is a tensor of shape {tuple(u.shape)}; dense "
+                                 f"updates must be m×n")
+            items.append(("dense", u))
+            sh = tuple(u.shape)
+        elif isinstance(u, (tuple, list)) and len(u) in (2, 3):
+            B, A = u[0], u[1]
+            s = float(u[2]) if len(u) == 3 else 1.0
+            if B.dim() != 2 or A.dim() != 2 or B.shape[1] != A.shape[0]:
+                raise ValueError(f"magnitude_merge: update {k} has B {tuple(B.shape)} and A {tuple(A.shape)}; "
+                                 f"expected B (m, r) and A (r, n)")
+            items.append(("factors", (B, A, s)))
+            sh = (B.shape[0], A.shape[1])
+        else:
+            raise ValueError(f"magnitude_merge: update {k} is a {type(u).__name__}; expected a tensor or a "
+                             f"(B, A[, scaling]) tuple")
+        if shape is None:
+            shape = sh
+        elif sh != shape:
+            raise ValueError(f"magnitude_merge: update {k} is {sh[0]}×{sh[1]} but update 0 is "
+                             f"{shape[0]}×{shape[1]}")
+    return items, shape
+
+
+def magnitude_merge(updates: Sequence[Update], *, into: torch.Tensor | None = None) -> torch.Tensor:
+    """Element-wise max-|·| merge of K updates of one layer, ties to the earliest (SPEC §3).
+
+    ``updates``: dense m×n tensors and/or ``(B, A)`` / ``(B, A, scaling)`` factor tuples, in task order.
+    Returns the merged m×n update, or with ``into=W`` (m×n, any float dtype) adds it into W in place and
+    returns W. From factors no m×n buffer is allocated besides the result (none with ``into``)."""
+    items, (m, n) = _normalize(updates)
+    if into is not None and tuple(into.shape) != (m, n):
+        raise ValueError(f"magnitude_merge: into has shape {tuple(into.shape)} but the updates are {m}×{n}; "
+                         f"for a transformers Conv1D weight pass weight.T")
+    tensors = [p for kind, p in items if kind == "dense"] + [t for kind, p in items if kind == "factors" for t in p[:2]]
+    device = (into if into is not None else tensors[0]).device
+    if any(t.device != device for t in tensors):
+        raise ValueError(f"magnitude_merge: every update must be on {device}")
+    dt = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    out = into if into is not None else torch.empty((m, n), dtype=dt, device=device)
+    accumulate = into is not None
+
+    if all(kind == "factors" for kind, _ in items):
+        Bs = [p[0] for _, p in items]
+        As = [p[1] for _, p in items]
+        scal = [p[2] for _, p in items]
+        offsets = [0]
+        for B in Bs:
+            offsets.append(offsets[-1] + B.shape[1])
+        target = out
+        Bc = torch.cat([B.to(dt) for B in Bs], dim=1).contiguous()
+        Ac = torch.cat([A.to(dt) for A in As], dim=0).contiguous()
+        if target.stride(-1) != 1 and target.stride(0) == 1:
+            # A transposed view (e.g. Conv1D's weight.T): merge ΔWᵀ = s·Aᵀ·Bᵀ into the row-major storage.
+            target, Bc, Ac = target.T, Ac.T.contiguous(), Bc.T.contiguous()
+        elif target.stride(-1) != 1:
+            raise ValueError("magnitude_merge: into must have unit stride along one of its dimensions")
+        dispatch.call("magnitude_merge_factors", device, Bc, Ac, offsets, scal, target, accumulate)
+        return out
+
+    # Dense (or mixed) inputs: already m×n each; merged row block by row block straight into `out`.
+    for r0 in range(0, m, _ROW_BLOCK):
+        r1 = min(m, r0 + _ROW_BLOCK)
+        best = None
+        for kind, p in items:
+            if kind == "dense":
+                cur = p[r0:r1].to(dt)
+            else:
+                B, A, s = p
+                cur = s * (B[r0:r1].to(dt) @ A.to(dt))
+            best = cur if best is None else torch.where(cur.abs() > best.abs(), cur, best)
+        if accumulate:
+            out[r0:r1] += best.to(out.dtype)
+        else:
+            out[r0:r1] = best.to(out.dtype)
+    return out
+
+
+def reference_magnitude_merge(updates: Sequence[Update]) -> torch.Tensor:
+    """The oracle (tests only): materialize every ΔW_k in float64, stack, argmax |·| (first index wins)."""
+    items, _ = _normalize(updates)
+    mats = [p.double() if kind == "dense" else p[2] * (p[0].double() @ p[1].double()) for kind, p in items]
+    stack = torch.stack(mats)
+    mag = stack.abs()
+    # argmax over k of |·| with ties to the earliest: the first k whose magnitude equals the max.
+    is_max = mag == mag.max(dim=0, keepdim=True).values
+    k_star = is_max.to(torch.int8).argmax(dim=0)
+    return stack.gather(0, k_star.unsqueeze(0)).squeeze(0)

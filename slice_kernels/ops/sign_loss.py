@@ -1,0 +1,269 @@
+"""PS-LoRA sign-consistency loss of one layer (SPEC §3), fused so no m×n tensor is materialized.
+
+With ΔW = s·B·A (B m×r, A r×n), the history H (factors, dense or sign bits; see ``slice_kernels.history``)
+and α_ℓ = α / rms(H):
+
+* tanh:  L_dir = mean_j [1 − tanh(α_ℓ ΔW_j) · t_j],  t_j = tanh(α_ℓ H_j) (sign(H_j) in bit form);
+* hinge: L_dir = mean_j relu(−sign(H_j) · ΔW_j) / rms(H);
+* L_mag = mean_j ΔW_j² / rms(H)², by the Gram identity (r×r matrices only, plain autograd);
+* the layer's loss is L_dir + β·L_mag.
+
+The fused part is L_dir and its gradient. Every backend walks tiles of ΔW (and of H from its factors, its
+bits, or the dense input), reduces the loss on the fly, and for the backward forms the tile of
+G = ∂L_dir/∂ΔW and contracts it at once: dB += s·G·Aᵀ, dA += s·Bᵀ·G (the flash-attention backward pattern).
+Extra memory is O((m+n)·r) plus tiles.
+
+Backends (``slice_kernels.dispatch``): ``torch`` (row-block chunked, float64-capable; the portable fallback),
+``cpp`` (tiled, OpenMP, float32/float64), ``triton`` and ``cuda`` (compute in float32). ``reference_*`` below
+materializes everything and is the oracle of the tests only.
+
+The autograd wrapper is a ``torch.library`` custom op (``slice_kernels::sign_loss_dir``) with fake kernels
+and ``register_autograd``, so ``torch.compile`` traces it as one node.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _ext, dispatch
+from ..history import History, unpack_sign_bits
+
+KIND = {"factors": 0, "dense": 1, "bits": 2}
+MODES = {"tanh": 0, "hinge": 1}
+DEFAULT_BETA = 0.1  # SPEC §3 leaves β to the caller; 0.1 keeps L_mag a tie-breaker next to L_dir ≤ 2.
+
+# Rows per block of the torch backend: bounds its working set to a few row blocks of ΔW and H.
+_TORCH_ROW_BLOCK = 128
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _compute_dtype(A: torch.Tensor) -> torch.dtype:
+    return torch.float64 if A.dtype == torch.float64 else torch.float32
+
+
+def _dir_terms(d, h, kind: int, mode: int, alpha_l: float, inv_rms: float, need_f: bool, need_g: bool):
+    """Elementwise L_dir summand f and its derivative ∂f/∂ΔW on a tile (d = ΔW tile; h = H tile, or ±1
+    in bit form)."""
+    f = g = None
+    if mode == 0:
+        t = torch.sign(h) if kind == 2 else torch.tanh(alpha_l * h)
+        td = torch.tanh(alpha_l * d)
+        if need_f:
+            f = 1.0 - td * t
+        if need_g:
+            g = -alpha_l * (1.0 - td * td) * t
+    else:
+        sg = torch.sign(h)
+        v = -sg * d
+        if need_f:
+            f = torch.clamp_min(v, 0.0) * inv_rms
+        if need_g:
+            g = torch.where(v > 0, -sg * inv_rms, torch.zeros_like(v))
+    return f, g
+
+
+def _h_rows(kind, H1, H2, r0, r1, n, dtype):
+    if kind == 0:
+        return H1[r0:r1].to(dtype) @ H2.to(dtype)
+    if kind == 1:
+        return H1[r0:r1].to(dtype)
+    return unpack_sign_bits(H1[r0:r1], n, dtype)
+
+
+# ---------------------------------------------------------------------------------------------- torch backend
+@dispatch.register("sign_loss_fwd", "torch")
+def sign_loss_fwd_torch(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms):
+    m, n = B.shape[0], A.shape[1]
+    dt = _compute_dtype(A)
+    Ac, Bc = A.to(dt), B.to(dt)
+    total = torch.zeros((), dtype=torch.float64, device=A.device)
+    for r0 in range(0, m, _TORCH_ROW_BLOCK):
+        r1 = min(m, r0 + _TORCH_ROW_BLOCK)
+        d = scaling * (Bc[r0:r1] @ Ac)
+        f, _ = _dir_terms(d, _h_rows(kind, H1, H2, r0, r1, n, dt), kind, mode, alpha_l, inv_rms, True, False)
+        total += f.sum(dtype=torch.float64)
+    return (total / (m * n)).to(dt)
+
+
+@dispatch.register("sign_loss_bwd", "torch")
+def sign_loss_bwd_torch(grad, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms):
+    m, n = B.shape[0], A.shape[1]
+    dt = _compute_dtype(A)
+    Ac, Bc = A.to(dt), B.to(dt)
+    gs = grad.to(dt) * (scaling / (m * n))
+    dA = torch.zeros_like(Ac)
+    dB = torch.empty_like(Bc)
+    for r0 in range(0, m, _TORCH_ROW_BLOCK):
+        r1 = min(m, r0 + _TORCH_ROW_BLOCK)
+        d = scaling * (Bc[r0:r1] @ Ac)
+        _, g = _dir_terms(d, _h_rows(kind, H1, H2, r0, r1, n, dt), kind, mode, alpha_l, inv_rms, False, True)
+        g = g * gs
+        dB[r0:r1] = g @ Ac.T
+        dA += Bc[r0:r1].T @ g
+    return dA.to(A.dtype), dB.to(B.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- native backends
+def _native_args(A, B, H1, H2, kind):
+    dt = _compute_dtype(A)
+    Ac, Bc = A.to(dt).contiguous(), B.to(dt).contiguous()
+    if kind == 0:
+        H1, H2 = H1.to(dt).contiguous(), H2.to(dt).contiguous()
+    elif kind == 1:
+        H1 = H1.to(dt).contiguous()
+    return Ac, Bc, H1.contiguous(), H2
+
+
+@dispatch.register("sign_loss_fwd", "cpp", native_op="sign_loss_fwd")
+@dispatch.register("sign_loss_fwd", "cuda", native_op="sign_loss_fwd")
+def sign_loss_fwd_native(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms):
+    Ac, Bc, H1, H2 = _native_args(A, B, H1, H2, kind)
+    if A.device.type == "cuda":  # the CUDA kernels compute in float32 (mirroring Triton)
+        Ac, Bc = Ac.float(), Bc.float()
+        H1 = H1.float() if kind != 2 else H1
+        H2 = H2.float() if H2 is not None else None
+    return _ext.native("sign_loss_fwd")(Ac, Bc, H1, H2, kind, mode, scaling, alpha_l, inv_rms).to(_compute_dtype(A))
+
+
+@dispatch.register("sign_loss_bwd", "cpp", native_op="sign_loss_bwd")
+@dispatch.register("sign_loss_bwd", "cuda", native_op="sign_loss_bwd")
+def sign_loss_bwd_native(grad, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms):
+    Ac, Bc, H1, H2 = _native_args(A, B, H1, H2, kind)
+    if A.device.type == "cuda":
+        Ac, Bc = Ac.float(), Bc.float()
+        H1 = H1.float() if kind != 2 else H1
+        H2 = H2.float() if H2 is not None else None
+    dA, dB = _ext.native("sign_loss_bwd")(grad.to(Ac.dtype).reshape(()), Ac, Bc, H1, H2, kind, mode, scaling,
+                                          alpha_l, inv_rms)
+    return dA.to(A.dtype), dB.to(B.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- triton backend
+try:
+    from . import _sign_loss_triton as _tri
+
+    dispatch.register("sign_loss_fwd", "triton")(_tri.sign_loss_fwd_triton)
+    dispatch.register("sign_loss_bwd", "triton")(_tri.sign_loss_bwd_triton)
+except ImportError:  # triton missing: the dispatcher reports "sign_loss_fwd has no triton implementation"
+    _tri = None
+
+
+# ---------------------------------------------------------------------------------------------- custom op
+def _run(op, backend: str, device, *args):
+    if backend:
+        with dispatch.use_backend(backend):
+            return dispatch.call(op, device, *args)
+    return dispatch.call(op, device, *args)
+
+
+@torch.library.custom_op("slice_kernels::sign_loss_dir", mutates_args=())
+def sign_loss_dir(A: torch.Tensor, B: torch.Tensor, H1: torch.Tensor, H2: Optional[torch.Tensor], kind: int,
+                  mode: int, scaling: float, alpha_l: float, inv_rms: float, backend: str) -> torch.Tensor:
+    """L_dir of one layer (mean over its m·n entries); see the module doc. ``backend`` "" = dispatcher's choice."""
+    return _run("sign_loss_fwd", backend, A.device, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms)
+
+
+@sign_loss_dir.register_fake
+def _(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms, backend):
+    return A.new_empty((), dtype=_compute_dtype(A))
+
+
+@torch.library.custom_op("slice_kernels::sign_loss_dir_bwd", mutates_args=())
+def sign_loss_dir_bwd(grad: torch.Tensor, A: torch.Tensor, B: torch.Tensor, H1: torch.Tensor,
+                      H2: Optional[torch.Tensor], kind: int, mode: int, scaling: float, alpha_l: float,
+                      inv_rms: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _run("sign_loss_bwd", backend, A.device, grad, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms)
+
+
+@sign_loss_dir_bwd.register_fake
+def _(grad, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms, backend):
+    return torch.empty_like(A), torch.empty_like(B)
+
+
+def _setup_context(ctx, inputs, output):
+    A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms, backend = inputs
+    ctx.save_for_backward(A, B, H1, H2)
+    ctx.args = (kind, mode, scaling, alpha_l, inv_rms, backend)
+
+
+def _backward(ctx, grad):
+    A, B, H1, H2 = ctx.saved_tensors
+    dA, dB = sign_loss_dir_bwd(grad, A, B, H1, H2, *ctx.args)
+    return dA, dB, None, None, None, None, None, None, None, None
+
+
+sign_loss_dir.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------- public API
+def _history_operands(history: History, device):
+    if history.kind == "factors":
+        return history.Bh.to(device), history.Ah.to(device)
+    if history.kind == "dense":
+        return history.dense.to(device), None
+    return history.bits.to(device), None
+
+
+def _check(A, B, history: History, mode: str):
+    if mode not in MODES:
+        raise ValueError(f"sign_consistency_loss: mode must be one of {tuple(MODES)}, got {mode!r}")
+    if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
+        raise ValueError(f"sign_consistency_loss: A must be (r, n) and B (m, r); got A {tuple(A.shape)}, "
+                         f"B {tuple(B.shape)}")
+    if (B.shape[0], A.shape[1]) != tuple(history.shape):
+        raise ValueError(f"sign_consistency_loss: the update B·A is {B.shape[0]}×{A.shape[1]} but the history "
+                         f"is {history.shape[0]}×{history.shape[1]}; was the history recorded for another layer "
+                         f"(Conv1D layers are (out, in) here: pass the factors transposed)?")
+    if A.dtype != B.dtype or A.device != B.device:
+        raise ValueError(f"sign_consistency_loss: A and B differ in dtype/device ({A.dtype}/{A.device} vs "
+                         f"{B.dtype}/{B.device})")
+
+
+def sign_consistency_loss(A: torch.Tensor, B: torch.Tensor, history: History | None, *, scaling: float,
+                          alpha: float = 1.0, beta: float = DEFAULT_BETA, mode: str = "tanh") -> torch.Tensor:
+    """L_dir + β·L_mag of one layer (SPEC §3), differentiable in A and B, with no m×n tensor.
+
+    ``A`` (r×n) and ``B`` (m×r) are the new LoRA factors in (out, in) orientation, ``scaling`` the LoRA scale
+    s; ``history`` the earlier updates of this layer. No history, or a zero one, gives 0 (the t = 1 case).
+    The backend follows ``slice_kernels.dispatch``."""
+    if history is None or history.rms == 0.0:
+        return (A.sum() + B.sum()) * 0.0
+    _check(A, B, history, mode)
+    H1, H2 = _history_operands(history, A.device)
+    kind = KIND[history.kind]
+    alpha_l = float(alpha) / history.rms
+    inv_rms = 1.0 / history.rms
+    backend = ""
+    if not torch.compiler.is_compiling():
+        backend = dispatch.select("sign_loss_fwd", A.device)[0]  # raises early, and backward uses the same
+    l_dir = sign_loss_dir(A, B, H1, H2, kind, MODES[mode], float(scaling), alpha_l, inv_rms, backend)
+    if beta == 0.0:
+        return l_dir
+    m, n = history.shape
+    dt = _compute_dtype(A)
+    Ad, Bd = A.to(dt), B.to(dt)
+    sq = (scaling ** 2) * ((Bd.T @ Bd) * (Ad @ Ad.T)).sum()
+    return l_dir + beta * sq / (m * n * history.rms ** 2)
+
+
+def reference_sign_consistency_loss(A, B, history: History, *, scaling, alpha=1.0, beta=DEFAULT_BETA,
+                                    mode="tanh"):
+    """The oracle: materialize ΔW and H, then SPEC §3's formula term by term (tests only)."""
+    if history is None or history.rms == 0.0:
+        return (A.sum() + B.sum()) * 0.0
+    dt = _compute_dtype(A)
+    dW = scaling * (B.to(dt) @ A.to(dt))
+    rms = history.rms
+    if history.kind == "bits":
+        sgn = unpack_sign_bits(history.bits, history.shape[1], dt)
+        t, s = sgn, sgn
+    else:
+        H = history.to_dense(dt) if history.kind == "factors" else history.dense.to(dt)
+        t, s = torch.tanh(alpha / rms * H), torch.sign(H)
+    if mode == "tanh":
+        l_dir = (1 - torch.tanh(alpha / rms * dW) * t).mean()
+    else:
+        l_dir = torch.relu(-s * dW).mean() / rms
+    return l_dir + beta * (dW ** 2).mean() / rms ** 2
+

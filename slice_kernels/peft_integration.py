@@ -1,0 +1,215 @@
+"""The drop-in for transformers + PEFT: ``get_slice_model`` and the saving helpers.
+
+``get_slice_model`` validates everything and computes the whole init (gradients, surgery, SVD, scales)
+on the untouched model first; only then does it wrap the model with PEFT and write A, B and the absorbed W.
+A bad input therefore raises with the model exactly as it was.
+
+Saving, the way PEFT users know it from PiSSA/OLoRA/LoRA-GA (the init changes the base weights, so the
+trained adapter alone does not fit the original model):
+
+* ``save_initial_adapter(peft_model, init_dir)`` right after ``get_slice_model``, before training;
+* after training, ``save_as_lora(peft_model, out_dir, init_dir)`` (PEFT's
+  ``save_pretrained(..., path_initial_model_for_weight_conversion=init_dir)``): a plain LoRA of rank 2r,
+  ΔW = s·B·A − s·B₀·A₀ = [B | −B₀]·[A; A₀] with α adjusted so the scaling is unchanged, which loads with
+  ``PeftModel.from_pretrained`` on the original, untouched base model;
+* or ``peft_model.merge_and_unload()``: the absorbed W plus s·B·A, i.e. the original W plus the update.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from torch import nn
+
+from . import distributed
+from .collect import collect_replay_gradients, collect_streams, _Stream, replay_streams, unsupported_reason, weight_out_in
+from .config import SliceConfig
+from .errors import SliceInitError
+from .init import InitReport, _phase, absorb_, init_from_gradients, validate_ranks
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _check_lora_config(lora_config):
+    from peft import LoraConfig
+
+    if not isinstance(lora_config, LoraConfig):
+        raise SliceInitError(f"lora_config must be a peft.LoraConfig, got {type(lora_config).__name__}")
+    if getattr(lora_config, "use_dora", False):
+        raise SliceInitError("LoraConfig.use_dora=True is not supported: DoRA's magnitude is computed from W, which "
+                             "the SLICE init changes; use plain LoRA (use_dora=False)")
+    if getattr(lora_config, "rank_pattern", None) or getattr(lora_config, "alpha_pattern", None):
+        raise SliceInitError("LoraConfig.rank_pattern/alpha_pattern are not supported: SLICE uses one rank and "
+                             "alpha for every target; drop the patterns (or init the groups in separate calls)")
+    if getattr(lora_config, "target_parameters", None):
+        raise SliceInitError("LoraConfig.target_parameters is not supported; target modules (Linear/Conv1D) only")
+    r = lora_config.r
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise SliceInitError(f"LoraConfig.r={r!r} must be a positive integer")
+
+
+def peft_targets(model: nn.Module, lora_config) -> dict[str, nn.Module]:
+    """The modules PEFT will wrap for ``lora_config`` (same matching rules: list suffixes, regex, "all-linear",
+    the per-architecture default when ``target_modules`` is None), each checked to be a layer SLICE handles."""
+    from peft.tuners.lora import LoraModel
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+
+    cfg = copy.deepcopy(lora_config)
+    if cfg.target_modules is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        default = LoraModel.target_module_mapping.get(model_type)
+        if default is None:
+            raise SliceInitError(f"LoraConfig.target_modules is None and PEFT has no default targets for model type "
+                                 f"{model_type!r}; set target_modules, e.g. ['q_proj', 'v_proj']")
+        cfg.target_modules = set(default)
+    cfg = _maybe_include_all_linear_layers(cfg, model)
+    found = {n: m for n, m in model.named_modules() if n and LoraModel._check_target_module_exists(cfg, n)}
+    if not found:
+        raise SliceInitError(f"LoraConfig.target_modules={lora_config.target_modules!r} matches no module of "
+                             f"{type(model).__name__}; list the names with model.named_modules()")
+    if isinstance(cfg.target_modules, (list, set, tuple)):
+        names = list(found)
+        missing = sorted(k for k in cfg.target_modules if not any(n == k or n.endswith("." + k) for n in names))
+        if missing:
+            raise SliceInitError(f"target module(s) {missing} match no module of {type(model).__name__} (others "
+                                 f"matched); fix or drop them so every listed target gets an adapter")
+    bad = {n: unsupported_reason(m) for n, m in found.items()}
+    bad = {n: w for n, w in bad.items() if w}
+    if bad:
+        first = next(iter(bad))
+        raise SliceInitError(f"{len(bad)} target layer(s) cannot be initialized, e.g. {first!r}: {bad[first]}. "
+                             f"Remove {sorted(bad)[:5]}{'…' if len(bad) > 5 else ''} from target_modules.")
+    return found
+
+
+def _adapter_dtypes(weights, method: str, autocast_adapter_dtype: bool) -> dict:
+    # What PEFT itself does: adapters of fp16/bf16 layers are float32 when autocast_adapter_dtype (its
+    # default); LoRA-GA in PEFT casts A and B to the base weight's dtype.
+    out = {}
+    for n, w in weights.items():
+        if method == "lora_ga_peft":
+            out[n] = w.dtype
+        elif w.dtype in _HALF:
+            out[n] = torch.float32 if autocast_adapter_dtype else w.dtype
+        else:
+            out[n] = w.dtype
+    return out
+
+
+def get_slice_model(
+    model: nn.Module,
+    lora_config,
+    slice_config: SliceConfig | None = None,
+    current=None,
+    replay=None,
+    loss_fn=None,
+    *,
+    adapter_name: str = "default",
+    progress: bool = False,
+    autocast_adapter_dtype: bool = True,
+):
+    """Wrap ``model`` with PEFT LoRA adapters initialized by SLICE or a baseline (SPEC §1).
+
+    Args:
+        model: a transformers model (or any module with Linear/Conv1D layers) at W^(t−1).
+        lora_config: ``peft.LoraConfig``; r, lora_alpha, use_rslora, target_modules, lora_dropout are used.
+            Its ``init_lora_weights`` is ignored (the adapter is written by SLICE; the saved config says True,
+            which is what PEFT's conversion to plain LoRA expects).
+        slice_config: ``SliceConfig`` (default: the paper's SLICE settings).
+        current: iterable of batches of task t (needed by slice / lora_ga / lora_ga_peft); the first
+            ``slice_config.current_steps`` are used. Batches are dicts for ``model(**batch)`` with ``labels``.
+        replay: earlier tasks' batches for "slice": a list with one iterable per earlier task
+            (``replay_mode="per_task"``) or one iterable (``replay_mode="pooled"``); None at task 1.
+            Ignored by the other methods.
+        loss_fn: optional ``loss_fn(model, batch) -> scalar loss``.
+        adapter_name: the PEFT adapter name.
+        progress: tqdm bars during collection.
+        autocast_adapter_dtype: PEFT's switch (float32 adapters on fp16/bf16 models).
+
+    Returns:
+        the ``PeftModel``, with the ``InitReport`` as ``peft_model.slice_init_report``. Its outputs equal the
+        original model's at initialization (up to rounding of W − s·B·A in W's dtype).
+
+    Raises:
+        SliceInitError (and subclasses) with the model unmodified.
+    """
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    slice_config = slice_config if slice_config is not None else SliceConfig()
+    if not isinstance(slice_config, SliceConfig):
+        raise SliceInitError(f"slice_config must be a SliceConfig, got {type(slice_config).__name__}")
+    slice_config.validate()
+    _check_lora_config(lora_config)
+    if any(isinstance(m, LoraLayer) for m in model.modules()):
+        raise SliceInitError("the model already has LoRA layers: merge them first (merge_and_unload()) so the "
+                             "model is at W^(t-1), or pass the base model")
+    cfg = copy.deepcopy(lora_config)
+    cfg.init_lora_weights = True
+    r = cfg.r
+    targets = peft_targets(model, cfg)
+    weights = {n: weight_out_in(m).detach() for n, m in targets.items()}
+    validate_ranks(weights, r, slice_config)
+
+    g_cur = g_prev = None
+    collected = InitReport(method=slice_config.method)  # holds the collection phases until the init's report
+    kw = dict(offload=slice_config.offload_gradients, progress=progress, train_mode=slice_config.collect_train_mode)
+    if slice_config.uses_gradients:
+        if current is None:
+            raise SliceInitError(f"method {slice_config.method!r} needs the current task's batches (current=...)")
+        streams = [_Stream(current, slice_config.current_steps, 1.0, "current-task batches")]
+        rstreams = None
+        if slice_config.uses_replay and replay is not None:
+            rstreams = replay_streams(replay, slice_config.replay_steps, slice_config.replay_mode)  # validate early
+        device = next(iter(targets.values())).weight.device
+        with _phase(collected, "collect_current", device):
+            g_cur = collect_streams(model, targets, streams, loss_fn, source="current-task gradient", **kw)
+        if rstreams:
+            with _phase(collected, "collect_replay", device):
+                g_prev = collect_streams(model, targets, rstreams, loss_fn, source="replay gradient", **kw)
+
+    res = init_from_gradients(
+        weights, g_cur, g_prev, r=r, lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, config=slice_config,
+        adapter_dtype=_adapter_dtypes(weights, slice_config.method, autocast_adapter_dtype),
+        inplace_gradients=True, absorb=False,
+    )
+    del g_cur, g_prev
+    res.report.phases = {**collected.phases, **res.report.phases}
+    names = list(targets)
+    distributed.make_identical_([res.A[n] for n in names] + [res.B[n] for n in names])
+
+    # ---- everything is validated and computed: from here on the model is modified ----
+    peft_model = get_peft_model(model, cfg, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+    by_base = {id(m.get_base_layer()): m for m in peft_model.modules() if isinstance(m, LoraLayer)}
+    for n, base in targets.items():
+        layer = by_base[id(base)]
+        dev = base.weight.device
+        with torch.no_grad():
+            layer.lora_A[adapter_name].weight.data = res.A[n].to(dev).contiguous()
+            layer.lora_B[adapter_name].weight.data = res.B[n].to(dev).contiguous()
+            if res.report.layers[n].get("offset", False):
+                absorb_(weight_out_in(base), res.B[n].to(dev), res.A[n].to(dev), res.scaling)
+    peft_model.slice_init_report = res.report
+    return peft_model
+
+
+def save_initial_adapter(peft_model, path: str, adapter_name: str = "default") -> None:
+    """Save the adapter as initialized (before training), for ``save_as_lora`` later. ``path``'s last
+    component is used by PEFT as a temporary adapter name, so make it a plain word (e.g. ``.../slice_init``)."""
+    cfg = peft_model.peft_config[adapter_name]
+    if cfg.init_lora_weights is not True:
+        raise SliceInitError(f"adapter {adapter_name!r} has init_lora_weights={cfg.init_lora_weights!r}; the "
+                             f"initial adapter must be saved with True (get_slice_model sets it)")
+    peft_model.save_pretrained(path, selected_adapters=[adapter_name])
+
+
+def save_as_lora(peft_model, out_dir: str, initial_path: str, adapter_name: str = "default", **kwargs) -> None:
+    """Save the trained adapter as a plain rank-2r LoRA that loads on the original, untouched base model
+    (PEFT's ``path_initial_model_for_weight_conversion``). ``initial_path`` is what ``save_initial_adapter``
+    wrote."""
+    if not os.path.isdir(initial_path):
+        raise SliceInitError(f"initial adapter {initial_path!r} not found; call save_initial_adapter(peft_model, "
+                             f"path) right after get_slice_model, before training")
+    peft_model.save_pretrained(out_dir, selected_adapters=[adapter_name],
+                               path_initial_model_for_weight_conversion=initial_path, **kwargs)

@@ -1,0 +1,174 @@
+"""Tasks of a continual run: reasoning-gym datasets (scored by their own scorers) or JSONL files.
+
+A task spec is a reasoning-gym dataset name (``basic_arithmetic``) or a path to a JSONL file whose lines are
+``{"prompt": str, "answer": str}`` with an optional ``"metric": "exact" | "rouge_l"`` (default exact).
+Every task is split into a training part and a held-out evaluation part, both fixed by the run's seed.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import random
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+METRICS = ("exact", "rouge_l")
+
+
+class TaskError(ValueError):
+    """A task spec or task file is bad; the message names it and what to do."""
+
+
+@dataclass
+class Example:
+    prompt: str
+    answer: str
+    entry: dict | None = None  # the reasoning-gym entry its scorer needs
+    metric: str = "exact"
+
+    def to_dict(self) -> dict:
+        return {"prompt": self.prompt, "answer": self.answer, "metric": self.metric}
+
+
+@dataclass
+class Task:
+    name: str
+    source: str  # "reasoning_gym" or the JSONL path
+    train: list = field(default_factory=list)
+    eval: list = field(default_factory=list)
+    scorer_name: str = ""
+    _score: Callable[[str, Example], float] | None = None
+
+    def score(self, prediction: str, ex: Example) -> float:
+        return float(self._score(prediction, ex))
+
+
+def _normalize(s: str) -> str:
+    return " ".join(s.strip().lower().split())
+
+
+def exact_match(pred: str, ref: str) -> float:
+    return 1.0 if _normalize(pred) == _normalize(ref) else 0.0
+
+
+def rouge_l(pred: str, ref: str) -> float:
+    """ROUGE-L F1 over lower-cased whitespace tokens (longest common subsequence)."""
+    a, b = _normalize(pred).split(), _normalize(ref).split()
+    if not a or not b:
+        return float(a == b)
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(a), lcs / len(b)
+    return 2 * p * r / (p + r)
+
+
+def _task_seed(seed: int, name: str) -> int:
+    return (seed * 7919 + zlib.crc32(name.encode())) % (2**31 - 1)
+
+
+def _is_path(spec: str) -> bool:
+    return spec.endswith(".jsonl") or os.sep in spec or os.path.exists(spec)
+
+
+def reasoning_gym_names() -> list[str]:
+    from reasoning_gym.factory import DATASETS
+
+    return sorted(DATASETS)
+
+
+def check_spec(spec: str) -> None:
+    """Fail fast (before any model is loaded) on a task that cannot be built."""
+    if _is_path(spec):
+        read_jsonl(spec)
+        return
+    names = reasoning_gym_names()
+    if spec not in names:
+        close = difflib.get_close_matches(spec, names, n=3)
+        raise TaskError(
+            f"unknown task {spec!r}: not a reasoning-gym dataset name and not a JSONL file"
+            + (f"; did you mean {', '.join(close)}?" if close else "")
+            + " (list the names with `slice-kernels tasks`)"
+        )
+
+
+def read_jsonl(path: str) -> list[Example]:
+    if not os.path.isfile(path):
+        raise TaskError(f"task file {path!r} does not exist (a task is a reasoning-gym name or a JSONL file)")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {i}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TaskError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+            if not isinstance(row, dict):
+                raise TaskError(f"{where}: expected a JSON object with 'prompt' and 'answer', got {type(row).__name__}")
+            for k in ("prompt", "answer"):
+                if not isinstance(row.get(k), str):
+                    raise TaskError(f"{where}: field {k!r} is missing or not a string")
+            metric = row.get("metric", "exact")
+            if metric not in METRICS:
+                raise TaskError(f"{where}: metric {metric!r} is not one of {', '.join(METRICS)}")
+            out.append(Example(row["prompt"], row["answer"], None, metric))
+    if len(out) < 2:
+        raise TaskError(f"{path}: needs at least 2 examples (one to train on, one to evaluate), has {len(out)}")
+    return out
+
+
+def load_task(spec: str, n_train: int, n_eval: int, seed: int) -> Task:
+    """Build a task with ``n_train`` training and ``n_eval`` evaluation examples (fewer for short files)."""
+    if _is_path(spec):
+        rows = read_jsonl(spec)
+        random.Random(_task_seed(seed, spec)).shuffle(rows)
+        k = min(n_eval, max(1, len(rows) // 5))
+        name = os.path.splitext(os.path.basename(spec))[0]
+        metrics = sorted({r.metric for r in rows})
+        return Task(
+            name=name, source=spec, train=rows[k : k + n_train] if n_train else rows[k:], eval=rows[:k],
+            scorer_name="/".join(metrics),
+            _score=lambda p, ex: rouge_l(p, ex.answer) if ex.metric == "rouge_l" else exact_match(p, ex.answer),
+        )
+    check_spec(spec)
+    import reasoning_gym as rg
+
+    ds = rg.create_dataset(spec, size=n_train + n_eval, seed=_task_seed(seed, spec))
+    rows = [Example(e["question"], str(e["answer"]), e) for e in (ds[i] for i in range(n_train + n_eval))]
+    return Task(
+        name=spec, source="reasoning_gym", train=rows[:n_train], eval=rows[n_train:],
+        scorer_name=f"reasoning_gym.{type(ds).__name__}.score_answer",
+        _score=lambda p, ex: ds.score_answer(p, ex.entry) or 0.0,
+    )
+
+
+def expand_task_list(arg: str) -> list[str]:
+    """``a,b,c`` or ``@file.json`` (the output of ``slice-kernels mine``: its ``sequence`` key)."""
+    arg = arg.strip()
+    if arg.startswith("@"):
+        path = arg[1:]
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise TaskError(f"--tasks {arg}: cannot read {path!r} as JSON ({e})") from None
+        seq = data.get("sequence") if isinstance(data, dict) else data
+        if not isinstance(seq, list) or not all(isinstance(s, str) for s in seq) or not seq:
+            raise TaskError(f"--tasks {arg}: {path!r} must hold a list of task specs or a dict with a 'sequence' list")
+        return seq
+    items = [s.strip() for s in arg.split(",") if s.strip()]
+    if not items:
+        raise TaskError("--tasks is empty: give a comma-separated list of reasoning-gym names or JSONL files")
+    if len(set(items)) != len(items):
+        raise TaskError(f"--tasks {arg!r} lists a task twice; each task appears once in a sequence")
+    return items

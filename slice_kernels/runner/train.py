@@ -1,0 +1,100 @@
+"""Gradient collection for the initializers and the adapter's training loop (data-parallel aware)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .adapters import target_modules, _is_conv1d
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def default_loss(model, batch):
+    return model(**batch).loss
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def collect_gradients(model, targets, batches, loss_fn=default_loss, progress=True, desc="gradients"):
+    """Float32 gradients of the target weights, (out, in), averaged over ``batches``.
+
+    Under torchrun each rank runs batches[rank::world] and the sums are all-reduced, so every rank ends with
+    the same average as one process over all batches. Only target weights get gradients; the model is left
+    as it was (requires_grad flags restored, .grad cleared).
+    """
+    world, rank = _dist()
+    mods = target_modules(model, targets)
+    device = next(model.parameters()).device
+    flags = {p: p.requires_grad for p in model.parameters()}
+    acc = {n: torch.zeros(tuple(m.weight.T.shape if _is_conv1d(m) else m.weight.shape), dtype=torch.float32, device=device)
+           for n, m in mods.items()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for m in mods.values():
+            m.weight.requires_grad_(True)
+        mine = batches[rank::world]
+        for b in tqdm(mine, desc=desc, disable=not progress or rank != 0, leave=False):
+            for m in mods.values():
+                m.weight.grad = None
+            loss_fn(model, to_device(b, device)).backward()
+            for n, m in mods.items():
+                g = m.weight.grad
+                acc[n] += (g.T if _is_conv1d(m) else g).float()
+    finally:
+        for m in mods.values():
+            m.weight.grad = None
+        for p, f in flags.items():
+            p.requires_grad_(f)
+    if world > 1:
+        for g in acc.values():
+            dist.all_reduce(g)
+    for g in acc.values():
+        g /= len(batches)
+    return acc
+
+
+def train_adapter(peft_model, method, ctx, examples_batches, *, steps, lr, grad_accum, loss_fn=default_loss,
+                  progress=True, desc="train") -> list[float]:
+    """``steps`` optimizer steps, each over ``grad_accum`` micro-batches taken in order from
+    ``examples_batches`` (the caller has sharded them per rank); returns the loss per step (this rank's)."""
+    world, rank = _dist()
+    device = next(peft_model.parameters()).device
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = method.make_optimizer(ctx, peft_model, params, lr) or torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    peft_model.train()
+    losses = []
+    it = iter(examples_batches)
+    for _ in tqdm(range(steps), desc=desc, disable=not progress or rank != 0, leave=False):
+        opt.zero_grad(set_to_none=True)
+        tot = 0.0
+        for _ in range(grad_accum):
+            batch = to_device(next(it), device)
+            loss = loss_fn(peft_model, batch)
+            extra = method.extra_loss(ctx, peft_model, batch)
+            if extra is not None:
+                loss = loss + extra
+            (loss / grad_accum).backward()
+            tot += float(loss.detach()) / grad_accum
+        if not math.isfinite(tot):
+            raise FloatingPointError(f"{desc}: the training loss became {tot}; lower the learning rate (--lr)")
+        if world > 1:  # data parallel: average the adapter gradients over ranks
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        opt.step()
+        losses.append(tot)
+    opt.zero_grad(set_to_none=True)
+    peft_model.eval()
+    return losses

@@ -1,0 +1,203 @@
+"""GorpAdamW (SPEC §4): AdamW equivalence, orthogonality to stored spaces, the energy rule, exact resume."""
+import copy
+import io
+
+import pytest
+import torch
+
+from slice_kernels import GorpAdamW, GorpGroupError
+from slice_kernels.gorp import energy_count, grow_space
+
+
+def _grads(shapes, n_steps, seed, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes] for _ in range(n_steps)]
+
+
+def _run(opt, params, grads):
+    deltas = []
+    for gs in grads:
+        before = [p.detach().clone() for p in params]
+        for p, g in zip(params, gs):
+            p.grad = g.clone().to(p.dtype)
+        opt.step()
+        deltas.append([p.detach() - b for p, b in zip(params, before)])
+    return deltas
+
+
+@pytest.mark.parametrize("kind,shape", [("lowrank", (13, 7)), ("lowrank", (6, 11)), ("lora_a", (3, 10)), ("adamw", (9, 4))])
+def test_full_rank_and_empty_space_equals_adamw(kind, shape):
+    gen = torch.Generator().manual_seed(0)
+    w0 = torch.randn(shape, generator=gen, dtype=torch.float64)
+    a, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    hp = dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    gorp = GorpAdamW([{"params": [a], "kind": kind, "rank": min(shape), "update_proj_gap": 2}], **hp)
+    ref = torch.optim.AdamW([b], foreach=False, **hp)
+    grads = _grads([shape], 5, seed=1)
+    _run(gorp, [a], grads)
+    _run(ref, [b], grads)
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "kind,shape,side",
+    [("lowrank", (40, 24), 0), ("lowrank", (24, 40), 1), ("lora_a", (4, 40), 1), ("lowrank", (30, 20), 0)],
+)
+def test_updates_after_end_task_avoid_the_stored_space(kind, shape, side):
+    gen = torch.Generator().manual_seed(2)
+    p = torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float64))
+    rank = 20 if shape == (30, 20) else 4  # (30, 20) with r = 20: the identity-projector path
+    opt = GorpAdamW([{"params": [p], "kind": kind, "names": ["w"]}], lr=1e-2, rank=rank, update_proj_gap=3)
+    # task 1: gradients with a dominant low-rank part, so the moment has a clear top space
+    U = torch.randn(shape[0], 3, generator=gen, dtype=torch.float64)
+    V = torch.randn(3, shape[1], generator=gen, dtype=torch.float64)
+    task1 = [[U @ V + 0.05 * g[0]] for g in _grads([shape], 4, seed=3)]
+    _run(opt, [p], task1)
+    added = opt.end_task()
+    S = opt.shared_space(p)
+    assert S is not None and added["w"] == S.shape[1] >= 1
+    assert S.shape[0] == shape[side]
+    torch.testing.assert_close(S.T @ S, torch.eye(S.shape[1], dtype=S.dtype), rtol=0, atol=1e-12)
+    # task 2: fresh gradients, several refreshes (T = 3), moments carried over from task 1
+    for deltas in _run(opt, [p], _grads([shape], 7, seed=4)):
+        d = deltas[0]
+        inside = S @ (S.T @ d) if side == 0 else (d @ S) @ S.T
+        assert inside.norm() <= 1e-6 * d.norm(), (inside.norm() / d.norm()).item()
+        assert d.norm() > 0
+
+
+def test_energy_count_on_constructed_spectra():
+    s = lambda *e: torch.tensor(e, dtype=torch.float64).sqrt()
+    assert energy_count(0.0, s(50, 30, 9, 7, 4), 100.0, 0.9) == 4
+    assert energy_count(0.0, s(50, 30, 10, 6, 4), 100.0, 0.9) == 3  # reaches 0.9 exactly at 3
+    assert energy_count(0.0, s(95, 5), 100.0, 0.9) == 1
+    assert energy_count(91.0, s(5, 4), 100.0, 0.9) == 0  # the old space already explains 91 %
+    assert energy_count(50.0, s(30, 9, 7, 4), 100.0, 0.9) == 3  # 50 + 30 + 9 = 89 < 90, + 7 reaches it
+    assert energy_count(0.0, s(40, 30), 100.0, 0.9) == 2  # never reaches: take all there is
+
+
+def _matrix_with_spectrum(d, c, energies, seed):
+    gen = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(d, len(energies), generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(c, len(energies), generator=gen, dtype=torch.float64))
+    return U, (U * torch.tensor(energies, dtype=torch.float64).sqrt()) @ V.T
+
+
+@pytest.mark.parametrize("side", [0, 1])
+def test_grow_space_picks_the_right_count(side):
+    U, M = _matrix_with_spectrum(30, 8, [50, 30, 9, 7, 4], seed=5)
+    Mx = M if side == 0 else M.T
+    S = grow_space(None, Mx, side, 0.9)
+    assert S.shape == (30, 4)
+    # the new space is the top-4 left space of M
+    torch.testing.assert_close(S @ S.T, U[:, :4] @ U[:, :4].T, rtol=0, atol=1e-10)
+    # with the first direction stored, the residual needs 3 more (50 + 30 + 9 < 90 ≤ 50 + 30 + 9 + 7)
+    S1 = U[:, :1].clone()
+    S2 = grow_space(S1, Mx, side, 0.9)
+    assert S2.shape == (30, 4)
+    assert torch.equal(S2[:, :1], S1)  # existing columns are kept as they are
+    torch.testing.assert_close(S2.T @ S2, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-12)
+    # a space that already explains ≥ 90 % adds nothing
+    assert grow_space(U[:, :4].clone(), Mx, side, 0.9) is None
+
+
+def test_end_task_uses_the_first_moment():
+    p = torch.nn.Parameter(torch.zeros(30, 8, dtype=torch.float64))
+    opt = GorpAdamW([{"params": [p], "kind": "lowrank", "names": ["w"]}], rank=8)
+    U, M = _matrix_with_spectrum(30, 8, [50, 30, 9, 7, 4], seed=6)
+    opt.state[p].update(exp_avg=M.clone(), exp_avg_sq=M.clone() ** 2, step=1)
+    assert opt.end_task() == {"w": 4}
+    torch.testing.assert_close(opt.shared_space(p) @ opt.shared_space(p).T, U[:, :4] @ U[:, :4].T, rtol=0, atol=1e-10)
+
+
+def _three_kind_setup(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.nn.Parameter(torch.randn(24, 16, generator=gen))  # lowrank, m ≥ n
+    wt = torch.nn.Parameter(torch.randn(12, 20, generator=gen).to(torch.bfloat16))  # lowrank, m < n, bf16
+    a = torch.nn.Parameter(torch.randn(4, 16, generator=gen))  # LoRA A
+    b = torch.nn.Parameter(torch.randn(24, 4, generator=gen))  # LoRA B
+    bias = torch.nn.Parameter(torch.randn(24, generator=gen))
+    params = [w, wt, a, b, bias]
+    groups = [
+        {"params": [w, wt], "kind": "lowrank", "names": ["w", "wt"], "rank": 3, "scale": 0.5},
+        {"params": [a], "kind": "lora_a", "names": ["a"], "lr": 2e-2},
+        {"params": [b, bias], "kind": "adamw", "names": ["b", "bias"], "weight_decay": 0.0},
+    ]
+    return params, groups
+
+
+def test_state_dict_round_trip_mid_task_gives_the_same_next_steps():
+    params, groups = _three_kind_setup()
+    shapes = [p.shape for p in params]
+    opt = GorpAdamW(groups, lr=1e-2, weight_decay=0.05, update_proj_gap=3)
+    _run(opt, params, _grads(shapes, 2, seed=1, dtype=torch.float32))
+    opt.end_task()
+    _run(opt, params, _grads(shapes, 2, seed=2, dtype=torch.float32))  # mid-task, 1 step before a refresh
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    snapshot = [p.detach().clone() for p in params]
+    later = _grads(shapes, 4, seed=3, dtype=torch.float32)  # crosses the refresh at step 6
+    _run(opt, params, later)
+
+    params2, groups2 = _three_kind_setup(seed=99)  # different values: everything must come from the snapshot
+    with torch.no_grad():
+        for p2, s in zip(params2, snapshot):
+            p2.copy_(s)
+    opt2 = GorpAdamW(groups2, lr=1e-2, weight_decay=0.05, update_proj_gap=3)
+    buf.seek(0)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    assert opt2.state[params2[1]]["exp_avg"].dtype == torch.float32  # not rounded to the bf16 weight's dtype
+    _run(opt2, params2, later)
+    for p, p2 in zip(params, params2):
+        assert torch.equal(p, p2)
+    for n in ("w", "wt", "a"):
+        assert torch.equal(opt.shared_spaces()[n], opt2.shared_spaces()[n])
+
+
+def test_projector_refresh_is_seeded_and_lifts_back():
+    gen = torch.Generator().manual_seed(7)
+    for shape in [(20, 12), (12, 20)]:
+        # a clear gap after the 3rd singular value, as in real gradients (a flat spectrum has no top-3 space
+        # for a randomized SVD to find)
+        lo = torch.randn(shape[0], 3, generator=gen, dtype=torch.float64) @ torch.randn(3, shape[1], generator=gen, dtype=torch.float64)
+        G = lo + 0.01 * torch.randn(shape, generator=gen, dtype=torch.float64)
+        states = []
+        for _ in range(2):
+            p = torch.nn.Parameter(torch.zeros(shape, dtype=torch.float64))
+            opt = GorpAdamW([{"params": [p], "kind": "lowrank", "names": ["layer.w"]}], lr=0.1, rank=3, eps=1e-8)
+            p.grad = G.clone()
+            opt.step()
+            states.append((p.detach().clone(), opt.state[p]["proj"].clone()))
+        (d, P), (d2, P2) = states
+        assert torch.equal(P, P2)  # same (seed, name, refresh index) → same sketch → same projector
+        # first Adam step: u = g / (|g| + eps) elementwise, then lifted back through the projector
+        if shape[0] >= shape[1]:
+            g = G @ P.T
+            expected = -0.1 * (g / (g.abs() + 1e-8)) @ P
+        else:
+            g = P.T @ G
+            expected = -0.1 * P @ (g / (g.abs() + 1e-8))
+        torch.testing.assert_close(d, expected, rtol=1e-12, atol=1e-14)
+        # the projector spans the top-3 singular space of G
+        U, _, Vh = torch.linalg.svd(G)
+        top = Vh[:3].T @ Vh[:3] if shape[0] >= shape[1] else U[:, :3] @ U[:, :3].T
+        proj = P.T @ P if shape[0] >= shape[1] else P @ P.T
+        torch.testing.assert_close(proj, top, rtol=0, atol=1e-6)
+
+
+def test_bad_groups_have_clear_errors():
+    w = torch.nn.Parameter(torch.zeros(6, 4))
+    with pytest.raises(GorpGroupError, match=r"w: rank 5 is larger than the matrix allows \(min\(m, n\) = 4"):
+        GorpAdamW([{"params": [w], "kind": "lowrank", "names": ["w"], "rank": 5}])
+    with pytest.raises(GorpGroupError, match="takes matrices"):
+        GorpAdamW([{"params": [torch.nn.Parameter(torch.zeros(5))], "kind": "lora_a"}])
+    with pytest.raises(GorpGroupError, match="kind must be one of"):
+        GorpAdamW([{"params": [w], "kind": "galore"}])
+    with pytest.raises(GorpGroupError, match="2 names for 1 parameters"):
+        GorpAdamW([{"params": [w], "kind": "lowrank", "names": ["a", "b"], "rank": 2}])
+    opt = GorpAdamW([{"params": [w], "kind": "lowrank", "names": ["w"], "rank": 2}])
+    with pytest.raises(GorpGroupError, match=r"needs \(6, k\)"):
+        opt.load_shared_spaces({"w": torch.zeros(4, 1)})
+    with pytest.raises(GorpGroupError, match="matches no parameter"):
+        opt.load_shared_spaces({"v": torch.zeros(6, 1)})
+    assert opt.shared_space(w) is None  # nothing was installed by the failed calls

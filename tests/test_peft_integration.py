@@ -1,0 +1,208 @@
+"""get_slice_model: the transformers + PEFT drop-in, its saving path, and the peer check against PEFT's LoRA-GA."""
+import math
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, LoraGAConfig, PeftModel, get_peft_model, preprocess_loraga
+from peft.tuners.lora import LoraLayer
+
+from conftest import lm_batches, tiny_gpt2, tiny_llama
+from slice_kernels import (
+    NonFiniteGradientError, SliceConfig, SliceInitError, get_slice_model, save_as_lora, save_initial_adapter,
+)
+from slice_kernels.config import METHODS
+
+TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],  # transformers Conv1D
+}
+MAKE = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+        yield
+
+
+def lora_cfg(arch, r=8, **kw):
+    return LoraConfig(r=r, lora_alpha=2, use_rslora=True, target_modules=TARGETS[arch], **kw)
+
+
+def slice_model(arch, dtype=torch.float32, method="slice", r=8, **cfg):
+    cfg.setdefault("current_steps", 2)
+    cfg.setdefault("replay_steps", 1)
+    replay = [lm_batches(1, seed=11), lm_batches(1, seed=12)]
+    return get_slice_model(MAKE[arch](dtype), lora_cfg(arch, r), SliceConfig(method=method, **cfg),
+                           current=lm_batches(2), replay=replay)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_outputs_unchanged_at_init(arch, dtype, method):
+    """max |logits(init) − logits(float64 original)| ≤ 2 × max |logits(plain model in dtype) − float64|:
+    absorbing W − s·B·A costs no more than the dtype itself already does."""
+    x = lm_batches(1, seed=5)[0]["input_ids"]
+    with torch.no_grad():
+        ref = MAKE[arch](torch.float64)(input_ids=x).logits
+        plain = MAKE[arch](dtype)(input_ids=x).logits.double()
+        pm = slice_model(arch, dtype, method)
+        out = pm(input_ids=x).logits.double()
+    err_plain = (plain - ref).abs().max().item()
+    err = (out - ref).abs().max().item()
+    assert err <= 2 * err_plain, (err, err_plain)
+    rep = pm.slice_init_report
+    assert rep.method == method and len(rep.layers) == sum(isinstance(m, LoraLayer) for m in pm.modules())
+    if method in ("slice", "lora_ga", "lora_ga_peft"):
+        assert {"collect_current", "svd", "absorb"} <= set(rep.phases)
+    if method != "lora":  # the init really moved the adapter away from zero and W with it
+        lora_b = [m.lora_B["default"].weight for m in pm.modules() if isinstance(m, LoraLayer)]
+        assert all(b.abs().sum() > 0 for b in lora_b)
+
+
+def test_report_has_global_figures():
+    pm = slice_model("llama", projection_strength=1.0)
+    rep = pm.slice_init_report
+    assert rep.Nc > 0 and rep.Np > 0 and rep.cos == pytest.approx(rep.D / math.sqrt(rep.Np * rep.Nc))
+    assert rep.gamma == (pytest.approx(-rep.D / rep.Np) if rep.cos < 0 else 0.0)
+    assert {"collect_current", "collect_replay", "statistics", "surgery", "svd", "scale", "absorb"} <= set(rep.phases)
+
+
+def train_a_little(pm, steps=3):
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.5)
+    pm.train()
+    for b in lm_batches(steps, seed=21):
+        opt.zero_grad()
+        pm(**b).loss.backward()
+        opt.step()
+    pm.eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_converted_adapter_loads_on_untouched_base_and_merge(arch, tmp_path):
+    x = lm_batches(1, seed=5)[0]["input_ids"]
+    pm = slice_model(arch, method="slice", r=4)
+    init_dir = tmp_path / "slice_init"
+    save_initial_adapter(pm, str(init_dir))
+    train_a_little(pm)
+    with torch.no_grad():
+        trained = pm(input_ids=x).logits
+    out_dir = tmp_path / "lora"
+    save_as_lora(pm, str(out_dir), str(init_dir))
+    loaded = PeftModel.from_pretrained(MAKE[arch](), str(out_dir))  # the original, untouched base
+    assert loaded.peft_config["default"].r == 8
+    with torch.no_grad():
+        conv = loaded(input_ids=x).logits
+        base = MAKE[arch]()(input_ids=x).logits
+    scale = (trained - base).abs().max().item()
+    assert scale > 1e-3  # training moved the outputs, so the check below is not vacuous
+    torch.testing.assert_close(conv, trained, rtol=0, atol=1e-5)
+    merged = pm.merge_and_unload()
+    assert not any(isinstance(m, LoraLayer) for m in merged.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=x).logits, trained, rtol=0, atol=1e-5)
+
+
+def test_save_as_lora_without_initial_adapter_is_clear(tmp_path):
+    pm = slice_model("llama", method="loram")
+    with pytest.raises(SliceInitError, match="save_initial_adapter"):
+        save_as_lora(pm, str(tmp_path / "out"), str(tmp_path / "missing"))
+
+
+def test_peer_check_lora_ga_peft_equals_peft_lora_ga():
+    """Same model, same batches: our lora_ga_peft vs PEFT's init_lora_weights="lora_ga" (preprocess_loraga).
+    r = 16 makes PEFT's sketch q = min(4r, min(m, n)) span the whole column space of every layer, so its
+    torch.svd_lowrank is exact and only singular-vector signs can differ (each row of A and each column of B
+    is compared up to sign; the offset is checked through W_absorbed + s·B·A = W_original)."""
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    batches = lm_batches(3)
+    orig = {n: m.weight.detach().clone() for n, m in tiny_llama().named_modules() if n.split(".")[-1] in targets}
+
+    peft_base = tiny_llama()
+    cfg = LoraConfig(r=16, lora_alpha=2, use_rslora=True, target_modules=targets, init_lora_weights="lora_ga",
+                     lora_ga_config=LoraGAConfig())
+
+    def train_step():
+        for b in batches:
+            peft_base(**b).loss.backward()
+
+    preprocess_loraga(peft_base, cfg, train_step)
+    theirs = get_peft_model(peft_base, cfg)
+    ours = get_slice_model(tiny_llama(), LoraConfig(r=16, lora_alpha=2, use_rslora=True, target_modules=targets),
+                           SliceConfig(method="lora_ga_peft", current_steps=3), current=batches)
+    lt = {n.removeprefix("base_model.model."): m for n, m in theirs.named_modules() if isinstance(m, LoraLayer)}
+    lo = {n.removeprefix("base_model.model."): m for n, m in ours.named_modules() if isinstance(m, LoraLayer)}
+    assert set(lt) == set(lo) == set(orig)
+    s = 2 / math.sqrt(16)
+    for n in orig:
+        At, Bt = lt[n].lora_A["default"].weight.detach(), lt[n].lora_B["default"].weight.detach()
+        Ao, Bo = lo[n].lora_A["default"].weight.detach(), lo[n].lora_B["default"].weight.detach()
+        assert Ao.dtype == At.dtype and Bo.dtype == Bt.dtype
+        sa = torch.sign((At * Ao).sum(1, keepdim=True))
+        sb = torch.sign((Bt * Bo).sum(0, keepdim=True))
+        # float32 singular vectors of two SVD routes differ by ~eps32·σ₁/gap; 2e-4 per unit vector holds for
+        # these gradients' gaps. B's columns are u_i·S_i·m^¼/4: compare them per unit column norm.
+        torch.testing.assert_close(Ao, sa * At, rtol=0, atol=2e-4)
+        norms = Bt.norm(dim=0, keepdim=True)
+        torch.testing.assert_close(Bo / norms, sb * Bt / norms, rtol=0, atol=2e-4)
+        torch.testing.assert_close(Bo.norm(dim=0), Bt.norm(dim=0), rtol=1e-5, atol=0)  # the S[r:2r] scale
+        for lay, A, B in ((lo[n], Ao, Bo), (lt[n], At, Bt)):
+            W = lay.get_base_layer().weight.detach()
+            torch.testing.assert_close(W + s * B @ A, orig[n], rtol=0, atol=1e-6)
+
+
+# ---- bad input: a clear error and the model exactly as it was (same state dict, no LoRA layers) ----
+
+def _nan_loss(model, batch):
+    return model(**batch).loss * float("nan")
+
+
+BAD = [
+    (dict(lora=dict(target_modules=["q_proj", "nope_proj"])), SliceInitError, "nope_proj"),
+    (dict(lora=dict(target_modules=["embed_tokens"])), SliceInitError, "embedding"),
+    (dict(lora=dict(r=17)), SliceInitError, r"2r = 34 ≤ min\(m, n\) = 32"),
+    (dict(lora=dict(use_dora=True)), SliceInitError, "use_dora"),
+    (dict(current=[]), SliceInitError, "needs 2 batches but has only 0"),
+    (dict(current=None), SliceInitError, "needs the current task's batches"),
+    (dict(current=lm_batches(1)), SliceInitError, "needs 2 batches but has only 1"),
+    (dict(replay=lm_batches(2)), SliceInitError, "items look like batches"),
+    (dict(loss_fn=_nan_loss), NonFiniteGradientError, r"layer 'model\.layers\.0\.self_attn\.q_proj'"),
+]
+
+
+@pytest.mark.parametrize("bad, exc, match", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_input_leaves_model_untouched(bad, exc, match):
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rg = {n: p.requires_grad for n, p in model.named_parameters()}
+    lkw = dict(r=8, lora_alpha=2, target_modules=["q_proj", "v_proj"])
+    lkw.update(bad.get("lora", {}))
+    with pytest.raises(exc, match=match):
+        get_slice_model(model, LoraConfig(**lkw), SliceConfig(current_steps=2, replay_steps=2),
+                        current=bad.get("current", lm_batches(2)), replay=bad.get("replay"),
+                        loss_fn=bad.get("loss_fn"))
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == rg
+
+
+def test_quantized_target_is_refused_untouched():
+    model = tiny_llama()
+    lin = model.model.layers[0].self_attn.v_proj
+    lin.weight = torch.nn.Parameter(torch.zeros(lin.weight.shape, dtype=torch.int8), requires_grad=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SliceInitError, match="quantized"):
+        get_slice_model(model, LoraConfig(r=4, lora_alpha=2, target_modules=["v_proj"]), SliceConfig(current_steps=1),
+                        current=lm_batches(1))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_model_with_lora_layers_is_refused():
+    pm = slice_model("llama", method="lora")
+    with pytest.raises(SliceInitError, match="already has LoRA layers"):
+        get_slice_model(pm.base_model.model, lora_cfg("llama"), SliceConfig(method="lora"))

@@ -1,0 +1,87 @@
+"""Bad input to the runner: each a clear error naming the thing at fault, raised before anything is written."""
+import json
+import os
+
+import pytest
+
+from runner_tiny import save_not_causal, write_jsonl
+from slice_kernels.cli import main
+from slice_kernels.runner.model import ModelError, check_model_dir
+from slice_kernels.runner.tasks import TaskError, check_spec, expand_task_list, load_task
+
+
+def test_unknown_task_name_cli(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["run", "--model", "smollm2", "--tasks", "basic_arithmetc,chain_sum", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "unknown task 'basic_arithmetc'" in err and "did you mean basic_arithmetic" in err
+    assert not out.exists()  # validated before the output directory is created
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path):
+    p = tmp_path / "t.jsonl"
+    p.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": "2+2", "answer": "4"}\n{"prompt": "oops"\n')
+    with pytest.raises(TaskError, match=r"t\.jsonl, line 3: not valid JSON"):
+        check_spec(str(p))
+    p.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": "2+2", "answer": 4}\n')
+    with pytest.raises(TaskError, match=r"t\.jsonl, line 2: field 'answer' is missing or not a string"):
+        check_spec(str(p))
+    p.write_text('{"prompt": "1+1", "answer": "2", "metric": "bleu"}\n{"prompt": "2+2", "answer": "4"}\n')
+    with pytest.raises(TaskError, match=r"line 1: metric 'bleu'"):
+        check_spec(str(p))
+
+
+def test_malformed_jsonl_cli_exit_code(tmp_path, capsys):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"prompt": "a", "answer": "b"}\nnot json\n')
+    rc = main(["run", "--tasks", str(p), "--heldout", "", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "bad.jsonl, line 2" in capsys.readouterr().err
+
+
+def test_jsonl_task_metrics(tmp_path):
+    rows = [{"prompt": f"q{i}", "answer": f"the answer {i}", "metric": "rouge_l"} for i in range(10)]
+    t = load_task(write_jsonl(str(tmp_path / "free.jsonl"), rows), n_train=8, n_eval=2, seed=0)
+    assert len(t.eval) == 2 and len(t.train) == 8 and t.name == "free"
+    ex = t.eval[0]
+    assert t.score(ex.answer, ex) == 1.0
+    assert t.score("the answer", ex) == pytest.approx(0.8)  # LCS 2 of 2 / 3 tokens: P=1, R=2/3
+    assert t.score("nothing", ex) == 0.0
+
+
+def test_model_dir_not_a_causal_lm(tmp_path):
+    d = save_not_causal(str(tmp_path / "bert"))
+    with pytest.raises(ModelError, match="not a causal language model"):
+        check_model_dir(d)
+    with pytest.raises(ModelError, match="no config.json"):
+        check_model_dir(str(tmp_path))
+    with pytest.raises(ModelError, match="is not a directory"):
+        check_model_dir(str(tmp_path / "missing"))
+
+
+def test_model_not_causal_cli(tmp_path, capsys):
+    d = save_not_causal(str(tmp_path / "bert"))
+    rc = main(["run", "--model", d, "--tasks", "chain_sum", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "not a causal language model" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_without_a_run(tmp_path, capsys):
+    rc = main(["run", "--tasks", "chain_sum", "--resume", "--out", str(tmp_path)])
+    assert rc == 2 and "holds no run to resume" in capsys.readouterr().err
+
+
+def test_tasks_from_mined_json(tmp_path):
+    p = tmp_path / "mined.json"
+    p.write_text(json.dumps({"sequence": ["chain_sum", "basic_arithmetic"], "cosines": [[1, 0], [0, 1]]}))
+    assert expand_task_list(f"@{p}") == ["chain_sum", "basic_arithmetic"]
+    assert expand_task_list(" a , b ") == ["a", "b"]
+    with pytest.raises(TaskError, match="twice"):
+        expand_task_list("a,a")
+    with pytest.raises(TaskError, match="cannot read"):
+        expand_task_list(f"@{tmp_path / 'nope.json'}")
+
+
+def test_unknown_method(capsys, tmp_path):
+    rc = main(["run", "--tasks", "chain_sum", "--methods", "slice,nope", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "unknown method 'nope'" in capsys.readouterr().err

@@ -1,0 +1,229 @@
+"""PS-LoRA sign-consistency loss (SPEC §3): every backend against the float64 materializing reference."""
+import math
+
+import pytest
+import torch
+
+from conftest import HAS_CUDA, backends_for, tiny_gpt2, tiny_llama
+from slice_kernels import History, HistoryStore, dispatch, sign_consistency_loss
+from slice_kernels.ops.sign_loss import reference_sign_consistency_loss
+
+# (m, n, r, R): awkward shapes, m ≠ n, not multiples of the 32/256 blocks; r = 1, 8, 64 (= n, its maximum).
+SHAPES = [(37, 53, 1, 3), (70, 45, 8, 8), (65, 64, 64, 16)]
+FORMS = ["factors", "dense", "bits"]
+MODES = ["tanh", "hinge"]
+
+
+def _case(m, n, r, R, form, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(r, n, generator=g, dtype=dtype) / math.sqrt(n)
+    B = torch.randn(m, r, generator=g, dtype=dtype)
+    Bh = torch.randn(m, R, generator=g, dtype=dtype)
+    Ah = torch.randn(R, n, generator=g, dtype=dtype) / math.sqrt(n)
+    h = History.from_factors([Bh], [Ah], [0.6])
+    if form == "dense":
+        h = History.from_dense(h.to_dense(dtype))
+    elif form == "bits":
+        h = h.to_sign_bits()
+    return A, B, h
+
+
+def _rel(x, ref):
+    return float((x.double() - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("backend", backends_for("sign_loss_fwd"))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_loss_and_grads_match_float64_reference(backend, mode, form, shape):
+    A64, B64, h = _case(*shape, form)
+    A64.requires_grad_(True)
+    B64.requires_grad_(True)
+    kw = dict(scaling=0.8, alpha=1.5, beta=0.3, mode=mode)
+    ref = reference_sign_consistency_loss(A64, B64, h, **kw)
+    rA, rB = torch.autograd.grad(ref, (A64, B64))
+    # torch and cpp compute in float64 for float64 inputs; triton (and cuda) in float32 only.
+    f64 = backend in ("torch", "cpp")
+    A = A64.detach().clone() if f64 else A64.detach().float()
+    B = B64.detach().clone() if f64 else B64.detach().float()
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+    with dispatch.use_backend(backend):
+        out = sign_consistency_loss(A, B, h, **kw)
+        gA, gB = torch.autograd.grad(out, (A, B))
+    # float64: summation order only. float32: ΔW tiles come from r-term dot products and the loss is a sum of
+    # m·n terms, each correct to ~1e-7 relative; norm-wise 1e-5 holds with margin at these sizes.
+    tol = 1e-10 if f64 else 1e-5
+    assert abs(float(out) - float(ref)) <= tol * abs(float(ref))
+    assert _rel(gA, rA) <= tol and _rel(gB, rB) <= tol
+
+
+@pytest.mark.parametrize("backend", [b for b in backends_for("sign_loss_fwd") if b.values[0] in ("torch", "cpp")])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("form", FORMS)
+def test_gradcheck_float64(backend, mode, form):
+    A, B, h = _case(9, 11, 2, 2, form, seed=3)
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+
+    def f(A, B):
+        return sign_consistency_loss(A, B, h, scaling=0.9, alpha=1.0, beta=0.5, mode=mode)
+
+    with dispatch.use_backend(backend):
+        # hinge has kinks where ΔW_j = 0; random inputs stay away from them by far more than eps.
+        assert torch.autograd.gradcheck(f, (A, B), eps=1e-6, atol=1e-7)
+
+
+def test_bfloat16_error_within_twice_torch_own(  # the low-precision rule of ARCHITECTURE.md
+):
+    A64, B64, h = _case(70, 45, 8, 8, "factors", seed=5)
+    A, B = A64.bfloat16(), B64.bfloat16()
+    kw = dict(scaling=0.8, alpha=1.0, beta=0.3, mode="tanh")
+    ref = reference_sign_consistency_loss(A.double(), B.double(), h, **kw)
+    # plain torch doing the same thing in bfloat16: materialize and reduce in bf16
+    dW = kw["scaling"] * (B @ A)
+    H = h.to_dense(torch.bfloat16)
+    l_dir = (1 - torch.tanh(dW / h.rms) * torch.tanh(H / h.rms)).mean()
+    torch_bf16 = l_dir + 0.3 * (dW.float() ** 2).mean().bfloat16() / h.rms ** 2
+    torch_err = abs(float(torch_bf16) - float(ref))
+    for b in ("torch", "cpp", "triton"):
+        if dispatch.refusal("sign_loss_fwd", b, torch.device("cpu")):
+            continue
+        with dispatch.use_backend(b):
+            out = sign_consistency_loss(A, B, h, **kw)
+        assert abs(float(out) - float(ref)) <= 2 * torch_err + 1e-6, b
+
+
+def test_zero_at_first_task():
+    A, B, h = _case(20, 30, 4, 2, "factors")
+    A.requires_grad_(True)
+    out = sign_consistency_loss(A, B, None, scaling=1.0)
+    assert float(out) == 0.0
+    out.backward()
+    assert torch.equal(A.grad, torch.zeros_like(A))
+    zero = History.from_factors([torch.zeros(20, 2)], [torch.zeros(2, 30)])
+    assert zero.rms == 0.0 and float(sign_consistency_loss(A, B, zero, scaling=1.0)) == 0.0
+
+
+def test_sign_agreement_lowers_the_loss():
+    # ΔW equal to H (same signs everywhere) must score below ΔW = −H, in both modes
+    A, B, h = _case(30, 40, 3, 3, "factors", seed=2)
+    Bh, Ah = h.Bh.double(), h.Ah.double()
+    for mode in MODES:
+        same = sign_consistency_loss(Ah, Bh, h, scaling=1.0, beta=0.0, mode=mode)
+        opposite = sign_consistency_loss(Ah, -Bh, h, scaling=1.0, beta=0.0, mode=mode)
+        assert float(same) < float(opposite)
+        if mode == "hinge":
+            assert float(same) == 0.0
+
+
+def test_bad_inputs_are_refused():
+    A, B, h = _case(20, 30, 4, 2, "factors")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        sign_consistency_loss(A, B, h, scaling=1.0, mode="l1")
+    with pytest.raises(ValueError, match="another layer"):
+        sign_consistency_loss(A[:, :29], B, h, scaling=1.0)
+    with pytest.raises(ValueError, match="A must be"):
+        sign_consistency_loss(A.T, B, h, scaling=1.0)
+
+
+@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
+def test_torch_compile_traces_the_custom_op(compile_backend):
+    A, B, h = _case(33, 47, 4, 4, "factors", seed=7, dtype=torch.float32)
+
+    def f(A, B):
+        return sign_consistency_loss(A, B, h, scaling=0.5, beta=0.2)
+
+    A1, B1 = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
+    A2, B2 = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
+    torch._dynamo.reset()
+    out = torch.compile(f, backend=compile_backend, fullgraph=True)(A1, B1)
+    out.backward()
+    ref = f(A2, B2)
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(A1.grad, A2.grad)
+    torch.testing.assert_close(B1.grad, B2.grad)
+
+
+def test_custom_op_passes_opcheck():
+    A, B, h = _case(17, 19, 2, 2, "factors", dtype=torch.float32)
+    op = torch.ops.slice_kernels.sign_loss_dir.default
+    torch.library.opcheck(op, (A.requires_grad_(True), B.requires_grad_(True), h.Bh, h.Ah, 0, 0, 1.0, 1.0, 1.0, ""))
+
+
+# ----------------------------------------------------------------------------- model-level loss
+def _peft(model_fn, targets, seed=0):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    torch.manual_seed(seed)
+    return get_peft_model(model_fn(), cfg)
+
+
+@pytest.mark.parametrize("model_fn,targets", [(tiny_llama, ["q_proj", "down_proj"]), (tiny_gpt2, ["c_attn", "c_fc"])],
+                         ids=["llama", "gpt2-conv1d"])
+def test_parameter_stability_loss_sums_layers(model_fn, targets):
+    from slice_kernels import ParameterStabilityLoss
+    from slice_kernels.history import lora_factors, lora_layers
+
+    earlier = _peft(model_fn, targets, seed=1)
+    store = HistoryStore("factors")
+    store.record_task(earlier)
+    pm = _peft(model_fn, targets, seed=2)
+    assert float(ParameterStabilityLoss(HistoryStore())(pm)) == 0.0  # t = 1
+    psl = ParameterStabilityLoss(store, lam=0.5, alpha=1.0, beta=0.2, mode="tanh")
+    total = psl(pm)
+    expect = 0.0
+    for name, mod, ad in lora_layers(pm):
+        B, A, s = lora_factors(mod, ad)
+        expect += float(reference_sign_consistency_loss(A.double(), B.double(), store[name], scaling=s, beta=0.2))
+    assert math.isclose(float(total), 0.5 * expect, rel_tol=1e-5)
+    total.backward()
+    grads = [p.grad for n, p in pm.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(float(g.abs().max()) > 0 for g in grads)
+
+
+def test_parameter_stability_loss_refuses_a_foreign_history():
+    from slice_kernels import ParameterStabilityLoss
+
+    hist = {"not.a.layer": History.from_factors([torch.randn(4, 1)], [torch.randn(1, 5)])}
+    with pytest.raises(ValueError, match="none of the 1 history layers"):
+        ParameterStabilityLoss(hist)(_peft(tiny_llama, ["q_proj"]))
+
+
+def test_init_offsets_penalize_the_true_update():
+    """With s·B₀·A₀ absorbed into W, the update is s·(BA − B₀A₀): at B = B₀, A = A₀ it is zero."""
+    from slice_kernels import ParameterStabilityLoss
+    from slice_kernels.history import lora_factors, lora_layers
+
+    pm = _peft(tiny_llama, ["q_proj"], seed=3)
+    store = HistoryStore("factors")
+    store.record_task(_peft(tiny_llama, ["q_proj"], seed=4))
+    offsets = {n: tuple(t.detach().clone() for t in lora_factors(m, a)[:2]) for n, m, a in lora_layers(pm)}
+    psl = ParameterStabilityLoss(store, beta=0.0, mode="hinge", init_offsets=offsets)
+    without = float(ParameterStabilityLoss(store, beta=0.0, mode="hinge")(pm))
+    assert without > 0.0
+    # hinge of a zero update; BA − B₀A₀ is formed in float32 inside the tiles, so it is zero up to rounding
+    assert float(psl(pm)) <= 1e-5 * without
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("form", FORMS)
+def test_gpu_backends_match_reference(backend, form):
+    A64, B64, h = _case(300, 257, 16, 16, form, seed=11)
+    h = h.to("cuda")
+    for mode in MODES:
+        A = A64.float().cuda().requires_grad_(True)
+        B = B64.float().cuda().requires_grad_(True)
+        Ar, Br = A64.clone().cuda().requires_grad_(True), B64.clone().cuda().requires_grad_(True)
+        ref = reference_sign_consistency_loss(Ar, Br, h, scaling=0.7, beta=0.3, mode=mode)
+        rA, rB = torch.autograd.grad(ref, (Ar, Br))
+        with dispatch.use_backend(backend):
+            out = sign_consistency_loss(A, B, h, scaling=0.7, beta=0.3, mode=mode)
+            gA, gB = torch.autograd.grad(out, (A, B))
+        assert abs(float(out) - float(ref)) <= 1e-5 * abs(float(ref))
+        assert _rel(gA, rA) <= 1e-5 and _rel(gB, rB) <= 1e-5
