@@ -86,7 +86,7 @@ def main(argv=None):
     init_dir = os.path.join(out, "slice_init")
     sk.save_initial_adapter(peft_model, init_dir)  # before training: needed to convert to plain LoRA later
 
-    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=2e-3)
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     peft_model.train()
     for i, batch in enumerate(current[args.steps :]):
         loss = peft_model(**batch).loss

@@ -172,7 +172,6 @@ def collect_streams(
     progress: bool = False,
     train_mode: bool = False,
     source: str = "gradient",
-    _on_hook=None,
 ) -> dict[str, torch.Tensor]:
     """Σ over streams of weight · Σ_s ∇L(batch_s), one float32 accumulator per target, keyed by name in
     (out, in) orientation. Averaged across ranks when torch.distributed is initialized."""
@@ -187,23 +186,29 @@ def collect_streams(
            for n, m in targets.items()}
     alpha = {"value": 0.0}
 
-    def make_hook(name):
+    def make_hook(names):
         def hook(p):
             g = p.grad
             if g is not None:
-                if _on_hook is not None:
-                    _on_hook(name)
-                accumulate_(acc[name], g if g.device == acc_device else g.to(acc_device), alpha["value"])
+                g = g if g.device == acc_device else g.to(acc_device)
+                for name in names:
+                    accumulate_(acc[name], g, alpha["value"])
             p.grad = None  # released at once: only the layer autograd is finishing holds a .grad
 
         return hook
 
+    # One hook per distinct parameter: modules sharing a weight would otherwise see it consumed by the first.
+    sharing: dict[int, list[str]] = {}
+    for n, m in targets.items():
+        sharing.setdefault(id(m.weight), []).append(n)
+
     undo = _gradient_context(model, targets, train_mode)
     handles = []
     try:
-        for n, m in targets.items():
-            m.weight.grad = None
-            handles.append(m.weight.register_post_accumulate_grad_hook(make_hook(n)))
+        for names in sharing.values():
+            w = targets[names[0]].weight
+            w.grad = None
+            handles.append(w.register_post_accumulate_grad_hook(make_hook(names)))
         total = sum(s.steps for s in streams)
         bar = None
         if progress:
@@ -221,7 +226,8 @@ def collect_streams(
                                              f"{type(loss).__name__} {tuple(getattr(loss, 'shape', ()))}")
                     if not loss.requires_grad:
                         raise SliceInitError(f"{st.label}: the loss does not depend on the target weights "
-                                             f"(no grad); check target_modules and loss_fn")
+                                             f"(no grad); check target_modules and loss_fn (with reentrant "
+                                             f"gradient checkpointing, call model.enable_input_require_grads())")
                     loss.backward()
                 got += 1
                 if bar is not None:

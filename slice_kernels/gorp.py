@@ -385,17 +385,29 @@ def _register_runner_method():
     class GorpMethod(InitMethod):
         init = "lora"
 
+        def _full_rank(self, ctx, peft_model):
+            from .gorp_groups import _base_linears, _matches
+
+            linears = _base_linears(peft_model)
+            patterns = ctx.options.get("gorp_full_rank")
+            if patterns is None:
+                patterns = next(([p] for p in ("gate_proj", "c_fc", "fc1") if any(_matches(p, n) for n in linears)), [])
+            return list(patterns), [m for n, m in linears.items() if any(_matches(p, n) for p in patterns)]
+
+        def init_adapter(self, ctx):
+            peft_model, report = super().init_adapter(ctx)
+            # unfreeze the full-rank weights now, so the runner counts them as trainable (it all-reduces the
+            # gradients of what is trainable when training starts)
+            for mod in self._full_rank(ctx, peft_model)[1]:
+                mod.weight.requires_grad_(True)
+            return peft_model, report
+
         def make_optimizer(self, ctx, peft_model, params, lr):
-            from .gorp_groups import _base_linears, _matches, build_gorp_optimizer
+            from .gorp_groups import build_gorp_optimizer
 
             o = ctx.options
-            patterns = o.get("gorp_full_rank")
-            if patterns is None:
-                names = list(_base_linears(peft_model))
-                patterns = next(([p] for p in ("gate_proj", "c_fc", "fc1") if any(_matches(p, n) for n in names)), [])
-            linears = _base_linears(peft_model)
-            dims = [min(m.weight.shape) for n, m in linears.items() if any(_matches(p, n) for p in patterns)]
-            rank = int(o.get("gorp_rank", min([ctx.lora.rank] + dims)))
+            patterns, mods = self._full_rank(ctx, peft_model)
+            rank = int(o.get("gorp_rank", min([ctx.lora.rank] + [min(m.weight.shape) for m in mods])))
             spaces = {k: v for k, v in ctx.state.get("spaces", {}).items()}
             self.opt = build_gorp_optimizer(
                 peft_model, full_rank=patterns, rank=rank, shared_spaces=spaces, lr=lr, weight_decay=0.0,
@@ -414,7 +426,8 @@ def _register_runner_method():
 
 try:
     _register_runner_method()
-except ImportError as exc:  # a package without the runner still has the optimizer
+except Exception as exc:  # noqa: BLE001 - a missing or broken runner must not take the optimizer down
     import logging
 
-    logging.getLogger("slice_kernels").info("slice_kernels.gorp: runner method not registered (%s)", exc)
+    logging.getLogger("slice_kernels").warning("slice_kernels.gorp: runner method 'gorp' not registered (%s: %s)",
+                                               type(exc).__name__, exc)

@@ -225,7 +225,7 @@ def init_from_gradients(
     Args:
         weights: layer name -> W (out, in). Not modified; absorbed copies are returned.
         g_cur: layer name -> averaged current-task gradient (out, in); needed by slice / lora_ga / lora_ga_peft.
-        g_prev: layer name -> averaged replay gradient; used by "slice" only; None at task 1.
+        g_prev: layer name -> averaged replay gradient; used by "slice" only; None (or {}) at task 1.
         r, lora_alpha, use_rslora: the LoRA rank and scaling s = α/√r (rsLoRA) or α/r.
         config: a ``SliceConfig`` (defaults: the paper's).
         adapter_dtype: dtype of A and B, one for all layers or a mapping name -> dtype (default float32,
@@ -238,6 +238,8 @@ def init_from_gradients(
         ``InitResult`` with ``A``, ``B``, absorbed ``weights`` (W − s·B·A) and a ``report``.
     """
     config = config if config is not None else SliceConfig()
+    if isinstance(g_prev, Mapping) and len(g_prev) == 0:
+        g_prev = None  # no earlier task (t = 1)
     _validate(weights, g_cur, g_prev, r, lora_alpha, config)
     names = list(weights)
     device = weights[names[0]].device

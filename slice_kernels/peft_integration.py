@@ -194,9 +194,25 @@ def get_slice_model(
     return peft_model
 
 
+def _check_save_names(peft_model, initial_path: str, adapter_name: str) -> None:
+    # PEFT saves a non-default adapter into a subfolder named after it, and loads the initial adapter under the
+    # name basename(initial_path) for the conversion: both must fit or the conversion reads the wrong files.
+    if adapter_name not in peft_model.peft_config:
+        raise SliceInitError(f"no adapter named {adapter_name!r}; adapters: {sorted(peft_model.peft_config)}")
+    if adapter_name != "default":
+        raise SliceInitError(f"saving with conversion supports the adapter named 'default' (got {adapter_name!r}); "
+                             f"create the model with get_slice_model(..., adapter_name='default')")
+    base = os.path.basename(os.path.normpath(initial_path))
+    if not base or base in peft_model.peft_config:
+        raise SliceInitError(f"initial adapter path {initial_path!r}: its last component {base!r} is used by PEFT "
+                             f"as a temporary adapter name and must not be empty or an existing adapter's name; "
+                             f"use e.g. '<run>/slice_init'")
+
+
 def save_initial_adapter(peft_model, path: str, adapter_name: str = "default") -> None:
     """Save the adapter as initialized (before training), for ``save_as_lora`` later. ``path``'s last
     component is used by PEFT as a temporary adapter name, so make it a plain word (e.g. ``.../slice_init``)."""
+    _check_save_names(peft_model, path, adapter_name)
     cfg = peft_model.peft_config[adapter_name]
     if cfg.init_lora_weights is not True:
         raise SliceInitError(f"adapter {adapter_name!r} has init_lora_weights={cfg.init_lora_weights!r}; the "
@@ -208,6 +224,7 @@ def save_as_lora(peft_model, out_dir: str, initial_path: str, adapter_name: str 
     """Save the trained adapter as a plain rank-2r LoRA that loads on the original, untouched base model
     (PEFT's ``path_initial_model_for_weight_conversion``). ``initial_path`` is what ``save_initial_adapter``
     wrote."""
+    _check_save_names(peft_model, initial_path, adapter_name)
     if not os.path.isdir(initial_path):
         raise SliceInitError(f"initial adapter {initial_path!r} not found; call save_initial_adapter(peft_model, "
                              f"path) right after get_slice_model, before training")

@@ -189,3 +189,41 @@ def test_replay_shape_errors():
         collect_replay_gradients(model, ["o_proj"], [lm_batches(2), lm_batches(2)], steps=2, mode="pooled")
     with pytest.raises(SliceInitError, match="replay task 1: needs 2 batches but has only 1"):
         collect_replay_gradients(model, ["o_proj"], [lm_batches(2), lm_batches(1)], steps=2)
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_mode_during_collection(train_mode):
+    model = tiny_gpt2()  # has dropout: the mode matters
+    seen = []
+
+    def loss_fn(m, batch):
+        seen.append(m.training)
+        return m(**batch).loss
+
+    collect_gradients(model, GPT2_T, lm_batches(2), steps=2, loss_fn=loss_fn, train_mode=train_mode)
+    assert seen == [train_mode] * 2 and not model.training
+    if not train_mode:  # eval mode: a deterministic function of weights and batches
+        a = collect_gradients(model, GPT2_T, lm_batches(2), steps=2)
+        b = collect_gradients(model, GPT2_T, lm_batches(2), steps=2)
+        assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_modules_sharing_one_weight_both_get_its_gradient():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(6, 6), torch.nn.Linear(6, 6)
+    b.weight = a.weight
+    model = torch.nn.Sequential(a, torch.nn.Tanh(), b)
+    batches = [torch.randn(4, 6) for _ in range(2)]
+
+    def loss_fn(m, x):
+        return m(x).pow(2).mean()
+
+    g = collect_gradients(model, ["0", "2"], batches, steps=2, loss_fn=loss_fn)
+    ref = torch.zeros(6, 6)
+    for x in batches:
+        model.zero_grad()
+        loss_fn(model, x).backward()
+        ref += a.weight.grad / 2
+    torch.testing.assert_close(g["0"], ref)
+    torch.testing.assert_close(g["2"], ref)
+    assert g["0"].abs().sum() > 0

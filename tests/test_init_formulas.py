@@ -278,8 +278,9 @@ def test_slice_at_task_one_equals_lora_ga():
     a = init_from_gradients(W, gc, None, config=SliceConfig(method="slice"), **kw)
     b = init_from_gradients(W, gc, None, config=SliceConfig(method="lora_ga"), **kw)
     c0 = init_from_gradients(W, gc, gp, config=SliceConfig(method="slice", projection_strength=0.0), **kw)
+    empty = init_from_gradients(W, gc, {}, config=SliceConfig(method="slice"), **kw)
     for n in gc:
-        for x in (b, c0):
+        for x in (b, c0, empty):
             assert torch.equal(a.A[n], x.A[n]) and torch.equal(a.B[n], x.B[n])
             assert torch.equal(a.weights[n], x.weights[n])
 

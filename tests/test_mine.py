@@ -92,3 +92,32 @@ def test_planted_subset_greedy_when_exhaustive_is_too_costly():
 def test_choose_subset_bad_size():
     with pytest.raises(ValueError, match="between 1 and 3"):
         choose_subset([[1, 0, 0], [0, 1, 0], [0, 0, 1]], 4)
+
+
+def test_mine_cli_on_a_tiny_model(tmp_path, capsys):
+    """The command end to end: prints the matrix and the sequence, saves mined.json (readable by
+    ``run --tasks @mined.json``) and the heatmap."""
+    import json
+
+    from runner_tiny import save_tiny_llama, write_jsonl
+    from slice_kernels.cli import main
+    from slice_kernels.runner.tasks import expand_task_list
+
+    model = save_tiny_llama(str(tmp_path / "tiny"))
+    jl = write_jsonl(str(tmp_path / "echo.jsonl"), [{"prompt": f"say {w}", "answer": w} for w in "abcdefgh"])
+    out = tmp_path / "mined"
+    rc = main(["mine", "--pool", f"basic_arithmetic,chain_sum,{jl}", "--size", "2", "--model", model, "--targets",
+               "q_proj,v_proj", "--buckets", "3000", "--batches", "1", "--batch-size", "2", "--out", str(out),
+               "--no-progress"])
+    assert rc == 0
+    res = json.load(open(out / "mined.json"))
+    assert res["pool"] == ["basic_arithmetic", "chain_sum", "echo"] and res["search"] == "exhaustive"
+    C = res["cosines"]
+    assert len(res["sequence"]) == 2 and all(C[i][i] == 1.0 for i in range(3))
+    pairs = {(0, 1): C[0][1], (0, 2): C[0][2], (1, 2): C[1][2]}
+    best = min(pairs, key=pairs.get)
+    names = ["basic_arithmetic", "chain_sum", jl]
+    assert expand_task_list(f"@{out / 'mined.json'}") == [names[best[0]], names[best[1]]]
+    assert (out / "cosines.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert ",".join(res["sequence"]) in printed and "chain_sum" in printed

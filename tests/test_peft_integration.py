@@ -206,3 +206,62 @@ def test_model_with_lora_layers_is_refused():
     pm = slice_model("llama", method="lora")
     with pytest.raises(SliceInitError, match="already has LoRA layers"):
         get_slice_model(pm.base_model.model, lora_cfg("llama"), SliceConfig(method="lora"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offload", [False, True], ids=["on-device", "offloaded"])
+def test_cuda_model_matches_cpu(offload):
+    """On CUDA (with and without CPU-offloaded accumulators) the init equals the CPU one up to float32
+    round-off. Exact SVD: CPU and CUDA generators draw different sketches by design."""
+    cfg = dict(method="slice", svd="exact", current_steps=2, replay_steps=1)
+    replay = [lm_batches(1, seed=11), lm_batches(1, seed=12)]
+    cpu = get_slice_model(tiny_llama(), lora_cfg("llama"), SliceConfig(**cfg), current=lm_batches(2), replay=replay)
+    base = tiny_llama().cuda()
+    x = lm_batches(1, seed=5)[0]["input_ids"].cuda()
+    with torch.no_grad():
+        ref = base(input_ids=x).logits
+    gpu = get_slice_model(base, lora_cfg("llama"), SliceConfig(offload_gradients=offload, **cfg),
+                          current=lm_batches(2), replay=replay)
+    with torch.no_grad():
+        torch.testing.assert_close(gpu(input_ids=x).logits, ref, rtol=0, atol=1e-4)
+    assert gpu.slice_init_report.phases["svd"]["memory"] == "cuda_max_allocated"
+    lc = {n: m for n, m in cpu.named_modules() if isinstance(m, LoraLayer)}
+    for n, m in gpu.named_modules():
+        if isinstance(m, LoraLayer):
+            for part in ("lora_A", "lora_B"):
+                torch.testing.assert_close(getattr(m, part)["default"].weight.cpu(),
+                                           getattr(lc[n], part)["default"].weight, rtol=0, atol=1e-3)
+
+
+def test_missing_target_modules_without_peft_default():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    with pytest.raises(SliceInitError, match="target_modules is None and PEFT has no default targets"):
+        get_slice_model(model, LoraConfig(r=2, lora_alpha=2), SliceConfig(method="loram"))
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+
+
+def test_plain_torch_module_with_loss_fn():
+    """Not only transformers: any module with Linear layers, a custom loss, outputs unchanged at init."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.Tanh(), torch.nn.Linear(20, 6))
+    x = torch.randn(5, 12)
+    batches = [(torch.randn(8, 12), torch.randn(8, 6)) for _ in range(3)]
+
+    def loss_fn(m, batch):
+        return torch.nn.functional.mse_loss(m(batch[0]), batch[1])
+
+    with torch.no_grad():
+        before = model(x)
+    pm = get_slice_model(model, LoraConfig(r=2, lora_alpha=2, target_modules=["0", "2"]),
+                         SliceConfig(method="lora_ga", current_steps=3), current=batches, loss_fn=loss_fn)
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x), before, rtol=0, atol=1e-6)
+    assert set(pm.slice_init_report.layers) == {"0", "2"}
+
+
+def test_save_helpers_refuse_clashing_names(tmp_path):
+    pm = slice_model("llama", method="loram")
+    with pytest.raises(SliceInitError, match="temporary adapter name"):
+        save_initial_adapter(pm, str(tmp_path / "default"))
+    with pytest.raises(SliceInitError, match="no adapter named 'other'"):
+        save_initial_adapter(pm, str(tmp_path / "init"), adapter_name="other")

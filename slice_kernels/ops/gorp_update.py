@@ -52,10 +52,22 @@ try:  # the package must import without triton
     @triton.jit
     def _gorp_update_kernel(
         g_ptr, proj_ptr, m_ptr, v_ptr, p_ptr, out_ptr, numel,
-        beta1, omb1, beta2, omb2, eps, bc1, bc2, step_size, decay,
+        beta1, omb1, beta2, omb2, eps, bc1, bc2, step_size, decay, sc_ptr,
         HAS_PROJ: tl.constexpr, HAS_PARAM: tl.constexpr, HAS_OUT: tl.constexpr, BF16_BY_HAND: tl.constexpr,
-        BLOCK: tl.constexpr,
+        SCALARS_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr,
     ):
+        if SCALARS_FROM_PTR:
+            # float64 state: Triton passes Python floats as float32, which would round β, eps and the bias
+            # corrections; read them from a float64 tensor instead
+            beta1 = tl.load(sc_ptr + 0)
+            omb1 = tl.load(sc_ptr + 1)
+            beta2 = tl.load(sc_ptr + 2)
+            omb2 = tl.load(sc_ptr + 3)
+            eps = tl.load(sc_ptr + 4)
+            bc1 = tl.load(sc_ptr + 5)
+            bc2 = tl.load(sc_ptr + 6)
+            step_size = tl.load(sc_ptr + 7)
+            decay = tl.load(sc_ptr + 8)
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
         g = tl.load(g_ptr + offs, mask=mask, other=0.0)
@@ -89,11 +101,15 @@ try:  # the package must import without triton
         n = g.numel()
         block = 1024
         grid = (triton.cdiv(n, block),)
+        # 1 - beta on the host in double: in float32, 1 - 0.999 is off by 5e-5 relative
+        scalars = [float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps), float(bc1),
+                   float(bc2), float(step_size), float(decay)]
+        from_ptr = g.dtype == torch.float64
+        sc = torch.tensor(scalars, dtype=torch.float64, device=g.device) if from_ptr else g
         _gorp_update_kernel[grid](
             g, proj if proj is not None else g, exp_avg, exp_avg_sq,
-            param if param is not None else g, out if out is not None else g, n,
-            # 1 - beta on the host in double: in float32, 1 - 0.999 is off by 5e-5 relative
-            float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps), float(bc1), float(bc2), float(step_size), float(decay),
+            param if param is not None else g, out if out is not None else g, n, *scalars, sc,
+            SCALARS_FROM_PTR=from_ptr,
             HAS_PROJ=proj is not None, HAS_PARAM=param is not None, HAS_OUT=out is not None,
             BF16_BY_HAND=param is not None and param.dtype == torch.bfloat16 and g.dtype == torch.float32
             and dispatch.interpreting(),

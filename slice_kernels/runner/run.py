@@ -62,6 +62,10 @@ def validate(cfg: RunConfig) -> None:
     if cfg.steps is not None and (not isinstance(cfg.steps, int) or cfg.steps < 1):
         raise ValueError(f"steps={cfg.steps!r} must be a positive integer (training steps per task)")
     world, _ = _dist()
+    for k in ("grad_batches", "replay_batches"):
+        if getattr(cfg, k) % world:
+            raise ValueError(f"{k}={getattr(cfg, k)} must be a multiple of the {world} data-parallel processes "
+                             f"(each process averages an equal share of the gradient batches)")
     if cfg.batch_size % world:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {world} data-parallel processes")
     check_model_dir(cfg.model)

@@ -7,7 +7,6 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .adapters import target_modules, _is_conv1d
 
 
 def _dist() -> tuple[int, int]:
@@ -25,42 +24,20 @@ def to_device(batch: dict, device) -> dict:
 
 
 def collect_gradients(model, targets, batches, loss_fn=default_loss, progress=True, desc="gradients"):
-    """Float32 gradients of the target weights, (out, in), averaged over ``batches``.
+    """Float32 gradients of the target weights, (out, in), averaged over ``batches``, through the package's
+    ``slice_kernels.collect_gradients`` (engineer A's contract; it restores the model and averages over ranks).
 
-    Under torchrun each rank runs batches[rank::world] and the sums are all-reduced, so every rank ends with
-    the same average as one process over all batches. Only target weights get gradients; the model is left
-    as it was (requires_grad flags restored, .grad cleared).
+    Under torchrun each rank runs batches[rank::world]; the runner makes the batch count a multiple of the
+    world size, so the mean over ranks of the per-rank means is the mean over all batches, as in one process.
     """
+    from ..collect import collect_gradients as _collect
+
     world, rank = _dist()
-    mods = target_modules(model, targets)
-    device = next(model.parameters()).device
-    flags = {p: p.requires_grad for p in model.parameters()}
-    acc = {n: torch.zeros(tuple(m.weight.T.shape if _is_conv1d(m) else m.weight.shape), dtype=torch.float32, device=device)
-           for n, m in mods.items()}
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for m in mods.values():
-            m.weight.requires_grad_(True)
-        mine = batches[rank::world]
-        for b in tqdm(mine, desc=desc, disable=not progress or rank != 0, leave=False):
-            for m in mods.values():
-                m.weight.grad = None
-            loss_fn(model, to_device(b, device)).backward()
-            for n, m in mods.items():
-                g = m.weight.grad
-                acc[n] += (g.T if _is_conv1d(m) else g).float()
-    finally:
-        for m in mods.values():
-            m.weight.grad = None
-        for p, f in flags.items():
-            p.requires_grad_(f)
-    if world > 1:
-        for g in acc.values():
-            dist.all_reduce(g)
-    for g in acc.values():
-        g /= len(batches)
-    return acc
+    if len(batches) % world:
+        raise ValueError(f"{len(batches)} gradient batches cannot be split evenly over {world} processes; use a "
+                         f"multiple of {world} (grad_batches / replay_batches)")
+    mine = batches[rank::world]
+    return _collect(model, list(targets), mine, len(mine), loss_fn, progress=progress and rank == 0)
 
 
 def train_adapter(peft_model, method, ctx, examples_batches, *, steps, lr, grad_accum, loss_fn=default_loss,

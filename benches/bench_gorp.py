@@ -1,0 +1,180 @@
+"""GORP step time against a GaLore-style reference and plain AdamW (issue 6).
+
+    python benches/bench_gorp.py [--device cpu|cuda] [--shapes 1024x512,2048x1024] [--rank 32] [--gap 10]
+
+Per shape, one full-rank weight W (m×n) with a fixed gradient; every figure is the median over repeats of
+the mean time per step over one refresh cycle (``gap`` steps, one projector refresh), all measured in this run:
+
+* ``adamw``        – ``torch.optim.AdamW`` on W (foreach), the full-rank baseline;
+* ``galore_ref``   – GaLore-style: full ``torch.linalg.svd`` refresh, projected Adam written as eager torch ops,
+                     lift-back and update unfused;
+* ``gorp``         – ``GorpAdamW`` ``lowrank`` group: randomized SVD refresh, fused epilogue (``gorp_update``,
+                     backend chosen by the dispatcher), lift-back + update in one ``addmm``;
+* ``gorp+space``   – the same with a shared space of 2r directions to orthogonalize against.
+
+Then the two parts in isolation: the refresh (``torch.linalg.svd`` vs the randomized SVD) and the epilogue
+(eager torch vs the fused op), with the epilogue's memory floor: bytes it must move over the bandwidth of
+a large ``copy_`` measured here.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from slice_kernels import GorpAdamW, dispatch  # noqa: E402
+from slice_kernels.ops import rsvd  # noqa: E402
+from slice_kernels.ops.gorp_update import gorp_update_, gorp_update_torch  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, device, repeats, inner=1):
+    fn()  # warm-up
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) / inner)
+    return statistics.median(times)
+
+
+class GaloreRef:
+    """GaLore's recipe as a user would write it: full SVD refresh, Adam in the projected space, unfused."""
+
+    def __init__(self, p, rank, gap, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, scale=1.0):
+        self.p, self.rank, self.gap, self.lr, self.betas, self.eps, self.scale = p, rank, gap, lr, betas, eps, scale
+        self.t, self.P, self.m, self.v = 0, None, None, None
+
+    @torch.no_grad()
+    def step(self):
+        G = self.p.grad
+        tall = G.shape[0] >= G.shape[1]
+        if self.t % self.gap == 0:
+            U, _, Vh = torch.linalg.svd(G.float(), full_matrices=False)
+            self.P = Vh[: self.rank] if tall else U[:, : self.rank]
+        g = G @ self.P.T if tall else self.P.T @ G
+        if self.m is None:
+            self.m, self.v = torch.zeros_like(g), torch.zeros_like(g)
+        self.t += 1
+        b1, b2 = self.betas
+        self.m = b1 * self.m + (1 - b1) * g
+        self.v = b2 * self.v + (1 - b2) * g * g
+        u = (self.m / (1 - b1**self.t)) / ((self.v / (1 - b2**self.t)).sqrt() + self.eps)
+        d = u @ self.P if tall else self.P @ u
+        self.p.add_(self.scale * d, alpha=-self.lr)
+
+
+def bench_shape(m, n, rank, gap, device, repeats):
+    gen = torch.Generator(device=device).manual_seed(0)
+    G = torch.randn(m, n, device=device, generator=gen)
+
+    def param():
+        p = torch.nn.Parameter(torch.randn(m, n, device=device, generator=gen) * 0.02)
+        p.grad = G.clone()
+        return p
+
+    rows = {}
+    p = param()
+    opt = torch.optim.AdamW([p], lr=1e-3, weight_decay=0.0)
+    rows["adamw"] = median_time(opt.step, device, repeats, inner=gap)
+    p = param()
+    ref = GaloreRef(p, rank, gap)
+    rows["galore_ref"] = median_time(ref.step, device, repeats, inner=gap)
+    p = param()
+    opt = GorpAdamW([{"params": [p], "kind": "lowrank", "names": ["w"]}], lr=1e-3, rank=rank, update_proj_gap=gap)
+    rows["gorp"] = median_time(opt.step, device, repeats, inner=gap)
+    p = param()
+    opt = GorpAdamW([{"params": [p], "kind": "lowrank", "names": ["w"]}], lr=1e-3, rank=rank, update_proj_gap=gap)
+    d = m if m >= n else n
+    S, _ = torch.linalg.qr(torch.randn(d, 2 * rank, device=device, generator=gen))
+    opt.load_shared_spaces({"w": S})
+    rows["gorp+space"] = median_time(opt.step, device, repeats, inner=gap)
+
+    # parts in isolation
+    q = min(2 * rank, min(m, n))
+    omega = rsvd.sketch([1], n, q, device)
+    parts = {
+        "refresh: torch.linalg.svd": median_time(lambda: torch.linalg.svd(G, full_matrices=False), device, repeats),
+        "refresh: randomized_svd (q=2r, 2 power its)": median_time(
+            lambda: rsvd.randomized_svd(G[None], omega, rank, 2), device, repeats),
+    }
+    gshape = (m, rank) if m >= n else (rank, n)
+    gg = torch.randn(gshape, device=device, generator=gen)
+    pr = 0.1 * torch.randn(gshape, device=device, generator=gen)
+    mm, vv, out = torch.zeros(gshape, device=device), torch.zeros(gshape, device=device), torch.empty(gshape, device=device)
+    hp = dict(beta1=0.9, beta2=0.999, eps=1e-8, bc1=0.1, bc2=0.001)
+
+    def eager():
+        g2 = gg - pr
+        m2 = 0.9 * mm + 0.1 * g2
+        v2 = 0.999 * vv + 0.001 * g2 * g2
+        mm.copy_(m2)
+        vv.copy_(v2)
+        out.copy_((m2 / 0.1) / ((v2 / 0.001).sqrt() + 1e-8))
+
+    backend = dispatch.select("gorp_update", device)[0]
+    parts["epilogue: eager torch"] = median_time(eager, device, repeats, inner=20)
+    parts["epilogue: torch reference (in place)"] = median_time(
+        lambda: gorp_update_torch(gg, pr, mm, vv, None, out, 0.9, 0.999, 1e-8, 0.1, 0.001, 0.0, 1.0), device, repeats, inner=20)
+    parts[f"epilogue: fused gorp_update ({backend})"] = median_time(
+        lambda: gorp_update_(gg, pr, mm, vv, out=out, **hp), device, repeats, inner=20)
+    return rows, parts, gg.numel()
+
+
+def bandwidth(device):
+    n = 1 << 25 if device.type == "cuda" else 1 << 24
+    a, b = torch.empty(n, device=device), torch.empty(n, device=device)
+    t = median_time(lambda: b.copy_(a), device, 7, inner=5)
+    return 2 * 4 * n / t  # bytes read + written per second
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--shapes", default="1024x512,512x2048,2048x1024")
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--gap", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=5)
+    a = ap.parse_args()
+    device = torch.device(a.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}; {datetime.date.today()}; rank {a.rank}, gap {a.gap}, "
+          f"median of {a.repeats}")
+    bw = bandwidth(device)
+    print(f"measured copy bandwidth: {bw / 1e9:.1f} GB/s\n")
+    print("| shape | adamw ms/step | galore_ref ms/step | gorp ms/step | gorp+space ms/step | galore_ref / gorp | gorp / adamw |")
+    print("|---|---|---|---|---|---|---|")
+    all_parts = []
+    for s in a.shapes.split(","):
+        m, n = (int(x) for x in s.split("x"))
+        rows, parts, numel = bench_shape(m, n, a.rank, a.gap, device, a.repeats)
+        ms = {k: 1e3 * v for k, v in rows.items()}
+        print(f"| {m}×{n} | {ms['adamw']:.3f} | {ms['galore_ref']:.3f} | {ms['gorp']:.3f} | {ms['gorp+space']:.3f} | "
+              f"{rows['galore_ref'] / rows['gorp']:.2f}× | {rows['gorp'] / rows['adamw']:.2f}× |")
+        all_parts.append((m, n, parts, numel))
+    print("\n| shape | part | ms | note |")
+    print("|---|---|---|---|")
+    for m, n, parts, numel in all_parts:
+        # epilogue floor: read g, proj, m, v; write m, v, out — 7 float32 arrays of g's size
+        floor = 7 * 4 * numel / bw
+        for k, v in parts.items():
+            note = f"floor {1e3 * floor:.4f} ms ({floor / v:.0%} of it)" if k.startswith("epilogue") else ""
+            print(f"| {m}×{n} | {k} | {1e3 * v:.3f} | {note} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""PS-LoRA magnitude merge (SPEC §3): every backend against the float64 reference, ties, in-place merging."""
+import pytest
+import torch
+
+from conftest import backends_for, tiny_gpt2, tiny_llama
+from slice_kernels import dispatch, magnitude_merge
+from slice_kernels.ops.magnitude_merge import reference_magnitude_merge
+
+SHAPES = [(37, 53, [1, 3]), (70, 45, [8, 8, 2]), (65, 64, [64, 1])]  # awkward; r = 1 and r = n (its max)
+
+
+def _updates(m, n, ranks, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(m, r, generator=g, dtype=dtype), torch.randn(r, n, generator=g, dtype=dtype), 0.5 + k)
+            for k, r in enumerate(ranks)]
+
+
+@pytest.mark.parametrize("backend", backends_for("magnitude_merge_factors"))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}-r{'-'.join(map(str, s[2]))}")
+def test_factor_merge_matches_reference(backend, shape):
+    m, n, ranks = shape
+    ups = _updates(m, n, ranks)
+    ref = reference_magnitude_merge(ups)
+    f64 = backend in ("torch", "cpp")
+    if not f64:  # triton/cuda compute in float32; compare with the reference of the float32-rounded inputs
+        ups = [(B.float(), A.float(), s) for B, A, s in ups]
+        ref = reference_magnitude_merge(ups)
+    with dispatch.use_backend(backend):
+        out = magnitude_merge(ups)
+    # Entries whose top two magnitudes are closer than the arithmetic's rounding may pick either task; none
+    # are that close at these sizes, so the comparison is entrywise.
+    tol = 1e-12 if f64 else 1e-5
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("backend", backends_for("magnitude_merge_factors"))
+def test_ties_go_to_the_earliest_task(backend):
+    m, n = 33, 41
+    B, A, _ = _updates(m, n, [3])[0]
+    if backend == "triton":
+        B, A = B.float(), A.float()
+    # task 2 = −task 1 exactly: every entry ties in magnitude, so the merge must equal task 1
+    with dispatch.use_backend(backend):
+        out = magnitude_merge([(B, A, 1.0), (-B, A, 1.0)])
+        out2 = magnitude_merge([(-B, A, 1.0), (B, A, 1.0)])
+    expect = B.double() @ A.double()
+    tol = 1e-12 if backend in ("torch", "cpp") else 1e-5  # triton: float32 products
+    torch.testing.assert_close(out.double(), expect, rtol=tol, atol=tol)
+    torch.testing.assert_close(out2.double(), -expect, rtol=tol, atol=tol)
+
+
+def test_dense_and_mixed_inputs_and_ties():
+    ups = _updates(21, 19, [2, 3], seed=4)
+    dense = [s * B @ A for B, A, s in ups]
+    torch.testing.assert_close(magnitude_merge(dense), reference_magnitude_merge(ups))
+    torch.testing.assert_close(magnitude_merge([dense[0], ups[1]]), reference_magnitude_merge(ups))
+    assert torch.equal(magnitude_merge([dense[0], -dense[0]]), dense[0])
+
+
+@pytest.mark.parametrize("backend", backends_for("magnitude_merge_factors"))
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_into_adds_in_place(backend, wdtype):
+    m, n = 45, 70
+    ups = [(B.float(), A.float(), s) for B, A, s in _updates(m, n, [4, 2], seed=2)]
+    W = torch.randn(m, n).to(wdtype)
+    W0 = W.clone()
+    ptr = W.data_ptr()
+    with dispatch.use_backend(backend):
+        out = magnitude_merge(ups, into=W)
+    assert out is W and W.data_ptr() == ptr
+    expect = W0.double() + reference_magnitude_merge(ups)
+    # bf16: one rounding of the sum in W's dtype, as plain torch's W += merged would do
+    tol = 1e-5 if wdtype == torch.float32 else 2 ** -7
+    torch.testing.assert_close(W.double(), expect, rtol=tol, atol=tol * float(expect.abs().max()))
+
+
+def test_into_a_transposed_view_conv1d_style():
+    m, n = 30, 50
+    ups = [(B.float(), A.float(), s) for B, A, s in _updates(m, n, [3, 5], seed=6)]
+    storage = torch.randn(n, m)  # Conv1D keeps Wᵀ; the (out, in) view is storage.T
+    before = storage.clone()
+    magnitude_merge(ups, into=storage.T)
+    torch.testing.assert_close(storage.T.double(), before.T.double() + reference_magnitude_merge(ups),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_are_refused():
+    ups = _updates(10, 12, [2, 2])
+    with pytest.raises(ValueError, match="non-empty list"):
+        magnitude_merge([])
+    with pytest.raises(ValueError, match="update 1 is 10×11"):
+        magnitude_merge([ups[0], (ups[1][0], ups[1][1][:, :11])])
+    with pytest.raises(ValueError, match="into has shape"):
+        magnitude_merge(ups, into=torch.zeros(12, 10))
+    with pytest.raises(ValueError, match="expected a tensor or"):
+        magnitude_merge([ups[0], "x"])
+    W = torch.zeros(10, 12)
+    with pytest.raises(ValueError):
+        magnitude_merge([ups[0], (ups[1][0].T, ups[1][1])], into=W)
+    assert torch.equal(W, torch.zeros(10, 12))  # validated before anything was written
+
+
+@pytest.mark.parametrize("model_fn,targets", [(tiny_llama, ["q_proj", "up_proj"]), (tiny_gpt2, ["c_attn"])],
+                         ids=["llama", "gpt2-conv1d"])
+def test_runner_merge_gives_base_plus_merged_updates(model_fn, targets):
+    """The ps_lora merge hook: after stage t the weights are W_0 + merge(ΔW_1..ΔW_t), not a running sum."""
+    from peft import LoraConfig, get_peft_model
+
+    from slice_kernels.history import lora_factors, lora_layers
+    from slice_kernels.stability import _canonical, merge_magnitude_into_base
+
+    model = model_fn()
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    updates, all_factors = {}, []
+    for stage in range(3):
+        torch.manual_seed(10 + stage)
+        pm = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+        names = []
+        for name, mod, ad in lora_layers(pm):
+            B, A, s = lora_factors(mod, ad)
+            updates.setdefault(_canonical(name), []).append({"B": B.detach().clone(), "A": A.detach().clone(), "s": s})
+            names.append(name)
+        model = merge_magnitude_into_base(pm, updates)
+    conv1d = model_fn is tiny_gpt2
+    for name, ups in updates.items():
+        pname = name.replace("base_model.model.", "", 1) + ".weight"
+        merged = reference_magnitude_merge([(u["B"], u["A"], u["s"]) for u in ups])
+        W = dict(model.named_parameters())[pname].detach()
+        got = (W.T if conv1d else W).double() - (w0[pname].T if conv1d else w0[pname]).double()
+        torch.testing.assert_close(got, merged, rtol=1e-4, atol=1e-5)
+    assert len(updates) > 0
+
+
+def test_runner_methods_are_registered():
+    from slice_kernels.runner import methods
+
+    names = methods.available()
+    assert "ps_lora" in names and "slice+ps" in names
+    assert methods.get("ps_lora").magnitude and not methods.get("slice+ps").magnitude
