@@ -1,9 +1,10 @@
 """GORP step time against a GaLore-style reference and plain AdamW (issue 6).
 
-    python benches/bench_gorp.py [--device cpu|cuda] [--shapes 1024x512,2048x1024] [--rank 32] [--gap 10]
+    python benches/bench_gorp.py [--device cpu|cuda] [--shapes 1024x512,2048x1024] [--rank 32] [--gap 10] [--threads 1]
 
 Per shape, one full-rank weight W (m×n) with a fixed gradient; every figure is the median over repeats of
-the mean time per step over one refresh cycle (``gap`` steps, one projector refresh), all measured in this run:
+the mean time per step over one refresh cycle (``gap`` steps, one projector refresh), all measured in this run,
+the variants timed in turn within each repeat (so load changes on a shared machine hit them alike):
 
 * ``adamw``        – ``torch.optim.AdamW`` on W (foreach), the full-rank baseline;
 * ``galore_ref``   – GaLore-style: full ``torch.linalg.svd`` refresh, projected Adam written as eager torch ops,
@@ -52,6 +53,24 @@ def median_time(fn, device, repeats, inner=1):
     return statistics.median(times)
 
 
+def interleaved(fns: dict, device, repeats, inner):
+    """Median seconds per call of each fn, the fns timed in turn within every repeat, so that load changes on
+    a shared machine hit all of them alike and their ratios stay meaningful."""
+    for f in fns.values():
+        for _ in range(inner):  # warm-up: one full refresh cycle
+            f()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                f()
+            sync(device)
+            times[k].append((time.perf_counter() - t0) / inner)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 class GaloreRef:
     """GaLore's recipe as a user would write it: full SVD refresh, Adam in the projected space, unfused."""
 
@@ -87,31 +106,29 @@ def bench_shape(m, n, rank, gap, device, repeats):
         p.grad = G.clone()
         return p
 
-    rows = {}
+    steppers = {}
     p = param()
-    opt = torch.optim.AdamW([p], lr=1e-3, weight_decay=0.0)
-    rows["adamw"] = median_time(opt.step, device, repeats, inner=gap)
+    steppers["adamw"] = torch.optim.AdamW([p], lr=1e-3, weight_decay=0.0).step
     p = param()
-    ref = GaloreRef(p, rank, gap)
-    rows["galore_ref"] = median_time(ref.step, device, repeats, inner=gap)
+    steppers["galore_ref"] = GaloreRef(p, rank, gap).step
     p = param()
-    opt = GorpAdamW([{"params": [p], "kind": "lowrank", "names": ["w"]}], lr=1e-3, rank=rank, update_proj_gap=gap)
-    rows["gorp"] = median_time(opt.step, device, repeats, inner=gap)
+    steppers["gorp"] = GorpAdamW([{"params": [p], "kind": "lowrank", "names": ["w"]}], lr=1e-3, rank=rank,
+                                 update_proj_gap=gap).step
     p = param()
     opt = GorpAdamW([{"params": [p], "kind": "lowrank", "names": ["w"]}], lr=1e-3, rank=rank, update_proj_gap=gap)
     d = m if m >= n else n
     S, _ = torch.linalg.qr(torch.randn(d, 2 * rank, device=device, generator=gen))
     opt.load_shared_spaces({"w": S})
-    rows["gorp+space"] = median_time(opt.step, device, repeats, inner=gap)
+    steppers["gorp+space"] = opt.step
+    rows = interleaved(steppers, device, repeats, inner=gap)
 
     # parts in isolation
     q = min(2 * rank, min(m, n))
     omega = rsvd.sketch([1], n, q, device)
-    parts = {
-        "refresh: torch.linalg.svd": median_time(lambda: torch.linalg.svd(G, full_matrices=False), device, repeats),
-        "refresh: randomized_svd (q=2r, 2 power its)": median_time(
-            lambda: rsvd.randomized_svd(G[None], omega, rank, 2), device, repeats),
-    }
+    parts = interleaved({
+        "refresh: torch.linalg.svd": lambda: torch.linalg.svd(G, full_matrices=False),
+        "refresh: randomized_svd (q=2r, 2 power its)": lambda: rsvd.randomized_svd(G[None], omega, rank, 2),
+    }, device, repeats, inner=1)
     gshape = (m, rank) if m >= n else (rank, n)
     gg = torch.randn(gshape, device=device, generator=gen)
     pr = 0.1 * torch.randn(gshape, device=device, generator=gen)
@@ -127,11 +144,12 @@ def bench_shape(m, n, rank, gap, device, repeats):
         out.copy_((m2 / 0.1) / ((v2 / 0.001).sqrt() + 1e-8))
 
     backend = dispatch.select("gorp_update", device)[0]
-    parts["epilogue: eager torch"] = median_time(eager, device, repeats, inner=20)
-    parts["epilogue: torch reference (in place)"] = median_time(
-        lambda: gorp_update_torch(gg, pr, mm, vv, None, out, 0.9, 0.999, 1e-8, 0.1, 0.001, 0.0, 1.0), device, repeats, inner=20)
-    parts[f"epilogue: fused gorp_update ({backend})"] = median_time(
-        lambda: gorp_update_(gg, pr, mm, vv, out=out, **hp), device, repeats, inner=20)
+    parts.update(interleaved({
+        "epilogue: eager torch": eager,
+        "epilogue: torch reference (in place)": lambda: gorp_update_torch(
+            gg, pr, mm, vv, None, out, 0.9, 0.999, 1e-8, 0.1, 0.001, 0.0, 1.0),
+        f"epilogue: fused gorp_update ({backend})": lambda: gorp_update_(gg, pr, mm, vv, out=out, **hp),
+    }, device, repeats, inner=20))
     return rows, parts, gg.numel()
 
 
@@ -149,7 +167,11 @@ def main():
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--gap", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 gives steadier "
+                    "figures on a machine shared with other jobs")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; {datetime.date.today()}; rank {a.rank}, gap {a.gap}, "

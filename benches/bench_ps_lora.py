@@ -155,18 +155,20 @@ def bench_merge(dev, shapes, ranks, repeat, K=3):
 
 
 def table(title, key_names, rows, floor=None):
+    """Markdown: time and extra peak memory per variant, then each other variant's time over the fused one's."""
     names = list(rows[0][1])
-    base = names[0]
-    lines = [f"**{title}**", "", "| " + " | ".join(key_names) + " | " + " | ".join(
-        f"{n} ms | {n} extra MiB" for n in names) + " | " + " | ".join(f"{base} / {n}" for n in names[1:]) +
-        (" | floor ms |" if floor else " |"),
-        "|" + "---|" * (len(key_names) + 2 * len(names) + len(names) - 1 + (1 if floor else 0))]
+    fused = next(n for n in names if n.startswith("fused"))
+    others = [n for n in names if n != fused]
+    head = key_names + [f"{n} {u}" for n in names for u in ("ms", "extra MiB")] + [f"{n} / {fused}" for n in others]
+    if floor:
+        head.append("floor ms")
+    lines = [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, res in rows:
         cells = [str(k) for k in key]
         for n in names:
             t, mem = res[n]
             cells += [f"{t * 1e3:.1f}", f"{mem / 2 ** 20:.1f}"]
-        cells += [f"{res[base][0] / res[n][0]:.2f}×" for n in names[1:]]
+        cells += [f"{res[n][0] / res[fused][0]:.2f}×" for n in others]
         if floor:
             cells.append(f"{floor(key) * 1e3:.2f}")
         lines.append("| " + " | ".join(cells) + " |")

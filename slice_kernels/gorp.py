@@ -142,6 +142,10 @@ class GorpAdamW(torch.optim.Optimizer):
         names = list(group.get("names") or [f"group{idx}.param{j}" for j in range(len(params))])
         if len(names) != len(params):
             raise GorpGroupError(f"group {idx}: {len(names)} names for {len(params)} parameters")
+        taken = {n for g in self.param_groups for n in g["names"]}
+        dup = sorted((taken & set(names)) | {n for n in names if names.count(n) > 1})
+        if dup:
+            raise GorpGroupError(f"group {idx}: parameter names must be unique (they key spaces and sketches): {dup[:5]}")
         merged = {**self.defaults, **{k: v for k, v in group.items() if k not in ("params", "names")}}
         self._check_hparams(merged, f"group {idx} ({merged['kind']})")
         kind, rank = merged["kind"], int(merged["rank"])

@@ -268,12 +268,26 @@ def init_from_gradients(
             report.gamma, report.cos = glob
         elif not has_prev:
             report.gamma, report.cos = 0.0, None
+        if has_prev:
+            # finite inputs can still overflow when N_p is tiny and γ huge: refuse before touching anything
+            fmax = max(float(torch.finfo(c.dtype).max) for c in cur)
+            for i, n in enumerate(names):
+                if not abs(float(gammas[i])) < fmax:
+                    raise NonFiniteGradientError(
+                        n, f"surgery result G̃ = G_cur + γ·G_prev (γ = {float(gammas[i]):.3e} overflows "
+                           f"{cur[i].dtype}; N_p = {float(stats[i, 1]):.3e}: raise SliceConfig.eps)")
         with _phase(report, "surgery", device):
             if has_prev and bool((gammas != 0).any()):
                 if not inplace_gradients:
                     cur = [c.clone() for c in cur]
                 report.backends["surgery"] = dispatch.select("surgery", cur[0].device)[0]
                 conflict.surgery_(cur, prev, gammas)
+                # a representable γ can still overflow the product γ·G_prev in some entry: check G̃ itself
+                for i, n in enumerate(names):
+                    if float(gammas[i]) != 0.0 and not bool(torch.isfinite(cur[i]).all()):
+                        raise NonFiniteGradientError(
+                            n, f"surgery result G̃ = G_cur + γ·G_prev (γ = {float(gammas[i]):.3e}; N_p of the replay "
+                               f"gradient is {float(stats[i, 1]):.3e}, raise SliceConfig.eps)")
         for i, n in enumerate(names):
             D, Np, Nc = (float(v) for v in stats[i])
             g = float(gammas[i])

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from conftest import lm_batches, tiny_llama
 
 STEPS = 2
+# conflict_threshold=1.0 below gates the surgery on for any cos < 1, so the replay path is exercised.
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
@@ -45,7 +46,7 @@ def _worker(rank, world, store, outdir):
         cur, replay = batches_for(rank)
         g = collect_gradients(tiny_llama(), TARGETS, cur, steps=STEPS)
         pm = get_slice_model(tiny_llama(), LoraConfig(r=4, lora_alpha=2, target_modules=TARGETS),
-                             SliceConfig(method="slice", current_steps=STEPS, replay_steps=STEPS),
+                             SliceConfig(method="slice", current_steps=STEPS, replay_steps=STEPS, conflict_threshold=1.0),
                              current=cur, replay=replay)
         torch.save({"grads": g, "adapter": adapter_state(pm), "gamma": pm.slice_init_report.gamma},
                    os.path.join(outdir, f"rank{rank}.pt"))
@@ -66,7 +67,7 @@ def test_two_gloo_ranks_agree_and_match_single_process(tmp_path):
         assert torch.equal(r0["adapter"][key], r1["adapter"][key]), key  # bit-identical across ranks
     for key in r0["grads"]:
         assert torch.equal(r0["grads"][key], r1["grads"][key]), key
-    assert r0["gamma"] == r1["gamma"]
+    assert r0["gamma"] == r1["gamma"] != 0.0  # τ = 1: the surgery runs whatever the sign of D
 
     # a single process seeing both ranks' batches: the average of per-rank means is the mean over all batches
     (c0, p0), (c1, p1) = batches_for(0), batches_for(1)
@@ -75,7 +76,8 @@ def test_two_gloo_ranks_agree_and_match_single_process(tmp_path):
         torch.testing.assert_close(r0["grads"][key], g[key], rtol=1e-5, atol=1e-8)
         assert not torch.allclose(g[key], collect_gradients(tiny_llama(), TARGETS, c0, steps=STEPS)[key])
     pm = get_slice_model(tiny_llama(), LoraConfig(r=4, lora_alpha=2, target_modules=TARGETS),
-                         SliceConfig(method="slice", current_steps=2 * STEPS, replay_steps=2 * STEPS),
+                         SliceConfig(method="slice", current_steps=2 * STEPS, replay_steps=2 * STEPS,
+                                     conflict_threshold=1.0),
                          current=c0 + c1, replay=[p0[0] + p1[0], p0[1] + p1[1]])
     single = adapter_state(pm)
     assert r0["gamma"] == pytest.approx(pm.slice_init_report.gamma, rel=1e-4, abs=1e-9)

@@ -195,6 +195,8 @@ def test_bad_groups_have_clear_errors():
         GorpAdamW([{"params": [w], "kind": "galore"}])
     with pytest.raises(GorpGroupError, match="2 names for 1 parameters"):
         GorpAdamW([{"params": [w], "kind": "lowrank", "names": ["a", "b"], "rank": 2}])
+    with pytest.raises(GorpGroupError, match="names must be unique"):
+        GorpAdamW([{"params": [w], "names": ["x"]}, {"params": [torch.nn.Parameter(torch.zeros(2))], "names": ["x"]}])
     opt = GorpAdamW([{"params": [w], "kind": "lowrank", "names": ["w"], "rank": 2}])
     with pytest.raises(GorpGroupError, match=r"needs \(6, k\)"):
         opt.load_shared_spaces({"w": torch.zeros(4, 1)})

@@ -350,3 +350,10 @@ def test_replay_for_other_layers_is_refused():
     gp["extra"] = gp.pop("l1")
     with pytest.raises(SliceInitError, match=r"replay gradients.*missing \['l1'\].*extra \['extra'\]"):
         init_from_gradients(weights_like(gc), gc, gp, r=2, lora_alpha=2.0, config=SliceConfig())
+
+
+def test_surgery_overflow_is_reported_not_factorized():
+    gc = {"a": torch.full((8, 6), 1e30, dtype=torch.float32)}
+    gp = {"a": torch.full((8, 6), -1e-20, dtype=torch.float32)}  # D < 0, N_p ≈ 5e-39: γ ≈ 2e49
+    with pytest.raises(NonFiniteGradientError, match="surgery result"):
+        init_from_gradients(weights_like(gc), gc, gp, r=2, lora_alpha=2.0, config=SliceConfig(eps=0.0))

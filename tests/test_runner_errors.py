@@ -85,3 +85,15 @@ def test_tasks_from_mined_json(tmp_path):
 def test_unknown_method(capsys, tmp_path):
     rc = main(["run", "--tasks", "chain_sum", "--methods", "slice,nope", "--out", str(tmp_path / "o")])
     assert rc == 2 and "unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_reasoning_gym_options_in_the_spec():
+    t = load_task("chain_sum?min_terms=2&max_terms=2&max_digits=1", n_train=4, n_eval=2, seed=0)
+    assert len(t.train) == 4 and len(t.eval) == 2
+    assert all(ex.entry["metadata"]["num_terms"] == 2 and ex.entry["metadata"]["num_digits"] == 1 for ex in t.train)
+    ex = t.eval[0]
+    assert t.score(ex.answer, ex) == 1.0 and t.score("not a number", ex) == 0.0
+    with pytest.raises(TaskError, match=r"unknown option\(s\) \['max_term'\] for chain_sum"):
+        check_spec("chain_sum?max_term=2")
+    with pytest.raises(TaskError, match="must look like key=value"):
+        check_spec("chain_sum?max_terms")

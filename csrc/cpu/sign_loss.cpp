@@ -1,23 +1,29 @@
 // PS-LoRA sign-consistency loss, tiled CPU kernels (SPEC §3; algorithm in slice_kernels/ops/sign_loss.py).
 //
 // Row blocks of BM rows are spread over threads; inside one, column tiles of BN entries are formed in a
-// small buffer: the ΔW tile (s·B·A), the H tile (from its factors, the dense input, or its sign bits), then
-// the loss summand (forward) or G = ∂L/∂ΔW (backward), contracted at once with A and B. No m×n buffer.
-// The forward's per-block sums are added in block order, so the result does not depend on the thread count.
+// small per-thread buffer: the ΔW tile (B·A, one BLAS call on the tile), the H tile (from its factors by a
+// BLAS call, read from the dense input, or expanded from its sign bits), then the loss summand (forward) or
+// G = ∂L/∂ΔW (backward, written over the ΔW tile), contracted at once: dB_rows += G·A_colsᵀ and
+// dA_cols += B_rowsᵀ·G (BLAS on the tile). Extra memory: per thread two BM×BN tiles and one r×n dA
+// accumulator; no m×n buffer. The forward's per-block sums are added in block order, so the result does not
+// depend on the thread count.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
 
-constexpr int64_t BM = 32;
-constexpr int64_t BN = 256;
+constexpr int64_t BM = 64;
+constexpr int64_t BN = 512;
 
 template <typename T>
 struct Operands {
@@ -31,61 +37,34 @@ struct Operands {
   T s, alpha_l, inv_rms;
 };
 
-// out[ii*BN + jj] = scale * Σ_k L[(i0+ii)*K + k] * Rm[k*n + j0+jj]
-template <typename T>
-inline void tile_matmul(const T* L, const T* Rm, int64_t K, int64_t n, int64_t i0, int64_t bi, int64_t j0,
-                        int64_t bj, T scale, T* out) {
-  for (int64_t ii = 0; ii < bi; ++ii) {
-    T* o = out + ii * BN;
-    for (int64_t jj = 0; jj < bj; ++jj) o[jj] = T(0);
-    const T* l = L + (i0 + ii) * K;
-    for (int64_t k = 0; k < K; ++k) {
-      const T lk = l[k] * scale;
-      const T* rr = Rm + k * n + j0;
-      for (int64_t jj = 0; jj < bj; ++jj) o[jj] += lk * rr[jj];
-    }
-  }
-}
+// The elementwise loops below must vectorize: they dominate the kernel once the tile products go to BLAS.
+// GCC will not if-convert the selects of tanh_k while floating-point traps are assumed possible, so these
+// functions alone are compiled without trapping-math (no effect on results: nothing here traps by design).
+#if defined(__GNUC__) && !defined(__clang__)
+#define SK_VEC __attribute__((optimize("no-trapping-math")))
+#else
+#define SK_VEC
+#endif
 
-// Fill `d` with the ΔW tile and `h` with the H tile (kind 2: ±1).
-template <typename T>
-inline void form_tiles(const Operands<T>& p, int64_t i0, int64_t bi, int64_t j0, int64_t bj, T* d, T* h) {
-  tile_matmul(p.B, p.A, p.r, p.n, i0, bi, j0, bj, p.s, d);
-  if (p.kind == 0) {
-    tile_matmul(p.H1, p.H2, p.R, p.n, i0, bi, j0, bj, T(1), h);
-  } else if (p.kind == 1) {
-    for (int64_t ii = 0; ii < bi; ++ii)
-      for (int64_t jj = 0; jj < bj; ++jj) h[ii * BN + jj] = p.H1[(i0 + ii) * p.n + j0 + jj];
-  } else {
-    for (int64_t ii = 0; ii < bi; ++ii) {
-      const uint8_t* row = p.bits + (i0 + ii) * p.nbytes;
-      for (int64_t jj = 0; jj < bj; ++jj) {
-        const int64_t j = j0 + jj;
-        h[ii * BN + jj] = ((row[j >> 3] >> (j & 7)) & 1) ? T(1) : T(-1);
-      }
-    }
-  }
-}
-
-// tanh in float32 from arithmetic only, so the summand loops vectorize (std::tanh is a scalar libm call and
-// dominated the kernel): an odd Taylor polynomial below |x| = 1/8 (error < 1e-10), else (1 − e)/(1 + e) with
-// e = exp(−2|x|) by range reduction and a degree-7 polynomial (about 1 ulp). float64 keeps std::tanh.
-inline float tanh_k(float x) {
-  const float ax = x < 0.f ? -x : x;
+// tanh in float32 from arithmetic only (std::tanh is a scalar libm call): an odd Taylor polynomial below
+// |x| = 1/8 (error < 1e-10), else (1 − e)/(1 + e) with e = exp(−2|x|) by range reduction and a degree-7
+// polynomial (about 1 ulp). float64 keeps std::tanh, the float64 tests' reference precision.
+SK_VEC inline float tanh_k(float x) {
+  const float ax = std::fabs(x);
   const float x2 = x * x;
   const float small = x * (1.f + x2 * (-1.f / 3.f + x2 * (2.f / 15.f + x2 * (-17.f / 315.f))));
-  float y = -2.f * ax;
-  y = y < -87.f ? -87.f : y;
-  const int ni = -static_cast<int>(-y * 1.44269504f + 0.5f);  // round(y·log2 e), y ≤ 0
+  const float axc = ax < 43.f ? ax : 43.f;  // e underflows to 0 well before; keeps 2^n a normal float
+  const float y = -2.f * axc;
+  const int32_t ni = -static_cast<int32_t>(-y * 1.44269504f + 0.5f);  // round(y·log2 e), y ≤ 0
   const float n = static_cast<float>(ni);
   const float r = (y - n * 0.693359375f) - n * (-2.12194440e-4f);
   const float p = 1.f + r * (1.f + r * (0.5f + r * (1.f / 6.f + r * (1.f / 24.f + r * (1.f / 120.f +
                   r * (1.f / 720.f + r * (1.f / 5040.f)))))));
-  union { int32_t i; float f; } sc;
-  sc.i = (ni + 127) << 23;
-  const float e = p * sc.f;
-  float t = (1.f - e) / (1.f + e);
-  t = x < 0.f ? -t : t;
+  const int32_t bits = (ni + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const float e = p * scale;
+  const float t = std::copysign((1.f - e) / (1.f + e), x);
   return ax < 0.125f ? small : t;
 }
 inline double tanh_k(double x) { return std::tanh(x); }
@@ -95,25 +74,36 @@ inline T sgn(T x) {
   return x > T(0) ? T(1) : (x < T(0) ? T(-1) : T(0));
 }
 
+// f[j] = L_dir summand at ΔW = s·d[j], H = h[j] (h is ±1 in bit form: tanh(α_ℓ H) becomes sign(H)).
 template <typename T>
-inline T summand(const Operands<T>& p, T d, T h) {
-  if (p.mode == 0) {
-    const T t = p.kind == 2 ? h : tanh_k(p.alpha_l * h);
-    return T(1) - tanh_k(p.alpha_l * d) * t;
+SK_VEC void row_summand(const T* d, const T* h, T* f, int64_t len, T s, T al, T inv_rms, int mode, bool bits) {
+  if (mode == 0 && bits) {
+    for (int64_t j = 0; j < len; ++j) f[j] = T(1) - tanh_k(al * s * d[j]) * h[j];
+  } else if (mode == 0) {
+    for (int64_t j = 0; j < len; ++j) f[j] = T(1) - tanh_k(al * s * d[j]) * tanh_k(al * h[j]);
+  } else {
+    for (int64_t j = 0; j < len; ++j) {
+      const T v = -sgn(h[j]) * s * d[j];
+      f[j] = v > T(0) ? v * inv_rms : T(0);
+    }
   }
-  const T v = -sgn(h) * d;
-  return v > T(0) ? v * p.inv_rms : T(0);
 }
 
+// g[j] ← gscale · ∂f/∂ΔW at ΔW = s·g[j] (in place over the ΔW tile).
 template <typename T>
-inline T derivative(const Operands<T>& p, T d, T h) {
-  if (p.mode == 0) {
-    const T t = p.kind == 2 ? h : tanh_k(p.alpha_l * h);
-    const T td = tanh_k(p.alpha_l * d);
-    return -p.alpha_l * (T(1) - td * td) * t;
+SK_VEC void row_derivative(T* g, const T* h, int64_t len, T s, T al, T inv_rms, int mode, bool bits, T gscale) {
+  if (mode == 0) {
+    for (int64_t j = 0; j < len; ++j) {
+      const T t = bits ? h[j] : tanh_k(al * h[j]);
+      const T td = tanh_k(al * s * g[j]);
+      g[j] = gscale * (-al * (T(1) - td * td) * t);
+    }
+  } else {
+    for (int64_t j = 0; j < len; ++j) {
+      const T sh = sgn(h[j]);
+      g[j] = (-sh * s * g[j] > T(0)) ? -sh * inv_rms * gscale : T(0);
+    }
   }
-  const T sh = sgn(h);
-  return (-sh * d > T(0)) ? -sh * p.inv_rms : T(0);
 }
 
 template <typename T>
@@ -168,21 +158,56 @@ void check_inputs(const at::Tensor& A, const at::Tensor& B, const at::Tensor& H1
   }
 }
 
+// The H tile of rows i0.., columns j0..: a pointer to bi rows of stride `ld`. Factors: hbuf = Bh_rows·Ah_cols
+// (BLAS); dense: the input itself; bits: expanded to ±1 in hbuf.
 template <typename T>
-double forward_impl(const Operands<T>& p) {
+const T* h_tile(const Operands<T>& p, const at::Tensor& H1, const std::optional<at::Tensor>& H2, int64_t i0,
+                int64_t bi, int64_t j0, int64_t bj, at::Tensor& hbuf, int64_t& ld) {
+  if (p.kind == 1) {
+    ld = p.n;
+    return p.H1 + i0 * p.n + j0;
+  }
+  at::Tensor h = hbuf.narrow(0, 0, bi * bj).view({bi, bj});
+  ld = bj;
+  if (p.kind == 0) {
+    at::mm_out(h, H1.narrow(0, i0, bi), H2->narrow(1, j0, bj));
+  } else {
+    T* hp = h.data_ptr<T>();
+    for (int64_t ii = 0; ii < bi; ++ii) {
+      const uint8_t* row = p.bits + (i0 + ii) * p.nbytes;
+      for (int64_t jj = 0; jj < bj; ++jj) {
+        const int64_t j = j0 + jj;
+        hp[ii * bj + jj] = ((row[j >> 3] >> (j & 7)) & 1) ? T(1) : T(-1);
+      }
+    }
+  }
+  return h.data_ptr<T>();
+}
+
+template <typename T>
+double forward_impl(const Operands<T>& p, const at::Tensor& A, const at::Tensor& B, const at::Tensor& H1,
+                    const std::optional<at::Tensor>& H2) {
   const int64_t nblk = (p.m + BM - 1) / BM;
   std::vector<double> partial(nblk, 0.0);
   at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<T> d(BM * BN), h(BM * BN);
+    at::NoGradGuard no_grad;
+    at::Tensor dbuf = at::empty({BM * BN}, A.options());
+    at::Tensor hbuf = at::empty({BM * BN}, A.options());
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t i0 = b * BM, bi = std::min(BM, p.m - i0);
       double acc = 0.0;
       for (int64_t j0 = 0; j0 < p.n; j0 += BN) {
         const int64_t bj = std::min(BN, p.n - j0);
-        form_tiles(p, i0, bi, j0, bj, d.data(), h.data());
+        at::Tensor d = dbuf.narrow(0, 0, bi * bj).view({bi, bj});
+        at::mm_out(d, B.narrow(0, i0, bi), A.narrow(1, j0, bj));
+        int64_t ld;
+        const T* h = h_tile(p, H1, H2, i0, bi, j0, bj, hbuf, ld);
+        T* dp = d.data_ptr<T>();
         for (int64_t ii = 0; ii < bi; ++ii) {
+          T* dr = dp + ii * bj;
+          row_summand(dr, h + ii * ld, dr, bj, p.s, p.alpha_l, p.inv_rms, p.mode, p.kind == 2);
           T rowacc = T(0);
-          for (int64_t jj = 0; jj < bj; ++jj) rowacc += summand(p, d[ii * BN + jj], h[ii * BN + jj]);
+          for (int64_t jj = 0; jj < bj; ++jj) rowacc += dr[jj];
           acc += static_cast<double>(rowacc);
         }
       }
@@ -195,46 +220,42 @@ double forward_impl(const Operands<T>& p) {
 }
 
 template <typename T>
-void backward_impl(const Operands<T>& p, T gscale, T* dA, T* dB) {
+void backward_impl(const Operands<T>& p, const at::Tensor& A, const at::Tensor& B, const at::Tensor& H1,
+                   const std::optional<at::Tensor>& H2, T gscale, at::Tensor& dA, at::Tensor& dB) {
   const int64_t nblk = (p.m + BM - 1) / BM;
   const int nthreads = at::get_num_threads();
   // dA is a reduction over row blocks: one r×n accumulator per thread, added in thread order afterwards.
-  std::vector<std::vector<T>> dA_local(nthreads);
+  std::vector<at::Tensor> dA_local(nthreads);
   at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+    at::NoGradGuard no_grad;
     const int tid = at::get_thread_num();
-    auto& acc = dA_local[tid];
-    if (acc.empty()) acc.assign(p.r * p.n, T(0));
-    std::vector<T> d(BM * BN), h(BM * BN);
+    if (!dA_local[tid].defined()) dA_local[tid] = at::zeros({p.r, p.n}, A.options());
+    at::Tensor& acc = dA_local[tid];
+    at::Tensor dbuf = at::empty({BM * BN}, A.options());
+    at::Tensor hbuf = at::empty({BM * BN}, A.options());
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t i0 = b * BM, bi = std::min(BM, p.m - i0);
-      for (int64_t ii = 0; ii < bi; ++ii)
-        for (int64_t k = 0; k < p.r; ++k) dB[(i0 + ii) * p.r + k] = T(0);
+      at::Tensor dB_rows = dB.narrow(0, i0, bi);
+      dB_rows.zero_();
+      const at::Tensor B_rows = B.narrow(0, i0, bi);
       for (int64_t j0 = 0; j0 < p.n; j0 += BN) {
         const int64_t bj = std::min(BN, p.n - j0);
-        form_tiles(p, i0, bi, j0, bj, d.data(), h.data());
-        for (int64_t ii = 0; ii < bi; ++ii) {
-          T* g = d.data() + ii * BN;  // G overwrites the ΔW tile in place
-          const T* hh = h.data() + ii * BN;
-          for (int64_t jj = 0; jj < bj; ++jj) g[jj] = gscale * derivative(p, g[jj], hh[jj]);
-          const int64_t i = i0 + ii;
-          for (int64_t k = 0; k < p.r; ++k) {
-            const T* a = p.A + k * p.n + j0;
-            T s = T(0);
-            for (int64_t jj = 0; jj < bj; ++jj) s += g[jj] * a[jj];
-            dB[i * p.r + k] += s;
-            const T bik = p.B[i * p.r + k];
-            T* da = acc.data() + k * p.n + j0;
-            for (int64_t jj = 0; jj < bj; ++jj) da[jj] += bik * g[jj];
-          }
-        }
+        const at::Tensor A_cols = A.narrow(1, j0, bj);
+        at::Tensor g = dbuf.narrow(0, 0, bi * bj).view({bi, bj});
+        at::mm_out(g, B_rows, A_cols);
+        int64_t ld;
+        const T* h = h_tile(p, H1, H2, i0, bi, j0, bj, hbuf, ld);
+        T* gp = g.data_ptr<T>();
+        for (int64_t ii = 0; ii < bi; ++ii)  // G overwrites the ΔW tile in place
+          row_derivative(gp + ii * bj, h + ii * ld, bj, p.s, p.alpha_l, p.inv_rms, p.mode, p.kind == 2, gscale);
+        dB_rows.addmm_(g, A_cols.t());
+        acc.narrow(1, j0, bj).addmm_(B_rows.t(), g);
       }
     }
   });
-  for (int64_t i = 0; i < p.r * p.n; ++i) dA[i] = T(0);
-  for (auto& acc : dA_local) {
-    if (acc.empty()) continue;
-    for (int64_t i = 0; i < p.r * p.n; ++i) dA[i] += acc[i];
-  }
+  dA.zero_();
+  for (auto& a : dA_local)
+    if (a.defined()) dA.add_(a);
 }
 
 at::Tensor sign_loss_fwd_cpu(const at::Tensor& A, const at::Tensor& B, const at::Tensor& H1,
@@ -243,10 +264,11 @@ at::Tensor sign_loss_fwd_cpu(const at::Tensor& A, const at::Tensor& B, const at:
   check_inputs(A, B, H1, H2, kind);
   at::Tensor out = at::empty({}, A.options());
   if (A.scalar_type() == at::kDouble) {
-    out.data_ptr<double>()[0] = forward_impl(operands<double>(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms));
+    out.data_ptr<double>()[0] =
+        forward_impl(operands<double>(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms), A, B, H1, H2);
   } else {
     out.data_ptr<float>()[0] =
-        static_cast<float>(forward_impl(operands<float>(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms)));
+        static_cast<float>(forward_impl(operands<float>(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms), A, B, H1, H2));
   }
   return out;
 }
@@ -264,12 +286,10 @@ std::tuple<at::Tensor, at::Tensor> sign_loss_bwd_cpu(const at::Tensor& grad, con
   // ∂(mean)/∂ΔW = f'/(m·n); ΔW = s·B·A brings one more factor s into dA and dB.
   if (A.scalar_type() == at::kDouble) {
     const double g = grad.item<double>() * scaling / mn;
-    backward_impl(operands<double>(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms), g, dA.data_ptr<double>(),
-                  dB.data_ptr<double>());
+    backward_impl(operands<double>(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms), A, B, H1, H2, g, dA, dB);
   } else {
     const float g = static_cast<float>(grad.item<double>() * scaling / mn);
-    backward_impl(operands<float>(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms), g, dA.data_ptr<float>(),
-                  dB.data_ptr<float>());
+    backward_impl(operands<float>(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms), A, B, H1, H2, g, dA, dB);
   }
   return {dA, dB};
 }

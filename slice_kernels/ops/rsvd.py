@@ -169,11 +169,12 @@ if triton is not None:
         for j in range(0, q):
             rowj = tl.load(work + base + j * q + offs, mask=cm, other=0.0)
             d = tl.sum(tl.where(offs == j, rowj, 0.0), 0)
-            low = not (d > floor)
+            low = (d <= floor) | (d != d)  # d != d: NaN
             n_floor += low.to(tl.int32)
             r = tl.sqrt(tl.where(low, floor, d))
             # a floored row is noise: kept out of R (see csrc/cpu/rsvd.cpp), the column stands alone
-            rr = tl.where((offs > j) & cm & (not low), rowj / r, 0.0)
+            rr = tl.where((offs > j) & cm, rowj / r, 0.0)
+            rr = tl.where(low, 0.0, rr)
             tl.store(R + base + j * q + offs, tl.where(offs == j, r, rr), mask=cm)
             for i0 in range(j + 1, q, BI):
                 ii = i0 + tl.arange(0, BI)

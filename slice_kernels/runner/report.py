@@ -46,7 +46,8 @@ def plot_all(results: dict, out: str) -> list[str]:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    tasks, methods = results["tasks"], results["methods"]
+    methods = results["methods"]
+    tasks = [t.split("?")[0] for t in results["tasks"]]  # labels: reasoning-gym options left out
     paths = []
     T = len(tasks)
     # R as a heatmap per method

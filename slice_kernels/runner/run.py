@@ -129,7 +129,10 @@ def run(cfg: RunConfig, out: str, *, resume: bool = False, progress: bool = True
         if rank != 0:
             state = ckpt.prepare(out, fp, True) if resume else None
     t0 = time.perf_counter()
-    model, tok = load_model(cfg.model, cfg.device, cfg.dtype)
+    device = cfg.device
+    if device == "cuda" and world > 1:  # one GPU per process under torchrun
+        device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
+    model, tok = load_model(cfg.model, device, cfg.dtype)
     n_train = cfg.n_train
     tasks = [load_task(s, n_train, cfg.n_eval, cfg.seed) for s in cfg.tasks]
     heldout = [load_task(s, max(cfg.ip_shots, 1), cfg.n_heldout, cfg.seed) for s in cfg.heldout]

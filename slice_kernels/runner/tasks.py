@@ -1,7 +1,9 @@
 """Tasks of a continual run: reasoning-gym datasets (scored by their own scorers) or JSONL files.
 
-A task spec is a reasoning-gym dataset name (``basic_arithmetic``) or a path to a JSONL file whose lines are
-``{"prompt": str, "answer": str}`` with an optional ``"metric": "exact" | "rouge_l"`` (default exact).
+A task spec is a reasoning-gym dataset name (``basic_arithmetic``), optionally with dataset options in URL
+query form (``chain_sum?max_terms=2&max_digits=1``; values are read as JSON, else as strings), or a path to a
+JSONL file whose lines are ``{"prompt": str, "answer": str}`` with an optional
+``"metric": "exact" | "rouge_l"`` (default exact).
 Every task is split into a training part and a held-out evaluation part, both fixed by the run's seed.
 """
 from __future__ import annotations
@@ -85,19 +87,44 @@ def reasoning_gym_names() -> list[str]:
     return sorted(DATASETS)
 
 
+def parse_rg_spec(spec: str) -> tuple[str, dict]:
+    """``name?k=v&k=v`` -> (name, options)."""
+    name, _, query = spec.partition("?")
+    opts = {}
+    for part in filter(None, query.split("&")):
+        k, eq, v = part.partition("=")
+        if not eq or not k:
+            raise TaskError(f"task {spec!r}: option {part!r} must look like key=value (name?key=value&key=value)")
+        try:
+            opts[k] = json.loads(v)
+        except json.JSONDecodeError:
+            opts[k] = v
+    return name, opts
+
+
 def check_spec(spec: str) -> None:
     """Fail fast (before any model is loaded) on a task that cannot be built."""
     if _is_path(spec):
         read_jsonl(spec)
         return
+    name, opts = parse_rg_spec(spec)
     names = reasoning_gym_names()
-    if spec not in names:
-        close = difflib.get_close_matches(spec, names, n=3)
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3)
         raise TaskError(
-            f"unknown task {spec!r}: not a reasoning-gym dataset name and not a JSONL file"
+            f"unknown task {name!r}: not a reasoning-gym dataset name and not a JSONL file"
             + (f"; did you mean {', '.join(close)}?" if close else "")
             + " (list the names with `slice-kernels tasks`)"
         )
+    if opts:
+        import inspect
+
+        from reasoning_gym.factory import DATASETS
+
+        known = set(inspect.signature(DATASETS[name][1]).parameters) - {"seed", "size"}
+        bad = sorted(set(opts) - known)
+        if bad:
+            raise TaskError(f"task {spec!r}: unknown option(s) {bad} for {name}; it accepts {sorted(known)}")
 
 
 def read_jsonl(path: str) -> list[Example]:
@@ -143,11 +170,12 @@ def load_task(spec: str, n_train: int, n_eval: int, seed: int) -> Task:
     check_spec(spec)
     import reasoning_gym as rg
 
-    ds = rg.create_dataset(spec, size=n_train + n_eval, seed=_task_seed(seed, spec))
+    name, opts = parse_rg_spec(spec)
+    ds = rg.create_dataset(name, size=n_train + n_eval, seed=_task_seed(seed, spec), **opts)
     rows = [Example(e["question"], str(e["answer"]), e) for e in (ds[i] for i in range(n_train + n_eval))]
     return Task(
         name=spec, source="reasoning_gym", train=rows[:n_train], eval=rows[n_train:],
-        scorer_name=f"reasoning_gym.{type(ds).__name__}.score_answer",
+        scorer_name=f"reasoning_gym.{type(ds).__name__}.score_answer",  # the dataset's own scorer
         _score=lambda p, ex: ds.score_answer(p, ex.entry) or 0.0,
     )
 
