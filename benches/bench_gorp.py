@@ -20,9 +20,7 @@ a large ``copy_`` measured here.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,6 +28,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from common import copy_bandwidth, machine  # noqa: E402  (benches/common.py, shared timing helpers)
 from slice_kernels import GorpAdamW, dispatch  # noqa: E402
 from slice_kernels.ops import rsvd  # noqa: E402
 from slice_kernels.ops.gorp_update import gorp_update_, gorp_update_torch  # noqa: E402
@@ -38,19 +37,6 @@ from slice_kernels.ops.gorp_update import gorp_update_, gorp_update_torch  # noq
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def median_time(fn, device, repeats, inner=1):
-    fn()  # warm-up
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) / inner)
-    return statistics.median(times)
 
 
 def interleaved(fns: dict, device, repeats, inner):
@@ -153,13 +139,6 @@ def bench_shape(m, n, rank, gap, device, repeats):
     return rows, parts, gg.numel()
 
 
-def bandwidth(device):
-    n = 1 << 25 if device.type == "cuda" else 1 << 24
-    a, b = torch.empty(n, device=device), torch.empty(n, device=device)
-    t = median_time(lambda: b.copy_(a), device, 7, inner=5)
-    return 2 * 4 * n / t  # bytes read + written per second
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -173,10 +152,9 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}; {datetime.date.today()}; rank {a.rank}, gap {a.gap}, "
-          f"median of {a.repeats}")
-    bw = bandwidth(device)
+    print(f"{machine(device)}; torch threads {torch.get_num_threads()}; rank {a.rank}, gap {a.gap}, median of "
+          f"{a.repeats}")
+    bw = copy_bandwidth(device)
     print(f"measured copy bandwidth: {bw / 1e9:.1f} GB/s\n")
     print("| shape | adamw ms/step | galore_ref ms/step | gorp ms/step | gorp+space ms/step | galore_ref / gorp | gorp / adamw |")
     print("|---|---|---|---|---|---|---|")

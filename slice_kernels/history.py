@@ -47,8 +47,10 @@ def pack_sign_bits(H: torch.Tensor) -> torch.Tensor:
     if pad:
         pos = torch.nn.functional.pad(pos, (0, pad))
     pos = pos.view(m, nb, 8)
-    weights = (1 << torch.arange(8, device=H.device, dtype=torch.int32)).to(torch.uint8)
-    return (pos * weights).sum(dim=-1, dtype=torch.int32).to(torch.uint8)
+    out = pos[..., 0].clone()
+    for k in range(1, 8):  # eight strided shifts/ors: far cheaper than a weighted sum over a size-8 dim
+        out |= pos[..., k] << k
+    return out
 
 
 def unpack_sign_bits(bits: torch.Tensor, n: int, dtype=torch.float32) -> torch.Tensor:

@@ -12,36 +12,39 @@
 
 namespace {
 
-// The per-element loop, specialized on which optional arrays exist so the loop body has no branches, with
-// restrict pointers and `omp simd` so it vectorizes. sqrt must not set errno for it to vectorize (our
-// argument is never negative), hence no-math-errno for this function only; on x86-64 GCC also builds an
-// AVX2+FMA clone picked at load time (the extension is otherwise built for baseline x86-64).
-#pragma GCC push_options
-#pragma GCC optimize("no-math-errno")
-inline float sk_sqrt(float x) { return __builtin_sqrtf(x); }
-inline double sk_sqrt(double x) { return __builtin_sqrt(x); }
+// The per-element work, specialized on which optional arrays exist so no loop has a branch, in blocks of
+// kBlock elements: the moment update and the final division vectorize; the square root sits in a loop of
+// its own because, built without -fno-math-errno, std::sqrt keeps an errno branch that stops GCC from
+// vectorizing any loop containing it (the scalar sqrt loop then runs at the instruction's throughput).
+constexpr int64_t kBlock = 256;
 
 template <typename T, typename P, bool HAS_PROJ, bool HAS_OUT, bool HAS_PARAM>
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-__attribute__((target_clones("avx2,fma", "default")))
-#endif
 void gorp_update_span(const T* __restrict__ gp, const T* __restrict__ pr, T* __restrict__ mp, T* __restrict__ vp,
                       P* __restrict__ pp, T* __restrict__ op, int64_t begin, int64_t end, T b1, T omb1, T b2,
                       T omb2, T e, T c1, T c2, T ss, T dc) {
-#pragma omp simd
-  for (int64_t i = begin; i < end; ++i) {
-    T x = gp[i];
-    if constexpr (HAS_PROJ) x -= pr[i];
-    const T mi = b1 * mp[i] + omb1 * x;
-    const T vi = b2 * vp[i] + omb2 * x * x;
-    mp[i] = mi;
-    vp[i] = vi;
-    const T u = (mi / c1) / (sk_sqrt(vi / c2) + e);
-    if constexpr (HAS_OUT) op[i] = u;
-    if constexpr (HAS_PARAM) pp[i] = static_cast<P>(dc * static_cast<T>(pp[i]) - ss * u);
+  T den[kBlock];
+  for (int64_t s = begin; s < end; s += kBlock) {
+    const int64_t len = end - s < kBlock ? end - s : kBlock;
+    const T* __restrict__ g = gp + s;
+    T* __restrict__ m = mp + s;
+    T* __restrict__ v = vp + s;
+    for (int64_t i = 0; i < len; ++i) {
+      T x = g[i];
+      if constexpr (HAS_PROJ) x -= pr[s + i];
+      const T mi = b1 * m[i] + omb1 * x;
+      const T vi = b2 * v[i] + omb2 * x * x;
+      m[i] = mi;
+      v[i] = vi;
+      den[i] = vi / c2;
+    }
+    for (int64_t i = 0; i < len; ++i) den[i] = std::sqrt(den[i]);
+    for (int64_t i = 0; i < len; ++i) {
+      const T u = (m[i] / c1) / (den[i] + e);
+      if constexpr (HAS_OUT) op[s + i] = u;
+      if constexpr (HAS_PARAM) pp[s + i] = static_cast<P>(dc * static_cast<T>(pp[s + i]) - ss * u);
+    }
   }
 }
-#pragma GCC pop_options
 
 template <typename T, typename P, bool HAS_PROJ, bool HAS_OUT, bool HAS_PARAM>
 void run(const T* gp, const T* pr, T* mp, T* vp, P* pp, T* op, int64_t n, double beta1, double beta2, double eps,

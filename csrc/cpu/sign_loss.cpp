@@ -7,6 +7,12 @@
 // dA_cols += B_rowsᵀ·G (BLAS on the tile). Extra memory: per thread two BM×BN tiles and one r×n dA
 // accumulator; no m×n buffer. The forward's per-block sums are added in block order, so the result does not
 // depend on the thread count.
+// The elementwise loops must vectorize: they dominate once the tile products go to BLAS. GCC will not
+// if-convert the selects in tanh_k while floating-point traps are assumed possible, so this file is compiled
+// without trapping-math (nothing here relies on traps; results are unchanged).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/grad_mode.h>
@@ -37,19 +43,10 @@ struct Operands {
   T s, alpha_l, inv_rms;
 };
 
-// The elementwise loops below must vectorize: they dominate the kernel once the tile products go to BLAS.
-// GCC will not if-convert the selects of tanh_k while floating-point traps are assumed possible, so these
-// functions alone are compiled without trapping-math (no effect on results: nothing here traps by design).
-#if defined(__GNUC__) && !defined(__clang__)
-#define SK_VEC __attribute__((optimize("no-trapping-math")))
-#else
-#define SK_VEC
-#endif
-
 // tanh in float32 from arithmetic only (std::tanh is a scalar libm call): an odd Taylor polynomial below
 // |x| = 1/8 (error < 1e-10), else (1 − e)/(1 + e) with e = exp(−2|x|) by range reduction and a degree-7
 // polynomial (about 1 ulp). float64 keeps std::tanh, the float64 tests' reference precision.
-SK_VEC inline float tanh_k(float x) {
+inline float tanh_k(float x) {
   const float ax = std::fabs(x);
   const float x2 = x * x;
   const float small = x * (1.f + x2 * (-1.f / 3.f + x2 * (2.f / 15.f + x2 * (-17.f / 315.f))));
@@ -76,7 +73,7 @@ inline T sgn(T x) {
 
 // f[j] = L_dir summand at ΔW = s·d[j], H = h[j] (h is ±1 in bit form: tanh(α_ℓ H) becomes sign(H)).
 template <typename T>
-SK_VEC void row_summand(const T* d, const T* h, T* f, int64_t len, T s, T al, T inv_rms, int mode, bool bits) {
+void row_summand(const T* d, const T* h, T* f, int64_t len, T s, T al, T inv_rms, int mode, bool bits) {
   if (mode == 0 && bits) {
     for (int64_t j = 0; j < len; ++j) f[j] = T(1) - tanh_k(al * s * d[j]) * h[j];
   } else if (mode == 0) {
@@ -91,7 +88,7 @@ SK_VEC void row_summand(const T* d, const T* h, T* f, int64_t len, T s, T al, T 
 
 // g[j] ← gscale · ∂f/∂ΔW at ΔW = s·g[j] (in place over the ΔW tile).
 template <typename T>
-SK_VEC void row_derivative(T* g, const T* h, int64_t len, T s, T al, T inv_rms, int mode, bool bits, T gscale) {
+void row_derivative(T* g, const T* h, int64_t len, T s, T al, T inv_rms, int mode, bool bits, T gscale) {
   if (mode == 0) {
     for (int64_t j = 0; j < len; ++j) {
       const T t = bits ? h[j] : tanh_k(al * h[j]);

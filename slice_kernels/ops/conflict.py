@@ -59,7 +59,7 @@ def surgery_torch(cur: Sequence[torch.Tensor], prev: Sequence[torch.Tensor], gam
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Multi-tensor work tables shared by the Triton and CUDA backends.
+# Multi-tensor work tables of the Triton backend (the CUDA glue builds the same table in C++).
 #
 # Every layer is cut into chunks of a fixed size; one program (Triton) or block (CUDA) handles one chunk, so
 # a 58M-element MLP layer and a 1M-element k_proj load-balance within a single launch. The table rows are
@@ -74,22 +74,25 @@ def _as_f32(ts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _work_table(cur, prev, chunk: int, skip=None):
-    rows, first = [], []
-    for i, c in enumerate(cur):
-        first.append(len(rows))
-        if skip is not None and skip[i]:
-            continue
-        n = c.numel()
-        pa = prev[i].data_ptr() if prev is not None else 0
-        for s in range(0, n, chunk):
-            rows.append((c.data_ptr(), pa, s, min(n, s + chunk), i))
-    first.append(len(rows))
+    """(table (n, 4) int64, layer of each row (n,), first row of each layer (L + 1,), n) on cur's device.
+    Built with tensor ops, not a Python loop: 224 Llama-3-8B layers make ~100K rows."""
+    L = len(cur)
+    sizes = torch.tensor([0 if (skip is not None and skip[i]) else c.numel() for i, c in enumerate(cur)],
+                         dtype=torch.int64)
+    counts = (sizes + chunk - 1) // chunk
+    first = torch.zeros(L + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=first[1:])
+    n = int(first[-1])
+    layer = torch.repeat_interleave(torch.arange(L), counts)
+    start = (torch.arange(n) - first[layer]) * chunk
+    end = torch.minimum(start + chunk, sizes[layer])
+    c_addr = torch.tensor([c.data_ptr() for c in cur], dtype=torch.int64)
+    p_addr = torch.tensor([p.data_ptr() for p in prev] if prev is not None else [0] * L, dtype=torch.int64)
+    tab = torch.stack([c_addr[layer], p_addr[layer], start, end], 1) if n else torch.zeros(1, 4, dtype=torch.int64)
     dev = cur[0].device
-    tab = torch.tensor([r[:4] for r in rows] or [[0, 0, 0, 0]], dtype=torch.int64)
-    layer = torch.tensor([r[4] for r in rows] or [0], dtype=torch.int64)
-    bounds = torch.tensor(first, dtype=torch.int64)
     nb = dev.type == "cuda"
-    return tab.to(dev, non_blocking=nb), layer.to(dev, non_blocking=nb), bounds.to(dev, non_blocking=nb), len(rows)
+    layer = layer if n else torch.zeros(1, dtype=torch.int64)
+    return tab.to(dev, non_blocking=nb), layer.to(dev, non_blocking=nb), first.to(dev, non_blocking=nb), n
 
 
 def _triton_chunk() -> tuple[int, int]:

@@ -9,8 +9,8 @@ The torch reference is Halko–Martinsson–Tropp with Householder QR after ever
 The fused backends (triton, cuda, cpp) run ``_rsvd_cholqr``: the same products and the same sketch, but
 each normalization is a Cholesky-QR — one Gram matrix YᵀY (a batched GEMM), a q×q Cholesky in float64 with
 a shift fallback (the backend's kernel), one triangular solve — and only the last one is made fully
-orthonormal (shifted Cholesky-QR3, with a Householder fallback for a matrix whose check fails). See
-docs/init_kernels.md for the accuracy argument.
+orthonormal (shifted Cholesky-QR3, with a Householder fallback for a matrix whose check fails); the wide
+q×n matrix QᵀG is reduced to q×q the same way before the small SVD. See docs/init_kernels.md.
 """
 from __future__ import annotations
 
@@ -135,10 +135,15 @@ def _rsvd_cholqr(G: torch.Tensor, omega: torch.Tensor, k: int, niter: int, chol)
             Z = _cholqr_pass(Gt @ Q, chol)
             Y = G @ Z
             Q = _orthonormalize(Y, chol) if i == niter - 1 else _cholqr_pass(Y, chol)
-    small = Q.transpose(-1, -2) @ G  # (b, q, n)
-    Ub, S, Vh = torch.linalg.svd(small, full_matrices=False)
-    U = Q @ Ub[..., :k]
-    V = Vh[..., :k, :].transpose(-1, -2)
+    small = Q.transpose(-1, -2) @ G  # (b, q, n), wide
+    # Reduce the wide q×n matrix to q×q before the SVD: an orthonormal basis Q₂ (n×q) of its rows by the
+    # same Cholesky-QR (with its Householder fallback), then small = (small·Q₂)·Q₂ᵀ exactly, and only the
+    # q×q factor small·Q₂ goes to the dense SVD. cuSOLVER's default Jacobi SVD loops over the batch and
+    # would otherwise sweep the whole q×n matrix of every layer.
+    Q2 = _orthonormalize(small.transpose(-1, -2), chol)  # (b, n, q)
+    Ur, S, Vrh = torch.linalg.svd(small @ Q2)  # (b, q, q)
+    U = Q @ Ur[..., :k]
+    V = Q2 @ Vrh[..., :k, :].transpose(-1, -2)
     U, V = apply_sign_convention(U, V)
     return U.contiguous(), S[..., :k].contiguous(), V.contiguous()
 
