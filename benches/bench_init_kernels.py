@@ -1,6 +1,6 @@
 """SLICE init-path kernels (issue 4): conflict statistics, surgery, batched randomized SVD, whole init.
 
-    python benches/bench_init_kernels.py [--device cpu|cuda] [--ranks 16,64] [--batch 32] [--blocks 4]
+    python benches/bench_init_kernels.py [--device cpu|cuda] [--ranks 16,64] [--batch 32] [--blocks 4] [--threads 1]
     python -m pytest benches/bench_init_kernels.py --benchmark-only      # pytest-benchmark suite (CPU shapes)
 
 Prints Markdown tables; every figure is a median measured in this run (benches/common.py):
@@ -168,7 +168,11 @@ def main(argv=None):
     ap.add_argument("--init-blocks", type=int, default=None, help="blocks for the whole init (default --blocks)")
     ap.add_argument("--accuracy", action="store_true", help="also check a 100M-element pair (8M on CPU)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: conflict,rsvd,init")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (1 gives stable figures on an oversubscribed machine)")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     dev = a.device
     gpu = dev == "cuda"
     ranks = [int(x) for x in (a.ranks or ("16,64" if gpu else "16")).split(",")]

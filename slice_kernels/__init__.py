@@ -11,8 +11,10 @@ from .ops import conflict as _conflict  # noqa: F401  (registers ops)
 from .ops import grad_accum as _grad_accum  # noqa: F401
 from .ops import rsvd as _rsvd  # noqa: F401
 from .ops import gorp_update as _gorp_update  # noqa: F401
-from .gorp import GorpAdamW, GorpGroupError
-from .gorp_groups import build_gorp_optimizer, gorp_param_groups
+# GORP (issue 6): slice_kernels.gorp registers the runner's `gorp` method, which imports the runner, so it is
+# loaded on first use of its names (the __getattr__ below), after this package has finished initializing.
+_LAZY_GORP = {"GorpAdamW": "gorp", "GorpGroupError": "gorp", "gorp_param_groups": "gorp_groups",
+              "build_gorp_optimizer": "gorp_groups"}
 # PS-LoRA (issue 5). The stability module registers the runner methods, which imports the runner: it is
 # loaded on first use of its names (PEP 562 __getattr__ below) so `import slice_kernels` stays light.
 from .history import History, HistoryStore
@@ -27,6 +29,10 @@ def __getattr__(name):
         from . import stability
 
         return getattr(stability, name)
+    if name in _LAZY_GORP:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY_GORP[name]}"), name)
     raise AttributeError(f"module 'slice_kernels' has no attribute {name!r}")
 
 __version__ = "0.1.0"

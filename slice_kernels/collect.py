@@ -15,7 +15,6 @@ behaviour.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Iterable, Mapping
 from typing import Callable
 

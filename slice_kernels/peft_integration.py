@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .collect import collect_replay_gradients, collect_streams, _Stream, replay_streams, unsupported_reason, weight_out_in
+from .collect import _Stream, collect_streams, replay_streams, unsupported_reason, weight_out_in
 from .config import SliceConfig
 from .errors import SliceInitError
 from .init import InitReport, _phase, absorb_, init_from_gradients, validate_ranks
@@ -151,6 +151,9 @@ def get_slice_model(
     targets = peft_targets(model, cfg)
     weights = {n: weight_out_in(m).detach() for n, m in targets.items()}
     validate_ranks(weights, r, slice_config)
+    if not distributed.same_on_all_ranks(list(weights.values())):  # collective; same answer on every rank
+        raise SliceInitError("the ranks hold different weights for the target layers: every rank must start from "
+                             "the same W^(t-1) (load the same checkpoint, merge the same adapters) before the init")
 
     g_cur = g_prev = None
     collected = InitReport(method=slice_config.method)  # holds the collection phases until the init's report

@@ -40,15 +40,25 @@ def _worker(rank, world, store, outdir):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         from peft import LoraConfig
+        from peft.tuners.lora import LoraLayer
 
-        from slice_kernels import SliceConfig, collect_gradients, get_slice_model
+        from slice_kernels import SliceConfig, SliceInitError, collect_gradients, get_slice_model
 
         cur, replay = batches_for(rank)
         g = collect_gradients(tiny_llama(), TARGETS, cur, steps=STEPS)
         pm = get_slice_model(tiny_llama(), LoraConfig(r=4, lora_alpha=2, target_modules=TARGETS),
                              SliceConfig(method="slice", current_steps=STEPS, replay_steps=STEPS, conflict_threshold=1.0),
                              current=cur, replay=replay)
-        torch.save({"grads": g, "adapter": adapter_state(pm), "gamma": pm.slice_init_report.gamma},
+        # ranks that start from different weights are refused on every rank, before anything is collected
+        other = tiny_llama(seed=rank)
+        try:
+            get_slice_model(other, LoraConfig(r=4, lora_alpha=2, target_modules=TARGETS),
+                            SliceConfig(method="lora_ga", current_steps=STEPS), current=cur)
+            refused = ""
+        except SliceInitError as e:
+            refused = str(e)
+        torch.save({"grads": g, "adapter": adapter_state(pm), "gamma": pm.slice_init_report.gamma,
+                    "refused": refused, "untouched": not any(isinstance(m, LoraLayer) for m in other.modules())},
                    os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -68,6 +78,8 @@ def test_two_gloo_ranks_agree_and_match_single_process(tmp_path):
     for key in r0["grads"]:
         assert torch.equal(r0["grads"][key], r1["grads"][key]), key
     assert r0["gamma"] == r1["gamma"] != 0.0  # τ = 1: the surgery runs whatever the sign of D
+    for r in (r0, r1):
+        assert "ranks hold different weights" in r["refused"] and r["untouched"]
 
     # a single process seeing both ranks' batches: the average of per-rank means is the mean over all batches
     (c0, p0), (c1, p1) = batches_for(0), batches_for(1)

@@ -87,3 +87,22 @@ def test_regex_pattern():
     groups = gorp_param_groups(model, full_rank=[r".*layers\.1\.mlp\.(gate|up)_proj"], rank=2)
     low = next(g for g in groups if g["kind"] == "lowrank")
     assert low["names"] == ["base_model.model.model.layers.1.mlp.gate_proj.weight", "base_model.model.model.layers.1.mlp.up_proj.weight"]
+
+
+def test_drops_into_a_transformers_trainer(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = _peft_llama()
+    opt = build_gorp_optimizer(model, full_rank=["gate_proj"], rank=4, lr=1e-3, update_proj_gap=2)
+    gate = dict(model.named_parameters())["base_model.model.model.layers.0.mlp.gate_proj.weight"]
+    before = gate.detach().clone()
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(8):
+        ids = torch.randint(0, 128, (16,), generator=g)
+        data.append({"input_ids": ids, "labels": ids.clone()})
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, report_to=[],
+                             use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None)).train()
+    assert opt.state[gate]["step"] == 3 and opt.state[gate]["refreshes"] == 2  # refreshed at steps 0 and 2
+    assert not torch.equal(gate.detach(), before)

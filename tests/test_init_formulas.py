@@ -8,7 +8,6 @@ The ops run on the torch reference backend here: this file pins the formulas; th
 compared with that reference in tests/test_ops_*.py (the native ones take float32, not these float64 inputs).
 """
 import math
-import warnings
 
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """Randomized truncated SVD (SPEC §1 step 5) against the exact SVD, through init_from_gradients:
 on matrices with a spectral gap and on real gradients of a tiny Llama."""
-import math
 
 import pytest
 import torch

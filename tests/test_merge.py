@@ -137,3 +137,19 @@ def test_runner_methods_are_registered():
     names = methods.available()
     assert "ps_lora" in names and "slice+ps" in names
     assert methods.get("ps_lora").magnitude and not methods.get("slice+ps").magnitude
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_gpu_backends_merge_into_w(backend, wdtype):
+    m, n = 300, 257
+    ups = [(B.float().cuda(), A.float().cuda(), s) for B, A, s in _updates(m, n, [16, 1, 8], seed=8)]
+    W = torch.randn(m, n, device="cuda").to(wdtype)
+    expect = W.double() + reference_magnitude_merge(ups)
+    with dispatch.use_backend(backend):
+        magnitude_merge(ups, into=W)
+        out = magnitude_merge(ups)
+    tol = 1e-5 if wdtype == torch.float32 else 2 ** -7
+    torch.testing.assert_close(W.double(), expect, rtol=tol, atol=tol * float(expect.abs().max()))
+    torch.testing.assert_close(out.double(), reference_magnitude_merge(ups), rtol=1e-5, atol=1e-5)

@@ -1,11 +1,17 @@
 // PS-LoRA magnitude merge from factors, tiled CPU kernel (SPEC §3; slice_kernels/ops/magnitude_merge.py).
 //
 // K updates ΔW_k = s_k·B_k·A_k are given as one concatenated B (m×ΣR) and A (ΣR×n) with column offsets.
-// For each tile of `out`, every update's tile is formed in a small buffer and the entry of largest |·| is
-// kept; a later task replaces the current best only when strictly larger, so ties go to the earliest task.
+// For each tile of `out`, every update's tile is formed in a small per-thread buffer (one BLAS call) and the
+// entry of largest |·| is kept; a later task replaces the current best only when strictly larger, so ties go to the earliest task.
 // With accumulate=true the winner is added into `out` (W += merged) tile by tile: no m×n buffer.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")  // lets GCC vectorize the selects of keep_larger
+#endif
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -13,41 +19,46 @@
 
 namespace {
 
-constexpr int64_t BM = 32;
-constexpr int64_t BN = 256;
+constexpr int64_t BM = 64;
+constexpr int64_t BN = 512;
+
+// best ← v where |v| > |best| (strictly: ties keep the earlier task). Vectorized (see the pragma above).
+template <typename T>
+void keep_larger(T* best, const T* cur, int64_t len, T s, bool first) {
+  if (first) {
+    for (int64_t j = 0; j < len; ++j) best[j] = s * cur[j];
+    return;
+  }
+  for (int64_t j = 0; j < len; ++j) {
+    const T v = s * cur[j];
+    best[j] = std::abs(v) > std::abs(best[j]) ? v : best[j];
+  }
+}
 
 template <typename T, typename O>
-void merge_impl(const T* B, const T* A, int64_t m, int64_t n, int64_t Rt, const std::vector<int64_t>& off,
+void merge_impl(const at::Tensor& B, const at::Tensor& A, const std::vector<int64_t>& off,
                 const std::vector<double>& scal, O* out, int64_t ldo, bool accumulate) {
+  const int64_t m = B.size(0), n = A.size(1);
   const int64_t K = static_cast<int64_t>(scal.size());
   const int64_t nblk = (m + BM - 1) / BM;
   at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<T> best(BM * BN), cur(BN);
+    at::NoGradGuard no_grad;
+    at::Tensor cbuf = at::empty({BM * BN}, B.options());
+    std::vector<T> best(BM * BN);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t i0 = b * BM, bi = std::min(BM, m - i0);
       for (int64_t j0 = 0; j0 < n; j0 += BN) {
         const int64_t bj = std::min(BN, n - j0);
+        at::Tensor cur = cbuf.narrow(0, 0, bi * bj).view({bi, bj});
+        for (int64_t k = 0; k < K; ++k) {
+          // this task's tile s_k·B_k·A_k, one BLAS call
+          at::mm_out(cur, B.narrow(0, i0, bi).narrow(1, off[k], off[k + 1] - off[k]),
+                     A.narrow(0, off[k], off[k + 1] - off[k]).narrow(1, j0, bj));
+          keep_larger(best.data(), cur.data_ptr<T>(), bi * bj, T(scal[k]), k == 0);
+        }
         for (int64_t ii = 0; ii < bi; ++ii) {
-          T* bst = best.data() + ii * BN;
-          const T* brow = B + (i0 + ii) * Rt;
-          for (int64_t k = 0; k < K; ++k) {
-            for (int64_t jj = 0; jj < bj; ++jj) cur[jj] = T(0);
-            for (int64_t c = off[k]; c < off[k + 1]; ++c) {
-              const T bc = brow[c];
-              const T* arow = A + c * n + j0;
-              for (int64_t jj = 0; jj < bj; ++jj) cur[jj] += bc * arow[jj];
-            }
-            const T s = T(scal[k]);
-            if (k == 0) {
-              for (int64_t jj = 0; jj < bj; ++jj) bst[jj] = s * cur[jj];
-            } else {
-              for (int64_t jj = 0; jj < bj; ++jj) {
-                const T v = s * cur[jj];
-                if (std::abs(v) > std::abs(bst[jj])) bst[jj] = v;
-              }
-            }
-          }
           O* o = out + (i0 + ii) * ldo + j0;
+          const T* bst = best.data() + ii * bj;
           if (accumulate) {
             for (int64_t jj = 0; jj < bj; ++jj) o[jj] = static_cast<O>(static_cast<T>(o[jj]) + bst[jj]);
           } else {
@@ -73,21 +84,18 @@ void magnitude_merge_factors_cpu(const at::Tensor& B, const at::Tensor& A, at::I
               "magnitude_merge: offsets must be [0, ..., ΣR] with one more entry than scalings");
   std::vector<int64_t> off(offsets.begin(), offsets.end());
   std::vector<double> scal(scalings.begin(), scalings.end());
-  const int64_t m = B.size(0), n = A.size(1), Rt = B.size(1), ldo = out.stride(0);
+  const int64_t ldo = out.stride(0);
   const auto ot = out.scalar_type();
   if (B.scalar_type() == at::kDouble) {
     TORCH_CHECK(ot == at::kDouble, "magnitude_merge: float64 factors need a float64 out");
-    merge_impl<double, double>(B.data_ptr<double>(), A.data_ptr<double>(), m, n, Rt, off, scal,
-                               out.data_ptr<double>(), ldo, accumulate);
+    merge_impl<double, double>(B, A, off, scal, out.data_ptr<double>(), ldo, accumulate);
   } else if (ot == at::kFloat) {
-    merge_impl<float, float>(B.data_ptr<float>(), A.data_ptr<float>(), m, n, Rt, off, scal, out.data_ptr<float>(),
+    merge_impl<float, float>(B, A, off, scal, out.data_ptr<float>(),
                              ldo, accumulate);
   } else if (ot == at::kBFloat16) {
-    merge_impl<float, at::BFloat16>(B.data_ptr<float>(), A.data_ptr<float>(), m, n, Rt, off, scal,
-                                    out.data_ptr<at::BFloat16>(), ldo, accumulate);
+    merge_impl<float, at::BFloat16>(B, A, off, scal, out.data_ptr<at::BFloat16>(), ldo, accumulate);
   } else if (ot == at::kHalf) {
-    merge_impl<float, at::Half>(B.data_ptr<float>(), A.data_ptr<float>(), m, n, Rt, off, scal,
-                                out.data_ptr<at::Half>(), ldo, accumulate);
+    merge_impl<float, at::Half>(B, A, off, scal, out.data_ptr<at::Half>(), ldo, accumulate);
   } else {
     TORCH_CHECK(false, "magnitude_merge: out must be float32, float64, bfloat16 or float16");
   }

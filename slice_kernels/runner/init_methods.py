@@ -2,9 +2,6 @@
 ``slice_kernels.init_from_gradients`` so the runner compares exactly the package's initializers."""
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from ..config import SliceConfig
 from ..init import init_from_gradients
 from .adapters import install_lora, target_weights

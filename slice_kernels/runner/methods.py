@@ -35,7 +35,7 @@ the replay batches of every earlier task, ``ctx.lora`` the rank/alpha/targets.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn

@@ -7,11 +7,9 @@ with the same results as an uninterrupted run (every random draw is seeded per s
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 import zlib
-from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
