@@ -24,6 +24,9 @@ TORCH_LIBRARY(slice_kernels_C, m) {
         "float alpha_l, float inv_rms) -> Tensor");
   m.def("sign_loss_bwd(Tensor grad, Tensor A, Tensor B, Tensor H1, Tensor? H2, int kind, int mode, "
         "float scaling, float alpha_l, float inv_rms) -> (Tensor, Tensor)");
+  // the training path: (L_dir, dA, dB) for an upstream gradient of 1, from one pass over the tiles
+  m.def("sign_loss_fwd_bwd(Tensor A, Tensor B, Tensor H1, Tensor? H2, int kind, int mode, float scaling, "
+        "float alpha_l, float inv_rms) -> (Tensor, Tensor, Tensor)");
   // out (m×n) = or += the element-wise max-|·| of K updates s_k·B[:, off_k:off_k+1]·A[off_k:off_k+1, :].
   m.def("magnitude_merge_factors(Tensor B, Tensor A, int[] offsets, float[] scalings, Tensor(a!) out, "
         "bool accumulate) -> ()");

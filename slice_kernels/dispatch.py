@@ -38,17 +38,19 @@ class BackendUnavailableError(RuntimeError):
 class _Impl:
     fn: Callable
     native_op: str | None  # for cuda/cpp: the operator name in torch.ops.slice_kernels_C
+    auto: bool = True  # False: runs only when forced, never picked by the default order
 
 
 _REGISTRY: dict[str, dict[str, _Impl]] = {}
 _override = threading.local()
 
 
-def register(op: str, backend: str, *, native_op: str | None = None):
+def register(op: str, backend: str, *, native_op: str | None = None, auto: bool = True):
     """Decorator: register ``fn`` as ``backend``'s implementation of ``op``.
 
     For ``cuda``/``cpp`` pass ``native_op``: the backend is offered only when the extension has a kernel of
-    that name for the tensor's device.
+    that name for the tensor's device. ``auto=False``: the backend runs only when forced (a kernel that is
+    kept for parity with another device but measured slower than the reference on its own).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
@@ -56,7 +58,7 @@ def register(op: str, backend: str, *, native_op: str | None = None):
         raise ValueError(f"register({op!r}, {backend!r}) needs native_op=")
 
     def deco(fn):
-        _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, native_op)
+        _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, native_op, auto)
         return fn
 
     return deco
@@ -142,7 +144,7 @@ def select(op: str, device: torch.device | str) -> tuple[str, Callable]:
             f"Unset {ENV_VAR} to let slice_kernels choose, or force an available backend."
         )
     for b in _DEFAULT_ORDER.get(device.type, ("torch",)):
-        if refusal(op, b, device) is None:
+        if refusal(op, b, device) is None and _REGISTRY[op][b].auto:
             return b, _REGISTRY[op][b].fn
     return "torch", _REGISTRY[op]["torch"].fn
 

@@ -275,3 +275,39 @@ def test_save_helpers_refuse_clashing_names(tmp_path):
         save_initial_adapter(pm, str(tmp_path / "default"))
     with pytest.raises(SliceInitError, match="no adapter named 'other'"):
         save_initial_adapter(pm, str(tmp_path / "init"), adapter_name="other")
+
+
+@pytest.mark.parametrize("spec, expected", [
+    (None, 4),  # PEFT's Llama default: q_proj, v_proj
+    ("all-linear", 14),  # every Linear but the output layer
+    (r".*\.0\..*proj", 7),  # a regex, full match, as PEFT
+])
+def test_target_resolution_follows_peft(spec, expected):
+    pm = get_slice_model(tiny_llama(), LoraConfig(r=2, lora_alpha=2, target_modules=spec), SliceConfig(method="loram"))
+    wrapped = {n.removeprefix("base_model.model.") for n, m in pm.named_modules() if isinstance(m, LoraLayer)}
+    assert len(wrapped) == expected and wrapped == set(pm.slice_init_report.layers)
+
+
+@pytest.mark.parametrize("mode", ["per_task", "pooled"])
+def test_get_slice_model_equals_the_pieces(mode):
+    """get_slice_model = collect_gradients + collect_replay_gradients + init_from_gradients + absorb."""
+    from slice_kernels import collect_replay_gradients, init_from_gradients
+
+    targets = ["q_proj", "o_proj"]
+    cur = lm_batches(2)
+    replay = [lm_batches(2, seed=11), lm_batches(2, seed=12)] if mode == "per_task" else lm_batches(3, seed=13)
+    cfg = SliceConfig(current_steps=2, replay_steps=2, replay_mode=mode, conflict_threshold=1.0)
+    pm = get_slice_model(tiny_llama(), LoraConfig(r=4, lora_alpha=2, target_modules=targets), cfg,
+                         current=cur, replay=replay)
+    model = tiny_llama()
+    g_cur = collect_gradients(model, targets, cur, steps=2)
+    g_prev = collect_replay_gradients(model, targets, replay, steps=2, mode=mode)
+    w = {n: m.weight.detach() for n, m in model.named_modules() if n in g_cur}
+    ref = init_from_gradients(w, g_cur, g_prev, r=4, lora_alpha=2, use_rslora=False, config=cfg)
+    assert pm.slice_init_report.gamma == ref.report.gamma != 0.0
+    for n, m in pm.named_modules():
+        if isinstance(m, LoraLayer):
+            key = n.removeprefix("base_model.model.")
+            assert torch.equal(m.lora_A["default"].weight, ref.A[key])
+            assert torch.equal(m.lora_B["default"].weight, ref.B[key])
+            assert torch.equal(m.get_base_layer().weight, ref.weights[key])

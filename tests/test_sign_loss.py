@@ -6,7 +6,7 @@ import torch
 
 from conftest import HAS_CUDA, backends_for, tiny_gpt2, tiny_llama
 from slice_kernels import History, HistoryStore, dispatch, sign_consistency_loss
-from slice_kernels.ops.sign_loss import reference_sign_consistency_loss
+from slice_kernels.ops.sign_loss import KIND, MODES as MODE_ID, _history_operands, reference_sign_consistency_loss
 
 # (m, n, r, R): awkward shapes, m ≠ n, not multiples of the 32/256 blocks; r = 1, 8, 64 (= n, its maximum).
 SHAPES = [(37, 53, 1, 3), (70, 45, 8, 8), (65, 64, 64, 16)]
@@ -26,6 +26,10 @@ def _case(m, n, r, R, form, seed=0, dtype=torch.float64):
     elif form == "bits":
         h = h.to_sign_bits()
     return A, B, h
+
+
+def _operands(h):
+    return _history_operands(h, torch.device("cpu"))
 
 
 def _rel(x, ref):
@@ -57,6 +61,16 @@ def test_loss_and_grads_match_float64_reference(backend, mode, form, shape):
     tol = 1e-10 if f64 else 1e-5
     assert abs(float(out) - float(ref)) <= tol * abs(float(ref))
     assert _rel(gA, rA) <= tol and _rel(gB, rB) <= tol
+    # the two-pass path (forward-only op, then its backward op) and the no-grad forward give the same
+    H1, H2 = _operands(h)
+    l_dir = torch.ops.slice_kernels.sign_loss_dir(A, B, H1, H2, KIND[h.kind], MODE_ID[mode], 0.8, 1.5 / h.rms,
+                                                  1.0 / h.rms, backend)
+    l_mag = 0.3 * 0.64 * ((B.double().T @ B.double()) * (A.double() @ A.double().T)).sum() / (shape[0] * shape[1] * h.rms ** 2)
+    gA2, gB2 = torch.autograd.grad(l_dir.double() + l_mag, (A, B))
+    assert abs(float(l_dir + l_mag) - float(ref)) <= tol * abs(float(ref))
+    assert _rel(gA2, rA) <= tol and _rel(gB2, rB) <= tol
+    with torch.no_grad(), dispatch.use_backend(backend):
+        assert abs(float(sign_consistency_loss(A, B, h, **kw)) - float(ref)) <= tol * abs(float(ref))
 
 
 @pytest.mark.parametrize("backend", [b for b in backends_for("sign_loss_fwd") if b.values[0] in ("torch", "cpp")])
@@ -169,8 +183,9 @@ def test_torch_compile_traces_the_custom_op(compile_backend):
 
 def test_custom_op_passes_opcheck():
     A, B, h = _case(17, 19, 2, 2, "factors", dtype=torch.float32)
-    op = torch.ops.slice_kernels.sign_loss_dir.default
-    torch.library.opcheck(op, (A.requires_grad_(True), B.requires_grad_(True), h.Bh, h.Ah, 0, 0, 1.0, 1.0, 1.0, ""))
+    args = (A.requires_grad_(True), B.requires_grad_(True), h.Bh, h.Ah, 0, 0, 1.0, 1.0, 1.0, "")
+    torch.library.opcheck(torch.ops.slice_kernels.sign_loss_dir.default, args)
+    torch.library.opcheck(torch.ops.slice_kernels.sign_loss_dir_train.default, args)
 
 
 # ----------------------------------------------------------------------------- model-level loss

@@ -216,10 +216,14 @@ double forward_impl(const Operands<T>& p, const at::Tensor& A, const at::Tensor&
   return total / static_cast<double>(p.m * p.n);
 }
 
+// Gradients (times gscale) and, when `partial` is given, the loss sums of each row block from the same tiles:
+// the training path then needs one pass over the tiles instead of two.
 template <typename T>
 void backward_impl(const Operands<T>& p, const at::Tensor& A, const at::Tensor& B, const at::Tensor& H1,
-                   const std::optional<at::Tensor>& H2, T gscale, at::Tensor& dA, at::Tensor& dB) {
+                   const std::optional<at::Tensor>& H2, T gscale, at::Tensor& dA, at::Tensor& dB,
+                   std::vector<double>* partial = nullptr) {
   const int64_t nblk = (p.m + BM - 1) / BM;
+  if (partial) partial->assign(nblk, 0.0);
   const int nthreads = at::get_num_threads();
   // dA is a reduction over row blocks: one r×n accumulator per thread, added in thread order afterwards.
   std::vector<at::Tensor> dA_local(nthreads);
@@ -230,8 +234,10 @@ void backward_impl(const Operands<T>& p, const at::Tensor& A, const at::Tensor& 
     at::Tensor& acc = dA_local[tid];
     at::Tensor dbuf = at::empty({BM * BN}, A.options());
     at::Tensor hbuf = at::empty({BM * BN}, A.options());
+    std::vector<T> frow(partial ? BN : 0);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t i0 = b * BM, bi = std::min(BM, p.m - i0);
+      double lacc = 0.0;
       at::Tensor dB_rows = dB.narrow(0, i0, bi);
       dB_rows.zero_();
       const at::Tensor B_rows = B.narrow(0, i0, bi);
@@ -243,11 +249,20 @@ void backward_impl(const Operands<T>& p, const at::Tensor& A, const at::Tensor& 
         int64_t ld;
         const T* h = h_tile(p, H1, H2, i0, bi, j0, bj, hbuf, ld);
         T* gp = g.data_ptr<T>();
-        for (int64_t ii = 0; ii < bi; ++ii)  // G overwrites the ΔW tile in place
+        for (int64_t ii = 0; ii < bi; ++ii) {
+          if (partial) {
+            row_summand(gp + ii * bj, h + ii * ld, frow.data(), bj, p.s, p.alpha_l, p.inv_rms, p.mode, p.kind == 2);
+            T rowacc = T(0);
+            for (int64_t jj = 0; jj < bj; ++jj) rowacc += frow[jj];
+            lacc += static_cast<double>(rowacc);
+          }
+          // G overwrites the ΔW tile in place
           row_derivative(gp + ii * bj, h + ii * ld, bj, p.s, p.alpha_l, p.inv_rms, p.mode, p.kind == 2, gscale);
+        }
         dB_rows.addmm_(g, A_cols.t());
         acc.narrow(1, j0, bj).addmm_(B_rows.t(), g);
       }
+      if (partial) (*partial)[b] = lacc;
     }
   });
   dA.zero_();
@@ -291,9 +306,39 @@ std::tuple<at::Tensor, at::Tensor> sign_loss_bwd_cpu(const at::Tensor& grad, con
   return {dA, dB};
 }
 
+// The training path: (L_dir, ∂L_dir/∂A, ∂L_dir/∂B) in one pass; autograd scales the gradients by the upstream.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sign_loss_fwd_bwd_cpu(const at::Tensor& A, const at::Tensor& B,
+                                                                     const at::Tensor& H1,
+                                                                     const std::optional<at::Tensor>& H2,
+                                                                     int64_t kind, int64_t mode, double scaling,
+                                                                     double alpha_l, double inv_rms) {
+  check_inputs(A, B, H1, H2, kind);
+  at::Tensor dA = at::empty(A.sizes(), A.options());
+  at::Tensor dB = at::empty(B.sizes(), B.options());
+  at::Tensor out = at::empty({}, A.options());
+  const double mn = static_cast<double>(B.size(0)) * static_cast<double>(A.size(1));
+  std::vector<double> partial;
+  if (A.scalar_type() == at::kDouble) {
+    backward_impl(operands<double>(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms), A, B, H1, H2,
+                  scaling / mn, dA, dB, &partial);
+  } else {
+    backward_impl(operands<float>(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms), A, B, H1, H2,
+                  static_cast<float>(scaling / mn), dA, dB, &partial);
+  }
+  double total = 0.0;
+  for (double v : partial) total += v;
+  if (A.scalar_type() == at::kDouble) {
+    out.data_ptr<double>()[0] = total / mn;
+  } else {
+    out.data_ptr<float>()[0] = static_cast<float>(total / mn);
+  }
+  return {out, dA, dB};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(slice_kernels_C, CPU, m) {
   m.impl("sign_loss_fwd", &sign_loss_fwd_cpu);
   m.impl("sign_loss_bwd", &sign_loss_bwd_cpu);
+  m.impl("sign_loss_fwd_bwd", &sign_loss_fwd_bwd_cpu);
 }

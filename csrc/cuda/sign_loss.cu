@@ -1,7 +1,8 @@
 // PS-LoRA sign-consistency loss, plain CUDA (float32). Mirrors the Triton kernels:
 // * forward: one block per 32-row block walks the column tiles, forms the ΔW and H tiles (shared-memory
 //   tiled products over the rank), reduces the loss summand; one partial per block (deterministic);
-// * dB: one block per row block, dB_rows = s·Σ_tiles G·Aᵀ accumulated in shared memory;
+// * dB: one block per row block, dB_rows = s·Σ_tiles G·Aᵀ accumulated in shared memory (on the training path
+//   it also reduces the loss, so loss + gradients take two kernels, not three);
 // * dA: one block per 32-column block, dA_cols = s·Σ_tiles Bᵀ·G accumulated in shared memory;
 // G = ∂L/∂ΔW lives only in shared memory, one tile at a time: no m×n buffer, no atomics.
 #include "cuda/sign_loss.cuh"
@@ -74,26 +75,33 @@ __global__ void __launch_bounds__(NT) fwd_kernel(SkSignLossArgs a, float* partia
   if (threadIdx.x == 0) partial[blockIdx.x] = red[0];
 }
 
-// G tile (times gs) into sm.G; zero outside the matrix.
-__device__ void g_tile(const SkSignLossArgs& a, int64_t i0, int64_t j0, float gs, Smem& sm) {
+// G tile (times gs) into sm.G; zero outside the matrix. With `loss`, also adds this thread's loss summands.
+__device__ void g_tile(const SkSignLossArgs& a, int64_t i0, int64_t j0, float gs, Smem& sm, float* loss = nullptr) {
   const int tx = threadIdx.x % BN, ty = threadIdx.x / BN;
   float d[RPT], h[RPT];
   bool valid[RPT];
   form_tiles(a, i0, j0, d, h, valid, sm);
 #pragma unroll
-  for (int q = 0; q < RPT; ++q) sm.G[ty + 8 * q][tx] = valid[q] ? gs * derivative(a, d[q], h[q]) : 0.f;
+  for (int q = 0; q < RPT; ++q) {
+    if (loss != nullptr && valid[q]) *loss += summand(a, d[q], h[q]);
+    sm.G[ty + 8 * q][tx] = valid[q] ? gs * derivative(a, d[q], h[q]) : 0.f;
+  }
   __syncthreads();
 }
 
-// dynamic shared memory: BM × r floats
-__global__ void __launch_bounds__(NT) dB_kernel(SkSignLossArgs a, const float* grad, float* dB) {
+// dynamic shared memory: BM × r floats. grad == nullptr means an upstream gradient of 1; with `partial`, the
+// block also reduces its loss sum into partial[blockIdx.x] (the one-pass training path).
+__global__ void __launch_bounds__(NT) dB_kernel(SkSignLossArgs a, const float* grad, float* dB, float* partial) {
   __shared__ Smem sm;
+  __shared__ float red[NT];
   extern __shared__ float accB[];
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * BM;
-  const float gs = grad[0] * a.scaling / (static_cast<float>(a.m) * static_cast<float>(a.n));
+  const float g0 = grad != nullptr ? grad[0] : 1.f;
+  const float gs = g0 * a.scaling / (static_cast<float>(a.m) * static_cast<float>(a.n));
+  float lacc = 0.f;
   for (int64_t e = threadIdx.x; e < BM * a.r; e += NT) accB[e] = 0.f;
   for (int64_t j0 = 0; j0 < a.n; j0 += BN) {
-    g_tile(a, i0, j0, gs, sm);
+    g_tile(a, i0, j0, gs, sm, partial != nullptr ? &lacc : nullptr);
     for (int64_t e = threadIdx.x; e < BM * a.r; e += NT) {
       const int64_t ii = e / a.r, k = e % a.r;
       const float* arow = a.A + k * a.n + j0;
@@ -107,6 +115,15 @@ __global__ void __launch_bounds__(NT) dB_kernel(SkSignLossArgs a, const float* g
     const int64_t i = i0 + e / a.r;
     if (i < a.m) dB[i * a.r + e % a.r] = accB[e];
   }
+  if (partial != nullptr) {  // block-uniform branch: every thread reaches the barriers
+    red[threadIdx.x] = lacc;
+    __syncthreads();
+    for (int s = NT / 2; s > 0; s >>= 1) {
+      if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) partial[blockIdx.x] = red[0];
+  }
 }
 
 // dynamic shared memory: r × BN floats
@@ -114,7 +131,8 @@ __global__ void __launch_bounds__(NT) dA_kernel(SkSignLossArgs a, const float* g
   __shared__ Smem sm;
   extern __shared__ float accA[];
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * BN;
-  const float gs = grad[0] * a.scaling / (static_cast<float>(a.m) * static_cast<float>(a.n));
+  const float g0 = grad != nullptr ? grad[0] : 1.f;
+  const float gs = g0 * a.scaling / (static_cast<float>(a.m) * static_cast<float>(a.n));
   for (int64_t e = threadIdx.x; e < a.r * BN; e += NT) accA[e] = 0.f;
   for (int64_t i0 = 0; i0 < a.m; i0 += BM) {
     g_tile(a, i0, j0, gs, sm);
@@ -144,12 +162,24 @@ cudaError_t sk_sign_loss_fwd(const SkSignLossArgs& a, float* partial, cudaStream
   return cudaGetLastError();
 }
 
+static cudaError_t launch_grads(const SkSignLossArgs& a, const float* grad, float* dA, float* dB, float* partial,
+                                cudaStream_t stream);
+
 cudaError_t sk_sign_loss_bwd(const SkSignLossArgs& a, const float* grad, float* dA, float* dB, cudaStream_t stream) {
+  return launch_grads(a, grad, dA, dB, nullptr, stream);
+}
+
+cudaError_t sk_sign_loss_fwd_bwd(const SkSignLossArgs& a, float* partial, float* dA, float* dB, cudaStream_t stream) {
+  return launch_grads(a, nullptr, dA, dB, partial, stream);
+}
+
+static cudaError_t launch_grads(const SkSignLossArgs& a, const float* grad, float* dA, float* dB, float* partial,
+                                cudaStream_t stream) {
   const int64_t nbr = (a.m + BM - 1) / BM, nbc = (a.n + BN - 1) / BN;
   const size_t shB = sizeof(float) * BM * a.r, shA = sizeof(float) * a.r * BN;
-  // Static Smem is ~12.6 KB; the per-block accumulators must fit beside it in the default 48 KB.
-  if (shB + sizeof(Smem) > 48 * 1024) return cudaErrorInvalidValue;
-  if (nbr > 0) dB_kernel<<<static_cast<unsigned>(nbr), NT, shB, stream>>>(a, grad, dB);
+  // Static shared memory (Smem + the reduction buffer) is ~13.4 KB; the accumulators must fit beside it in 48 KB.
+  if (shB + sizeof(Smem) + sizeof(float) * NT > 48 * 1024) return cudaErrorInvalidValue;
+  if (nbr > 0) dB_kernel<<<static_cast<unsigned>(nbr), NT, shB, stream>>>(a, grad, dB, partial);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   if (nbc > 0) dA_kernel<<<static_cast<unsigned>(nbc), NT, shA, stream>>>(a, grad, dA);

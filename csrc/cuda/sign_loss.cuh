@@ -23,3 +23,5 @@ int64_t sk_sign_loss_num_partials(int64_t m);
 cudaError_t sk_sign_loss_fwd(const SkSignLossArgs& a, float* partial, cudaStream_t stream);
 // dA (r×n) and dB (m×r) = gradients of mean(summand) times *grad (a device scalar); fully overwritten.
 cudaError_t sk_sign_loss_bwd(const SkSignLossArgs& a, const float* grad, float* dA, float* dB, cudaStream_t stream);
+// The training path: partial[b] as in sk_sign_loss_fwd plus dA, dB for an upstream gradient of 1, in two kernels.
+cudaError_t sk_sign_loss_fwd_bwd(const SkSignLossArgs& a, float* partial, float* dA, float* dB, cudaStream_t stream);

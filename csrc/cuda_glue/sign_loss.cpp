@@ -87,8 +87,27 @@ std::tuple<at::Tensor, at::Tensor> sign_loss_bwd_cuda(const at::Tensor& grad, co
   at::Tensor dB = at::empty(B.sizes(), B.options());
   const cudaError_t err = sk_sign_loss_bwd(a, grad.data_ptr<float>(), dA.data_ptr<float>(), dB.data_ptr<float>(), stream);
   TORCH_CHECK(err == cudaSuccess, "sign_loss_bwd: CUDA launch failed (", cudaGetErrorString(err),
-              "); ranks above 285 exceed the kernel's shared-memory accumulator");
+              "); ranks above 277 exceed the kernel's shared-memory accumulator");
   return {dA, dB};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sign_loss_fwd_bwd_cuda(const at::Tensor& A, const at::Tensor& B,
+                                                                      const at::Tensor& H1,
+                                                                      const std::optional<at::Tensor>& H2,
+                                                                      int64_t kind, int64_t mode, double scaling,
+                                                                      double alpha_l, double inv_rms) {
+  const SkSignLossArgs a = make_args(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms);
+  c10::cuda::CUDAGuard guard(A.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(A.device().index()).stream();
+  at::Tensor partial = at::empty({sk_sign_loss_num_partials(a.m)}, A.options());
+  at::Tensor dA = at::empty(A.sizes(), A.options());
+  at::Tensor dB = at::empty(B.sizes(), B.options());
+  const cudaError_t err = sk_sign_loss_fwd_bwd(a, partial.data_ptr<float>(), dA.data_ptr<float>(),
+                                               dB.data_ptr<float>(), stream);
+  TORCH_CHECK(err == cudaSuccess, "sign_loss_fwd_bwd: CUDA launch failed (", cudaGetErrorString(err),
+              "); ranks above 277 exceed the kernel's shared-memory accumulator");
+  at::Tensor loss = partial.sum(at::kDouble).div(static_cast<double>(a.m) * static_cast<double>(a.n)).to(at::kFloat);
+  return {loss, dA, dB};
 }
 
 }  // namespace
@@ -96,4 +115,5 @@ std::tuple<at::Tensor, at::Tensor> sign_loss_bwd_cuda(const at::Tensor& grad, co
 TORCH_LIBRARY_IMPL(slice_kernels_C, CUDA, m) {
   m.impl("sign_loss_fwd", &sign_loss_fwd_cuda);
   m.impl("sign_loss_bwd", &sign_loss_bwd_cuda);
+  m.impl("sign_loss_fwd_bwd", &sign_loss_fwd_bwd_cuda);
 }

@@ -6,7 +6,8 @@ kernel should accumulate in float32 anyway):
 * forward: one program per row block; it walks the column blocks, forms ΔW = s·B·A and H tiles with
   ``tl.dot`` (or loads H / its bits), reduces the loss summand, and writes one partial sum (added on the
   host in a fixed order: deterministic);
-* dB: one program per row block, dB_rows = s·Σ_cols G·Aᵀ;
+* dB: one program per row block, dB_rows = s·Σ_cols G·Aᵀ (on the training path it also reduces the loss,
+  so loss + gradients take two kernels);
 * dA: one program per column block, dA_cols = s·Σ_rows Bᵀ·G.
 G = ∂L/∂ΔW is recomputed from the tiles in each backward kernel instead of being stored (m×n).
 """
@@ -109,9 +110,10 @@ def _fwd_kernel(A, B, H1, H2, partial, m, n, r, R, sh1, scaling, alpha_l, inv_rm
 
 
 @triton.jit
-def _dB_kernel(A, B, H1, H2, grad, dB, m, n, r, R, sh1, scaling, alpha_l, inv_rms, inv_mn,
+def _dB_kernel(A, B, H1, H2, grad, dB, partial, m, n, r, R, sh1, scaling, alpha_l, inv_rms, inv_mn,
                KIND: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-               RP: tl.constexpr, RHP: tl.constexpr, PREC: tl.constexpr):
+               RP: tl.constexpr, RHP: tl.constexpr, PREC: tl.constexpr, LOSS: tl.constexpr):
+    # LOSS: also reduce the loss summand of this row block into partial[pid] (the one-pass training path)
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
     rmask = rows < m
@@ -121,15 +123,21 @@ def _dB_kernel(A, B, H1, H2, grad, dB, m, n, r, R, sh1, scaling, alpha_l, inv_rm
     bh = _load_bh(H1, rows, rmask, R, KIND, BM, RHP)
     gs = tl.load(grad).to(tl.float32) * inv_mn * scaling
     acc = tl.zeros((BM, RP), tl.float32)
+    lacc = tl.zeros((BM, BN), tl.float32)
     for j0 in range(0, n, BN):
         cols = j0 + tl.arange(0, BN)
         cmask = cols < n
         a = tl.load(A + kr[:, None] * n + cols[None, :], mask=(kr[:, None] < r) & cmask[None, :], other=0.0).to(tl.float32)
         d = tl.dot(b, a, input_precision=PREC) * scaling
         h = _h_tile(H1, H2, rows, cols, rmask, cmask, n, R, sh1, bh, KIND, RHP, PREC)
-        g = tl.where(rmask[:, None] & cmask[None, :], _derivative(d, h, alpha_l, inv_rms, KIND, MODE), 0.0)
+        valid = rmask[:, None] & cmask[None, :]
+        if LOSS:
+            lacc += tl.where(valid, _summand(d, h, alpha_l, inv_rms, KIND, MODE), 0.0)
+        g = tl.where(valid, _derivative(d, h, alpha_l, inv_rms, KIND, MODE), 0.0)
         acc += tl.dot(g, tl.trans(a), input_precision=PREC)
     tl.store(dB + rows[:, None] * r + kr[None, :], acc * gs, mask=bmask)
+    if LOSS:
+        tl.store(partial + pid, tl.sum(tl.sum(lacc, axis=1), axis=0))
 
 
 @triton.jit
@@ -194,6 +202,24 @@ def sign_loss_bwd_triton(grad, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_r
     dB = torch.empty_like(B_)
     common = dict(KIND=kind, MODE=mode, BM=BM, BN=BN, RP=_pad(r), RHP=_pad(R), PREC="ieee")
     args = (m, n, r, R, H1.stride(0), float(scaling), float(alpha_l), float(inv_rms), 1.0 / (m * n))
-    _dB_kernel[(triton.cdiv(m, BM),)](A_, B_, H1, H2, g, dB, *args, **common)
+    _dB_kernel[(triton.cdiv(m, BM),)](A_, B_, H1, H2, g, dB, dB, *args, LOSS=False, **common)
     _dA_kernel[(triton.cdiv(n, BN),)](A_, B_, H1, H2, g, dA, *args, **common)
     return dA.to(A.dtype), dB.to(B.dtype)
+
+
+def sign_loss_fwd_bwd_triton(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms):
+    """The training path: the dB kernel also reduces the loss, so loss + gradients take two kernels, not three."""
+    out_dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
+    A_, B_, H1, H2, R, (BM, BN) = _prep(A, B, H1, H2, kind)
+    m, r = B_.shape
+    n = A_.shape[1]
+    g = torch.ones(1, dtype=torch.float32, device=A.device)
+    dA = torch.empty_like(A_)
+    dB = torch.empty_like(B_)
+    partial = torch.empty(triton.cdiv(m, BM), dtype=torch.float32, device=A.device)
+    common = dict(KIND=kind, MODE=mode, BM=BM, BN=BN, RP=_pad(r), RHP=_pad(R), PREC="ieee")
+    args = (m, n, r, R, H1.stride(0), float(scaling), float(alpha_l), float(inv_rms), 1.0 / (m * n))
+    _dB_kernel[(triton.cdiv(m, BM),)](A_, B_, H1, H2, g, dB, partial, *args, LOSS=True, **common)
+    _dA_kernel[(triton.cdiv(n, BN),)](A_, B_, H1, H2, g, dA, *args, **common)
+    loss = (partial.double().sum() / (m * n)).to(out_dtype)
+    return loss, dA.to(A.dtype), dB.to(B.dtype)

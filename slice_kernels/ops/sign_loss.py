@@ -17,8 +17,11 @@ Backends (``slice_kernels.dispatch``): ``torch`` (row-block chunked, float64-cap
 ``cpp`` (tiled, OpenMP, float32/float64), ``triton`` and ``cuda`` (compute in float32). ``reference_*`` below
 materializes everything and is the oracle of the tests only.
 
-The autograd wrapper is a ``torch.library`` custom op (``slice_kernels::sign_loss_dir``) with fake kernels
-and ``register_autograd``, so ``torch.compile`` traces it as one node.
+The autograd wrappers are ``torch.library`` custom ops with fake kernels and ``register_autograd``, so
+``torch.compile`` traces them as single nodes: ``slice_kernels::sign_loss_dir`` (forward; its backward is
+``sign_loss_dir_bwd``, one more pass over the tiles) and, when A or B requires grad,
+``slice_kernels::sign_loss_dir_train``, which returns the loss and the gradients from one pass (the backward
+only scales them).
 """
 from __future__ import annotations
 
@@ -104,6 +107,27 @@ def sign_loss_bwd_torch(grad, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rm
     return dA.to(A.dtype), dB.to(B.dtype)
 
 
+@dispatch.register("sign_loss_fwd_bwd", "torch")
+def sign_loss_fwd_bwd_torch(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms):
+    """The training path: (L_dir, ∂L_dir/∂A, ∂L_dir/∂B) from one pass over the row blocks."""
+    m, n = B.shape[0], A.shape[1]
+    dt = _compute_dtype(A)
+    Ac, Bc = A.to(dt), B.to(dt)
+    gs = scaling / (m * n)
+    total = torch.zeros((), dtype=torch.float64, device=A.device)
+    dA = torch.zeros_like(Ac)
+    dB = torch.empty_like(Bc)
+    for r0 in range(0, m, _TORCH_ROW_BLOCK):
+        r1 = min(m, r0 + _TORCH_ROW_BLOCK)
+        d = scaling * (Bc[r0:r1] @ Ac)
+        f, g = _dir_terms(d, _h_rows(kind, H1, H2, r0, r1, n, dt), kind, mode, alpha_l, inv_rms, True, True)
+        total += f.sum(dtype=torch.float64)
+        g = g * gs
+        dB[r0:r1] = g @ Ac.T
+        dA += Bc[r0:r1].T @ g
+    return (total / (m * n)).to(dt), dA.to(A.dtype), dB.to(B.dtype)
+
+
 # ---------------------------------------------------------------------------------------------- native backends
 def _native_args(A, B, H1, H2, kind):
     dt = _compute_dtype(A)
@@ -139,12 +163,25 @@ def sign_loss_bwd_native(grad, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_r
     return dA.to(A.dtype), dB.to(B.dtype)
 
 
+@dispatch.register("sign_loss_fwd_bwd", "cpp", native_op="sign_loss_fwd_bwd")
+@dispatch.register("sign_loss_fwd_bwd", "cuda", native_op="sign_loss_fwd_bwd")
+def sign_loss_fwd_bwd_native(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms):
+    Ac, Bc, H1, H2 = _native_args(A, B, H1, H2, kind)
+    if A.device.type == "cuda":
+        Ac, Bc = Ac.float(), Bc.float()
+        H1 = H1.float() if kind != 2 else H1
+        H2 = H2.float() if H2 is not None else None
+    loss, dA, dB = _ext.native("sign_loss_fwd_bwd")(Ac, Bc, H1, H2, kind, mode, scaling, alpha_l, inv_rms)
+    return loss.to(_compute_dtype(A)), dA.to(A.dtype), dB.to(B.dtype)
+
+
 # ---------------------------------------------------------------------------------------------- triton backend
 try:
     from . import _sign_loss_triton as _tri
 
     dispatch.register("sign_loss_fwd", "triton")(_tri.sign_loss_fwd_triton)
     dispatch.register("sign_loss_bwd", "triton")(_tri.sign_loss_bwd_triton)
+    dispatch.register("sign_loss_fwd_bwd", "triton")(_tri.sign_loss_fwd_bwd_triton)
 except ImportError:  # triton missing: the dispatcher reports "sign_loss_fwd has no triton implementation"
     _tri = None
 
@@ -196,6 +233,33 @@ def _backward(ctx, grad):
 sign_loss_dir.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("slice_kernels::sign_loss_dir_train", mutates_args=())
+def sign_loss_dir_train(A: torch.Tensor, B: torch.Tensor, H1: torch.Tensor, H2: Optional[torch.Tensor], kind: int,
+                        mode: int, scaling: float, alpha_l: float, inv_rms: float,
+                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training form of ``sign_loss_dir``: (L_dir, ∂L_dir/∂A, ∂L_dir/∂B) from one pass over the tiles; its
+    autograd backward only scales the saved gradients (O((m+n)·r) memory), so forward + backward cost one pass
+    instead of two. Use the first output; the other two are the unit-upstream gradients."""
+    return _run("sign_loss_fwd_bwd", backend, A.device, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms)
+
+
+@sign_loss_dir_train.register_fake
+def _(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms, backend):
+    return A.new_empty((), dtype=_compute_dtype(A)), torch.empty_like(A), torch.empty_like(B)
+
+
+def _train_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _train_backward(ctx, grad, _grad_dA, _grad_dB):
+    dA, dB = ctx.saved_tensors
+    return (grad * dA).to(dA.dtype), (grad * dB).to(dB.dtype), None, None, None, None, None, None, None, None
+
+
+sign_loss_dir_train.register_autograd(_train_backward, setup_context=_train_setup_context)
+
+
 # ---------------------------------------------------------------------------------------------- public API
 def _history_operands(history: History, device):
     if history.kind == "factors":
@@ -227,8 +291,10 @@ def sign_consistency_loss(A: torch.Tensor, B: torch.Tensor, history: History | N
     ``A`` (r×n) and ``B`` (m×r) are the new LoRA factors in (out, in) orientation, ``scaling`` the LoRA scale
     s; ``history`` the earlier updates of this layer. No history, or a zero one, gives 0 (the t = 1 case).
     The backend follows ``slice_kernels.dispatch``."""
+    if mode not in MODES:
+        raise ValueError(f"sign_consistency_loss: mode must be one of {tuple(MODES)}, got {mode!r}")
     if history is None or history.rms == 0.0:
-        return (A.sum() + B.sum()) * 0.0
+        return (A.sum() + B.sum()) * 0.0  # zero, but connected to A and B so backward() works at t = 1
     _check(A, B, history, mode)
     H1, H2 = _history_operands(history, A.device)
     kind = KIND[history.kind]
@@ -237,7 +303,11 @@ def sign_consistency_loss(A: torch.Tensor, B: torch.Tensor, history: History | N
     backend = ""
     if not torch.compiler.is_compiling():
         backend = dispatch.select("sign_loss_fwd", A.device)[0]  # raises early, and backward uses the same
-    l_dir = sign_loss_dir(A, B, H1, H2, kind, MODES[mode], float(scaling), alpha_l, inv_rms, backend)
+    args = (A, B, H1, H2, kind, MODES[mode], float(scaling), alpha_l, inv_rms, backend)
+    if torch.is_grad_enabled() and (A.requires_grad or B.requires_grad):
+        l_dir = sign_loss_dir_train(*args)[0]  # loss and gradients in one pass
+    else:
+        l_dir = sign_loss_dir(*args)
     if beta == 0.0:
         return l_dir
     m, n = history.shape
