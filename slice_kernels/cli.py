@@ -36,6 +36,8 @@ def _run_parser(sub):
     p.add_argument("--n-train", type=int, help="training examples per task")
     p.add_argument("--n-eval", type=int, help="evaluation examples per task")
     p.add_argument("--svd", choices=["randomized", "exact"])
+    p.add_argument("--tau", type=float, help="SLICE conflict threshold τ: surgery when cos < τ (default 0)")
+    p.add_argument("--strength", type=float, help="SLICE projection strength c in [0, 1] (default 1)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the profile's)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
@@ -76,6 +78,7 @@ def cmd_run(a) -> int:
     over = dict(
         model=a.model, rank=a.rank, alpha=a.alpha, steps=a.steps, lr=a.lr, batch_size=a.batch_size,
         train_on=a.train_on, n_train=a.n_train, n_eval=a.n_eval, svd=a.svd, seed=a.seed, device=a.device,
+        conflict_threshold=a.tau, projection_strength=a.strength,
         dtype=a.dtype,
     )
     if a.tasks is not None:

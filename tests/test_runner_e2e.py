@@ -52,6 +52,7 @@ def _cfg(model, **kw):
         rank=2, steps=3, n_train=24, n_eval=4, n_heldout=3, ip_shots=1, max_new_tokens=4, grad_batches=2,
         replay_batches=1, grad_batch_size=4, batch_size=4, max_len=48, lr=5e-3,
         targets=["q_proj", "v_proj", "down_proj"], seed=3,
+        conflict_threshold=1.0,  # surgery whenever cos < 1, so the SLICE path with γ ≠ 0 runs here
     )
     base.update(kw)
     return make_config("default", **base)
@@ -91,8 +92,11 @@ def test_results_shape_metrics_and_outputs(full_run):
         assert [rep["stage"] for rep in r["init_reports"]] == [1, 2]
         assert all("gamma" in rep and "cos" in rep for rep in r["init_reports"])
     # SLICE at stage 2 has a replay gradient: its cosine is a real number in [-1, 1]
-    cos2 = res["methods"]["slice"]["init_reports"][1]["cos"]
-    assert cos2 is not None and -1.0 <= cos2 <= 1.0
+    rep2 = res["methods"]["slice"]["init_reports"][1]
+    assert rep2["cos"] is not None and -1.0 <= rep2["cos"] < 1.0
+    # SPEC §1 step 4 with c = 1: γ = −D / N_p
+    assert rep2["gamma"] == pytest.approx(-rep2["D"] / rep2["Np"], rel=1e-9) and rep2["gamma"] != 0.0
+    assert res["methods"]["slice"]["init_reports"][0]["gamma"] == 0.0  # stage 1: no replay, no surgery
     assert res["base"]["GP"] is not None and res["base"]["IP"] is not None
     assert res["train_on"] == "answer"
     for png in ("R_heatmaps.png", "metrics_bars.png", "task_curves.png"):

@@ -49,6 +49,8 @@ class RunConfig:
     replay_batches: int = 2  # S_prev: replay batches per earlier task (the buffer holds this × grad_batch_size)
     grad_batch_size: int = 8
     svd: str = "randomized"
+    conflict_threshold: float = 0.0  # SLICE's τ: surgery when cos(G_cur, G_prev) < τ
+    projection_strength: float = 1.0  # SLICE's c
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
