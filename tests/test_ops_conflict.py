@@ -111,3 +111,15 @@ def test_cuda_backends_match_the_float64_reference_on_gpu(backend):
         conflict.surgery_(cur, prev, gam)
     for w, e in zip(cur, exact):
         assert (w.double() - e).abs().max().item() <= 2 * 2.0**-24 * e.abs().max().item()
+
+
+@pytest.mark.parametrize("backend", backends_for("conflict_stats"))
+def test_float64_inputs_keep_float64_accuracy(backend):
+    # float32 loads would round these values; the float64 path must give the exact float64 sums
+    torch.manual_seed(5)
+    cur = [torch.randn(37, 29, dtype=torch.float64) * (1 + 1e-12)]
+    prev = [torch.randn(37, 29, dtype=torch.float64)]
+    ref = torch.stack([(cur[0] * prev[0]).sum(), (prev[0] ** 2).sum(), (cur[0] ** 2).sum()])
+    with dispatch.use_backend(backend):
+        got = conflict.conflict_stats(cur, prev)[0]
+    torch.testing.assert_close(got, ref, rtol=1e-14, atol=0)

@@ -220,12 +220,23 @@ def surgery_native(cur: Sequence[torch.Tensor], prev: Sequence[torch.Tensor], ga
         c.copy_(work[i])
 
 
+def _has_float64(*lists) -> bool:
+    return any(t.dtype == torch.float64 for ts in lists if ts is not None for t in ts)
+
+
 def conflict_stats(cur: Sequence[torch.Tensor], prev: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-    """Per-layer [D, N_p, N_c] in float64, shape (L, 3), on the device of ``cur``."""
+    """Per-layer [D, N_p, N_c] in float64, shape (L, 3), on the device of ``cur``.
+
+    The fused kernels load float32 (the accumulators' dtype); float64 inputs always go to the torch
+    reference, whatever backend is selected, because a float64 caller is asking for float64 accuracy.
+    """
     if len(cur) == 0:
         raise ValueError("conflict_stats needs at least one layer")
     _check_pairs(cur, prev)
-    return dispatch.call("conflict_stats", cur[0].device, list(cur), None if prev is None else list(prev))
+    prev = None if prev is None else list(prev)
+    if _has_float64(cur, prev):
+        return conflict_stats_torch(list(cur), prev)
+    return dispatch.call("conflict_stats", cur[0].device, list(cur), prev)
 
 
 def surgery_(cur: Sequence[torch.Tensor], prev: Sequence[torch.Tensor], gammas) -> None:
@@ -236,4 +247,6 @@ def surgery_(cur: Sequence[torch.Tensor], prev: Sequence[torch.Tensor], gammas) 
         raise ValueError(f"surgery_ needs one gamma per layer ({gammas.numel()} for {len(cur)} layers)")
     if len(cur) == 0 or not bool((gammas != 0).any()):
         return
+    if _has_float64(cur, prev):  # float64 stays float64 (see conflict_stats)
+        return surgery_torch(list(cur), list(prev), gammas)
     dispatch.call("surgery", cur[0].device, list(cur), list(prev), gammas)
