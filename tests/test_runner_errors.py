@@ -97,3 +97,15 @@ def test_reasoning_gym_options_in_the_spec():
         check_spec("chain_sum?max_term=2")
     with pytest.raises(TaskError, match="must look like key=value"):
         check_spec("chain_sum?max_terms")
+
+
+def test_two_jsonl_files_with_the_same_name(tmp_path):
+    from slice_kernels.runner import make_config
+    from slice_kernels.runner.run import validate
+
+    rows = [{"prompt": "p", "answer": "a"}] * 3
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    f1, f2 = write_jsonl(str(tmp_path / "a" / "x.jsonl"), rows), write_jsonl(str(tmp_path / "b" / "x.jsonl"), rows)
+    with pytest.raises(ValueError, match=r"\['x'\] appear twice"):
+        validate(make_config("default", tasks=[f1, f2], heldout=[]))

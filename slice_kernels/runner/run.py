@@ -23,7 +23,7 @@ from .metrics import continual_metrics
 from .methods import LoraSettings, StageContext
 from .model import check_model_dir, load_model
 from .profiles import RunConfig
-from .tasks import Example, check_spec, load_task
+from .tasks import Example, check_spec, load_task, task_name
 from .train import collect_gradients, default_loss, train_adapter
 
 
@@ -43,6 +43,11 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError("no tasks: pass --tasks with at least one reasoning-gym name or JSONL file")
     for spec in list(cfg.tasks) + list(cfg.heldout):
         check_spec(spec)
+    short = [task_name(s) for s in list(cfg.tasks) + list(cfg.heldout)]
+    dupes = sorted({n for n in short if short.count(n) > 1})
+    if dupes:
+        raise ValueError(f"task name(s) {dupes} appear twice among --tasks/--heldout (JSONL tasks are named after "
+                         f"the file name without .jsonl): rename one of the files")
     overlap = sorted(set(cfg.tasks) & set(cfg.heldout))
     if overlap:
         raise ValueError(f"held-out task(s) {overlap} are also in the sequence; GP/IP need tasks outside it (--heldout)")

@@ -81,6 +81,11 @@ def _is_path(spec: str) -> bool:
     return spec.endswith(".jsonl") or os.sep in spec or os.path.exists(spec)
 
 
+def task_name(spec: str) -> str:
+    """The name a task gets in results: the spec for reasoning-gym tasks, the file's stem for JSONL files."""
+    return os.path.splitext(os.path.basename(spec))[0] if _is_path(spec) else spec
+
+
 def reasoning_gym_names() -> list[str]:
     from reasoning_gym.factory import DATASETS
 
@@ -160,7 +165,7 @@ def load_task(spec: str, n_train: int, n_eval: int, seed: int) -> Task:
         rows = read_jsonl(spec)
         random.Random(_task_seed(seed, spec)).shuffle(rows)
         k = min(n_eval, max(1, len(rows) // 5))
-        name = os.path.splitext(os.path.basename(spec))[0]
+        name = task_name(spec)
         metrics = sorted({r.metric for r in rows})
         return Task(
             name=name, source=spec, train=rows[k : k + n_train] if n_train else rows[k:], eval=rows[:k],
