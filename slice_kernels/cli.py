@@ -11,6 +11,7 @@ and writes the outputs.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -38,6 +39,9 @@ def _run_parser(sub):
     p.add_argument("--svd", choices=["randomized", "exact"])
     p.add_argument("--tau", type=float, help="SLICE conflict threshold τ: surgery when cos < τ (default 0)")
     p.add_argument("--strength", type=float, help="SLICE projection strength c in [0, 1] (default 1)")
+    p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option for the methods, repeatable (e.g. ps_lambda=0.5, ps_mode=hinge, gorp_rank=4, "
+                        "scale=stable); VALUE is read as JSON when it parses, else as a string")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the profile's)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
@@ -71,6 +75,19 @@ def _init_distributed(device: str | None) -> None:
         dist.init_process_group("nccl" if device and device.startswith("cuda") else "gloo")
 
 
+def _key_values(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--method-option {item!r}: expected KEY=VALUE, e.g. ps_lambda=0.5")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
 def cmd_run(a) -> int:
     from .runner import make_config, run
     from .runner.tasks import expand_task_list
@@ -81,6 +98,8 @@ def cmd_run(a) -> int:
         conflict_threshold=a.tau, projection_strength=a.strength,
         dtype=a.dtype,
     )
+    if a.method_option:
+        over["method_options"] = _key_values(a.method_option)
     if a.tasks is not None:
         over["tasks"] = expand_task_list(a.tasks)
     if a.heldout is not None:

@@ -24,6 +24,7 @@ class Probe(InitMethod):
     def init_adapter(self, ctx):
         peft_model, rep = super().init_adapter(ctx)
         rep["seen_stages"] = list(ctx.state.get("stages", []))
+        rep["ps_lambda_option"] = ctx.options.get("ps_lambda")  # run-config method options reach the method
         return peft_model, rep
 
     def extra_loss(self, ctx, peft_model, batch):
@@ -53,6 +54,7 @@ def _cfg(model, **kw):
         replay_batches=1, grad_batch_size=4, batch_size=4, max_len=48, lr=5e-3,
         targets=["q_proj", "v_proj", "down_proj"], seed=3,
         conflict_threshold=1.0,  # surgery whenever cos < 1, so the SLICE path with γ ≠ 0 runs here
+        method_options={"ps_lambda": 0.25},
     )
     base.update(kw)
     return make_config("default", **base)
@@ -79,6 +81,7 @@ def test_results_shape_metrics_and_outputs(full_run):
     res = json.load(open(os.path.join(out, "results.json")))
     assert set(res["methods"]) == {"probe", "slice"}
     assert [r["seen_stages"] for r in res["methods"]["probe"]["init_reports"]] == [[], [1]]
+    assert [r["ps_lambda_option"] for r in res["methods"]["probe"]["init_reports"]] == [0.25, 0.25]
     for m, r in res["methods"].items():
         for key in ("R", "AP", "FP", "Forgetting", "BWT", "GP", "IP", "init_reports"):
             assert key in r, (m, key)

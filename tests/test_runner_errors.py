@@ -109,3 +109,11 @@ def test_two_jsonl_files_with_the_same_name(tmp_path):
     f1, f2 = write_jsonl(str(tmp_path / "a" / "x.jsonl"), rows), write_jsonl(str(tmp_path / "b" / "x.jsonl"), rows)
     with pytest.raises(ValueError, match=r"\['x'\] appear twice"):
         validate(make_config("default", tasks=[f1, f2], heldout=[]))
+
+
+def test_unknown_method_option_cli(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["run", "--model", "smollm2", "--method-option", "ps_lamda=0.5", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unknown method option(s) ['ps_lamda']" in err and "ps_lambda" in err
+    assert not out.exists()

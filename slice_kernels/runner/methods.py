@@ -47,6 +47,31 @@ _REGISTRY: dict[str, Callable[[], "Method"]] = {}
 _PLUGIN_MODULES = ("slice_kernels.stability", "slice_kernels.gorp")
 _PLUGIN_ERRORS: dict[str, str] = {}
 
+# Options a run may pass to its methods (``RunConfig.method_options``, CLI ``--method-option KEY=VALUE``),
+# beside every ``SliceConfig`` field (read by the init methods). A name outside this table is an error, so
+# a typo never silently leaves a method on its default.
+METHOD_OPTIONS = {
+    "ps_lambda": "PS-LoRA: λ, weight of the stability loss (1.0)",
+    "ps_alpha": "PS-LoRA: α, tanh sharpness α/rms(H) (1.0)",
+    "ps_beta": "PS-LoRA: β, weight of the magnitude term (0.1)",
+    "ps_mode": "PS-LoRA: 'tanh' (default) or 'hinge'",
+    "ps_history": "PS-LoRA: history form 'factors' (default), 'dense' or 'bits'",
+    "gorp_full_rank": "GORP: module patterns trained full-rank (default the first of gate_proj/c_fc/fc1)",
+    "gorp_rank": "GORP: projection rank (default the LoRA rank)",
+    "gorp_scale": "GORP: update scale of the full-rank weights (0.25)",
+    "gorp_gap": "GORP: projector refresh period T in steps (10)",
+    "gorp_energy": "GORP: explained energy kept when a shared space grows (0.9)",
+}
+
+
+def check_method_options(options: dict) -> None:
+    from ..config import SliceConfig
+
+    known = set(METHOD_OPTIONS) | set(SliceConfig.__dataclass_fields__)
+    bad = sorted(set(options) - known)
+    if bad:
+        raise ValueError(f"unknown method option(s) {bad}; known: {sorted(known)}")
+
 
 @dataclass
 class LoraSettings:

@@ -51,6 +51,8 @@ class RunConfig:
     svd: str = "randomized"
     conflict_threshold: float = 0.0  # SLICE's τ: surgery when cos(G_cur, G_prev) < τ
     projection_strength: float = 1.0  # SLICE's c
+    # per-method options (ps_lambda, gorp_rank, SliceConfig fields, ...): see runner.methods.METHOD_OPTIONS
+    method_options: dict = field(default_factory=dict)
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
@@ -82,5 +84,8 @@ def make_config(profile: str = "default", **overrides) -> RunConfig:
     bad = sorted(set(overrides) - known)
     if bad:
         raise ValueError(f"unknown run option(s) {bad}; known: {sorted(known)}")
+    from .methods import check_method_options
+
+    check_method_options(overrides.get("method_options") or {})
     cfg = replace(RunConfig(), profile=profile, **PROFILES[profile])
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})

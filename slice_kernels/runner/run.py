@@ -207,7 +207,8 @@ def run(cfg: RunConfig, out: str, *, resume: bool = False, progress: bool = True
                 collect_gradients=lambda b: collect_gradients(model, lora.target_modules, b, progress=progress,
                                                               desc=f"{mname} t{t} gradients"),
                 loss_fn=default_loss, options={"svd": cfg.svd, "conflict_threshold": cfg.conflict_threshold,
-                                                     "projection_strength": cfg.projection_strength}, world_size=world, rank=rank,
+                                                     "projection_strength": cfg.projection_strength,
+                                                     **cfg.method_options}, world_size=world, rank=rank,
             )
             ts = time.perf_counter()
             peft_model, rep = method.init_adapter(ctx)
