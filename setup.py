@@ -17,6 +17,21 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
+# No --use_fast_math: it turns tanhf into tanh.approx.f32 (relative error up to 2^-11 ≈ 5e-4), which breaks the
+# float32 ≤ 1e-5 contract of the sign-consistency loss and its gradients, and flushes denormals to zero.
+# tests/test_gpu_paths.py compiles a kernel with these flags and checks the PTX.
+NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo"]
+
+
+def _torch_arch_list(archs: str) -> str:
+    """"90;80,90a" → "9.0;8.0;9.0a" (TORCH_CUDA_ARCH_LIST's spelling); "8.6" and "+PTX" pass unchanged."""
+    out = []
+    for a in archs.replace(",", ";").split(";"):
+        a = a.strip()
+        digits = a.rstrip("abf")
+        out.append(f"{digits[:-1]}.{digits[-1]}{a[len(digits):]}" if len(digits) >= 2 and digits.isdigit() else a)
+    return ";".join(x for x in out if x)
+
 
 def _extensions():
     if os.environ.get("SLICE_KERNELS_SKIP_EXT") == "1":
@@ -35,14 +50,15 @@ def _extensions():
     if with_cuda:
         archs = os.environ.get("SLICE_KERNELS_CUDA_ARCHS")
         if archs:
-            os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(
-                f"{a[:-1]}.{a[-1]}" if a.isdigit() else a for a in archs.replace(",", ";").split(";") if a
-            )
+            os.environ["TORCH_CUDA_ARCH_LIST"] = _torch_arch_list(archs)
+        elif not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            # torch would otherwise build for every architecture it knows (slow, and sm_50-era ones are useless)
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         ext = CUDAExtension(
             "slice_kernels._C",
             cpu_sources + rel(["csrc/cuda/*.cu", "csrc/cuda_glue/*.cpp"]),
             include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": cxx + ["-DSK_WITH_CUDA"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx + ["-DSK_WITH_CUDA"], "nvcc": list(NVCC_FLAGS)},
             extra_link_args=["-fopenmp"],
         )
     else:

@@ -31,8 +31,12 @@ step() {  # step NAME LOGFILE CMD...: run, tee, record the exit status
   echo
   python - <<'PY'
 import datetime, torch
+try:
+    import triton; tv = triton.__version__
+except Exception as exc:
+    tv = f"not importable ({type(exc).__name__})"
 print(f"device: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA DEVICE'}; "
-      f"torch {torch.__version__} (CUDA {torch.version.cuda}); "
+      f"torch {torch.__version__} (CUDA {torch.version.cuda}); triton {tv}; "
       f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
 PY
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader 2>/dev/null || true
@@ -51,8 +55,12 @@ step extension "$OUT/extension.log" python -c "
 import slice_kernels._ext as e, torch
 m = e.load(); assert m is not None, e.load_error()
 print('with_cuda =', m.with_cuda)
-for op in ('conflict_stats', 'surgery_', 'cholesky_shifted', 'grad_accumulate_'):
-    print(op, 'CUDA kernel:', e.has_kernel(op, 'cuda'))
+ops = ('conflict_stats', 'surgery_', 'cholesky_shifted', 'grad_accumulate_', 'sign_loss_fwd', 'sign_loss_bwd',
+       'sign_loss_fwd_bwd', 'magnitude_merge_factors', 'gorp_update')
+missing = [op for op in ops if not e.has_kernel(op, 'cuda')]
+for op in ops:
+    print(op, 'CUDA kernel:', op not in missing)
+assert not missing, f'no CUDA kernel for {missing}: the CUDA tests would run another backend or fail'
 "
 if [[ -z "${SKIP_TESTS:-}" ]]; then
   step pytest "$OUT/pytest.log" python -m pytest -q -rs --durations=20

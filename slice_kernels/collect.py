@@ -136,8 +136,11 @@ class _Stream:
                                  f"got {type(batches).__name__}")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise SliceInitError(f"{label}: steps={steps!r} must be a positive integer")
-        if hasattr(batches, "__len__"):
+        try:
             n = len(batches)  # fail before any forward pass when the length is known
+        except TypeError:  # no length: a generator, or a DataLoader over an IterableDataset (streaming)
+            n = None
+        if n is not None:
             if n < steps:
                 raise SliceInitError(f"{label}: needs {steps} batches but has only {n}; pass more batches or "
                                      f"lower the steps (SliceConfig.current_steps / replay_steps)")
@@ -321,15 +324,17 @@ def replay_streams(replay, steps: int, mode: str) -> list[_Stream]:
     if isinstance(replay, Mapping) or not isinstance(replay, Iterable):
         raise SliceInitError(f"replay must be a list of iterables (one per earlier task) or, with "
                              f"replay_mode='pooled', one iterable of batches; got {type(replay).__name__}")
+    if mode not in ("per_task", "pooled"):
+        raise SliceInitError(f"replay_mode={mode!r} is not 'per_task' or 'pooled'")
+    if isinstance(replay, (list, tuple)) and len(replay) == 0:
+        return []  # no earlier task (task 1), whatever the mode
     if mode == "pooled":
-        if isinstance(replay, (list, tuple)) and replay and all(_is_batch_source(x) for x in replay):
+        if isinstance(replay, (list, tuple)) and all(_is_batch_source(x) for x in replay):
             raise SliceInitError(
                 f"replay_mode='pooled' takes ONE iterable of batches (all earlier tasks mixed), but replay is a "
                 f"list of {len(replay)} iterables; chain/shuffle them into one stream, or use "
                 f"replay_mode='per_task' to weight the tasks equally")
         return [_Stream(replay, steps, 1.0, "pooled replay")]
-    if mode != "per_task":
-        raise SliceInitError(f"replay_mode={mode!r} is not 'per_task' or 'pooled'")
     if not isinstance(replay, (list, tuple)):
         raise SliceInitError("replay_mode='per_task' needs a list with one iterable of batches per earlier task; "
                              f"got {type(replay).__name__} (for one mixed stream use replay_mode='pooled')")
@@ -342,6 +347,9 @@ def replay_streams(replay, steps: int, mode: str) -> list[_Stream]:
 
 
 def _is_batch_source(x) -> bool:
+    # A tuple of tensors is one batch in the (inputs, targets) convention of a custom loss_fn, not a source.
+    if isinstance(x, tuple) and len(x) > 0 and all(isinstance(v, torch.Tensor) for v in x):
+        return False
     return isinstance(x, Iterable) and not isinstance(x, (Mapping, str, bytes, torch.Tensor))
 
 

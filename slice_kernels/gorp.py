@@ -220,11 +220,12 @@ class GorpAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group, p, name in self._named_params():
-            if p.grad is None:
-                continue
+        todo = [(group, p, name) for group, p, name in self._named_params() if p.grad is not None]
+        for _, p, name in todo:  # checked before any parameter moves, so an error leaves the model as it was
             if p.grad.is_sparse:
-                raise RuntimeError(f"{name}: GorpAdamW does not support sparse gradients")
+                raise RuntimeError(f"{name}: GorpAdamW does not support sparse gradients; use a dense gradient "
+                                   f"(e.g. nn.Embedding(sparse=False)) or another optimizer for this parameter")
+        for group, p, name in todo:
             self._step_param(group, p, name)
         return loss
 

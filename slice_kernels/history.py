@@ -100,7 +100,8 @@ class History:
                     f"History.from_factors: task {i} has B {tuple(B.shape)} and A {tuple(A.shape)}; expected "
                     f"B (m={m}, r) and A (r, n={n}) with the same r"
                 )
-        Bh = torch.cat([(s * B.detach()).float() for s, B in zip(scalings, Bs)], dim=1).contiguous()
+        # s·B formed in float64 and rounded once (s·B in a bf16 adapter's own dtype would round to bf16)
+        Bh = torch.cat([(s * B.detach().double()).float() for s, B in zip(scalings, Bs)], dim=1).contiguous()
         Ah = torch.cat([A.detach().float() for A in As], dim=0).contiguous()
         rms = math.sqrt(float(gram_sq_norm(Bh, Ah)) / (m * n))
         return cls("factors", (m, n), rms, Bh=Bh, Ah=Ah)
@@ -115,10 +116,10 @@ class History:
 
     @classmethod
     def from_bits(cls, bits: torch.Tensor, n: int, rms: float) -> "History":
-        m = bits.shape[0]
         if bits.dtype != torch.uint8 or bits.dim() != 2 or bits.shape[1] != (n + 7) // 8:
             raise ValueError(f"sign bits must be uint8 of shape (m, ceil(n/8)) = (m, {(n + 7) // 8}), got "
                              f"{bits.dtype} {tuple(bits.shape)}")
+        m = bits.shape[0]
         return cls("bits", (m, n), float(rms), bits=bits.contiguous())
 
     # ------------------------------------------------------------------ conversions
@@ -179,11 +180,11 @@ class History:
                              f"update of shape {self.shape}")
         B, A = B.detach().to(self.device), A.detach().to(self.device)
         if self.kind == "factors":
-            Bh = torch.cat([self.Bh, (scaling * B).float()], dim=1).contiguous()
+            Bh = torch.cat([self.Bh, (scaling * B.double()).float()], dim=1).contiguous()
             Ah = torch.cat([self.Ah, A.float()], dim=0).contiguous()
             return History("factors", (m, n), math.sqrt(float(gram_sq_norm(Bh, Ah)) / (m * n)), Bh=Bh, Ah=Ah)
         dtype = self.dense.dtype if self.kind == "dense" else torch.float32
-        Bf, Af = (scaling * B).to(dtype), A.to(dtype)
+        Bf, Af = (scaling * B.double()).to(dtype), A.to(dtype)
         if self.kind == "dense":
             H = self.dense.clone()
             sq = 0.0

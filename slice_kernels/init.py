@@ -127,7 +127,10 @@ def _validate(weights, g_cur, g_prev, r, lora_alpha, config: SliceConfig):
 
 
 def validate_ranks(weights: Mapping[str, torch.Tensor], r: int, config: SliceConfig) -> None:
-    """2r ≤ min(m, n) for the gradient methods (r ≤ min(m, n) otherwise) for every layer (SPEC §1 step 6)."""
+    """2r ≤ min(m, n) for the gradient methods (SPEC §1 step 6), r ≤ min(m, n) for loram (its r DST-I bases
+    must be distinct), no bound for lora (PEFT's default init accepts any rank) — for every layer."""
+    if config.method == "lora":
+        return
     need = 2 * r if config.uses_gradients else r
     for name, w in weights.items():
         m, n = w.shape
@@ -196,7 +199,11 @@ def _gammas(stats: torch.Tensor, config: SliceConfig, has_prev: bool):
     def gate(D, Np, Nc):
         denom = math.sqrt(Np * Nc)
         cos = D / denom if denom > 0 else 0.0
-        return (-c * D / (Np + eps) if cos < tau else 0.0), cos
+        # N_p + ε = 0 (a zero replay gradient with eps=0, gated on by τ > 0): then D = 0 too and there is
+        # nothing to project out; γ = 0 instead of 0/0
+        if cos < tau and Np + eps > 0:
+            return -c * D / (Np + eps), cos
+        return 0.0, cos
 
     s = stats.cpu()
     if config.projection_scope == "global":
@@ -207,6 +214,7 @@ def _gammas(stats: torch.Tensor, config: SliceConfig, has_prev: bool):
     return torch.tensor(gam, dtype=torch.float64), None
 
 
+@torch.no_grad()  # weights may be nn.Parameters: the returned factors and absorbed W carry no autograd history
 def init_from_gradients(
     weights: Mapping[str, torch.Tensor],
     g_cur: Mapping[str, torch.Tensor] | None = None,
@@ -343,7 +351,8 @@ def init_from_gradients(
                 A[n], B[n] = (beta * A0).to(dt), (beta * B0).to(dt)
                 info.update(beta=beta, offset=True)
                 continue
-            U, S, V = svd_out[n]
+            # the SVD ran on the first weight's device: factors go to this layer's (a model split over GPUs)
+            U, S, V = (t.to(W.device) for t in svd_out[n])
             if float(S[0]) == 0.0:
                 zero_layers.append(n)
                 A[n], B[n] = _kaiming_A(r, nn_, seed, W.device, dt), torch.zeros(m, r, device=W.device, dtype=dt)

@@ -83,6 +83,23 @@ def peft_targets(model: nn.Module, lora_config) -> dict[str, nn.Module]:
     return found
 
 
+def _refuse_shared_weights(model: nn.Module, targets: dict) -> None:
+    """A target whose weight tensor is also held by another module (tied lm_head/embeddings, two Linear layers
+    sharing a weight) cannot take the offset W − s·B·A: the other holder sees the changed W without the adapter
+    that adds s·B·A back, so the model's outputs would change at initialization."""
+    holders: dict = {}
+    for name, mod in model.named_modules():  # each module object once, so a shared module is one holder
+        for p in mod.parameters(recurse=False):
+            holders.setdefault(id(p), []).append(name)
+    for n, m in targets.items():
+        others = [h for h in holders.get(id(m.weight), []) if h != n]
+        if others:
+            raise SliceInitError(
+                f"target layer {n!r} shares its weight tensor with {others[:3]} (tied weights): the init absorbs "
+                f"W − s·B·A into that shared tensor, which would change the outputs of the other module(s). Drop "
+                f"{n!r} from target_modules (or untie the weights), or use method='lora' (no offset)")
+
+
 def _adapter_dtypes(weights, method: str, autocast_adapter_dtype: bool) -> dict:
     # What PEFT itself does: adapters of fp16/bf16 layers are float32 when autocast_adapter_dtype (its
     # default); LoRA-GA in PEFT casts A and B to the base weight's dtype.
@@ -151,6 +168,8 @@ def get_slice_model(
     targets = peft_targets(model, cfg)
     weights = {n: weight_out_in(m).detach() for n, m in targets.items()}
     validate_ranks(weights, r, slice_config)
+    if slice_config.method != "lora":  # every other method absorbs an offset into W
+        _refuse_shared_weights(model, targets)
     if not distributed.same_on_all_ranks(list(weights.values())):  # collective; same answer on every rank
         raise SliceInitError("the ranks hold different weights for the target layers: every rank must start from "
                              "the same W^(t-1) (load the same checkpoint, merge the same adapters) before the init")

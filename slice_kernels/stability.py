@@ -112,10 +112,31 @@ class StabilityLossMixin:
                                    num_items_in_batch=num_items_in_batch)
         if self.stability_loss is None:
             return out
+        share = self._stability_share(model, num_items_in_batch)
         if return_outputs:
             loss, outputs = out
-            return loss + self.stability_loss(model).to(loss.dtype), outputs
-        return out + self.stability_loss(model).to(out.dtype)
+            return loss + share * self.stability_loss(model).to(loss.dtype), outputs
+        return out + share * self.stability_loss(model).to(out.dtype)
+
+    def _stability_share(self, model, num_items_in_batch) -> float:
+        """The part of L_s this micro-batch carries, so L_s counts once per optimizer step.
+
+        compute_loss runs once per micro-batch. The Trainer divides that loss by the accumulation steps only
+        when it was not already normalized by ``num_items_in_batch`` (the rule of ``Trainer.training_step``);
+        in the other case the task loss is a share of the accumulated batch's mean, but an added L_s would
+        count once per micro-batch, i.e. λ·gradient_accumulation_steps. Divide it here in that case."""
+        if not getattr(model, "training", False):
+            return 1.0  # evaluation: L_s once per batch
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (bool(getattr(self, "model_accepts_loss_kwargs", False)) and num_items_in_batch is not None) \
+                or getattr(self, "compute_loss_func", None) is not None
+        if not scaled:
+            return 1.0  # the Trainer divides the whole loss, L_s included
+        args = getattr(self, "args", None)
+        steps = getattr(self, "current_gradient_accumulation_steps", None) or getattr(
+            args, "gradient_accumulation_steps", 1)
+        return 1.0 / max(1, int(steps))
 
 
 def __getattr__(name):
@@ -153,6 +174,7 @@ def merge_magnitude_into_base(peft_model, updates: dict) -> nn.Module:
     Each base weight holds W_0 + merge(ΔW_1..ΔW_{t−1}) and the adapter is not merged yet: the previous merge
     is removed by merging the negated earlier updates into W (|−x| = |x|, same winners), then the merge of all
     t updates is added. Both steps run in place, tile by tile from factors: no m×n buffer."""
+    plan = []  # every layer is checked before any weight is written, so an error leaves the model as it was
     for name, mod, ad in lora_layers(peft_model):
         ups = updates.get(_canonical(name))
         if not ups:
@@ -160,6 +182,13 @@ def merge_magnitude_into_base(peft_model, updates: dict) -> nn.Module:
                              f"end_of_task before merge")
         W = mod.get_base_layer().weight
         Wv = W.data.T if getattr(mod, "fan_in_fan_out", False) else W.data  # (out, in) view
+        for k, u in enumerate(ups):
+            if (u["B"].shape[0], u["A"].shape[1]) != tuple(Wv.shape):
+                raise ValueError(f"merge_magnitude_into_base: layer {name!r}: task {k}'s update is "
+                                 f"{u['B'].shape[0]}×{u['A'].shape[1]} but the weight is {Wv.shape[0]}×{Wv.shape[1]} "
+                                 f"(out, in); were the updates recorded from another model?")
+        plan.append((Wv, ups))
+    for Wv, ups in plan:
         with torch.no_grad():
             if len(ups) > 1:
                 magnitude_merge([(-u["B"].to(Wv.device), u["A"].to(Wv.device), u["s"]) for u in ups[:-1]], into=Wv)

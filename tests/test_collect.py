@@ -227,3 +227,50 @@ def test_modules_sharing_one_weight_both_get_its_gradient():
     torch.testing.assert_close(g["0"], ref)
     torch.testing.assert_close(g["2"], ref)
     assert g["0"].abs().sum() > 0
+
+
+def test_empty_replay_list_means_no_replay_in_both_modes():
+    model = tiny_llama()
+    for mode in ("per_task", "pooled"):
+        assert collect_replay_gradients(model, ["o_proj"], [], steps=2, mode=mode) is None
+    with pytest.raises(SliceInitError, match="replay_mode='mixed' is not"):
+        collect_replay_gradients(model, ["o_proj"], [], steps=2, mode="mixed")
+
+
+def test_dataloader_over_iterable_dataset_has_no_len():
+    """A DataLoader over an IterableDataset (e.g. a streaming dataset) raises TypeError on len(): it is
+    consumed like a generator instead of failing the length pre-check."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    batches = lm_batches(3)
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield from batches
+
+    model = tiny_llama()
+    g = collect_gradients(model, ["v_proj"], DataLoader(Stream(), batch_size=None), steps=2)
+    ref = manual_average(model, list(g), batches[:2])
+    for n in g:
+        torch.testing.assert_close(g[n].double(), ref[n], rtol=1e-5, atol=1e-7)
+
+
+def test_pooled_replay_of_tuple_batches():
+    """(inputs, targets) tuples are batches for a custom loss_fn: a pooled list of them is one stream, and
+    per_task refuses it as a list of batches."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    batches = [(torch.randn(4, 6), torch.randn(4, 3)) for _ in range(3)]
+
+    def loss_fn(m, b):
+        return torch.nn.functional.mse_loss(m(b[0]), b[1])
+
+    g = collect_replay_gradients(model, ["0"], batches, steps=3, mode="pooled", loss_fn=loss_fn)
+    ref = torch.zeros(5, 6)
+    for b in batches:
+        model.zero_grad()
+        loss_fn(model, b).backward()
+        ref += model[0].weight.grad / 3
+    torch.testing.assert_close(g["0"], ref)
+    with pytest.raises(SliceInitError, match="items look like batches"):
+        collect_replay_gradients(model, ["0"], batches, steps=3, mode="per_task", loss_fn=loss_fn)

@@ -162,22 +162,26 @@ def test_projector_refresh_is_seeded_and_lifts_back():
         lo = torch.randn(shape[0], 3, generator=gen, dtype=torch.float64) @ torch.randn(3, shape[1], generator=gen, dtype=torch.float64)
         G = lo + 0.01 * torch.randn(shape, generator=gen, dtype=torch.float64)
         states = []
+        w0 = torch.randn(shape, generator=gen, dtype=torch.float64)
         for _ in range(2):
-            p = torch.nn.Parameter(torch.zeros(shape, dtype=torch.float64))
-            opt = GorpAdamW([{"params": [p], "kind": "lowrank", "names": ["layer.w"]}], lr=0.1, rank=3, eps=1e-8)
+            p = torch.nn.Parameter(w0.clone())
+            # scale and decoupled weight decay: W ← (1 − lr·wd)·W − lr·scale·lift(u)
+            opt = GorpAdamW([{"params": [p], "kind": "lowrank", "names": ["layer.w"]}], lr=0.1, rank=3, eps=1e-8,
+                            scale=0.25, weight_decay=0.3)
             p.grad = G.clone()
             opt.step()
             states.append((p.detach().clone(), opt.state[p]["proj"].clone()))
-        (d, P), (d2, P2) = states
+        (w1, P), (w1b, P2) = states
         assert torch.equal(P, P2)  # same (seed, name, refresh index) → same sketch → same projector
+        assert torch.equal(w1, w1b)
         # first Adam step: u = g / (|g| + eps) elementwise, then lifted back through the projector
         if shape[0] >= shape[1]:
             g = G @ P.T
-            expected = -0.1 * (g / (g.abs() + 1e-8)) @ P
+            expected = (1 - 0.1 * 0.3) * w0 - 0.1 * 0.25 * (g / (g.abs() + 1e-8)) @ P
         else:
             g = P.T @ G
-            expected = -0.1 * P @ (g / (g.abs() + 1e-8))
-        torch.testing.assert_close(d, expected, rtol=1e-12, atol=1e-14)
+            expected = (1 - 0.1 * 0.3) * w0 - 0.1 * 0.25 * P @ (g / (g.abs() + 1e-8))
+        torch.testing.assert_close(w1, expected, rtol=1e-12, atol=1e-14)
         # the projector spans the top-3 singular space of G
         U, _, Vh = torch.linalg.svd(G)
         top = Vh[:3].T @ Vh[:3] if shape[0] >= shape[1] else U[:, :3] @ U[:, :3].T
@@ -229,3 +233,50 @@ def test_cuda_step_matches_cpu_and_avoids_the_space(kind, shape, side):
         runs[dev] = p.detach().cpu()
     if kind == "lora_a":
         torch.testing.assert_close(runs["cuda"], runs["cpu"], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(20, 12), (12, 20)])
+def test_lowrank_steps_follow_the_spec_formulas(shape):
+    """Several low-rank steps across a refresh, with a stored space, against SPEC §4 written out by hand:
+    g = G·Qᵀ (or Uᵀ·G), g ← g − proj_S(g), Adam moments in g's shape and never rotated, bias correction at the
+    optimizer's step t, u ← u − proj_S(u) (the argued addition), W ← (1 − lr·wd)·W − lr·scale·lift(u)."""
+    gen = torch.Generator().manual_seed(11)
+    side = 0 if shape[0] >= shape[1] else 1
+    d = shape[side]
+    S, _ = torch.linalg.qr(torch.randn(d, 2, generator=gen, dtype=torch.float64))
+    w0 = torch.randn(shape, generator=gen, dtype=torch.float64)
+    p = torch.nn.Parameter(w0.clone())
+    lr, b1, b2, eps, wd, scale = 0.05, 0.8, 0.95, 1e-6, 0.2, 0.5
+    opt = GorpAdamW([{"params": [p], "kind": "lowrank", "names": ["w"]}], lr=lr, betas=(b1, b2), eps=eps,
+                    weight_decay=wd, rank=3, update_proj_gap=2, scale=scale, shared_spaces={"w": S})
+    proj = (lambda X: S @ (S.T @ X)) if side == 0 else (lambda X: (X @ S) @ S.T)
+    W, m, v = w0.clone(), None, None
+    projectors = []
+    for t, (G,) in enumerate(_grads([shape], 5, seed=12), start=1):
+        p.grad = G.clone()
+        opt.step()
+        P = opt.state[p]["proj"]
+        projectors.append(P.clone())
+        g = G @ P.T if side == 0 else P.T @ G
+        g = g - proj(g)
+        m = (1 - b1) * g if m is None else b1 * m + (1 - b1) * g
+        v = (1 - b2) * g * g if v is None else b2 * v + (1 - b2) * g * g
+        u = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+        u = u - proj(u)
+        W = (1 - lr * wd) * W - lr * scale * (u @ P if side == 0 else P @ u)
+        torch.testing.assert_close(p.detach(), W, rtol=1e-12, atol=1e-13)
+    # refreshed at steps 1, 3, 5 (every T = 2 steps) and held in between
+    assert torch.equal(projectors[0], projectors[1]) and not torch.equal(projectors[1], projectors[2])
+    assert torch.equal(projectors[2], projectors[3]) and not torch.equal(projectors[3], projectors[4])
+    assert opt.state[p]["refreshes"] == 3
+
+
+def test_a_sparse_gradient_is_refused_before_any_parameter_moves():
+    w = torch.nn.Parameter(torch.ones(4, 3))
+    emb = torch.nn.Parameter(torch.ones(5, 2))
+    opt = GorpAdamW([{"params": [w, emb], "names": ["w", "emb"]}], lr=0.1)
+    w.grad = torch.ones(4, 3)
+    emb.grad = torch.ones(5, 2).to_sparse()
+    with pytest.raises(RuntimeError, match="emb: GorpAdamW does not support sparse gradients"):
+        opt.step()
+    assert torch.equal(w, torch.ones(4, 3)) and not opt.state[w]  # w was not stepped either

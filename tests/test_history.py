@@ -78,6 +78,8 @@ def test_bad_inputs_name_the_problem():
         History.from_factors(Bs, As).append(Bs[0].T, As[0])
     with pytest.raises(ValueError, match="uint8"):
         History.from_bits(torch.zeros(10, 2, dtype=torch.int32), 12, 1.0)
+    with pytest.raises(ValueError, match="uint8"):
+        History.from_bits(torch.tensor(3, dtype=torch.uint8), 12, 1.0)  # 0-d: a named error, not IndexError
 
 
 def test_history_state_dict_round_trip(tmp_path):
@@ -129,3 +131,18 @@ def test_store_refuses_a_model_without_lora():
         HistoryStore().record_task(tiny_llama())
     with pytest.raises(ValueError, match="unknown history form"):
         HistoryStore("sparse")
+
+
+def test_bfloat16_factors_are_scaled_in_float32_not_bf16():
+    """A bf16 adapter (s·B) must not be rounded to bf16 before it is stored: the history keeps float32 factors,
+    so H = s·B·A of the bf16 values to float32 accuracy, in from_factors and in every form's append."""
+    Bs, As = _factors(24, 19, [3, 2], seed=4)
+    Bs, As = [B.bfloat16() for B in Bs], [A.bfloat16() for A in As]
+    s = 0.3  # not a power of two: s·B in bf16 would round
+    exact1 = s * Bs[0].double() @ As[0].double()
+    exact2 = exact1 + 1.7 * Bs[1].double() @ As[1].double()
+    h = History.from_factors(Bs[:1], As[:1], [s])
+    torch.testing.assert_close(h.to_dense(torch.float64), exact1, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(h.append(Bs[1], As[1], 1.7).to_dense(torch.float64), exact2, rtol=1e-6, atol=1e-6)
+    d = History.from_dense(h.to_dense()).append(Bs[1], As[1], 1.7)
+    torch.testing.assert_close(d.dense.double(), exact2, rtol=1e-6, atol=1e-6)

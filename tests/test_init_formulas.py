@@ -8,6 +8,7 @@ The ops run on the torch reference backend here: this file pins the formulas; th
 compared with that reference in tests/test_ops_*.py (the native ones take float32, not these float64 inputs).
 """
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -331,8 +332,8 @@ def test_non_finite_gradient_names_layer_and_modifies_nothing(where):
                             inplace_gradients=True)
     assert ei.value.layer == "l2"
     assert ("replay" in ei.value.source) == (where == "g_prev")
-    for n in gc:
-        assert torch.equal(gc[n], before[n]) or (torch.isnan(gc[n]) == torch.isnan(before[n])).all()
+    for n in gc:  # bit for bit, NaN included: the in-place surgery never ran
+        torch.testing.assert_close(gc[n], before[n], rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("method", ["slice", "lora_ga", "loram"])
@@ -342,6 +343,13 @@ def test_rank_too_large_names_layer(method):
     r = 6 if method != "loram" else 11
     with pytest.raises(SliceInitError, match=r"'l1'.*\(10, 40\)"):
         init_from_gradients(W, gc, None, r=r, lora_alpha=2.0, config=SliceConfig(method=method))
+
+
+def test_lora_baseline_accepts_any_rank_as_peft():
+    W = weights_like({"a": torch.zeros(6, 10)})
+    res = init_from_gradients(W, None, None, r=8, lora_alpha=2.0, config=SliceConfig(method="lora"))
+    assert res.A["a"].shape == (8, 10) and torch.equal(res.B["a"], torch.zeros(6, 8))
+    assert torch.equal(res.weights["a"], W["a"])
 
 
 def test_replay_for_other_layers_is_refused():
@@ -356,3 +364,34 @@ def test_surgery_overflow_is_reported_not_factorized():
     gp = {"a": torch.full((8, 6), -1e-20, dtype=torch.float32)}  # D < 0, N_p ≈ 5e-39: γ ≈ 2e49
     with pytest.raises(NonFiniteGradientError, match="surgery result"):
         init_from_gradients(weights_like(gc), gc, gp, r=2, lora_alpha=2.0, config=SliceConfig(eps=0.0))
+
+
+@pytest.mark.parametrize("scope", ["global", "per_module"])
+def test_zero_replay_gradient_with_eps_zero_and_positive_tau(scope):
+    """τ > 0 gates the surgery on for cos = 0; with ε = 0 and a zero replay gradient, γ = −c·0/0 must be 0
+    (nothing to project out), not a ZeroDivisionError."""
+    gc, gp = conflicting_pair(sign=-1.0)
+    gp["l1"] = torch.zeros_like(gp["l1"])
+    if scope == "global":
+        gp = {n: torch.zeros_like(t) for n, t in gp.items()}
+    res, gt, _ = run(gc, gp, projection_scope=scope, eps=0.0, conflict_threshold=0.5)
+    assert res.report.layers["l1"]["gamma"] == 0.0
+    assert torch.equal(gt["l1"], gc["l1"])
+    if scope == "per_module":  # the other layers still get their own γ = −D/N_p
+        D = float((gc["l0"] * gp["l0"]).sum())
+        assert res.report.layers["l0"]["gamma"] == pytest.approx(-D / float((gp["l0"] ** 2).sum()), rel=1e-12)
+
+
+def test_parameters_as_weights_give_plain_tensors():
+    """Passing the model's nn.Parameters (not detached) is natural: the absorbed W and the factors come back as
+    plain tensors with no autograd history, and the parameters are untouched."""
+    lin = torch.nn.Linear(12, 20)
+    w0 = lin.weight.detach().clone()
+    gc = {"a": gapped(20, 12, spectra(12), seed=4).float()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "Converting a tensor with requires_grad=True to a scalar"
+        res = init_from_gradients({"a": lin.weight}, gc, None, r=2, lora_alpha=2.0, config=SliceConfig())
+    for t in (res.weights["a"], res.A["a"], res.B["a"]):
+        assert not t.requires_grad and t.grad_fn is None
+    assert torch.equal(lin.weight, w0)
+    torch.testing.assert_close(res.weights["a"] + res.scaling * res.B["a"] @ res.A["a"], w0, rtol=0, atol=1e-6)

@@ -93,3 +93,25 @@ def test_init_exact_and_randomized_agree_on_gapped_gradients():
     for n in gc:
         # the top block is clustered: compare the slices' spans
         assert subspace_sin(rn.B[n], ex.B[n]) < 1e-3 and subspace_sin(rn.A[n].T, ex.A[n].T) < 1e-3
+
+
+def test_init_sketch_is_seeded_by_seed_and_layer_name():
+    """The randomized SVD inside init_from_gradients draws each layer's sketch from (seed, layer name): the same
+    layer gives the same factors whatever other layers are batched with it, its position and the global RNG;
+    another name or seed gives another sketch (visible with no power iteration on a flat spectrum)."""
+    g = torch.Generator().manual_seed(0)
+    G = {n: torch.randn(30, 20, generator=g) for n in ("a", "b")}
+    W = {n: 0.02 * torch.randn(30, 20, generator=g) for n in G}
+    cfg = SliceConfig(method="lora_ga", svd_niter=0, scale="unit")
+    kw = dict(r=2, lora_alpha=2.0, config=cfg)
+    with dispatch.use_backend("torch"):
+        torch.manual_seed(1)
+        both = init_from_gradients(W, G, None, **kw)
+        torch.manual_seed(2)
+        alone = init_from_gradients({"b": W["b"]}, {"b": G["b"]}, None, **kw)
+        renamed = init_from_gradients({"c": W["b"]}, {"c": G["b"]}, None, **kw)
+        reseeded = init_from_gradients({"b": W["b"]}, {"b": G["b"]}, None, r=2, lora_alpha=2.0,
+                                       config=SliceConfig(method="lora_ga", svd_niter=0, scale="unit", seed=5))
+    assert torch.equal(both.A["b"], alone.A["b"]) and torch.equal(both.B["b"], alone.B["b"])
+    assert not torch.allclose(renamed.A["c"], alone.A["b"], atol=1e-3)
+    assert not torch.allclose(reseeded.A["b"], alone.A["b"], atol=1e-3)

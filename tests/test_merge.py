@@ -153,3 +153,76 @@ def test_gpu_backends_merge_into_w(backend, wdtype):
     tol = 1e-5 if wdtype == torch.float32 else 2 ** -7
     torch.testing.assert_close(W.double(), expect, rtol=tol, atol=tol * float(expect.abs().max()))
     torch.testing.assert_close(out.double(), reference_magnitude_merge(ups), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", backends_for("magnitude_merge_factors"))
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_float64_factors_into_a_lower_precision_w(backend, wdtype):
+    """float64 factors (e.g. a float64 history) merged into a float32/bf16 weight: every backend accepts what
+    the torch backend accepts (the cpp kernel used to refuse it: "float64 factors need a float64 out")."""
+    m, n = 37, 53
+    ups = _updates(m, n, [3, 2], seed=12)
+    if backend not in ("torch", "cpp"):  # triton/cuda compute in float32
+        ups_k = [(B.float(), A.float(), s) for B, A, s in ups]
+    else:
+        ups_k = ups
+    W = torch.randn(m, n).to(wdtype)
+    expect = W.double() + reference_magnitude_merge(ups_k)
+    with dispatch.use_backend(backend):
+        magnitude_merge(ups_k, into=W)
+    tol = 1e-6 if wdtype == torch.float32 else 2 ** -8  # one rounding into W's dtype
+    torch.testing.assert_close(W.double(), expect, rtol=tol, atol=tol * float(expect.abs().max()))
+
+
+def test_runner_merge_checks_every_layer_before_writing():
+    """A missing update for one layer is an error that leaves every weight as it was (no half-merged model)."""
+    from peft import LoraConfig, get_peft_model
+
+    from slice_kernels.history import lora_factors, lora_layers
+    from slice_kernels.stability import _canonical, merge_magnitude_into_base
+
+    torch.manual_seed(0)
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False))
+    layers = list(lora_layers(pm))
+    updates = {}
+    for name, mod, ad in layers:
+        B, A, s = lora_factors(mod, ad)
+        updates[_canonical(name)] = [{"B": B.detach().clone(), "A": A.detach().clone(), "s": s}]
+    before = {n: p.detach().clone() for n, p in pm.named_parameters()}
+    del updates[_canonical(layers[-1][0])]  # the last layer has no recorded update
+    with pytest.raises(ValueError, match="no recorded update for layer"):
+        merge_magnitude_into_base(pm, updates)
+    for n, p in pm.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize("backend", backends_for("magnitude_merge_factors"))
+def test_float32_factors_into_a_float64_w(backend):
+    """float32 factors into a float64 weight: accepted by every backend (the cpp kernel used to refuse it
+    with "out must be float32, float64, ..."); torch and cpp merge in W's float64."""
+    m, n = 29, 41
+    ups = [(B.float(), A.float(), s) for B, A, s in _updates(m, n, [2, 3], seed=13)]
+    W = torch.randn(m, n, dtype=torch.float64)
+    expect = W + reference_magnitude_merge(ups)
+    with dispatch.use_backend(backend):
+        magnitude_merge(ups, into=W)
+    tol = 1e-12 if backend in ("torch", "cpp") else 1e-5  # triton/cuda: float32 products
+    torch.testing.assert_close(W, expect, rtol=tol, atol=tol * float(expect.abs().max()))
+
+
+@pytest.mark.parametrize("backend", backends_for("magnitude_merge_factors"))
+def test_factors_that_require_grad_and_a_parameter_as_into(backend):
+    """Live LoRA factors (requires_grad) and ``into=layer.weight`` itself: the merge is a selection outside
+    autograd on every backend (the torch backend used to build a graph, and refused the Parameter with "a leaf
+    Variable that requires grad is being used in an in-place operation" where cpp accepted it)."""
+    m, n = 21, 34
+    ups = [(B.float().requires_grad_(True), A.float().requires_grad_(True), s) for B, A, s in _updates(m, n, [2, 3], seed=14)]
+    ref = reference_magnitude_merge([(B.detach(), A.detach(), s) for B, A, s in ups])
+    W = torch.nn.Parameter(torch.randn(m, n))
+    W0 = W.detach().clone()
+    with dispatch.use_backend(backend):
+        out = magnitude_merge(ups)
+        magnitude_merge(ups, into=W)
+    assert not out.requires_grad and out.grad_fn is None
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    torch.testing.assert_close(W.detach().double(), W0.double() + ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))

@@ -48,9 +48,12 @@ def test_hook_accumulates_and_releases_grad():
 def test_hook_accepts_conv1d_orientation():
     w = torch.nn.Parameter(torch.randn(6, 5))  # Conv1D stores (in, out)
     acc = torch.zeros(5, 6)
-    w.register_post_accumulate_grad_hook(grad_accum.accumulate_hook(acc))
-    (torch.randn(2, 6) @ w).pow(2).sum().backward()
-    assert w.grad is None and acc.abs().sum() > 0
+    w.register_post_accumulate_grad_hook(grad_accum.accumulate_hook(acc, alpha=0.5))
+    x = torch.randn(2, 6)
+    (x @ w).pow(2).sum().backward()
+    assert w.grad is None
+    ref = 0.5 * (x.T @ (2 * (x @ w.detach()))).T  # dL/dw is (in, out); the accumulator holds its transpose
+    torch.testing.assert_close(acc, ref)
 
 
 def test_pinned_offload_on_cpu_copies_and_guards_names():

@@ -311,3 +311,43 @@ def test_get_slice_model_equals_the_pieces(mode):
             assert torch.equal(m.lora_A["default"].weight, ref.A[key])
             assert torch.equal(m.lora_B["default"].weight, ref.B[key])
             assert torch.equal(m.get_base_layer().weight, ref.weights[key])
+
+
+def test_targets_sharing_one_weight_are_refused_untouched():
+    """Two targets on one shared weight: absorbing both offsets into it would change the outputs (each adapter
+    adds back only its own s·B·A), so the init refuses with the model as it was; 'lora' (no offset) is fine."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(6, 6), torch.nn.Linear(6, 6)
+    b.weight = a.weight
+    model = torch.nn.Sequential(a, torch.nn.Tanh(), b)
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        before = model(x)
+    w0 = a.weight.detach().clone()
+    batches = [(torch.randn(4, 6), torch.randn(4, 6)) for _ in range(2)]
+
+    def loss_fn(m, bt):
+        return torch.nn.functional.mse_loss(m(bt[0]), bt[1])
+
+    cfg = LoraConfig(r=2, lora_alpha=2, target_modules=["0", "2"])
+    with pytest.raises(SliceInitError, match=r"target layer '0' shares its weight tensor with \['2'\]"):
+        get_slice_model(model, cfg, SliceConfig(method="lora_ga", current_steps=2), current=batches, loss_fn=loss_fn)
+    assert torch.equal(a.weight, w0) and not any(isinstance(m, LoraLayer) for m in model.modules())
+    pm = get_slice_model(model, cfg, SliceConfig(method="lora"))
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x), before, rtol=0, atol=0)
+
+
+def test_tied_lm_head_target_is_refused_untouched():
+    """lm_head tied to the input embeddings: the offset would also change the embeddings."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SliceInitError, match=r"'lm_head' shares its weight tensor with \['model.embed_tokens'\]"):
+        get_slice_model(model, LoraConfig(r=4, lora_alpha=2, target_modules=["lm_head", "q_proj"]),
+                        SliceConfig(method="lora_ga", current_steps=2), current=lm_batches(2))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())

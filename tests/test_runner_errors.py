@@ -117,3 +117,65 @@ def test_unknown_method_option_cli(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "unknown method option(s) ['ps_lamda']" in err and "ps_lambda" in err
     assert not out.exists()
+
+
+def test_training_set_smaller_than_a_batch_is_refused_not_a_hang(tmp_path):
+    """A task with fewer training examples than one batch used to make the training stream loop forever
+    (DistributedSampler with drop_last yields no full batch); now validate() names the task first."""
+    from slice_kernels.runner import make_config
+    from slice_kernels.runner.run import validate
+
+    small = write_jsonl(str(tmp_path / "small.jsonl"), [{"prompt": f"q{i}", "answer": str(i)} for i in range(6)])
+    with pytest.raises(ValueError, match=r"task 'small' has 5 training example\(s\), fewer than one batch"):
+        validate(make_config("default", tasks=[small], heldout=[], batch_size=8))
+    with pytest.raises(ValueError, match=r"task 'chain_sum' has 4 training example\(s\)"):
+        validate(make_config("default", tasks=["chain_sum"], heldout=[], n_train=4, batch_size=8))
+    validate(make_config("default", tasks=[small], heldout=[], batch_size=5))  # exactly one batch: fine
+
+
+def test_train_stream_raises_instead_of_looping_forever(tmp_path):
+    import signal
+
+    from runner_tiny import char_tokenizer
+    from slice_kernels.runner import make_config
+    from slice_kernels.runner.run import _train_stream
+
+    task = load_task("chain_sum", n_train=3, n_eval=1, seed=0)
+    cfg = make_config("default", tasks=["chain_sum"], heldout=[], batch_size=4, max_len=48)
+    signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(TimeoutError("the stream never yielded")))
+    signal.alarm(30)
+    try:
+        with pytest.raises(ValueError, match="fewer than one batch"):
+            next(_train_stream(char_tokenizer(), task, cfg, 1, 1, 0))
+    finally:
+        signal.alarm(0)
+
+
+@pytest.mark.parametrize("key", ["seed", "method", "current_steps", "replay_steps"])
+def test_method_options_the_runner_sets_are_refused_up_front(key, tmp_path, capsys):
+    """These SliceConfig fields used to pass the check and then crash the first init with a TypeError
+    (duplicate keyword), after the run directory was written."""
+    out = tmp_path / "run"
+    rc = main(["run", "--model", "smollm2", "--method-option", f"{key}=1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"['{key}'] are set by the runner" in err
+    assert not out.exists()
+
+
+def test_bad_init_option_values_are_named_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["run", "--model", "smollm2", "--method-option", "scale=bogus", "--out", str(out)])
+    assert rc == 2 and "SliceConfig.scale='bogus'" in capsys.readouterr().err and not out.exists()
+    rc = main(["run", "--model", "smollm2", "--tau", "2", "--out", str(out)])
+    assert rc == 2 and "conflict_threshold=2.0" in capsys.readouterr().err and not out.exists()
+
+
+def test_bad_reasoning_gym_option_value_is_a_task_error_before_anything_is_written(tmp_path, capsys):
+    """The option name is valid, its value is not: reasoning-gym raises TypeError/AssertionError. That used to
+    surface as a traceback after run.json was written (so the corrected rerun was refused in that --out)."""
+    with pytest.raises(TaskError, match=r"task 'chain_sum\?min_terms=5&max_terms=2': reasoning-gym cannot build"):
+        load_task("chain_sum?min_terms=5&max_terms=2", 4, 2, 0)
+    out = tmp_path / "run"
+    rc = main(["run", "--model", "smollm2", "--tasks", "chain_sum?max_terms=abc", "--heldout", "", "--out", str(out)])
+    assert rc == 2 and "reasoning-gym cannot build chain_sum" in capsys.readouterr().err
+    assert not (out / "checkpoints" / "run.json").exists()

@@ -263,3 +263,45 @@ def test_gpu_backends_match_reference(backend, form):
             gA, gB = torch.autograd.grad(out, (A, B))
         assert abs(float(out) - float(ref)) <= 1e-5 * abs(float(ref))
         assert _rel(gA, rA) <= 1e-5 and _rel(gB, rB) <= 1e-5
+
+
+@pytest.mark.parametrize("accum", [1, 3])
+def test_trainer_mixin_counts_the_stability_loss_once_per_optimizer_step(tmp_path, accum):
+    """StabilityLossMixin with gradient accumulation: the accumulated gradient of the added term is that of
+    one L_s per optimizer step, whether or not the Trainer divides the micro-batch loss by the accumulation
+    steps (it does not when the model normalizes by num_items_in_batch, as Llama does)."""
+    from transformers import TrainerCallback, TrainingArguments
+
+    from slice_kernels import PSLoRATrainer
+
+    class LinearTerm(torch.nn.Module):  # L_s = c·Σ lora params: its gradient is c on every entry
+        def forward(self, model):
+            return 0.25 * sum(p.sum() for n, p in model.named_parameters() if "lora_" in n)
+
+    class Grab(TrainerCallback):
+        def __init__(self, trainer):
+            self.trainer, self.grads = trainer, None
+
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            self.grads = {n: p.grad.detach().clone() for n, p in self.trainer.model.named_parameters()
+                          if p.grad is not None}
+
+    ids = torch.arange(4 * accum * 8).reshape(4 * accum, 8) % 128
+    data = [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()} for x in ids]
+    grads = {}
+    for term in (None, LinearTerm()):
+        pm = _peft(tiny_llama, ["q_proj", "v_proj"], seed=5)
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4,
+                                 gradient_accumulation_steps=accum, learning_rate=0.0, max_grad_norm=0.0,
+                                 report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+                                 dataloader_drop_last=True)
+        trainer = PSLoRATrainer(model=pm, args=args, train_dataset=data)
+        trainer.stability_loss = term
+        grab = Grab(trainer)
+        trainer.add_callback(grab)
+        trainer.train()
+        grads[term is None] = grab.grads
+    diffs = [grads[False][n] - grads[True][n] for n in grads[True] if "lora_" in n]
+    assert diffs
+    for d in diffs:
+        torch.testing.assert_close(d, torch.full_like(d, 0.25), rtol=1e-4, atol=1e-5)

@@ -87,8 +87,18 @@ void magnitude_merge_factors_cpu(const at::Tensor& B, const at::Tensor& A, at::I
   const int64_t ldo = out.stride(0);
   const auto ot = out.scalar_type();
   if (B.scalar_type() == at::kDouble) {
-    TORCH_CHECK(ot == at::kDouble, "magnitude_merge: float64 factors need a float64 out");
-    merge_impl<double, double>(B, A, off, scal, out.data_ptr<double>(), ldo, accumulate);
+    // float64 factors: compare and add in float64, round once into W's dtype (as the torch backend does)
+    if (ot == at::kDouble) {
+      merge_impl<double, double>(B, A, off, scal, out.data_ptr<double>(), ldo, accumulate);
+    } else if (ot == at::kFloat) {
+      merge_impl<double, float>(B, A, off, scal, out.data_ptr<float>(), ldo, accumulate);
+    } else if (ot == at::kBFloat16) {
+      merge_impl<double, at::BFloat16>(B, A, off, scal, out.data_ptr<at::BFloat16>(), ldo, accumulate);
+    } else if (ot == at::kHalf) {
+      merge_impl<double, at::Half>(B, A, off, scal, out.data_ptr<at::Half>(), ldo, accumulate);
+    } else {
+      TORCH_CHECK(false, "magnitude_merge: out must be float32, float64, bfloat16 or float16");
+    }
   } else if (ot == at::kFloat) {
     merge_impl<float, float>(B, A, off, scal, out.data_ptr<float>(),
                              ldo, accumulate);

@@ -50,9 +50,9 @@ SkSignLossArgs make_args(const at::Tensor& A, const at::Tensor& B, const at::Ten
     TORCH_CHECK(H1.size(0) == a.m && H1.size(1) == a.n, "sign_loss (cuda): dense history must be m×n");
     a.H1 = H1.data_ptr<float>();
   } else if (kind == 2) {
-    TORCH_CHECK(H1.is_cuda() && H1.scalar_type() == at::kByte && H1.is_contiguous() && H1.size(0) == a.m &&
-                    H1.size(1) == (a.n + 7) / 8,
-                "sign_loss (cuda): sign bits must be contiguous uint8 (m, ceil(n/8)) on the device");
+    TORCH_CHECK(H1.is_cuda() && H1.device() == A.device() && H1.scalar_type() == at::kByte && H1.is_contiguous() &&
+                    H1.dim() == 2 && H1.size(0) == a.m && H1.size(1) == (a.n + 7) / 8,
+                "sign_loss (cuda): sign bits must be contiguous uint8 (m, ceil(n/8)) on ", A.device());
     a.bits = H1.data_ptr<uint8_t>();
   } else {
     TORCH_CHECK(false, "sign_loss: kind must be 0 (factors), 1 (dense) or 2 (bits)");
@@ -87,7 +87,8 @@ std::tuple<at::Tensor, at::Tensor> sign_loss_bwd_cuda(const at::Tensor& grad, co
   at::Tensor dB = at::empty(B.sizes(), B.options());
   const cudaError_t err = sk_sign_loss_bwd(a, grad.data_ptr<float>(), dA.data_ptr<float>(), dB.data_ptr<float>(), stream);
   TORCH_CHECK(err == cudaSuccess, "sign_loss_bwd: CUDA launch failed (", cudaGetErrorString(err),
-              "); ranks above 277 exceed the kernel's shared-memory accumulator");
+              "); ranks above 277 exceed the kernel's shared-memory accumulator: for such ranks force another "
+              "backend (SLICE_KERNELS_BACKEND=triton or torch, or slice_kernels.dispatch.use_backend)");
   return {dA, dB};
 }
 
@@ -105,7 +106,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sign_loss_fwd_bwd_cuda(const at::
   const cudaError_t err = sk_sign_loss_fwd_bwd(a, partial.data_ptr<float>(), dA.data_ptr<float>(),
                                                dB.data_ptr<float>(), stream);
   TORCH_CHECK(err == cudaSuccess, "sign_loss_fwd_bwd: CUDA launch failed (", cudaGetErrorString(err),
-              "); ranks above 277 exceed the kernel's shared-memory accumulator");
+              "); ranks above 277 exceed the kernel's shared-memory accumulator: for such ranks force another "
+              "backend (SLICE_KERNELS_BACKEND=triton or torch, or slice_kernels.dispatch.use_backend)");
   at::Tensor loss = partial.sum(at::kDouble).div(static_cast<double>(a.m) * static_cast<double>(a.n)).to(at::kFloat);
   return {loss, dA, dB};
 }

@@ -29,12 +29,20 @@ def _tanh(x):
 
 
 @triton.jit
-def _h_tile(H1, H2, rows, cols, rmask, cmask, n, R, sh1, bh,
-            KIND: tl.constexpr, RHP: tl.constexpr, PREC: tl.constexpr):
+def _h_tile(H1, H2, rows, cols, rmask, cmask, n, R, sh1,
+            KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, RHP: tl.constexpr, PREC: tl.constexpr):
     if KIND == 0:
-        kh = tl.arange(0, RHP)
-        ah = tl.load(H2 + kh[:, None] * n + cols[None, :], mask=(kh[:, None] < R) & cmask[None, :], other=0.0)
-        h = tl.dot(bh, ah.to(tl.float32), input_precision=PREC)
+        # H = Bh·Ah walked over the history rank R in chunks of RHP: R grows with every task (2r per task on
+        # the slice+ps path), and one (BM, R) × (R, BN) dot would exceed registers and shared memory on a GPU
+        # from R ≈ 300 on. The chunks of Bh are re-read per tile (BM×RHP floats, L2-resident).
+        h = tl.zeros((BM, BN), tl.float32)
+        for k0 in range(0, R, RHP):
+            kh = k0 + tl.arange(0, RHP)
+            km = kh < R
+            bh = tl.load(H1 + rows[:, None] * R + kh[None, :], mask=rmask[:, None] & km[None, :],
+                         other=0.0).to(tl.float32)
+            ah = tl.load(H2 + kh[:, None] * n + cols[None, :], mask=km[:, None] & cmask[None, :], other=0.0)
+            h += tl.dot(bh, ah.to(tl.float32), input_precision=PREC)
     elif KIND == 1:
         h = tl.load(H1 + rows[:, None] * sh1 + cols[None, :], mask=rmask[:, None] & cmask[None, :],
                     other=0.0).to(tl.float32)
@@ -44,17 +52,6 @@ def _h_tile(H1, H2, rows, cols, rmask, cmask, n, R, sh1, bh,
         bit = (byte >> (cols % 8)[None, :]) & 1
         h = bit.to(tl.float32) * 2.0 - 1.0
     return h
-
-
-@triton.jit
-def _load_bh(H1, rows, rmask, R, KIND: tl.constexpr, BM: tl.constexpr, RHP: tl.constexpr):
-    kh = tl.arange(0, RHP)
-    if KIND == 0:
-        bh = tl.load(H1 + rows[:, None] * R + kh[None, :], mask=rmask[:, None] & (kh[None, :] < R),
-                     other=0.0).to(tl.float32)
-    else:
-        bh = tl.zeros((BM, RHP), tl.float32)
-    return bh
 
 
 @triton.jit
@@ -96,14 +93,13 @@ def _fwd_kernel(A, B, H1, H2, partial, m, n, r, R, sh1, scaling, alpha_l, inv_rm
     rmask = rows < m
     kr = tl.arange(0, RP)
     b = tl.load(B + rows[:, None] * r + kr[None, :], mask=rmask[:, None] & (kr[None, :] < r), other=0.0).to(tl.float32)
-    bh = _load_bh(H1, rows, rmask, R, KIND, BM, RHP)
     acc = tl.zeros((BM, BN), tl.float32)
     for j0 in range(0, n, BN):
         cols = j0 + tl.arange(0, BN)
         cmask = cols < n
         a = tl.load(A + kr[:, None] * n + cols[None, :], mask=(kr[:, None] < r) & cmask[None, :], other=0.0)
         d = tl.dot(b, a.to(tl.float32), input_precision=PREC) * scaling
-        h = _h_tile(H1, H2, rows, cols, rmask, cmask, n, R, sh1, bh, KIND, RHP, PREC)
+        h = _h_tile(H1, H2, rows, cols, rmask, cmask, n, R, sh1, KIND, BM, BN, RHP, PREC)
         f = _summand(d, h, alpha_l, inv_rms, KIND, MODE)
         acc += tl.where(rmask[:, None] & cmask[None, :], f, 0.0)
     tl.store(partial + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
@@ -120,7 +116,6 @@ def _dB_kernel(A, B, H1, H2, grad, dB, partial, m, n, r, R, sh1, scaling, alpha_
     kr = tl.arange(0, RP)
     bmask = rmask[:, None] & (kr[None, :] < r)
     b = tl.load(B + rows[:, None] * r + kr[None, :], mask=bmask, other=0.0).to(tl.float32)
-    bh = _load_bh(H1, rows, rmask, R, KIND, BM, RHP)
     gs = tl.load(grad).to(tl.float32) * inv_mn * scaling
     acc = tl.zeros((BM, RP), tl.float32)
     lacc = tl.zeros((BM, BN), tl.float32)
@@ -129,7 +124,7 @@ def _dB_kernel(A, B, H1, H2, grad, dB, partial, m, n, r, R, sh1, scaling, alpha_
         cmask = cols < n
         a = tl.load(A + kr[:, None] * n + cols[None, :], mask=(kr[:, None] < r) & cmask[None, :], other=0.0).to(tl.float32)
         d = tl.dot(b, a, input_precision=PREC) * scaling
-        h = _h_tile(H1, H2, rows, cols, rmask, cmask, n, R, sh1, bh, KIND, RHP, PREC)
+        h = _h_tile(H1, H2, rows, cols, rmask, cmask, n, R, sh1, KIND, BM, BN, RHP, PREC)
         valid = rmask[:, None] & cmask[None, :]
         if LOSS:
             lacc += tl.where(valid, _summand(d, h, alpha_l, inv_rms, KIND, MODE), 0.0)
@@ -156,9 +151,8 @@ def _dA_kernel(A, B, H1, H2, grad, dA, m, n, r, R, sh1, scaling, alpha_l, inv_rm
         rows = i0 + tl.arange(0, BM)
         rmask = rows < m
         b = tl.load(B + rows[:, None] * r + kr[None, :], mask=rmask[:, None] & (kr[None, :] < r), other=0.0).to(tl.float32)
-        bh = _load_bh(H1, rows, rmask, R, KIND, BM, RHP)
         d = tl.dot(b, a, input_precision=PREC) * scaling
-        h = _h_tile(H1, H2, rows, cols, rmask, cmask, n, R, sh1, bh, KIND, RHP, PREC)
+        h = _h_tile(H1, H2, rows, cols, rmask, cmask, n, R, sh1, KIND, BM, BN, RHP, PREC)
         g = tl.where(rmask[:, None] & cmask[None, :], _derivative(d, h, alpha_l, inv_rms, KIND, MODE), 0.0)
         acc += tl.dot(tl.trans(b), g, input_precision=PREC)
     tl.store(dA + kr[:, None] * n + cols[None, :], acc * gs, mask=amask)
@@ -168,13 +162,19 @@ def _pad(x: int) -> int:
     return max(16, triton.next_power_of_2(max(1, x)))
 
 
+def _rank_chunk(R: int) -> int:
+    """Width of the history-rank chunks of the factor form: 16 under the interpreter (so small tests walk
+    several chunks), at most 64 on a GPU."""
+    return 16 if dispatch.interpreting() else min(64, _pad(R))
+
+
 def _prep(A, B, H1, H2, kind):
     A, B = A.float().contiguous(), B.float().contiguous()
     if kind == 0:
         H1, H2 = H1.float().contiguous(), H2.float().contiguous()
         R = H1.shape[1]
     else:
-        H1 = H1.contiguous() if kind == 2 else H1.float().contiguous()
+        H1 = H1.contiguous()  # bits, or the dense H in its own dtype: the kernel upcasts each tile on load
         H2 = H1  # unused pointer
         R = 1
     blocks = (32, 32) if dispatch.interpreting() else (64, 64)
@@ -189,7 +189,7 @@ def sign_loss_fwd_triton(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms):
     grid = (triton.cdiv(m, BM),)
     partial = torch.empty(grid[0], dtype=torch.float32, device=A.device)
     _fwd_kernel[grid](A_, B_, H1, H2, partial, m, n, r, R, H1.stride(0), float(scaling), float(alpha_l),
-                      float(inv_rms), KIND=kind, MODE=mode, BM=BM, BN=BN, RP=_pad(r), RHP=_pad(R), PREC="ieee")
+                      float(inv_rms), KIND=kind, MODE=mode, BM=BM, BN=BN, RP=_pad(r), RHP=_rank_chunk(R), PREC="ieee")
     return (partial.double().sum() / (m * n)).to(out_dtype)
 
 
@@ -200,7 +200,7 @@ def sign_loss_bwd_triton(grad, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_r
     g = grad.float().reshape(1).contiguous()
     dA = torch.empty_like(A_)
     dB = torch.empty_like(B_)
-    common = dict(KIND=kind, MODE=mode, BM=BM, BN=BN, RP=_pad(r), RHP=_pad(R), PREC="ieee")
+    common = dict(KIND=kind, MODE=mode, BM=BM, BN=BN, RP=_pad(r), RHP=_rank_chunk(R), PREC="ieee")
     args = (m, n, r, R, H1.stride(0), float(scaling), float(alpha_l), float(inv_rms), 1.0 / (m * n))
     _dB_kernel[(triton.cdiv(m, BM),)](A_, B_, H1, H2, g, dB, dB, *args, LOSS=False, **common)
     _dA_kernel[(triton.cdiv(n, BN),)](A_, B_, H1, H2, g, dA, *args, **common)
@@ -217,7 +217,7 @@ def sign_loss_fwd_bwd_triton(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms
     dA = torch.empty_like(A_)
     dB = torch.empty_like(B_)
     partial = torch.empty(triton.cdiv(m, BM), dtype=torch.float32, device=A.device)
-    common = dict(KIND=kind, MODE=mode, BM=BM, BN=BN, RP=_pad(r), RHP=_pad(R), PREC="ieee")
+    common = dict(KIND=kind, MODE=mode, BM=BM, BN=BN, RP=_pad(r), RHP=_rank_chunk(R), PREC="ieee")
     args = (m, n, r, R, H1.stride(0), float(scaling), float(alpha_l), float(inv_rms), 1.0 / (m * n))
     _dB_kernel[(triton.cdiv(m, BM),)](A_, B_, H1, H2, g, dB, partial, *args, LOSS=True, **common)
     _dA_kernel[(triton.cdiv(n, BN),)](A_, B_, H1, H2, g, dA, *args, **common)

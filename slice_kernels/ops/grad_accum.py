@@ -3,8 +3,10 @@ accumulator whatever the gradient's dtype, called from a post-accumulate-grad ho
 ``.grad`` can be released at once.
 
 Backends: torch (reference), triton and cuda/cpp kernels that fuse the dtype conversion into the axpy (a
-bf16 gradient is never materialized as a float32 temporary). ``offload_async`` copies a finished GPU
-accumulator to pinned CPU memory on a side stream (for ``collect_gradients(offload=True)``).
+bf16 gradient is never materialized as a float32 temporary). ``PinnedOffload`` copies finished GPU
+accumulators to pinned CPU memory on a side stream, for pipelines of your own; ``collect_gradients(offload=True)``
+does not use it: it keeps the accumulators in (pinned) CPU memory from the start and adds each layer's
+gradient into them as soon as autograd produces it.
 """
 from __future__ import annotations
 
@@ -68,7 +70,12 @@ def accumulate_(acc: torch.Tensor, grad: torch.Tensor, alpha: float = 1.0) -> No
 
 def accumulate_hook(acc: torch.Tensor, alpha: float = 1.0):
     """A ``register_post_accumulate_grad_hook`` callback: adds ``alpha · p.grad`` into ``acc`` and frees
-    ``p.grad`` at once, so at most one layer's gradient is alive beside the accumulators."""
+    ``p.grad`` at once, so at most one layer's gradient is alive beside the accumulators.
+
+    ``acc`` may be in the parameter's layout or transposed (an (out, in) accumulator for a Conv1D weight stored
+    (in, out)); the orientation is read from the shapes, so for a SQUARE Conv1D weight it cannot be told apart:
+    give such a weight an accumulator in its own layout and transpose once at the end (``collect_gradients``
+    does this for every layer)."""
 
     def hook(p: torch.Tensor) -> None:
         g = p.grad

@@ -41,6 +41,10 @@ def merge_factors_torch(B, A, offsets, scalings, out, accumulate):
 @dispatch.register("magnitude_merge_factors", "cuda", native_op="magnitude_merge_factors")
 def merge_factors_native(B, A, offsets, scalings, out, accumulate):
     if B.device.type == "cuda":  # the CUDA kernel computes in float32 (mirroring Triton)
+        if out.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            # float64 out (float64 factors, or into= a float64 W): the CUDA kernel stores f32/bf16/f16 only, and
+            # a float64 caller asks for float64 accuracy (as in conflict_stats): the row-block torch path
+            return merge_factors_torch(B.to(out.dtype), A.to(out.dtype), offsets, scalings, out, accumulate)
         B, A = B.float(), A.float()
     _ext.native("magnitude_merge_factors")(B.contiguous(), A.contiguous(), list(offsets), list(scalings), out,
                                            bool(accumulate))
@@ -86,6 +90,7 @@ def _normalize(updates: Sequence[Update]):
     return items, shape
 
 
+@torch.no_grad()  # a selection, not differentiable: every backend returns a plain tensor and may write into a Parameter
 def magnitude_merge(updates: Sequence[Update], *, into: torch.Tensor | None = None) -> torch.Tensor:
     """Element-wise max-|·| merge of K updates of one layer, ties to the earliest (SPEC §3).
 
@@ -100,7 +105,10 @@ def magnitude_merge(updates: Sequence[Update], *, into: torch.Tensor | None = No
     device = (into if into is not None else tensors[0]).device
     if any(t.device != device for t in tensors):
         raise ValueError(f"magnitude_merge: every update must be on {device}")
-    dt = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    # float64 arithmetic when any input or the target W is float64 (the cpp kernel merges float32 factors only
+    # into float32/bf16/fp16 outputs)
+    f64 = any(t.dtype == torch.float64 for t in tensors) or (into is not None and into.dtype == torch.float64)
+    dt = torch.float64 if f64 else torch.float32
     out = into if into is not None else torch.empty((m, n), dtype=dt, device=device)
     accumulate = into is not None
 

@@ -64,13 +64,29 @@ METHOD_OPTIONS = {
 }
 
 
+# SliceConfig fields the runner sets itself at every stage: passing them as method options would clash
+# (a TypeError deep in the run), so they are refused up front with the run option to use instead.
+RUNNER_SET_FIELDS = {
+    "method": "--methods (the init method is the method's name)",
+    "seed": "--seed (the init seed is derived from it and the stage)",
+    "current_steps": "grad_batches (S_cur, the current-task gradient batches)",
+    "replay_steps": "replay_batches (S_prev, the replay batches per earlier task)",
+}
+
+
 def check_method_options(options: dict) -> None:
+    """Refuse unknown keys, keys the runner sets itself, and bad SliceConfig values, before any work."""
     from ..config import SliceConfig
 
     known = set(METHOD_OPTIONS) | set(SliceConfig.__dataclass_fields__)
     bad = sorted(set(options) - known)
     if bad:
-        raise ValueError(f"unknown method option(s) {bad}; known: {sorted(known)}")
+        raise ValueError(f"unknown method option(s) {bad}; known: {sorted(known - set(RUNNER_SET_FIELDS))}")
+    owned = sorted(set(options) & set(RUNNER_SET_FIELDS))
+    if owned:
+        raise ValueError(f"method option(s) {owned} are set by the runner; use "
+                         + "; ".join(f"{k}: {RUNNER_SET_FIELDS[k]}" for k in owned))
+    SliceConfig(**{k: v for k, v in options.items() if k in SliceConfig.__dataclass_fields__})  # names a bad value
 
 
 @dataclass

@@ -23,7 +23,7 @@ from .metrics import continual_metrics
 from .methods import LoraSettings, StageContext
 from .model import check_model_dir, load_model
 from .profiles import RunConfig
-from .tasks import Example, check_spec, load_task, task_name
+from .tasks import Example, check_spec, load_task, task_name, train_count
 from .train import collect_gradients, default_loss, train_adapter
 
 
@@ -53,6 +53,10 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"held-out task(s) {overlap} are also in the sequence; GP/IP need tasks outside it (--heldout)")
     for m in cfg.methods:
         methods_mod.get(m)
+    # the init options exactly as the methods receive them (--tau, --strength, --svd, --method-option):
+    # a bad value is named now, not at the first init after the run directory was written
+    methods_mod.check_method_options({"svd": cfg.svd, "conflict_threshold": cfg.conflict_threshold,
+                                      "projection_strength": cfg.projection_strength, **cfg.method_options})
     if len(set(cfg.methods)) != len(cfg.methods):
         raise ValueError(f"--methods lists a method twice: {cfg.methods}")
     if cfg.train_on not in TRAIN_ON:
@@ -71,6 +75,11 @@ def validate(cfg: RunConfig) -> None:
                              f"(each process averages an equal share of the gradient batches)")
     if cfg.batch_size % world:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {world} data-parallel processes")
+    for spec in cfg.tasks:  # a training set smaller than one batch yields no batch at all (training would hang)
+        n = train_count(spec, cfg.n_train, cfg.n_eval)
+        if n < cfg.batch_size:
+            raise ValueError(f"task {task_name(spec)!r} has {n} training example(s), fewer than one batch "
+                             f"(batch_size={cfg.batch_size}): lower --batch-size, raise --n-train, or add examples")
     check_model_dir(cfg.model)
 
 
@@ -80,6 +89,9 @@ def _train_stream(tok, task, cfg: RunConfig, stage: int, world: int, rank: int):
     sampler = DistributedSampler(enc, num_replicas=world, rank=rank, shuffle=True, seed=_seed(cfg.seed, stage, "train"),
                                  drop_last=True)
     per_rank = cfg.batch_size // world
+    if len(sampler) < per_rank:  # validate() checks this; without it the loop below would never yield
+        raise ValueError(f"task {task.name!r} has {len(enc)} training example(s), fewer than one batch "
+                         f"(batch_size={cfg.batch_size}): lower --batch-size or raise --n-train")
     pad = pad_id(tok)
     epoch = 0
     while True:
@@ -122,6 +134,10 @@ def run(cfg: RunConfig, out: str, *, resume: bool = False, progress: bool = True
     """
     world, rank = _dist()
     validate(cfg)
+    # tasks are built before the output directory is touched: a task option value that reasoning-gym rejects
+    # must not leave a run.json behind (it would refuse the corrected rerun in the same --out)
+    tasks = [load_task(s, cfg.n_train, cfg.n_eval, cfg.seed) for s in cfg.tasks]
+    heldout = [load_task(s, max(cfg.ip_shots, 1), cfg.n_heldout, cfg.seed) for s in cfg.heldout]
     fp = cfg.fingerprint()
     fp["world_size"] = world
     if rank == 0:
@@ -136,9 +152,6 @@ def run(cfg: RunConfig, out: str, *, resume: bool = False, progress: bool = True
     if device == "cuda" and world > 1:  # one GPU per process under torchrun
         device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
     model, tok = load_model(cfg.model, device, cfg.dtype)
-    n_train = cfg.n_train
-    tasks = [load_task(s, n_train, cfg.n_eval, cfg.seed) for s in cfg.tasks]
-    heldout = [load_task(s, max(cfg.ip_shots, 1), cfg.n_heldout, cfg.seed) for s in cfg.heldout]
     names = [t.name for t in tasks]
     lora = LoraSettings(cfg.rank, cfg.alpha, cfg.use_rslora, list(cfg.targets))
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}

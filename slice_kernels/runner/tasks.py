@@ -159,12 +159,25 @@ def read_jsonl(path: str) -> list[Example]:
     return out
 
 
+def _jsonl_eval_count(n_rows: int, n_eval: int) -> int:
+    """Evaluation examples a JSONL task of ``n_rows`` lines keeps (at most a fifth of them, at least one)."""
+    return min(n_eval, max(1, n_rows // 5))
+
+
+def train_count(spec: str, n_train: int, n_eval: int) -> int:
+    """How many training examples ``load_task(spec, n_train, n_eval, seed)`` gives (without building the task)."""
+    if _is_path(spec):
+        n = len(read_jsonl(spec))
+        return min(n_train, n - _jsonl_eval_count(n, n_eval)) if n_train else n - _jsonl_eval_count(n, n_eval)
+    return n_train
+
+
 def load_task(spec: str, n_train: int, n_eval: int, seed: int) -> Task:
     """Build a task with ``n_train`` training and ``n_eval`` evaluation examples (fewer for short files)."""
     if _is_path(spec):
         rows = read_jsonl(spec)
         random.Random(_task_seed(seed, spec)).shuffle(rows)
-        k = min(n_eval, max(1, len(rows) // 5))
+        k = _jsonl_eval_count(len(rows), n_eval)
         name = task_name(spec)
         metrics = sorted({r.metric for r in rows})
         return Task(
@@ -176,8 +189,12 @@ def load_task(spec: str, n_train: int, n_eval: int, seed: int) -> Task:
     import reasoning_gym as rg
 
     name, opts = parse_rg_spec(spec)
-    ds = rg.create_dataset(name, size=n_train + n_eval, seed=_task_seed(seed, spec), **opts)
-    rows = [Example(e["question"], str(e["answer"]), e) for e in (ds[i] for i in range(n_train + n_eval))]
+    try:  # a bad option value surfaces here (reasoning-gym raises TypeError, AssertionError, ...)
+        ds = rg.create_dataset(name, size=n_train + n_eval, seed=_task_seed(seed, spec), **opts)
+        rows = [Example(e["question"], str(e["answer"]), e) for e in (ds[i] for i in range(n_train + n_eval))]
+    except Exception as e:
+        raise TaskError(f"task {spec!r}: reasoning-gym cannot build {name} with options {opts} "
+                        f"({type(e).__name__}: {e}); fix the option values") from e
     return Task(
         name=spec, source="reasoning_gym", train=rows[:n_train], eval=rows[n_train:],
         scorer_name=f"reasoning_gym.{type(ds).__name__}.score_answer",  # the dataset's own scorer
