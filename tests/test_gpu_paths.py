@@ -147,3 +147,22 @@ def test_cuda_cholesky_kernel_matches_the_cpp_kernel(q):
         assert f_gpu.cpu().tolist() == f_cpu.tolist()
         assert f_cpu.tolist()[1] == (q - k if shift == 0.0 else 0) and f_cpu.tolist()[2] == q
         torch.testing.assert_close(R_gpu.cpu(), R_cpu, rtol=1e-9, atol=1e-9 * float(R_cpu.abs().max()))
+
+
+@pytest.mark.parametrize("op", ["conflict_stats", "surgery_"])
+def test_conflict_ops_refuse_tensors_on_another_device(op):
+    """The fused conflict kernels read every layer through raw addresses in one table on cur[0]'s device:
+    a tensor on another device must be refused up front, naming it, before anything is modified."""
+    from slice_kernels.ops import conflict
+
+    cur = [torch.randn(5, 4), torch.randn(3, 2)]
+    prev = [torch.randn(5, 4), torch.randn(3, 2, device="meta")]
+    before = [c.clone() for c in cur]
+    with pytest.raises(ValueError, match="replay gradient 1 is on meta"):
+        if op == "conflict_stats":
+            conflict.conflict_stats(cur, prev)
+        else:
+            conflict.surgery_(cur, prev, [0.5, 0.5])
+    with pytest.raises(ValueError, match="current gradient 1 is on meta"):
+        conflict.conflict_stats([cur[0], torch.randn(3, 2, device="meta")])
+    assert all(torch.equal(a, b) for a, b in zip(cur, before))

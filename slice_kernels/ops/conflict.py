@@ -25,6 +25,14 @@ _CHUNK = 1 << 22
 
 
 def _check_pairs(cur: Sequence[torch.Tensor], prev: Sequence[torch.Tensor] | None) -> None:
+    # One device for every tensor: the fused kernels take raw addresses from one table in one launch, so a
+    # tensor on another device would be read through a foreign pointer (illegal address, or garbage).
+    dev = cur[0].device if len(cur) else None
+    for what, ts in (("current", cur), ("replay", prev or [])):
+        for i, t in enumerate(ts):
+            if t.device != dev:
+                raise ValueError(f"conflict ops: {what} gradient {i} is on {t.device} but current gradient 0 is on "
+                                 f"{dev}; move every gradient to one device first (e.g. .to('{dev}'))")
     if prev is None:
         return
     if len(cur) != len(prev):
