@@ -128,12 +128,19 @@ def test_scores_come_from_the_reasoning_gym_scorers(full_run):
                 assert res["methods"][m]["R"][i][j] == pytest.approx(sum(scores) / len(scores))
 
 
-def test_killed_after_stage_1_then_resumed_equals_uninterrupted(full_run, tiny_dir, tmp_path):
+# 1: killed inside the first method; 3: after "slice" finished and "probe" stage 1, so the resume restores a
+# finished method's results, the second method's merged weights and its ctx.state (probe's seen_stages)
+@pytest.mark.parametrize("stop", [1, 3])
+def test_killed_after_stage_1_then_resumed_equals_uninterrupted(full_run, tiny_dir, tmp_path, stop):
     out_full, _ = full_run
     out = str(tmp_path / "resumed")
-    stopped = run(_cfg(tiny_dir), out, progress=False, log=lambda *a: None, stop_after=1)
-    assert stopped == {"stopped_after": 1}
+    stopped = run(_cfg(tiny_dir), out, progress=False, log=lambda *a: None, stop_after=stop)
+    assert stopped == {"stopped_after": stop}
     assert not os.path.exists(os.path.join(out, "results.json"))
+    latest = json.load(open(os.path.join(out, "checkpoints", "latest.json")))
+    assert (latest["method"], latest["stage"]) == (("slice", 1) if stop == 1 else ("probe", 1))
+    # only the newest checkpoint is kept, and no temporary file is left behind
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["ckpt_%04d.pt" % stop, "latest.json", "run.json"]
     # a fresh run into the same directory is refused and changes nothing
     before = _tree_hashes(out)
     with pytest.raises(ResumeError, match="already holds a run"):
