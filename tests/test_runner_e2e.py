@@ -120,8 +120,15 @@ def test_scores_come_from_the_reasoning_gym_scorers(full_run):
     for m, stages in preds.items():
         for i, per_task in enumerate(stages):
             for j, name in enumerate(res["tasks"][: i + 1]):
-                ds = rg.create_dataset(name, size=n_train + n_eval, seed=_task_seed(res["config"]["seed"], name))
-                entries = [ds[k] for k in range(n_train, n_train + n_eval)]
+                ds = rg.create_dataset(name, size=100_000, seed=_task_seed(res["config"]["seed"], name))
+                seen = {ds[k]["question"] for k in range(n_train)}
+                entries = []  # the first n_eval later items with a question unseen in training (or earlier)
+                for k in range(n_train, 100_000):
+                    if len(entries) == n_eval:
+                        break
+                    if ds[k]["question"] not in seen:
+                        seen.add(ds[k]["question"])
+                        entries.append(ds[k])
                 rows = per_task[name]
                 assert [r["answer"] for r in rows] == [str(e["answer"]) for e in entries]
                 scores = [ds.score_answer(r["prediction"], e) for r, e in zip(rows, entries)]

@@ -49,3 +49,35 @@ def test_replay_buffer_is_a_fixed_seeded_sample():
     assert a == b and len(a) == 16 and len({x.prompt for x in a}) == 16  # no repeats
     assert replay_sample(data, 16, seed=8) != a
     assert replay_sample(data[:5], 16, seed=7) and len(replay_sample(data[:5], 16, seed=7)) == 5
+
+
+def test_evaluation_questions_never_occur_in_training():
+    # two one-digit terms: only 200 distinct chain_sum questions, so 256 training draws repeat many of them
+    from slice_kernels.runner.tasks import load_task
+
+    t = load_task("chain_sum?min_terms=2&max_terms=2&max_digits=1", n_train=256, n_eval=24, seed=0)
+    train = {ex.prompt for ex in t.train}
+    evals = [ex.prompt for ex in t.eval]
+    assert len(t.train) == 256 and len(evals) == 24
+    assert not train & set(evals) and len(set(evals)) == len(evals)
+
+
+def test_too_small_a_question_space_is_a_clear_error():
+    from slice_kernels.runner.tasks import TaskError, load_task
+
+    # one one-digit term... the smallest space reasoning-gym allows here still has > 0 unseen questions, so
+    # ask for more evaluation questions than the space can hold beside the training ones
+    with pytest.raises(TaskError, match="evaluation questions that do not occur"):
+        load_task("chain_sum?min_terms=2&max_terms=2&max_digits=1", n_train=2000, n_eval=150, seed=0)
+
+
+def test_jsonl_duplicate_lines_do_not_leak_into_training(tmp_path):
+    import json
+
+    from slice_kernels.runner.tasks import load_task
+
+    rows = [{"prompt": f"q{i % 5}", "answer": str(i % 5)} for i in range(40)]  # every prompt 8 times
+    p = tmp_path / "dup.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    t = load_task(str(p), n_train=0, n_eval=4, seed=0)
+    assert not {ex.prompt for ex in t.train} & {ex.prompt for ex in t.eval}

@@ -34,6 +34,8 @@ the replay batches of every earlier task, ``ctx.lora`` the rank/alpha/targets.
 """
 from __future__ import annotations
 
+import abc
+
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -119,13 +121,15 @@ class StageContext:
     rank: int = 0
 
 
-class Method:
-    """Base class: every hook has the default described in the module docstring, except ``init_adapter``."""
+class Method(abc.ABC):
+    """Base class: every hook has the default described in the module docstring, except ``init_adapter``,
+    which a method must define (a subclass without it cannot be instantiated)."""
 
     name = "method"
 
+    @abc.abstractmethod
     def init_adapter(self, ctx: StageContext):
-        raise NotImplementedError(f"method {self.name!r} must define init_adapter(ctx)")
+        """Wrap ``ctx.model`` with an initialized adapter: return ``(peft_model, report_dict)``."""
 
     def extra_loss(self, ctx: StageContext, peft_model, batch) -> torch.Tensor | None:
         return None

@@ -180,8 +180,10 @@ def load_task(spec: str, n_train: int, n_eval: int, seed: int) -> Task:
         k = _jsonl_eval_count(len(rows), n_eval)
         name = task_name(spec)
         metrics = sorted({r.metric for r in rows})
+        eval_prompts = {r.prompt for r in rows[:k]}
+        train = [r for r in rows[k:] if r.prompt not in eval_prompts]  # a duplicated line must not leak
         return Task(
-            name=name, source=spec, train=rows[k : k + n_train] if n_train else rows[k:], eval=rows[:k],
+            name=name, source=spec, train=train[:n_train] if n_train else train, eval=rows[:k],
             scorer_name="/".join(metrics),
             _score=lambda p, ex: rouge_l(p, ex.answer) if ex.metric == "rouge_l" else exact_match(p, ex.answer),
         )
@@ -189,17 +191,48 @@ def load_task(spec: str, n_train: int, n_eval: int, seed: int) -> Task:
     import reasoning_gym as rg
 
     name, opts = parse_rg_spec(spec)
+    # Items are generated lazily by index, so a generous size costs nothing until read.
+    size = n_train + _EVAL_SCAN_FACTOR * max(n_eval, 1) + _EVAL_SCAN_EXTRA
     try:  # a bad option value surfaces here (reasoning-gym raises TypeError, AssertionError, ...)
-        ds = rg.create_dataset(name, size=n_train + n_eval, seed=_task_seed(seed, spec), **opts)
-        rows = [Example(e["question"], str(e["answer"]), e) for e in (ds[i] for i in range(n_train + n_eval))]
+        ds = rg.create_dataset(name, size=size, seed=_task_seed(seed, spec), **opts)
+        train = [Example(e["question"], str(e["answer"]), e) for e in (ds[i] for i in range(n_train))]
     except Exception as e:
         raise TaskError(f"task {spec!r}: reasoning-gym cannot build {name} with options {opts} "
                         f"({type(e).__name__}: {e}); fix the option values") from e
+    eval_rows = _unseen_eval_items(ds, n_train, size, n_eval, {ex.prompt for ex in train}, spec)
     return Task(
-        name=spec, source="reasoning_gym", train=rows[:n_train], eval=rows[n_train:],
+        name=spec, source="reasoning_gym", train=train, eval=eval_rows,
         scorer_name=f"reasoning_gym.{type(ds).__name__}.score_answer",  # the dataset's own scorer
         _score=lambda p, ex: ds.score_answer(p, ex.entry) or 0.0,
     )
+
+
+# Evaluation items are searched among this many × n_eval (+ extra) items after the training ones.
+_EVAL_SCAN_FACTOR = 50
+_EVAL_SCAN_EXTRA = 1000
+
+
+def _unseen_eval_items(ds, start: int, stop: int, n_eval: int, train_prompts: set, spec: str) -> list:
+    """The first ``n_eval`` items from index ``start`` on whose question is neither a training question nor
+    an earlier evaluation question: a small option space (e.g. two one-digit terms: 200 questions) repeats
+    questions, and a repeated one would score recall of training data, not the task."""
+    seen = set(train_prompts)
+    out = []
+    for i in range(start, stop):
+        if len(out) == n_eval:
+            break
+        e = ds[i]
+        if e["question"] in seen:
+            continue
+        seen.add(e["question"])
+        out.append(Example(e["question"], str(e["answer"]), e))
+    if len(out) < n_eval:
+        raise TaskError(
+            f"task {spec!r}: only {len(out)} evaluation questions that do not occur in its {len(train_prompts)} "
+            f"distinct training questions were found among {stop - start} further items (need {n_eval}); lower "
+            f"--n-train / --n-eval or widen the task's options"
+        )
+    return out
 
 
 def expand_task_list(arg: str) -> list[str]:
