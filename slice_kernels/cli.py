@@ -11,7 +11,6 @@ and writes the outputs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -76,15 +75,14 @@ def _init_distributed(device: str | None) -> None:
 
 
 def _key_values(items: list[str]) -> dict:
+    from .runner.tasks import json_or_str
+
     out = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise SystemExit(f"--method-option {item!r}: expected KEY=VALUE, e.g. ps_lambda=0.5")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
+        out[key] = json_or_str(raw)
     return out
 
 

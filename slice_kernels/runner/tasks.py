@@ -92,6 +92,14 @@ def reasoning_gym_names() -> list[str]:
     return sorted(DATASETS)
 
 
+def json_or_str(raw: str):
+    """An option value from the command line: JSON when it parses (numbers, booleans, lists), else the string."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
 def parse_rg_spec(spec: str) -> tuple[str, dict]:
     """``name?k=v&k=v`` -> (name, options)."""
     name, _, query = spec.partition("?")
@@ -100,10 +108,7 @@ def parse_rg_spec(spec: str) -> tuple[str, dict]:
         k, eq, v = part.partition("=")
         if not eq or not k:
             raise TaskError(f"task {spec!r}: option {part!r} must look like key=value (name?key=value&key=value)")
-        try:
-            opts[k] = json.loads(v)
-        except json.JSONDecodeError:
-            opts[k] = v
+        opts[k] = json_or_str(v)
     return name, opts
 
 
