@@ -89,43 +89,41 @@ def sign_loss_fwd_torch(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms):
     return (total / (m * n)).to(dt)
 
 
-@dispatch.register("sign_loss_bwd", "torch")
-def sign_loss_bwd_torch(grad, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms):
+def _row_block_pass(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms, want_loss: bool):
+    """One pass over row blocks of ΔW = s·B·A: (Σ L_dir summands or None, ∂L_dir/∂A, ∂L_dir/∂B) in the
+    compute dtype; never more than a row block of ΔW and H alive."""
     m, n = B.shape[0], A.shape[1]
     dt = _compute_dtype(A)
     Ac, Bc = A.to(dt), B.to(dt)
-    gs = grad.to(dt) * (scaling / (m * n))
+    gs = scaling / (m * n)
+    total = torch.zeros((), dtype=torch.float64, device=A.device) if want_loss else None
     dA = torch.zeros_like(Ac)
     dB = torch.empty_like(Bc)
     for r0 in range(0, m, _TORCH_ROW_BLOCK):
         r1 = min(m, r0 + _TORCH_ROW_BLOCK)
         d = scaling * (Bc[r0:r1] @ Ac)
-        _, g = _dir_terms(d, _h_rows(kind, H1, H2, r0, r1, n, dt), kind, mode, alpha_l, inv_rms, False, True)
+        f, g = _dir_terms(d, _h_rows(kind, H1, H2, r0, r1, n, dt), kind, mode, alpha_l, inv_rms, want_loss, True)
+        if want_loss:
+            total += f.sum(dtype=torch.float64)
         g = g * gs
         dB[r0:r1] = g @ Ac.T
         dA += Bc[r0:r1].T @ g
-    return dA.to(A.dtype), dB.to(B.dtype)
+    return total, dA, dB
+
+
+@dispatch.register("sign_loss_bwd", "torch")
+def sign_loss_bwd_torch(grad, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms):
+    _, dA, dB = _row_block_pass(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms, want_loss=False)
+    g = grad.to(dA.dtype)
+    return (dA * g).to(A.dtype), (dB * g).to(B.dtype)
 
 
 @dispatch.register("sign_loss_fwd_bwd", "torch")
 def sign_loss_fwd_bwd_torch(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms):
     """The training path: (L_dir, ∂L_dir/∂A, ∂L_dir/∂B) from one pass over the row blocks."""
+    total, dA, dB = _row_block_pass(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms, want_loss=True)
     m, n = B.shape[0], A.shape[1]
-    dt = _compute_dtype(A)
-    Ac, Bc = A.to(dt), B.to(dt)
-    gs = scaling / (m * n)
-    total = torch.zeros((), dtype=torch.float64, device=A.device)
-    dA = torch.zeros_like(Ac)
-    dB = torch.empty_like(Bc)
-    for r0 in range(0, m, _TORCH_ROW_BLOCK):
-        r1 = min(m, r0 + _TORCH_ROW_BLOCK)
-        d = scaling * (Bc[r0:r1] @ Ac)
-        f, g = _dir_terms(d, _h_rows(kind, H1, H2, r0, r1, n, dt), kind, mode, alpha_l, inv_rms, True, True)
-        total += f.sum(dtype=torch.float64)
-        g = g * gs
-        dB[r0:r1] = g @ Ac.T
-        dA += Bc[r0:r1].T @ g
-    return (total / (m * n)).to(dt), dA.to(A.dtype), dB.to(B.dtype)
+    return (total / (m * n)).to(dA.dtype), dA.to(A.dtype), dB.to(B.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- native backends
