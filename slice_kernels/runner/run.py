@@ -24,17 +24,11 @@ from .methods import LoraSettings, StageContext
 from .model import check_model_dir, load_model
 from .profiles import RunConfig
 from .tasks import Example, check_spec, load_task, task_name, train_count
-from .train import collect_gradients, default_loss, train_adapter
+from .train import collect_gradients, default_loss, train_adapter, world_and_rank
 
 
 def _seed(*parts) -> int:
     return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
-
-
-def _dist() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
 
 
 def validate(cfg: RunConfig) -> None:
@@ -68,7 +62,7 @@ def validate(cfg: RunConfig) -> None:
             raise ValueError(f"{k}={v!r} must be a positive integer")
     if cfg.steps is not None and (not isinstance(cfg.steps, int) or cfg.steps < 1):
         raise ValueError(f"steps={cfg.steps!r} must be a positive integer (training steps per task)")
-    world, _ = _dist()
+    world, _ = world_and_rank()
     for k in ("grad_batches", "replay_batches"):
         if getattr(cfg, k) % world:
             raise ValueError(f"{k}={getattr(cfg, k)} must be a multiple of the {world} data-parallel processes "
@@ -118,7 +112,7 @@ def _heldout_scores(model, tok, heldout, cfg, progress) -> dict:
 
 
 def _broadcast(obj):
-    world, _ = _dist()
+    world, _ = world_and_rank()
     if world == 1:
         return obj
     box = [obj]
@@ -132,7 +126,7 @@ def run(cfg: RunConfig, out: str, *, resume: bool = False, progress: bool = True
 
     ``stop_after`` (tests): return after that many stages have been checkpointed, as if the run was killed.
     """
-    world, rank = _dist()
+    world, rank = world_and_rank()
     validate(cfg)
     # tasks are built before the output directory is touched: a task option value that reasoning-gym rejects
     # must not leave a run.json behind (it would refuse the corrected rerun in the same --out)

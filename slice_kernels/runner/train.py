@@ -7,16 +7,13 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from ..collect import default_loss  # the initializer's loss: the same batches give the same gradients
 
 
-def _dist() -> tuple[int, int]:
+def world_and_rank() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
     return 1, 0
-
-
-def default_loss(model, batch):
-    return model(**batch).loss
 
 
 def to_device(batch: dict, device) -> dict:
@@ -32,7 +29,7 @@ def collect_gradients(model, targets, batches, loss_fn=default_loss, progress=Tr
     """
     from ..collect import collect_gradients as _collect
 
-    world, rank = _dist()
+    world, rank = world_and_rank()
     if len(batches) % world:
         raise ValueError(f"{len(batches)} gradient batches cannot be split evenly over {world} processes; use a "
                          f"multiple of {world} (grad_batches / replay_batches)")
@@ -44,7 +41,7 @@ def train_adapter(peft_model, method, ctx, examples_batches, *, steps, lr, grad_
                   progress=True, desc="train") -> list[float]:
     """``steps`` optimizer steps, each over ``grad_accum`` micro-batches taken in order from
     ``examples_batches`` (the caller has sharded them per rank); returns the loss per step (this rank's)."""
-    world, rank = _dist()
+    world, rank = world_and_rank()
     device = next(peft_model.parameters()).device
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = method.make_optimizer(ctx, peft_model, params, lr) or torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
