@@ -65,8 +65,7 @@ def test_evaluation_questions_never_occur_in_training():
 def test_too_small_a_question_space_is_a_clear_error():
     from slice_kernels.runner.tasks import TaskError, load_task
 
-    # one one-digit term... the smallest space reasoning-gym allows here still has > 0 unseen questions, so
-    # ask for more evaluation questions than the space can hold beside the training ones
+    # 2000 training draws cover all 200 questions of this space: no unseen question is left for evaluation
     with pytest.raises(TaskError, match="evaluation questions that do not occur"):
         load_task("chain_sum?min_terms=2&max_terms=2&max_digits=1", n_train=2000, n_eval=150, seed=0)
 
