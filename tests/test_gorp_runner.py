@@ -29,6 +29,7 @@ def test_gorp_is_registered():
     assert "gorp" in methods.available()
 
 
+@pytest.mark.reasoning_gym
 def test_two_stage_run_and_resume(tiny_dir, tmp_path):
     full = str(tmp_path / "full")
     res = run(_cfg(tiny_dir), full, progress=False, log=lambda *a: None)

@@ -25,6 +25,7 @@ def _cfg(model, methods):
     )
 
 
+@pytest.mark.reasoning_gym
 def test_two_stage_run_with_both_methods(tiny_dir, tmp_path):
     res = run(_cfg(tiny_dir, ["ps_lora", "slice+ps"]), str(tmp_path / "run"), progress=False, log=lambda *a: None)
     for name in ("ps_lora", "slice+ps"):
@@ -35,6 +36,7 @@ def test_two_stage_run_with_both_methods(tiny_dir, tmp_path):
         assert reps[0]["ps_history_layers"] == 0 and reps[1]["ps_history_layers"] == 4, reps
 
 
+@pytest.mark.reasoning_gym
 def test_history_travels_in_the_method_state(tiny_dir, tmp_path):
     out = str(tmp_path / "part")
     assert run(_cfg(tiny_dir, ["slice+ps"]), out, progress=False, log=lambda *a: None, stop_after=1) == {"stopped_after": 1}

@@ -94,6 +94,7 @@ def test_choose_subset_bad_size():
         choose_subset([[1, 0, 0], [0, 1, 0], [0, 0, 1]], 4)
 
 
+@pytest.mark.reasoning_gym
 def test_mine_cli_on_a_tiny_model(tmp_path, capsys):
     """The command end to end: prints the matrix and the sequence, saves mined.json (readable by
     ``run --tasks @mined.json``) and the heatmap."""

@@ -64,6 +64,7 @@ def test_sharded_gradients_equal_single_process(tiny_dir, tmp_path):
         torch.testing.assert_close(g0[n], ref[n], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.reasoning_gym
 def test_torchrun_two_processes(tiny_dir, tmp_path):
     out = tmp_path / "dp"
     cmd = [

@@ -76,6 +76,7 @@ def full_run(tiny_dir, tmp_path_factory):
     return out, res
 
 
+@pytest.mark.reasoning_gym
 def test_results_shape_metrics_and_outputs(full_run):
     out, _ = full_run
     res = json.load(open(os.path.join(out, "results.json")))
@@ -107,6 +108,7 @@ def test_results_shape_metrics_and_outputs(full_run):
     assert "| slice |" in open(os.path.join(out, "summary.md")).read()
 
 
+@pytest.mark.reasoning_gym
 def test_scores_come_from_the_reasoning_gym_scorers(full_run):
     """Every R entry is the mean of reasoning-gym's own score_answer over the saved predictions."""
     import reasoning_gym as rg
@@ -137,6 +139,7 @@ def test_scores_come_from_the_reasoning_gym_scorers(full_run):
 
 # 1: killed inside the first method; 3: after "slice" finished and "probe" stage 1, so the resume restores a
 # finished method's results, the second method's merged weights and its ctx.state (probe's seen_stages)
+@pytest.mark.reasoning_gym
 @pytest.mark.parametrize("stop", [1, 3])
 def test_killed_after_stage_1_then_resumed_equals_uninterrupted(full_run, tiny_dir, tmp_path, stop):
     out_full, _ = full_run

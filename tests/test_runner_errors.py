@@ -1,6 +1,7 @@
 """Bad input to the runner: each a clear error naming the thing at fault, raised before anything is written."""
 import json
 import os
+import sys
 
 import pytest
 
@@ -10,6 +11,7 @@ from slice_kernels.runner.model import ModelError, check_model_dir
 from slice_kernels.runner.tasks import TaskError, check_spec, expand_task_list, load_task
 
 
+@pytest.mark.reasoning_gym
 def test_unknown_task_name_cli(tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["run", "--model", "smollm2", "--tasks", "basic_arithmetc,chain_sum", "--out", str(out)])
@@ -59,6 +61,7 @@ def test_model_dir_not_a_causal_lm(tmp_path):
         check_model_dir(str(tmp_path / "missing"))
 
 
+@pytest.mark.reasoning_gym
 def test_model_not_causal_cli(tmp_path, capsys):
     d = save_not_causal(str(tmp_path / "bert"))
     rc = main(["run", "--model", d, "--tasks", "chain_sum", "--out", str(tmp_path / "o")])
@@ -66,6 +69,7 @@ def test_model_not_causal_cli(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.reasoning_gym
 def test_resume_without_a_run(tmp_path, capsys):
     rc = main(["run", "--tasks", "chain_sum", "--resume", "--out", str(tmp_path)])
     assert rc == 2 and "holds no run to resume" in capsys.readouterr().err
@@ -82,11 +86,13 @@ def test_tasks_from_mined_json(tmp_path):
         expand_task_list(f"@{tmp_path / 'nope.json'}")
 
 
+@pytest.mark.reasoning_gym
 def test_unknown_method(capsys, tmp_path):
     rc = main(["run", "--tasks", "chain_sum", "--methods", "slice,nope", "--out", str(tmp_path / "o")])
     assert rc == 2 and "unknown method 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.reasoning_gym
 def test_reasoning_gym_options_in_the_spec():
     t = load_task("chain_sum?min_terms=2&max_terms=2&max_digits=1", n_train=4, n_eval=2, seed=0)
     assert len(t.train) == 4 and len(t.eval) == 2
@@ -119,6 +125,7 @@ def test_unknown_method_option_cli(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.reasoning_gym
 def test_training_set_smaller_than_a_batch_is_refused_not_a_hang(tmp_path):
     """A task with fewer training examples than one batch used to make the training stream loop forever
     (DistributedSampler with drop_last yields no full batch); now validate() names the task first."""
@@ -133,6 +140,7 @@ def test_training_set_smaller_than_a_batch_is_refused_not_a_hang(tmp_path):
     validate(make_config("default", tasks=[small], heldout=[], batch_size=5))  # exactly one batch: fine
 
 
+@pytest.mark.reasoning_gym
 def test_train_stream_raises_instead_of_looping_forever(tmp_path):
     import signal
 
@@ -162,6 +170,7 @@ def test_method_options_the_runner_sets_are_refused_up_front(key, tmp_path, caps
     assert not out.exists()
 
 
+@pytest.mark.reasoning_gym
 def test_bad_init_option_values_are_named_before_anything_is_written(tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["run", "--model", "smollm2", "--method-option", "scale=bogus", "--out", str(out)])
@@ -170,6 +179,7 @@ def test_bad_init_option_values_are_named_before_anything_is_written(tmp_path, c
     assert rc == 2 and "conflict_threshold=2.0" in capsys.readouterr().err and not out.exists()
 
 
+@pytest.mark.reasoning_gym
 def test_bad_reasoning_gym_option_value_is_a_task_error_before_anything_is_written(tmp_path, capsys):
     """The option name is valid, its value is not: reasoning-gym raises TypeError/AssertionError. That used to
     surface as a traceback after run.json was written (so the corrected rerun was refused in that --out)."""
@@ -179,3 +189,15 @@ def test_bad_reasoning_gym_option_value_is_a_task_error_before_anything_is_writt
     rc = main(["run", "--model", "smollm2", "--tasks", "chain_sum?max_terms=abc", "--heldout", "", "--out", str(out)])
     assert rc == 2 and "reasoning-gym cannot build chain_sum" in capsys.readouterr().err
     assert not (out / "checkpoints" / "run.json").exists()
+
+
+def test_missing_reasoning_gym_is_a_task_error_that_says_how_to_get_it(monkeypatch, tmp_path):
+    """Where reasoning-gym is absent (the GPU image), a built-in task name gives the install line, not a
+    bare ModuleNotFoundError; JSONL tasks still work without it."""
+    monkeypatch.setitem(sys.modules, "reasoning_gym", None)  # None in sys.modules makes the import fail
+    monkeypatch.setitem(sys.modules, "reasoning_gym.factory", None)
+    with pytest.raises(TaskError, match="pip install reasoning-gym"):
+        check_spec("chain_sum")
+    f = tmp_path / "t.jsonl"
+    f.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": "4"}\n')
+    check_spec(str(f))

@@ -11,6 +11,7 @@ RECIPE = pathlib.Path(__file__).resolve().parents[1] / "python" / "continual_run
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.reasoning_gym
 def test_recipe_runs(tmp_path):
     spec = importlib.util.spec_from_file_location("continual_run", RECIPE)
     mod = importlib.util.module_from_spec(spec)

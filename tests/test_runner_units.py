@@ -51,6 +51,7 @@ def test_replay_buffer_is_a_fixed_seeded_sample():
     assert replay_sample(data[:5], 16, seed=7) and len(replay_sample(data[:5], 16, seed=7)) == 5
 
 
+@pytest.mark.reasoning_gym
 def test_evaluation_questions_never_occur_in_training():
     # two one-digit terms: only 200 distinct chain_sum questions, so 256 training draws repeat many of them
     from slice_kernels.runner.tasks import load_task
@@ -62,6 +63,7 @@ def test_evaluation_questions_never_occur_in_training():
     assert not train & set(evals) and len(set(evals)) == len(evals)
 
 
+@pytest.mark.reasoning_gym
 def test_too_small_a_question_space_is_a_clear_error():
     from slice_kernels.runner.tasks import TaskError, load_task
 

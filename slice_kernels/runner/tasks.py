@@ -86,10 +86,20 @@ def task_name(spec: str) -> str:
     return os.path.splitext(os.path.basename(spec))[0] if _is_path(spec) else spec
 
 
-def reasoning_gym_names() -> list[str]:
-    from reasoning_gym.factory import DATASETS
+def _rg_datasets() -> dict:
+    """reasoning-gym's dataset table, or a TaskError that says how to get it (JSONL tasks need none of it)."""
+    try:
+        from reasoning_gym.factory import DATASETS
+    except ImportError as exc:
+        raise TaskError(
+            f"reasoning-gym is not importable ({exc}): the built-in tasks come from it; install it with "
+            "`pip install reasoning-gym`, or give the tasks as JSONL files (see docs/runner.md)"
+        ) from exc
+    return DATASETS
 
-    return sorted(DATASETS)
+
+def reasoning_gym_names() -> list[str]:
+    return sorted(_rg_datasets())
 
 
 def json_or_str(raw: str):
@@ -129,9 +139,7 @@ def check_spec(spec: str) -> None:
     if opts:
         import inspect
 
-        from reasoning_gym.factory import DATASETS
-
-        known = set(inspect.signature(DATASETS[name][1]).parameters) - {"seed", "size"}
+        known = set(inspect.signature(_rg_datasets()[name][1]).parameters) - {"seed", "size"}
         bad = sorted(set(opts) - known)
         if bad:
             raise TaskError(f"task {spec!r}: unknown option(s) {bad} for {name}; it accepts {sorted(known)}")
