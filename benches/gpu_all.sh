@@ -1,35 +1,71 @@
 #!/usr/bin/env bash
-# The one GPU script: on a machine with a CUDA GPU and a CUDA build of torch, in one call
-#   1. compile-checks csrc/cuda with nvcc and builds the extension with its CUDA kernels,
-#   2. runs the whole test suite with the GPU tests on (they are skipped without a GPU),
-#   3. runs every benches/bench_*.py __main__ with GPU shapes (--device cuda),
-# and tees everything under $OUT (default ./gpu_results/<date>/): build.log, pytest.log, one <bench>.md per
-# benchmark, and summary.md (device, date, exit status of every step). A failing step does not stop the
-# others; the script exits non-zero if any failed.
+# The one GPU script: on a machine with a CUDA GPU and a CUDA build of torch (no network needed),
+#   build  compile-checks csrc/cuda with nvcc, builds the extension in place with its CUDA kernels and checks
+#          that every op has its CUDA kernel registered;
+#   test   runs the whole test suite with the GPU tests on (they are skipped without a GPU);
+#   bench  runs every benches/bench_*.py with GPU shapes (--device cuda).
+# Every step has a time limit and the whole run a deadline (DEADLINE seconds, default 570), so it ends, and
+# leaves its results, inside a 10-minute call. A failing or timed-out step does not stop the others; the exit
+# status is non-zero if any failed.
 #
-#   OUT=/tmp/gpu bash benches/gpu_all.sh              # everything
-#   SKIP_TESTS=1 bash benches/gpu_all.sh              # benchmarks only
-#   BENCH_ARGS_bench_init_kernels="--blocks 16 --accuracy" bash benches/gpu_all.sh   # per-bench extra args
+# Results: at most five files in $OUT (default gpu_results/<date>/), for tools that bring back only a few:
+#   summary.md   device, versions, date, and each step's exit status and time
+#   tables.md    the benchmark tables, one section per benchmark
+#   pytest.log   the test run (failures, skip reasons, the 20 slowest tests)
+#   build.log    nvcc check, extension build and the kernel registry check
+#   logs.tar.gz  every log in full
+#
+#   OUT=/tmp/gpu bash benches/gpu_all.sh                       # build, test, bench (needs ~15 min on an H100)
+#   STAGES="build test" bash benches/gpu_all.sh                # one 10-minute call ...
+#   STAGES="build bench" bash benches/gpu_all.sh               # ... and the next (the build is incremental)
+#   BENCH_ARGS_bench_init_kernels="--init-blocks 32 --accuracy" bash benches/gpu_all.sh   # per-bench extra args
+#   T_pytest=400 T_bench_ps_lora=300 ...                        # per-step limits in seconds
 set -uo pipefail
 cd "$(dirname "$0")/.."
+START=$SECONDS
+PY=${PY:-python3}
+STAGES=${STAGES:-build test bench}
+DEADLINE=${DEADLINE:-570}
 OUT=${OUT:-gpu_results/$(date -u +%Y%m%d-%H%M)}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/sk_gpu.XXXXXX")
 mkdir -p "$OUT"
-summary="$OUT/summary.md"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+summary="$WORK/summary.md"
 status=0
-step() {  # step NAME LOGFILE CMD...: run, tee, record the exit status
-  local name=$1 log=$2; shift 2
-  echo "=== $name: $*" | tee -a "$OUT/all.log"
+
+finish() {  # copy the few result files to $OUT: also after a failure or a step that ran out of time
+  local bench_logs=("$WORK"/bench_*.log)
+  [[ -e ${bench_logs[0]} ]] && cat "${bench_logs[@]}" > "$OUT/tables.md"
+  [[ -f $WORK/pytest.log ]] && cp "$WORK/pytest.log" "$OUT/"
+  cat "$WORK"/nvcc_check.log "$WORK"/build.log "$WORK"/extension.log > "$OUT/build.log" 2>/dev/null
+  echo "total: $((SECONDS - START)) s; stages: $STAGES" >> "$summary"
+  cp "$summary" "$OUT/summary.md"
+  tar -czf "$OUT/logs.tar.gz" -C "$WORK" .
+  cat "$summary"
+}
+trap finish EXIT
+
+step() {  # step NAME LIMIT_S CMD...: run under a time limit (cut to what the deadline leaves), log, record
+  local name=$1 limit=$2; shift 2
+  local left=$((DEADLINE - (SECONDS - START) - 10))
+  (( left < limit )) && limit=$left
+  if (( limit < 5 )); then
+    echo "| $name | not run: deadline | 0 s |" >> "$summary"; status=1; return
+  fi
+  echo "=== $name (limit ${limit} s): $*" | tee -a "$WORK/all.log"
   local t0=$SECONDS
-  "$@" 2>&1 | tee "$log" | tee -a "$OUT/all.log"
+  timeout --kill-after=5 "$limit" "$@" 2>&1 | tee "$WORK/$name.log" | tee -a "$WORK/all.log"
   local rc=${PIPESTATUS[0]}
-  echo "| $name | $rc | $((SECONDS - t0)) s | $(basename "$log") |" >> "$summary"
+  local note=$rc
+  (( rc == 124 || rc == 137 )) && note="$rc (ran out of its ${limit} s)"
+  echo "| $name | $note | $((SECONDS - t0)) s |" >> "$summary"
   (( rc == 0 )) || status=1
 }
 
 {
   echo "# GPU run"
   echo
-  python - <<'PY'
+  $PY - <<'PY'
 import datetime, torch
 try:
     import triton; tv = triton.__version__
@@ -40,36 +76,33 @@ print(f"device: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else
       f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
 PY
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader 2>/dev/null || true
+  git log -1 --format='commit %h %s' 2>/dev/null || true
   echo
-  echo "| step | exit | time | log |"
-  echo "|---|---|---|---|"
+  echo "| step | exit | time |"
+  echo "|---|---|---|"
 } > "$summary"
 
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
+$PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
   echo "gpu_all: torch sees no CUDA device; nothing to do on this machine" | tee -a "$summary"; exit 1; }
 
-step nvcc_check "$OUT/nvcc_check.log" bash .ci/nvcc_check.sh
-# --no-build-isolation: build against the CUDA torch already installed, never a fresh wheel from PyPI
-step build "$OUT/build.log" python -m pip install --no-build-isolation --no-deps -e .
-step extension "$OUT/extension.log" python -c "
-import slice_kernels._ext as e, torch
-m = e.load(); assert m is not None, e.load_error()
-print('with_cuda =', m.with_cuda)
-ops = ('conflict_stats', 'surgery_', 'cholesky_shifted', 'grad_accumulate_', 'sign_loss_fwd', 'sign_loss_bwd',
-       'sign_loss_fwd_bwd', 'magnitude_merge_factors', 'gorp_update')
-missing = [op for op in ops if not e.has_kernel(op, 'cuda')]
-for op in ops:
-    print(op, 'CUDA kernel:', op not in missing)
-assert not missing, f'no CUDA kernel for {missing}: the CUDA tests would run another backend or fail'
-"
-if [[ -z "${SKIP_TESTS:-}" ]]; then
-  step pytest "$OUT/pytest.log" python -m pytest -q -rs --durations=20
+if [[ " $STAGES " == *" build "* ]]; then
+  step nvcc_check "${T_nvcc_check:-120}" bash .ci/nvcc_check.sh
+  # In place, not `pip install`: nothing to fetch, and a warm machine rebuilds only what changed (ninja).
+  step build "${T_build:-300}" env MAX_JOBS="${MAX_JOBS:-$(nproc)}" $PY setup.py build_ext --inplace
+  step extension "${T_extension:-60}" $PY -c "import slice_kernels._ext as e; e.require_kernels('cuda')"
 fi
-for b in benches/bench_*.py; do
-  name=$(basename "$b" .py)
-  extra_var="BENCH_ARGS_${name}"
-  # shellcheck disable=SC2086
-  step "$name" "$OUT/$name.md" python "$b" --device cuda ${!extra_var:-}
-done
-cat "$summary"
+if [[ " $STAGES " == *" test "* ]]; then
+  workers=()
+  # xdist spreads the CPU-heavy half of the suite over the machine's cores; the GPU tests share the one GPU.
+  $PY -c "import xdist" 2>/dev/null && [[ ${PYTEST_WORKERS:-4} != 0 ]] && workers=(-n "${PYTEST_WORKERS:-4}")
+  step pytest "${T_pytest:-420}" $PY -m pytest -q -rfEs -p no:cacheprovider --durations=20 "${workers[@]}"
+fi
+if [[ " $STAGES " == *" bench "* ]]; then
+  for b in benches/bench_*.py; do
+    name=$(basename "$b" .py)
+    extra_var="BENCH_ARGS_${name}" limit_var="T_${name}"
+    # shellcheck disable=SC2086
+    step "$name" "${!limit_var:-150}" $PY "$b" --device cuda ${!extra_var:-}
+  done
+fi
 exit $status

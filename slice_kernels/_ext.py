@@ -57,3 +57,25 @@ def has_kernel(op: str, device_type: str) -> bool:
 def native(op: str):
     """The native operator ``torch.ops.slice_kernels_C.<op>`` (call ``has_kernel`` first)."""
     return getattr(getattr(torch.ops, NAMESPACE), op)
+
+
+def declared_ops() -> list[str]:
+    """Every operator the extension declares (the schemas of csrc/bindings.cpp), with or without kernels."""
+    if load() is None:
+        return []
+    prefix = f"{NAMESPACE}::"
+    return sorted(n[len(prefix):] for n in torch._C._dispatch_get_all_op_names() if n.startswith(prefix))
+
+
+def require_kernels(device_type: str) -> None:
+    """Raise unless the extension is loaded and every declared operator has a ``device_type`` kernel: after a
+    CUDA build, an op whose kernel did not register would silently run another backend (or fail its tests)."""
+    if load() is None:
+        raise RuntimeError(f"slice_kernels._C is not loaded: {load_error()}")
+    ops = declared_ops()
+    missing = [op for op in ops if not has_kernel(op, device_type)]
+    for op in ops:
+        print(f"{op}: {device_type} kernel {'MISSING' if op in missing else 'registered'}")
+    if not ops or missing:
+        raise RuntimeError(f"no {device_type} kernel for {missing or 'any operator'}: rebuild the extension "
+                           f"({'with CUDA torch and nvcc' if device_type == 'cuda' else 'python setup.py build_ext --inplace'})")

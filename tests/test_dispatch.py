@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from slice_kernels import dispatch
+from slice_kernels import _ext, dispatch
 
 
 def test_forced_backend_that_cannot_run_lists_reasons(monkeypatch):
@@ -33,3 +33,15 @@ def test_default_never_picks_triton_on_cpu():
 def test_unknown_op():
     with pytest.raises(KeyError, match="no op named"):
         dispatch.select("nope", "cpu")
+
+
+@pytest.mark.skipif(_ext.load() is None, reason="native extension not built (python setup.py build_ext --inplace)")
+def test_every_declared_native_op_has_its_cpu_kernel():
+    """The registry check gpu_all.sh runs for CUDA after its build, here for CPU: every schema of
+    csrc/bindings.cpp has a CPU kernel, and an op without one is named."""
+    ops = _ext.declared_ops()
+    assert {"conflict_stats", "surgery_", "sign_loss_fwd", "magnitude_merge_factors", "gorp_update"} <= set(ops)
+    _ext.require_kernels("cpu")
+    if not _ext.load().with_cuda:  # a CPU-only build: the check must name what is missing
+        with pytest.raises(RuntimeError, match="no cuda kernel for"):
+            _ext.require_kernels("cuda")
