@@ -166,3 +166,168 @@ def test_conflict_ops_refuse_tensors_on_another_device(op):
     with pytest.raises(ValueError, match="current gradient 1 is on meta"):
         conflict.conflict_stats([cur[0], torch.randn(3, 2, device="meta")])
     assert all(torch.equal(a, b) for a, b in zip(cur, before))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The native kernels' argument contract (csrc/common/*_checks.h, shared by the CPU kernels and the CUDA glue) and
+# the CUDA fixes that go with it. CPU cases run here; the CUDA cases are GPU-marked.
+DEVICES_ALL = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _native_or_skip(op, device):
+    from slice_kernels import _ext
+
+    if not _ext.has_kernel(op, device):
+        pytest.skip(f"no native {op} kernel for {device}: {_ext.load_error() or 'not built with it'}")
+    return _ext.native(op)
+
+
+def _sign_loss_case(m, n, r, form, seed):
+    import math
+
+    from slice_kernels import History
+
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(r, n, generator=g, dtype=torch.float64) / math.sqrt(n * r)
+    B = torch.randn(m, r, generator=g, dtype=torch.float64)
+    Bh = torch.randn(m, 8, generator=g, dtype=torch.float64)
+    Ah = torch.randn(8, n, generator=g, dtype=torch.float64) / math.sqrt(n)
+    h = History.from_factors([Bh], [Ah], [0.6])
+    if form == "dense":
+        h = History.from_dense(h.to_dense(torch.float64))
+    elif form == "bits":
+        h = h.to_sign_bits()
+    return A, B, h
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", ["factors", "dense", "bits"])
+@pytest.mark.parametrize("r", [1, 256, 257, 300, 600])
+def test_cuda_sign_loss_takes_any_rank(r, form):
+    """The CUDA gradient kernels accumulated all r columns of dB (rows of dA) in shared memory: r > 277 needed
+    more than 48 KiB and the launch failed. They now take the rank in chunks of 256 along gridDim.y: r = 257 and
+    300 have a ragged second chunk, 600 three chunks. Each op (fwd, bwd with an upstream gradient ≠ 1, fwd_bwd)
+    is checked against the float64 CPU kernel, itself tested against the reference."""
+    from slice_kernels.ops.sign_loss import KIND, _history_operands
+
+    ops = {op: (_native_or_skip(op, "cpu"), _native_or_skip(op, "cuda"))
+           for op in ("sign_loss_fwd", "sign_loss_bwd", "sign_loss_fwd_bwd")}
+    A, B, h = _sign_loss_case(70, 45, r, form, seed=r)
+    # the History may keep its tensors in float32; the CPU reference runs in float64 throughout
+    H1, H2 = (None if t is None else (t.double() if t.is_floating_point() else t) for t in _history_operands(h, "cpu"))
+    dev = lambda t: None if t is None else (t.float().cuda() if t.is_floating_point() else t.cuda())
+    Ac, Bc, H1c, H2c = dev(A), dev(B), dev(H1), dev(H2)
+    rel = lambda x, ref: float((x.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-300))
+    for mode in (0, 1):
+        args = (KIND[form], mode, 0.7, 1.3 / h.rms, 1.0 / h.rms)
+        ref = ops["sign_loss_fwd"][0](A, B, H1, H2, *args)
+        rdA, rdB = ops["sign_loss_bwd"][0](torch.tensor(2.5, dtype=torch.float64), A, B, H1, H2, *args)
+        loss = ops["sign_loss_fwd"][1](Ac, Bc, H1c, H2c, *args)
+        dA, dB = ops["sign_loss_bwd"][1](torch.tensor(2.5, device="cuda"), Ac, Bc, H1c, H2c, *args)
+        loss2, dA2, dB2 = ops["sign_loss_fwd_bwd"][1](Ac, Bc, H1c, H2c, *args)
+        assert rel(loss, ref) <= 1e-5 and rel(loss2, ref) <= 1e-5, mode
+        assert rel(dA, rdA) <= 1e-5 and rel(dB, rdB) <= 1e-5, mode
+        assert rel(dA2, rdA / 2.5) <= 1e-5 and rel(dB2, rdB / 2.5) <= 1e-5, mode
+
+
+def _integer_updates(m, n, K, seed):
+    """K factor updates whose products are exact in float32 (small integers, power-of-two scalings): every
+    backend computes the same values, so ties between tasks are exact and the merge must match bit for bit.
+    Task K-4 repeats task 2 with the opposite sign: wherever the two share the largest magnitude, the earlier
+    one must win (a wrong tie rule flips the sign of those entries)."""
+    g = torch.Generator().manual_seed(seed)
+    ups = []
+    for k in range(K):
+        r = 1 + k % 3
+        B = torch.randint(-3, 4, (m, r), generator=g).float()
+        A = torch.randint(-3, 4, (r, n), generator=g).float()
+        ups.append((B, A, [0.5, 1.0, -1.0, 2.0][k % 4]))
+    B2, A2, s2 = ups[2]
+    ups[K - 4] = (B2.clone(), A2.clone(), -s2)
+    return ups
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_cuda_merge_takes_more_than_64_tasks_with_ties_to_the_earliest(wdtype):
+    """The CUDA merge kept its task table in the launch arguments (at most 64 tasks); it now reads it from device
+    memory, one launch for all K = 70 tasks, so the strict comparison keeps ties to the earliest task across all
+    of them (bf16 W: the merged integers ≤ 54 are exact in bfloat16)."""
+    from slice_kernels import dispatch, magnitude_merge
+    from slice_kernels.ops.magnitude_merge import reference_magnitude_merge
+
+    _native_or_skip("magnitude_merge_factors", "cuda")
+    ups = _integer_updates(37, 45, 70, seed=5)
+    ref = reference_magnitude_merge(ups)
+    cuda_ups = [(B.cuda(), A.cuda(), s) for B, A, s in ups]
+    W = torch.randint(-8, 9, (37, 45), generator=torch.Generator().manual_seed(1)).to(wdtype)
+    Wc = W.cuda()
+    with dispatch.use_backend("cuda"):
+        out = magnitude_merge(cuda_ups)
+        magnitude_merge(cuda_ups, into=Wc)
+    assert torch.equal(out.cpu().double(), ref)
+    assert torch.equal(Wc.cpu().double(), W.double() + ref)
+
+
+@pytest.mark.gpu
+def test_cuda_merge_of_more_than_65535_row_tiles():
+    """The merge grid had the row tiles on gridDim.y (≤ 65535): m > 2,097,120 rows failed to launch. It is a 1-D
+    grid over all tiles now; 2.1M × 3 float32 is 25 MB."""
+    from slice_kernels import dispatch, magnitude_merge
+    from slice_kernels.ops.magnitude_merge import reference_magnitude_merge
+
+    _native_or_skip("magnitude_merge_factors", "cuda")
+    ups = _integer_updates(2_100_000, 3, 4, seed=6)
+    ref = reference_magnitude_merge(ups)
+    with dispatch.use_backend("cuda"):
+        out = magnitude_merge([(B.cuda(), A.cuda(), s) for B, A, s in ups])
+    assert torch.equal(out.cpu().double(), ref)
+
+
+@pytest.mark.gpu
+def test_cuda_cholesky_of_empty_matrices_counts_no_floored_pivot():
+    """With q = 0 the kernel is not launched; the floored counts were torch.empty and read whatever the caching
+    allocator handed back (here a block just filled with 7s). The CPU kernel returns zeros."""
+    chol = _native_or_skip("cholesky_shifted", "cuda")
+    junk = torch.full((128,), 7, dtype=torch.int32, device="cuda")
+    del junk
+    R, floored = chol(torch.zeros(3, 0, 0, dtype=torch.float64, device="cuda"), 0.0, 1e-12)
+    assert R.shape == (3, 0, 0)
+    assert floored.cpu().tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("device", DEVICES_ALL)
+def test_sign_loss_kernels_refuse_an_unknown_mode(device):
+    """mode is 0 (tanh) or 1 (hinge); the kernels treated any other value as hinge, silently."""
+    fwd = _native_or_skip("sign_loss_fwd", device)
+    A, B, h = _sign_loss_case(6, 10, 2, "dense", seed=0)
+    dt = torch.float64 if device == "cpu" else torch.float32
+    args = [t.to(device, dt) for t in (A, B, h.dense)]
+    with pytest.raises(RuntimeError, match="mode must be 0 .tanh. or 1 .hinge., got 5"):
+        fwd(*args, None, 1, 5, 1.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES_ALL)
+def test_merge_kernels_refuse_bad_offsets_and_overlapping_rows(device):
+    """Decreasing offsets would read task slices outside B and A; an out whose rows overlap (an expanded row)
+    would be written by several tiles at once. Both are refused before out is touched."""
+    merge = _native_or_skip("magnitude_merge_factors", device)
+    B, A = torch.randn(5, 4, device=device), torch.randn(4, 6, device=device)
+    out = torch.zeros(5, 6, device=device)
+    with pytest.raises(RuntimeError, match="offsets must not decrease; task 1 spans 3..2"):
+        merge(B, A, [0, 3, 2, 4], [1.0, 1.0, 1.0], out, False)
+    with pytest.raises(RuntimeError, match="non-overlapping rows"):
+        merge(B, A, [0, 4], [1.0], torch.zeros(1, 6, device=device).expand(5, 6), False)
+    assert not out.any()
+
+
+@pytest.mark.parametrize("device", DEVICES_ALL)
+def test_gorp_update_kernels_refuse_a_step_with_nowhere_to_go(device):
+    """Without param and out the step is lost; the CPU kernel refused it but the CUDA glue updated the moments
+    and returned. Both refuse it now, before the moments are touched."""
+    op = _native_or_skip("gorp_update", device)
+    g = torch.randn(7, 3, device=device)
+    m, v = torch.zeros_like(g), torch.zeros_like(g)
+    with pytest.raises(RuntimeError, match="give param and/or out"):
+        op(g, None, m, v, None, None, 0.9, 0.999, 1e-8, 1.0, 1.0, 1e-3, 1.0)
+    assert not m.any() and not v.any()

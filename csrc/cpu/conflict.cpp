@@ -14,6 +14,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/conflict_checks.h"
+
 namespace {
 
 constexpr int64_t kChunk = 1 << 16;
@@ -30,19 +32,8 @@ std::vector<Item> make_items(const std::vector<int64_t>& sizes) {
 }
 
 void check_list(const at::TensorList cur, const at::TensorList prev, const char* op) {
-  TORCH_CHECK(cur.size() > 0, op, ": needs at least one layer");
-  TORCH_CHECK(prev.empty() || prev.size() == cur.size(), op, ": ", prev.size(), " replay tensors for ", cur.size(),
-              " current ones");
-  for (size_t i = 0; i < cur.size(); ++i) {
-    TORCH_CHECK(cur[i].device().is_cpu() && cur[i].scalar_type() == at::kFloat && cur[i].is_contiguous(), op,
-                ": tensor ", i, " of cur must be a contiguous float32 CPU tensor (the Python wrapper converts)");
-    if (!prev.empty()) {
-      TORCH_CHECK(prev[i].device().is_cpu() && prev[i].scalar_type() == at::kFloat && prev[i].is_contiguous(), op,
-                  ": tensor ", i, " of prev must be a contiguous float32 CPU tensor");
-      TORCH_CHECK(prev[i].numel() == cur[i].numel(), op, ": tensor ", i, " has ", cur[i].numel(),
-                  " elements in cur but ", prev[i].numel(), " in prev");
-    }
-  }
+  sk_checks::conflict_lists(cur, prev, op);
+  TORCH_CHECK(cur[0].device().is_cpu(), op, ": the gradients must be CPU tensors, got ", cur[0].device());
 }
 
 // Four independent accumulators per sum let the compiler vectorize without reassociating one long chain.
@@ -108,8 +99,7 @@ at::Tensor conflict_stats_cpu(at::TensorList cur, at::TensorList prev) {
 void surgery_cpu(at::TensorList cur, at::TensorList prev, const at::Tensor& gammas) {
   check_list(cur, prev, "surgery_");
   TORCH_CHECK(!prev.empty(), "surgery_: needs the replay gradients");
-  TORCH_CHECK(gammas.device().is_cpu() && gammas.scalar_type() == at::kDouble && gammas.numel() == (int64_t)cur.size(),
-              "surgery_: gammas must be a float64 CPU tensor with one value per layer");
+  sk_checks::surgery_gammas(gammas, (int64_t)cur.size());
   const int64_t L = cur.size();
   const at::Tensor g = gammas.contiguous();
   const double* gp = g.data_ptr<double>();

@@ -10,6 +10,8 @@
 #include <cmath>
 #include <optional>
 
+#include "common/gorp_update_checks.h"
+
 namespace {
 
 // The per-element work, specialized on which optional arrays exist so no loop has a branch, in blocks of
@@ -92,38 +94,25 @@ void gorp_update_cpu_impl(const at::Tensor& g, const std::optional<at::Tensor>& 
 #undef SK_GORP_CASE
 }
 
-void check(const at::Tensor& t, const at::Tensor& g, const char* name, bool same_dtype) {
-  TORCH_CHECK(t.device().is_cpu(), "gorp_update: ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.is_contiguous(), "gorp_update: ", name, " must be contiguous");
-  TORCH_CHECK(t.numel() == g.numel(), "gorp_update: ", name, " has ", t.numel(), " elements, the gradient ",
-              g.numel());
-  if (same_dtype) TORCH_CHECK(t.scalar_type() == g.scalar_type(), "gorp_update: ", name, " dtype != gradient dtype");
-}
-
 void gorp_update_cpu(const at::Tensor& g, const std::optional<at::Tensor>& proj, at::Tensor exp_avg,
                      at::Tensor exp_avg_sq, const std::optional<at::Tensor>& param,
                      const std::optional<at::Tensor>& out, double beta1, double beta2, double eps, double bc1,
                      double bc2, double step_size, double decay) {
-  check(g, g, "g", true);
-  if (proj) check(*proj, g, "proj", true);
-  check(exp_avg, g, "exp_avg", true);
-  check(exp_avg_sq, g, "exp_avg_sq", true);
-  if (out) check(*out, g, "out", true);
-  if (param) check(*param, g, "param", false);
-  const auto st = g.scalar_type();
-  const auto pt = param ? param->scalar_type() : st;
-  if (st == at::kFloat && pt == at::kFloat) {
-    gorp_update_cpu_impl<float, float>(g, proj, exp_avg, exp_avg_sq, param, out, beta1, beta2, eps, bc1, bc2,
-                                       step_size, decay);
-  } else if (st == at::kFloat && pt == at::kBFloat16) {
-    gorp_update_cpu_impl<float, c10::BFloat16>(g, proj, exp_avg, exp_avg_sq, param, out, beta1, beta2, eps, bc1,
-                                               bc2, step_size, decay);
-  } else if (st == at::kDouble && pt == at::kDouble) {
-    gorp_update_cpu_impl<double, double>(g, proj, exp_avg, exp_avg_sq, param, out, beta1, beta2, eps, bc1, bc2,
+  const sk_checks::GorpTypes types = sk_checks::gorp_update_operands(g, proj, exp_avg, exp_avg_sq, param, out);
+  TORCH_CHECK(g.device().is_cpu(), "gorp_update (cpp): the gradient must be a CPU tensor, got ", g.device());
+  switch (types) {
+    case sk_checks::GorpTypes::F32:
+      gorp_update_cpu_impl<float, float>(g, proj, exp_avg, exp_avg_sq, param, out, beta1, beta2, eps, bc1, bc2,
                                          step_size, decay);
-  } else {
-    TORCH_CHECK(false, "gorp_update: unsupported dtypes (state ", st, ", param ", pt,
-                "); use float32/float64 state with a param of the same dtype, or bfloat16 param with float32 state");
+      break;
+    case sk_checks::GorpTypes::F32_BF16_PARAM:
+      gorp_update_cpu_impl<float, c10::BFloat16>(g, proj, exp_avg, exp_avg_sq, param, out, beta1, beta2, eps, bc1,
+                                                 bc2, step_size, decay);
+      break;
+    case sk_checks::GorpTypes::F64:
+      gorp_update_cpu_impl<double, double>(g, proj, exp_avg, exp_avg_sq, param, out, beta1, beta2, eps, bc1, bc2,
+                                           step_size, decay);
+      break;
   }
 }
 

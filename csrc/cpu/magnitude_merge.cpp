@@ -17,6 +17,8 @@
 #include <cmath>
 #include <vector>
 
+#include "common/magnitude_merge_checks.h"
+
 namespace {
 
 constexpr int64_t BM = 64;
@@ -72,16 +74,10 @@ void merge_impl(const at::Tensor& B, const at::Tensor& A, const std::vector<int6
 
 void magnitude_merge_factors_cpu(const at::Tensor& B, const at::Tensor& A, at::IntArrayRef offsets,
                                  at::ArrayRef<double> scalings, const at::Tensor& out, bool accumulate) {
-  TORCH_CHECK(B.dim() == 2 && A.dim() == 2 && B.size(1) == A.size(0), "magnitude_merge: B (m, ΣR), A (ΣR, n)");
-  TORCH_CHECK(B.is_contiguous() && A.is_contiguous(), "magnitude_merge: factors must be contiguous");
-  TORCH_CHECK(B.scalar_type() == A.scalar_type(), "magnitude_merge: B and A must share a dtype");
+  sk_checks::magnitude_merge_operands(B, A, offsets, scalings, out);
+  TORCH_CHECK(B.device().is_cpu() && out.device().is_cpu(), "magnitude_merge (cpp): B, A and out must be CPU tensors");
   TORCH_CHECK(B.scalar_type() == at::kFloat || B.scalar_type() == at::kDouble,
-              "magnitude_merge (cpp): float32 or float64 factors expected");
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == B.size(0) && out.size(1) == A.size(1) && out.stride(1) == 1,
-              "magnitude_merge: out must be m×n with unit column stride");
-  TORCH_CHECK(static_cast<int64_t>(offsets.size()) == static_cast<int64_t>(scalings.size()) + 1 &&
-                  !scalings.empty() && offsets.front() == 0 && offsets.back() == B.size(1),
-              "magnitude_merge: offsets must be [0, ..., ΣR] with one more entry than scalings");
+              "magnitude_merge (cpp): float32 or float64 factors expected, got ", B.scalar_type());
   std::vector<int64_t> off(offsets.begin(), offsets.end());
   std::vector<double> scal(scalings.begin(), scalings.end());
   const int64_t ldo = out.stride(0);

@@ -26,6 +26,8 @@
 #include <cstring>
 #include <vector>
 
+#include "common/sign_loss_checks.h"
+
 namespace {
 
 constexpr int64_t BM = 64;
@@ -132,27 +134,12 @@ Operands<T> operands(const at::Tensor& A, const at::Tensor& B, const at::Tensor&
 }
 
 void check_inputs(const at::Tensor& A, const at::Tensor& B, const at::Tensor& H1,
-                  const std::optional<at::Tensor>& H2, int64_t kind) {
-  TORCH_CHECK(A.dim() == 2 && B.dim() == 2 && B.size(1) == A.size(0), "sign_loss: A must be (r, n), B (m, r)");
-  TORCH_CHECK(A.is_contiguous() && B.is_contiguous() && H1.is_contiguous(), "sign_loss: inputs must be contiguous");
-  TORCH_CHECK(A.scalar_type() == B.scalar_type(), "sign_loss: A and B must share a dtype");
+                  const std::optional<at::Tensor>& H2, int64_t kind, int64_t mode) {
+  sk_checks::sign_loss_operands(A, B, H1, H2, kind, mode);
+  TORCH_CHECK(A.device().is_cpu() && B.device().is_cpu() && H1.device().is_cpu() && (!H2 || H2->device().is_cpu()),
+              "sign_loss (cpp): A, B and the history must be CPU tensors");
   TORCH_CHECK(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble,
-              "sign_loss (cpp): float32 or float64 inputs expected");
-  const int64_t m = B.size(0), n = A.size(1);
-  if (kind == 0) {
-    TORCH_CHECK(H2.has_value() && H2->is_contiguous(), "sign_loss: factor history needs Ah (contiguous)");
-    TORCH_CHECK(H1.size(0) == m && H2->size(1) == n && H1.size(1) == H2->size(0), "sign_loss: Bh/Ah shapes");
-    TORCH_CHECK(H1.scalar_type() == A.scalar_type() && H2->scalar_type() == A.scalar_type(),
-                "sign_loss: history factors must have A's dtype");
-  } else if (kind == 1) {
-    TORCH_CHECK(H1.size(0) == m && H1.size(1) == n && H1.scalar_type() == A.scalar_type(),
-                "sign_loss: dense history must be m×n with A's dtype");
-  } else if (kind == 2) {
-    TORCH_CHECK(H1.scalar_type() == at::kByte && H1.size(0) == m && H1.size(1) == (n + 7) / 8,
-                "sign_loss: sign bits must be uint8 (m, ceil(n/8))");
-  } else {
-    TORCH_CHECK(false, "sign_loss: kind must be 0 (factors), 1 (dense) or 2 (bits)");
-  }
+              "sign_loss (cpp): float32 or float64 inputs expected, got ", A.scalar_type());
 }
 
 // The H tile of rows i0.., columns j0..: a pointer to bi rows of stride `ld`. Factors: hbuf = Bh_rows·Ah_cols
@@ -273,7 +260,7 @@ void backward_impl(const Operands<T>& p, const at::Tensor& A, const at::Tensor& 
 at::Tensor sign_loss_fwd_cpu(const at::Tensor& A, const at::Tensor& B, const at::Tensor& H1,
                              const std::optional<at::Tensor>& H2, int64_t kind, int64_t mode, double scaling,
                              double alpha_l, double inv_rms) {
-  check_inputs(A, B, H1, H2, kind);
+  check_inputs(A, B, H1, H2, kind, mode);
   at::Tensor out = at::empty({}, A.options());
   if (A.scalar_type() == at::kDouble) {
     out.data_ptr<double>()[0] =
@@ -290,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor> sign_loss_bwd_cpu(const at::Tensor& grad, con
                                                      const std::optional<at::Tensor>& H2, int64_t kind,
                                                      int64_t mode, double scaling, double alpha_l,
                                                      double inv_rms) {
-  check_inputs(A, B, H1, H2, kind);
+  check_inputs(A, B, H1, H2, kind, mode);
   TORCH_CHECK(grad.numel() == 1, "sign_loss_bwd: grad must be a scalar");
   at::Tensor dA = at::empty(A.sizes(), A.options());
   at::Tensor dB = at::empty(B.sizes(), B.options());
@@ -312,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sign_loss_fwd_bwd_cpu(const at::T
                                                                      const std::optional<at::Tensor>& H2,
                                                                      int64_t kind, int64_t mode, double scaling,
                                                                      double alpha_l, double inv_rms) {
-  check_inputs(A, B, H1, H2, kind);
+  check_inputs(A, B, H1, H2, kind, mode);
   at::Tensor dA = at::empty(A.sizes(), A.options());
   at::Tensor dB = at::empty(B.sizes(), B.options());
   at::Tensor out = at::empty({}, A.options());

@@ -1,7 +1,7 @@
 // PS-LoRA magnitude merge from factors, plain CUDA (float32 arithmetic); mirrors the Triton kernel: one block
-// per 32×32 output tile, each task's tile formed in turn by a shared-memory tiled product, a later task
-// replacing the kept entry only when strictly larger in magnitude (ties to the earliest), then the tile
-// written or added into `out` in place: no m×n buffer.
+// per 32×32 output tile, each task's tile formed in turn by a shared-memory tiled product (any number of tasks,
+// read from a device table), a later task replacing the kept entry only when strictly larger in magnitude (ties
+// to the earliest), then the tile written or added into `out` in place: no m×n buffer.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -34,16 +34,19 @@ template <typename O>
 __global__ void __launch_bounds__(NT) merge_kernel(SkMergeArgs a, O* out) {
   __shared__ Smem sm;
   const int tx = threadIdx.x % BN, ty = threadIdx.x / BN;
-  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * BM, j0 = static_cast<int64_t>(blockIdx.x) * BN;
+  // a 1-D grid over the tiles, row-tile major: gridDim.y would cap the rows at 65535·32
+  const int64_t ntc = (a.n + BN - 1) / BN;
+  const int64_t i0 = (static_cast<int64_t>(blockIdx.x) / ntc) * BM, j0 = (static_cast<int64_t>(blockIdx.x) % ntc) * BN;
   float best[RPT], cur[RPT];
 #pragma unroll
   for (int q = 0; q < RPT; ++q) best[q] = 0.f;
-  for (int k = 0; k < a.K; ++k) {
+  for (int64_t k = 0; k < a.K; ++k) {
     const int64_t o0 = a.off[k], w = a.off[k + 1] - o0;
+    const float sk = a.scal[k];
     tile_product(a.B + o0, a.Rt, a.A + o0 * a.n, a.n, i0, j0, a.m, a.n, w, cur, sm);
 #pragma unroll
     for (int q = 0; q < RPT; ++q) {
-      const float v = a.scal[k] * cur[q];
+      const float v = sk * cur[q];
       if (k == 0 || fabsf(v) > fabsf(best[q])) best[q] = v;
     }
   }
@@ -60,9 +63,11 @@ __global__ void __launch_bounds__(NT) merge_kernel(SkMergeArgs a, O* out) {
 }  // namespace
 
 cudaError_t sk_magnitude_merge(const SkMergeArgs& a, void* out, int out_dtype, cudaStream_t stream) {
-  if (a.K < 1 || a.K > SK_MERGE_MAX_TASKS) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>((a.n + BN - 1) / BN), static_cast<unsigned>((a.m + BM - 1) / BM));
-  if (grid.x == 0 || grid.y == 0) return cudaSuccess;
+  if (a.K < 1) return cudaErrorInvalidValue;
+  const int64_t tiles = ((a.m + BM - 1) / BM) * ((a.n + BN - 1) / BN);
+  if (tiles == 0) return cudaSuccess;
+  if (tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  const unsigned grid = static_cast<unsigned>(tiles);
   if (out_dtype == 0) {
     merge_kernel<float><<<grid, NT, 0, stream>>>(a, static_cast<float*>(out));
   } else if (out_dtype == 1) {

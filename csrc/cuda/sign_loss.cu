@@ -4,6 +4,8 @@
 // * dB: one block per row block, dB_rows = s·Σ_tiles G·Aᵀ accumulated in shared memory (on the training path
 //   it also reduces the loss, so loss + gradients take two kernels, not three);
 // * dA: one block per 32-column block, dA_cols = s·Σ_tiles Bᵀ·G accumulated in shared memory;
+// * both gradient kernels take the rank in chunks of RC = 256 along gridDim.y (see RC below), so no rank is
+//   refused for lack of shared memory;
 // G = ∂L/∂ΔW lives only in shared memory, one tile at a time: no m×n buffer, no atomics.
 #include "cuda/sign_loss.cuh"
 #include "cuda/sign_loss_tiles.cuh"
@@ -53,11 +55,14 @@ __device__ __forceinline__ float derivative(const SkSignLossArgs& a, float d, fl
   return (-sh * d > 0.f) ? -sh * a.inv_rms : 0.f;
 }
 
+// The loss sums run in float64 (one add per entry, beside a tanhf): a thread walks 4·n/32 summands of one row
+// block, 1792 at n = 14336, and a float32 running sum would lose up to that many roundings; the CPU kernel
+// likewise sums at most 512 floats before going to float64.
 __global__ void __launch_bounds__(NT) fwd_kernel(SkSignLossArgs a, float* partial) {
   __shared__ Smem sm;
-  __shared__ float red[NT];
+  __shared__ double red[NT];
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * BM;
-  float acc = 0.f;
+  double acc = 0.0;
   for (int64_t j0 = 0; j0 < a.n; j0 += BN) {
     float d[RPT], h[RPT];
     bool valid[RPT];
@@ -72,11 +77,11 @@ __global__ void __launch_bounds__(NT) fwd_kernel(SkSignLossArgs a, float* partia
     if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
     __syncthreads();
   }
-  if (threadIdx.x == 0) partial[blockIdx.x] = red[0];
+  if (threadIdx.x == 0) partial[blockIdx.x] = static_cast<float>(red[0]);
 }
 
 // G tile (times gs) into sm.G; zero outside the matrix. With `loss`, also adds this thread's loss summands.
-__device__ void g_tile(const SkSignLossArgs& a, int64_t i0, int64_t j0, float gs, Smem& sm, float* loss = nullptr) {
+__device__ void g_tile(const SkSignLossArgs& a, int64_t i0, int64_t j0, float gs, Smem& sm, double* loss = nullptr) {
   const int tx = threadIdx.x % BN, ty = threadIdx.x / BN;
   float d[RPT], h[RPT];
   bool valid[RPT];
@@ -89,21 +94,33 @@ __device__ void g_tile(const SkSignLossArgs& a, int64_t i0, int64_t j0, float gs
   __syncthreads();
 }
 
-// dynamic shared memory: BM × r floats. grad == nullptr means an upstream gradient of 1; with `partial`, the
-// block also reduces its loss sum into partial[blockIdx.x] (the one-pass training path).
+// The rank is split into chunks of RC: a block accumulates only its chunk of dB columns (dA rows) in shared
+// memory, and blockIdx.y picks the chunk. BM·RC floats (32 KiB) beside the static tiles (14.4 KiB) stay under the
+// 48 KiB a block gets without an opt-in, so any rank launches; a rank above RC re-forms the G tiles once per chunk.
+constexpr int RC = 256;
+static_assert(sizeof(float) * BM * RC + sizeof(Smem) + sizeof(double) * NT <= 48 * 1024, "dB_kernel shared memory");
+static_assert(sizeof(float) * RC * BN + sizeof(Smem) <= 48 * 1024, "dA_kernel shared memory");
+
+__device__ __forceinline__ int64_t chunk_width(int64_t r, int64_t k0) { return r - k0 < RC ? r - k0 : RC; }
+
+// dynamic shared memory: BM × min(r, RC) floats. grad == nullptr means an upstream gradient of 1; with `partial`,
+// the chunk-0 block of each row block also reduces its loss sum into partial[blockIdx.x] (the one-pass training
+// path).
 __global__ void __launch_bounds__(NT) dB_kernel(SkSignLossArgs a, const float* grad, float* dB, float* partial) {
   __shared__ Smem sm;
-  __shared__ float red[NT];
+  __shared__ double red[NT];
   extern __shared__ float accB[];
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.y) * RC, rc = chunk_width(a.r, k0);
+  const bool want_loss = partial != nullptr && blockIdx.y == 0;  // block-uniform
   const float g0 = grad != nullptr ? grad[0] : 1.f;
   const float gs = g0 * a.scaling / (static_cast<float>(a.m) * static_cast<float>(a.n));
-  float lacc = 0.f;
-  for (int64_t e = threadIdx.x; e < BM * a.r; e += NT) accB[e] = 0.f;
+  double lacc = 0.0;
+  for (int64_t e = threadIdx.x; e < BM * rc; e += NT) accB[e] = 0.f;
   for (int64_t j0 = 0; j0 < a.n; j0 += BN) {
-    g_tile(a, i0, j0, gs, sm, partial != nullptr ? &lacc : nullptr);
-    for (int64_t e = threadIdx.x; e < BM * a.r; e += NT) {
-      const int64_t ii = e / a.r, k = e % a.r;
+    g_tile(a, i0, j0, gs, sm, want_loss ? &lacc : nullptr);
+    for (int64_t e = threadIdx.x; e < BM * rc; e += NT) {
+      const int64_t ii = e / rc, k = k0 + e % rc;
       const float* arow = a.A + k * a.n + j0;
       float s = 0.f;
       for (int jj = 0; jj < BN && j0 + jj < a.n; ++jj) s += sm.G[ii][jj] * arow[jj];
@@ -111,33 +128,34 @@ __global__ void __launch_bounds__(NT) dB_kernel(SkSignLossArgs a, const float* g
     }
     __syncthreads();
   }
-  for (int64_t e = threadIdx.x; e < BM * a.r; e += NT) {
-    const int64_t i = i0 + e / a.r;
-    if (i < a.m) dB[i * a.r + e % a.r] = accB[e];
+  for (int64_t e = threadIdx.x; e < BM * rc; e += NT) {
+    const int64_t i = i0 + e / rc;
+    if (i < a.m) dB[i * a.r + k0 + e % rc] = accB[e];
   }
-  if (partial != nullptr) {  // block-uniform branch: every thread reaches the barriers
+  if (want_loss) {
     red[threadIdx.x] = lacc;
     __syncthreads();
     for (int s = NT / 2; s > 0; s >>= 1) {
       if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
       __syncthreads();
     }
-    if (threadIdx.x == 0) partial[blockIdx.x] = red[0];
+    if (threadIdx.x == 0) partial[blockIdx.x] = static_cast<float>(red[0]);
   }
 }
 
-// dynamic shared memory: r × BN floats
+// dynamic shared memory: min(r, RC) × BN floats
 __global__ void __launch_bounds__(NT) dA_kernel(SkSignLossArgs a, const float* grad, float* dA) {
   __shared__ Smem sm;
   extern __shared__ float accA[];
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * BN;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.y) * RC, rc = chunk_width(a.r, k0);
   const float g0 = grad != nullptr ? grad[0] : 1.f;
   const float gs = g0 * a.scaling / (static_cast<float>(a.m) * static_cast<float>(a.n));
-  for (int64_t e = threadIdx.x; e < a.r * BN; e += NT) accA[e] = 0.f;
+  for (int64_t e = threadIdx.x; e < rc * BN; e += NT) accA[e] = 0.f;
   for (int64_t i0 = 0; i0 < a.m; i0 += BM) {
     g_tile(a, i0, j0, gs, sm);
-    for (int64_t e = threadIdx.x; e < a.r * BN; e += NT) {
-      const int64_t k = e / BN;
+    for (int64_t e = threadIdx.x; e < rc * BN; e += NT) {
+      const int64_t k = k0 + e / BN;
       const int jj = static_cast<int>(e % BN);
       float s = 0.f;
       for (int ii = 0; ii < BM && i0 + ii < a.m; ++ii) s += a.B[(i0 + ii) * a.r + k] * sm.G[ii][jj];
@@ -145,9 +163,9 @@ __global__ void __launch_bounds__(NT) dA_kernel(SkSignLossArgs a, const float* g
     }
     __syncthreads();
   }
-  for (int64_t e = threadIdx.x; e < a.r * BN; e += NT) {
+  for (int64_t e = threadIdx.x; e < rc * BN; e += NT) {
     const int64_t j = j0 + e % BN;
-    if (j < a.n) dA[(e / BN) * a.n + j] = accA[e];
+    if (j < a.n) dA[(k0 + e / BN) * a.n + j] = accA[e];
   }
 }
 
@@ -176,12 +194,15 @@ cudaError_t sk_sign_loss_fwd_bwd(const SkSignLossArgs& a, float* partial, float*
 static cudaError_t launch_grads(const SkSignLossArgs& a, const float* grad, float* dA, float* dB, float* partial,
                                 cudaStream_t stream) {
   const int64_t nbr = (a.m + BM - 1) / BM, nbc = (a.n + BN - 1) / BN;
-  const size_t shB = sizeof(float) * BM * a.r, shA = sizeof(float) * a.r * BN;
-  // Static shared memory (Smem + the reduction buffer) is ~13.4 KB; the accumulators must fit beside it in 48 KB.
-  if (shB + sizeof(Smem) + sizeof(float) * NT > 48 * 1024) return cudaErrorInvalidValue;
-  if (nbr > 0) dB_kernel<<<static_cast<unsigned>(nbr), NT, shB, stream>>>(a, grad, dB, partial);
+  // r = 0 still takes one chunk: on the training path its dB blocks are what reduce the loss.
+  const int64_t nchunk = a.r > RC ? (a.r + RC - 1) / RC : 1;
+  if (nchunk > 65535 || nbr > 0x7fffffff || nbc > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  const int64_t rc = a.r < RC ? a.r : RC;
+  const size_t shB = sizeof(float) * BM * rc, shA = sizeof(float) * rc * BN;
+  if (nbr > 0) dB_kernel<<<dim3(static_cast<unsigned>(nbr), static_cast<unsigned>(nchunk)), NT, shB, stream>>>(
+      a, grad, dB, partial);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  if (nbc > 0) dA_kernel<<<static_cast<unsigned>(nbc), NT, shA, stream>>>(a, grad, dA);
+  if (nbc > 0) dA_kernel<<<dim3(static_cast<unsigned>(nbc), static_cast<unsigned>(nchunk)), NT, shA, stream>>>(a, grad, dA);
   return cudaGetLastError();
 }

@@ -3,6 +3,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "common/conflict_checks.h"
 #include "cuda/conflict.cuh"
 #include "cuda_glue/init_kernels_glue.h"
 
@@ -11,18 +12,8 @@ namespace {
 constexpr int64_t kChunk = 1 << 16;  // elements per block: 256 KiB of float32 per operand
 
 void check(at::TensorList cur, at::TensorList prev, const char* op) {
-  TORCH_CHECK(cur.size() > 0, op, ": needs at least one layer");
-  TORCH_CHECK(prev.empty() || prev.size() == cur.size(), op, ": ", prev.size(), " replay tensors for ", cur.size(),
-              " current ones");
-  for (size_t i = 0; i < cur.size(); ++i) {
-    TORCH_CHECK(cur[i].is_cuda() && cur[i].scalar_type() == at::kFloat && cur[i].is_contiguous() &&
-                    cur[i].device() == cur[0].device(),
-                op, ": tensor ", i, " of cur must be a contiguous float32 tensor on ", cur[0].device());
-    if (!prev.empty())
-      TORCH_CHECK(prev[i].is_cuda() && prev[i].scalar_type() == at::kFloat && prev[i].is_contiguous() &&
-                      prev[i].device() == cur[0].device() && prev[i].numel() == cur[i].numel(),
-                  op, ": tensor ", i, " of prev must be a contiguous float32 tensor like cur[", i, "]");
-  }
+  sk_checks::conflict_lists(cur, prev, op);
+  TORCH_CHECK(cur[0].is_cuda(), op, ": the gradients must be CUDA tensors, got ", cur[0].device());
 }
 
 at::Tensor conflict_stats_cuda(at::TensorList cur, at::TensorList prev) {
@@ -55,8 +46,7 @@ at::Tensor conflict_stats_cuda(at::TensorList cur, at::TensorList prev) {
 void surgery_cuda(at::TensorList cur, at::TensorList prev, const at::Tensor& gammas) {
   check(cur, prev, "surgery_");
   TORCH_CHECK(!prev.empty(), "surgery_: needs the replay gradients");
-  TORCH_CHECK(gammas.device().is_cpu() && gammas.scalar_type() == at::kDouble && gammas.numel() == (int64_t)cur.size(),
-              "surgery_: gammas must be a float64 CPU tensor with one value per layer");
+  sk_checks::surgery_gammas(gammas, (int64_t)cur.size());
   const c10::cuda::CUDAGuard guard(cur[0].device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor g = gammas.contiguous();

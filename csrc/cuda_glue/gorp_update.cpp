@@ -7,17 +7,10 @@
 
 #include <optional>
 
+#include "common/gorp_update_checks.h"
 #include "cuda/gorp_update.cuh"
 
 namespace {
-
-void check(const at::Tensor& t, const at::Tensor& g, const char* name, bool same_dtype) {
-  TORCH_CHECK(t.is_cuda() && t.device() == g.device(), "gorp_update: ", name, " must be on ", g.device());
-  TORCH_CHECK(t.is_contiguous(), "gorp_update: ", name, " must be contiguous");
-  TORCH_CHECK(t.numel() == g.numel(), "gorp_update: ", name, " has ", t.numel(), " elements, the gradient ",
-              g.numel());
-  if (same_dtype) TORCH_CHECK(t.scalar_type() == g.scalar_type(), "gorp_update: ", name, " dtype != gradient dtype");
-}
 
 template <typename T>
 T* ptr(const std::optional<at::Tensor>& t) {
@@ -28,32 +21,28 @@ void gorp_update_cuda(const at::Tensor& g, const std::optional<at::Tensor>& proj
                       at::Tensor exp_avg_sq, const std::optional<at::Tensor>& param,
                       const std::optional<at::Tensor>& out, double beta1, double beta2, double eps, double bc1,
                       double bc2, double step_size, double decay) {
-  check(g, g, "g", true);
-  if (proj) check(*proj, g, "proj", true);
-  check(exp_avg, g, "exp_avg", true);
-  check(exp_avg_sq, g, "exp_avg_sq", true);
-  if (out) check(*out, g, "out", true);
-  if (param) check(*param, g, "param", false);
+  const sk_checks::GorpTypes types = sk_checks::gorp_update_operands(g, proj, exp_avg, exp_avg_sq, param, out);
+  TORCH_CHECK(g.is_cuda(), "gorp_update (cuda): the gradient must be a CUDA tensor, got ", g.device());
   c10::cuda::CUDAGuard guard(g.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(g.device().index()).stream();
   const SkGorpScalars s{beta1, beta2, eps, bc1, bc2, step_size, decay};
-  const auto st = g.scalar_type();
-  const auto pt = param ? param->scalar_type() : st;
   const int64_t n = g.numel();
-  cudaError_t err;
-  if (st == at::kFloat && pt == at::kFloat) {
-    err = sk_gorp_update_f32(g.data_ptr<float>(), ptr<float>(proj), exp_avg.data_ptr<float>(),
-                             exp_avg_sq.data_ptr<float>(), ptr<float>(param), ptr<float>(out), n, s, stream);
-  } else if (st == at::kFloat && pt == at::kBFloat16) {
-    auto* p = param ? reinterpret_cast<__nv_bfloat16*>(param->data_ptr<at::BFloat16>()) : nullptr;
-    err = sk_gorp_update_f32_bf16(g.data_ptr<float>(), ptr<float>(proj), exp_avg.data_ptr<float>(),
-                                  exp_avg_sq.data_ptr<float>(), p, ptr<float>(out), n, s, stream);
-  } else if (st == at::kDouble && pt == at::kDouble) {
-    err = sk_gorp_update_f64(g.data_ptr<double>(), ptr<double>(proj), exp_avg.data_ptr<double>(),
-                             exp_avg_sq.data_ptr<double>(), ptr<double>(param), ptr<double>(out), n, s, stream);
-  } else {
-    TORCH_CHECK(false, "gorp_update: unsupported dtypes (state ", st, ", param ", pt,
-                "); use float32/float64 state with a param of the same dtype, or bfloat16 param with float32 state");
+  cudaError_t err = cudaSuccess;
+  switch (types) {
+    case sk_checks::GorpTypes::F32:
+      err = sk_gorp_update_f32(g.data_ptr<float>(), ptr<float>(proj), exp_avg.data_ptr<float>(),
+                               exp_avg_sq.data_ptr<float>(), ptr<float>(param), ptr<float>(out), n, s, stream);
+      break;
+    case sk_checks::GorpTypes::F32_BF16_PARAM: {
+      auto* p = param ? reinterpret_cast<__nv_bfloat16*>(param->data_ptr<at::BFloat16>()) : nullptr;
+      err = sk_gorp_update_f32_bf16(g.data_ptr<float>(), ptr<float>(proj), exp_avg.data_ptr<float>(),
+                                    exp_avg_sq.data_ptr<float>(), p, ptr<float>(out), n, s, stream);
+      break;
+    }
+    case sk_checks::GorpTypes::F64:
+      err = sk_gorp_update_f64(g.data_ptr<double>(), ptr<double>(proj), exp_avg.data_ptr<double>(),
+                               exp_avg_sq.data_ptr<double>(), ptr<double>(param), ptr<double>(out), n, s, stream);
+      break;
   }
   TORCH_CHECK(err == cudaSuccess, "gorp_update: CUDA launch failed: ", cudaGetErrorString(err));
 }

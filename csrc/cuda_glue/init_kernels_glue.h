@@ -1,4 +1,5 @@
-// Helpers shared by the CUDA glue of the SLICE init-path kernels (conflict, rsvd, grad_accum).
+// Helpers shared by the CUDA glue of the SLICE init-path kernels (conflict, rsvd, grad_accum) and of the
+// magnitude merge (its task table).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

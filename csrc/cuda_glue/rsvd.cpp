@@ -1,4 +1,5 @@
 // CUDA glue of the batched floored Cholesky of the fast randomized SVD (csrc/cuda/rsvd.cu).
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -19,7 +20,8 @@ std::tuple<at::Tensor, at::Tensor> cholesky_shifted_cuda(const at::Tensor& gram_
   const auto opts = gram.options();
   at::Tensor R = at::empty({b, q, q}, opts);
   at::Tensor work = at::empty({b, q, q}, opts);
-  at::Tensor floored = at::empty({b}, opts.dtype(at::kInt));
+  // zeros, not empty: with q = 0 the kernel is not launched and the count must read 0, as on the CPU
+  at::Tensor floored = at::zeros({b}, opts.dtype(at::kInt));
   C10_CUDA_CHECK(sk_cholesky_shifted_launch(gram.data_ptr<double>(), work.data_ptr<double>(), R.data_ptr<double>(),
                                             floored.data_ptr<int>(), b, q, rel_shift, rel_floor, stream));
   return {R, floored};

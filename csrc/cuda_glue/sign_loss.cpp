@@ -10,6 +10,7 @@
 #include <optional>
 #include <tuple>
 
+#include "common/sign_loss_checks.h"
 #include "cuda/sign_loss.cuh"
 
 namespace {
@@ -17,14 +18,18 @@ namespace {
 SkSignLossArgs make_args(const at::Tensor& A, const at::Tensor& B, const at::Tensor& H1,
                          const std::optional<at::Tensor>& H2, int64_t kind, int64_t mode, double scaling,
                          double alpha_l, double inv_rms) {
-  auto f32 = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.is_cuda() && t.device() == A.device(), "sign_loss (cuda): ", name, " must be on ", A.device());
-    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), "sign_loss (cuda): ", name,
-                " must be contiguous float32");
+  sk_checks::sign_loss_operands(A, B, H1, H2, kind, mode);
+  // The launchers take raw pointers into A's device: every operand must live there.
+  auto on_device = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.is_cuda() && t.device() == A.device(), "sign_loss (cuda): ", name, " is on ", t.device(),
+                ", A on ", A.device(), "; move the history with History.to(device)");
   };
-  f32(A, "A");
-  f32(B, "B");
-  TORCH_CHECK(A.dim() == 2 && B.dim() == 2 && B.size(1) == A.size(0), "sign_loss (cuda): A must be (r, n), B (m, r)");
+  on_device(A, "A");
+  on_device(B, "B");
+  on_device(H1, kind == 0 ? "Bh" : (kind == 1 ? "H" : "the sign bits"));
+  if (kind == 0) on_device(*H2, "Ah");
+  TORCH_CHECK(A.scalar_type() == at::kFloat, "sign_loss (cuda): the kernels compute in float32, got ", A.scalar_type(),
+              "; slice_kernels.ops.sign_loss casts the factors before calling");
   SkSignLossArgs a{};
   a.A = A.data_ptr<float>();
   a.B = B.data_ptr<float>();
@@ -38,24 +43,13 @@ SkSignLossArgs make_args(const at::Tensor& A, const at::Tensor& B, const at::Ten
   a.alpha_l = static_cast<float>(alpha_l);
   a.inv_rms = static_cast<float>(inv_rms);
   if (kind == 0) {
-    TORCH_CHECK(H2.has_value(), "sign_loss (cuda): factor history needs Ah");
-    f32(H1, "Bh");
-    f32(*H2, "Ah");
-    TORCH_CHECK(H1.size(0) == a.m && H2->size(1) == a.n && H1.size(1) == H2->size(0), "sign_loss (cuda): Bh/Ah shapes");
     a.H1 = H1.data_ptr<float>();
     a.H2 = H2->data_ptr<float>();
     a.R = H1.size(1);
   } else if (kind == 1) {
-    f32(H1, "H");
-    TORCH_CHECK(H1.size(0) == a.m && H1.size(1) == a.n, "sign_loss (cuda): dense history must be m×n");
     a.H1 = H1.data_ptr<float>();
-  } else if (kind == 2) {
-    TORCH_CHECK(H1.is_cuda() && H1.device() == A.device() && H1.scalar_type() == at::kByte && H1.is_contiguous() &&
-                    H1.dim() == 2 && H1.size(0) == a.m && H1.size(1) == (a.n + 7) / 8,
-                "sign_loss (cuda): sign bits must be contiguous uint8 (m, ceil(n/8)) on ", A.device());
-    a.bits = H1.data_ptr<uint8_t>();
   } else {
-    TORCH_CHECK(false, "sign_loss: kind must be 0 (factors), 1 (dense) or 2 (bits)");
+    a.bits = H1.data_ptr<uint8_t>();
   }
   return a;
 }
@@ -79,16 +73,15 @@ std::tuple<at::Tensor, at::Tensor> sign_loss_bwd_cuda(const at::Tensor& grad, co
                                                       int64_t mode, double scaling, double alpha_l,
                                                       double inv_rms) {
   const SkSignLossArgs a = make_args(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms);
-  TORCH_CHECK(grad.is_cuda() && grad.scalar_type() == at::kFloat && grad.numel() == 1,
-              "sign_loss_bwd (cuda): grad must be a float32 scalar on the device");
+  TORCH_CHECK(grad.is_cuda() && grad.device() == A.device() && grad.scalar_type() == at::kFloat && grad.numel() == 1,
+              "sign_loss_bwd (cuda): grad must be a float32 scalar on ", A.device(), ", got ", grad.scalar_type(),
+              " with ", grad.numel(), " elements on ", grad.device());
   c10::cuda::CUDAGuard guard(A.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(A.device().index()).stream();
   at::Tensor dA = at::empty(A.sizes(), A.options());
   at::Tensor dB = at::empty(B.sizes(), B.options());
   const cudaError_t err = sk_sign_loss_bwd(a, grad.data_ptr<float>(), dA.data_ptr<float>(), dB.data_ptr<float>(), stream);
-  TORCH_CHECK(err == cudaSuccess, "sign_loss_bwd: CUDA launch failed (", cudaGetErrorString(err),
-              "); ranks above 277 exceed the kernel's shared-memory accumulator: for such ranks force another "
-              "backend (SLICE_KERNELS_BACKEND=triton or torch, or slice_kernels.dispatch.use_backend)");
+  TORCH_CHECK(err == cudaSuccess, "sign_loss_bwd: CUDA launch failed: ", cudaGetErrorString(err));
   return {dA, dB};
 }
 
@@ -105,9 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sign_loss_fwd_bwd_cuda(const at::
   at::Tensor dB = at::empty(B.sizes(), B.options());
   const cudaError_t err = sk_sign_loss_fwd_bwd(a, partial.data_ptr<float>(), dA.data_ptr<float>(),
                                                dB.data_ptr<float>(), stream);
-  TORCH_CHECK(err == cudaSuccess, "sign_loss_fwd_bwd: CUDA launch failed (", cudaGetErrorString(err),
-              "); ranks above 277 exceed the kernel's shared-memory accumulator: for such ranks force another "
-              "backend (SLICE_KERNELS_BACKEND=triton or torch, or slice_kernels.dispatch.use_backend)");
+  TORCH_CHECK(err == cudaSuccess, "sign_loss_fwd_bwd: CUDA launch failed: ", cudaGetErrorString(err));
   at::Tensor loss = partial.sum(at::kDouble).div(static_cast<double>(a.m) * static_cast<double>(a.n)).to(at::kFloat);
   return {loss, dA, dB};
 }
