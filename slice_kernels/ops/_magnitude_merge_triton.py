@@ -36,7 +36,8 @@ def _merge_kernel(B, A, offs, scal, out, m, n, Rt, K, ldo,
         take = tl.abs(cur) > best_abs
         best = tl.where(take, cur, best)
         best_abs = tl.where(take, tl.abs(cur), best_abs)
-    ptr = out + rows[:, None] * ldo + cols[None, :]
+    # 64-bit row offsets: m·ldo passes 2³¹ for a 524288×4096 output (int32 would wrap to a negative address)
+    ptr = out + rows[:, None].to(tl.int64) * ldo + cols[None, :]
     mask = rmask[:, None] & cmask[None, :]
     if ACC:
         best += tl.load(ptr, mask=mask, other=0.0).to(tl.float32)

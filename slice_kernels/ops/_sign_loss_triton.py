@@ -44,11 +44,12 @@ def _h_tile(H1, H2, rows, cols, rmask, cmask, n, R, sh1,
             ah = tl.load(H2 + kh[:, None] * n + cols[None, :], mask=km[:, None] & cmask[None, :], other=0.0)
             h += tl.dot(bh, ah.to(tl.float32), input_precision=PREC)
     elif KIND == 1:
-        h = tl.load(H1 + rows[:, None] * sh1 + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+        # 64-bit row offsets here only: the dense H (m·n) and its bits are the operands that can pass 2³¹
+        h = tl.load(H1 + rows[:, None].to(tl.int64) * sh1 + cols[None, :], mask=rmask[:, None] & cmask[None, :],
                     other=0.0).to(tl.float32)
     else:
-        byte = tl.load(H1 + rows[:, None] * sh1 + (cols // 8)[None, :], mask=rmask[:, None] & cmask[None, :],
-                       other=0).to(tl.int32)
+        byte = tl.load(H1 + rows[:, None].to(tl.int64) * sh1 + (cols // 8)[None, :],
+                       mask=rmask[:, None] & cmask[None, :], other=0).to(tl.int32)
         bit = (byte >> (cols % 8)[None, :]) & 1
         h = bit.to(tl.float32) * 2.0 - 1.0
     return h
@@ -158,6 +159,12 @@ def _dA_kernel(A, B, H1, H2, grad, dA, m, n, r, R, sh1, scaling, alpha_l, inv_rm
     tl.store(dA + kr[:, None] * n + cols[None, :], acc * gs, mask=amask)
 
 
+# Warps of the backward kernels (dB, dA) on a GPU. Their fp32 dots lower to FMAs, and at the default 4 warps the
+# sm_90 cubins spill 0.04–6.8 KB of stack per thread (cuobjdump, r = 64, triton 3.6 and 3.7.1); at 8 warps at
+# most 0.65 KB. The forward kernel keeps 4: 8 warps did not reduce its spills consistently.
+_BWD_WARPS = 8
+
+
 def _pad(x: int) -> int:
     return max(16, triton.next_power_of_2(max(1, x)))
 
@@ -168,7 +175,27 @@ def _rank_chunk(R: int) -> int:
     return 16 if dispatch.interpreting() else min(64, _pad(R))
 
 
+def _max_gpu_rank(kind: int) -> int:
+    """Largest padded rank RP the GPU kernels take. Their shared memory grows with the rank (the fp32 dots,
+    lowered to FMAs, stage their operands there) against an H100's 232448 B per block, and a launch past it
+    fails with "out of resources". Measured on sm_90 compiles (triton 3.6, tests/test_triton_compile.py):
+    factors 196608 B at RP = 256, 327680 B at 512; a dense H, also staged, 245760 B (float32) at 256 and
+    180224 B (float64) at 128; bits fit like factors."""
+    return 128 if kind == 1 else 256
+
+
+def fits_gpu(r: int, kind: int) -> bool:
+    """Whether these kernels take rank ``r`` with history form ``kind`` (always, under the interpreter)."""
+    return dispatch.interpreting() or _pad(r) <= _max_gpu_rank(kind)
+
+
 def _prep(A, B, H1, H2, kind):
+    r = B.shape[1]
+    if not fits_gpu(r, kind):
+        form = {0: "factor", 1: "dense", 2: "bit"}[kind]
+        raise ValueError(f"sign loss, triton backend: rank r={r} with a {form} history needs more shared memory "
+                         f"than a GPU block has (at most r={_max_gpu_rank(kind)}); use the cuda backend (the "
+                         f"default on CUDA tensors when slice_kernels._C is built) or SLICE_KERNELS_BACKEND=torch")
     A, B = A.float().contiguous(), B.float().contiguous()
     if kind == 0:
         H1, H2 = H1.float().contiguous(), H2.float().contiguous()
@@ -202,8 +229,8 @@ def sign_loss_bwd_triton(grad, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_r
     dB = torch.empty_like(B_)
     common = dict(KIND=kind, MODE=mode, BM=BM, BN=BN, RP=_pad(r), RHP=_rank_chunk(R), PREC="ieee")
     args = (m, n, r, R, H1.stride(0), float(scaling), float(alpha_l), float(inv_rms), 1.0 / (m * n))
-    _dB_kernel[(triton.cdiv(m, BM),)](A_, B_, H1, H2, g, dB, dB, *args, LOSS=False, **common)
-    _dA_kernel[(triton.cdiv(n, BN),)](A_, B_, H1, H2, g, dA, *args, **common)
+    _dB_kernel[(triton.cdiv(m, BM),)](A_, B_, H1, H2, g, dB, dB, *args, LOSS=False, num_warps=_BWD_WARPS, **common)
+    _dA_kernel[(triton.cdiv(n, BN),)](A_, B_, H1, H2, g, dA, *args, num_warps=_BWD_WARPS, **common)
     return dA.to(A.dtype), dB.to(B.dtype)
 
 
@@ -219,7 +246,7 @@ def sign_loss_fwd_bwd_triton(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms
     partial = torch.empty(triton.cdiv(m, BM), dtype=torch.float32, device=A.device)
     common = dict(KIND=kind, MODE=mode, BM=BM, BN=BN, RP=_pad(r), RHP=_rank_chunk(R), PREC="ieee")
     args = (m, n, r, R, H1.stride(0), float(scaling), float(alpha_l), float(inv_rms), 1.0 / (m * n))
-    _dB_kernel[(triton.cdiv(m, BM),)](A_, B_, H1, H2, g, dB, partial, *args, LOSS=True, **common)
-    _dA_kernel[(triton.cdiv(n, BN),)](A_, B_, H1, H2, g, dA, *args, **common)
+    _dB_kernel[(triton.cdiv(m, BM),)](A_, B_, H1, H2, g, dB, partial, *args, LOSS=True, num_warps=_BWD_WARPS, **common)
+    _dA_kernel[(triton.cdiv(n, BN),)](A_, B_, H1, H2, g, dA, *args, num_warps=_BWD_WARPS, **common)
     loss = (partial.double().sum() / (m * n)).to(out_dtype)
     return loss, dA.to(A.dtype), dB.to(B.dtype)

@@ -185,18 +185,26 @@ except ImportError:  # triton missing: the dispatcher reports "sign_loss_fwd has
 
 
 # ---------------------------------------------------------------------------------------------- custom op
-def _run(op, backend: str, device, *args):
-    if backend:
-        with dispatch.use_backend(backend):
-            return dispatch.call(op, device, *args)
-    return dispatch.call(op, device, *args)
+def _auto_backend(device, r: int, kind: int) -> str:
+    """The dispatcher's choice, except that an automatic pick of Triton whose tiles at this rank would not fit
+    a GPU block's shared memory (``_sign_loss_triton.fits_gpu``) goes to the torch reference instead; a forced
+    Triton backend still raises, naming the limit."""
+    backend = dispatch.select("sign_loss_fwd", device)[0]
+    if backend == "triton" and dispatch.forced_backend() is None and not _tri.fits_gpu(r, kind):
+        return "torch"
+    return backend
+
+
+def _run(op, backend: str, device, r: int, kind: int, *args):
+    with dispatch.use_backend(backend or _auto_backend(device, r, kind)):
+        return dispatch.call(op, device, *args)
 
 
 @torch.library.custom_op("slice_kernels::sign_loss_dir", mutates_args=())
 def sign_loss_dir(A: torch.Tensor, B: torch.Tensor, H1: torch.Tensor, H2: Optional[torch.Tensor], kind: int,
                   mode: int, scaling: float, alpha_l: float, inv_rms: float, backend: str) -> torch.Tensor:
     """L_dir of one layer (mean over its m·n entries); see the module doc. ``backend`` "" = dispatcher's choice."""
-    return _run("sign_loss_fwd", backend, A.device, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms)
+    return _run("sign_loss_fwd", backend, A.device, B.shape[1], kind, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms)
 
 
 @sign_loss_dir.register_fake
@@ -208,7 +216,7 @@ def _(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms, backend):
 def sign_loss_dir_bwd(grad: torch.Tensor, A: torch.Tensor, B: torch.Tensor, H1: torch.Tensor,
                       H2: Optional[torch.Tensor], kind: int, mode: int, scaling: float, alpha_l: float,
                       inv_rms: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _run("sign_loss_bwd", backend, A.device, grad, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms)
+    return _run("sign_loss_bwd", backend, A.device, B.shape[1], kind, grad, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms)
 
 
 @sign_loss_dir_bwd.register_fake
@@ -238,7 +246,7 @@ def sign_loss_dir_train(A: torch.Tensor, B: torch.Tensor, H1: torch.Tensor, H2: 
     """The training form of ``sign_loss_dir``: (L_dir, ∂L_dir/∂A, ∂L_dir/∂B) from one pass over the tiles; its
     autograd backward only scales the saved gradients (O((m+n)·r) memory), so forward + backward cost one pass
     instead of two. Use the first output; the other two are the unit-upstream gradients."""
-    return _run("sign_loss_fwd_bwd", backend, A.device, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms)
+    return _run("sign_loss_fwd_bwd", backend, A.device, B.shape[1], kind, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms)
 
 
 @sign_loss_dir_train.register_fake
@@ -300,7 +308,7 @@ def sign_consistency_loss(A: torch.Tensor, B: torch.Tensor, history: History | N
     inv_rms = 1.0 / history.rms
     backend = ""
     if not torch.compiler.is_compiling():
-        backend = dispatch.select("sign_loss_fwd", A.device)[0]  # raises early, and backward uses the same
+        backend = _auto_backend(A.device, B.shape[1], kind)  # raises early, and backward uses the same
     args = (A, B, H1, H2, kind, MODES[mode], float(scaling), alpha_l, inv_rms, backend)
     if torch.is_grad_enabled() and (A.requires_grad or B.requires_grad):
         l_dir = sign_loss_dir_train(*args)[0]  # loss and gradients in one pass
