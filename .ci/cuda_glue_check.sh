@@ -9,8 +9,10 @@ cd "$(dirname "$0")/.."
 NVCC=${NVCC:-$(command -v nvcc || true)}
 if [[ -z "$NVCC" ]]; then echo "cuda_glue_check: nvcc not found, CUDA glue NOT checked"; exit 0; fi
 # Where nvcc finds cuda_runtime.h (nvcc may be a wrapper script, so ask it rather than guess from its path).
-cuda_inc=$(echo '#include <cuda_runtime.h>' | "$NVCC" -x cu -M - 2>/dev/null | tr ' \\' '\n\n' |
-           grep -m1 '/cuda_runtime\.h$' | xargs -r dirname)
+# (No early-closing reader such as grep -m1 in the pipe: under pipefail its SIGPIPE would end the script.)
+deps=$(echo '#include <cuda_runtime.h>' | "$NVCC" -x cu -M - 2>/dev/null) || deps=""
+cuda_inc=$(tr ' \\' '\n\n' <<< "$deps" | awk '/\/cuda_runtime\.h$/ && !found { print; found = 1 }')
+cuda_inc=${cuda_inc:+$(dirname "$cuda_inc")}
 if [[ -z "$cuda_inc" ]]; then echo "cuda_glue_check: nvcc gives no cuda_runtime.h, CUDA glue NOT checked"; exit 1; fi
 mapfile -t incs < <(python - <<'PY'
 import sysconfig
