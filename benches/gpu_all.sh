@@ -94,7 +94,10 @@ fi
 if [[ " $STAGES " == *" test "* ]]; then
   workers=()
   # xdist spreads the CPU-heavy half of the suite over the machine's cores; the GPU tests share the one GPU.
-  $PY -c "import xdist" 2>/dev/null && [[ ${PYTEST_WORKERS:-4} != 0 ]] && workers=(-n "${PYTEST_WORKERS:-4}")
+  # loadfile: one module per worker, so a module's expensive fixture (the sm_90 compiles, the emulator build)
+  # is made once, not once per worker.
+  $PY -c "import xdist" 2>/dev/null && [[ ${PYTEST_WORKERS:-4} != 0 ]] &&
+    workers=(-n "${PYTEST_WORKERS:-4}" --dist loadfile)
   step pytest "${T_pytest:-420}" $PY -m pytest -q -rfEs -p no:cacheprovider --durations=20 "${workers[@]}"
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
