@@ -77,5 +77,5 @@ def require_kernels(device_type: str) -> None:
     for op in ops:
         print(f"{op}: {device_type} kernel {'MISSING' if op in missing else 'registered'}")
     if not ops or missing:
-        raise RuntimeError(f"no {device_type} kernel for {missing or 'any operator'}: rebuild the extension "
-                           f"({'with CUDA torch and nvcc' if device_type == 'cuda' else 'python setup.py build_ext --inplace'})")
+        how = "with CUDA torch and nvcc" if device_type == "cuda" else "python setup.py build_ext --inplace"
+        raise RuntimeError(f"no {device_type} kernel for {missing or 'any operator'}: rebuild the extension ({how})")

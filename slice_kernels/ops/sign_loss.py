@@ -204,7 +204,8 @@ def _run(op, backend: str, device, r: int, kind: int, *args):
 def sign_loss_dir(A: torch.Tensor, B: torch.Tensor, H1: torch.Tensor, H2: Optional[torch.Tensor], kind: int,
                   mode: int, scaling: float, alpha_l: float, inv_rms: float, backend: str) -> torch.Tensor:
     """L_dir of one layer (mean over its m·n entries); see the module doc. ``backend`` "" = dispatcher's choice."""
-    return _run("sign_loss_fwd", backend, A.device, B.shape[1], kind, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms)
+    return _run("sign_loss_fwd", backend, A.device, B.shape[1], kind,
+                A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms)
 
 
 @sign_loss_dir.register_fake
@@ -216,7 +217,8 @@ def _(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms, backend):
 def sign_loss_dir_bwd(grad: torch.Tensor, A: torch.Tensor, B: torch.Tensor, H1: torch.Tensor,
                       H2: Optional[torch.Tensor], kind: int, mode: int, scaling: float, alpha_l: float,
                       inv_rms: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _run("sign_loss_bwd", backend, A.device, B.shape[1], kind, grad, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms)
+    return _run("sign_loss_bwd", backend, A.device, B.shape[1], kind,
+                grad, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms)
 
 
 @sign_loss_dir_bwd.register_fake
@@ -246,7 +248,8 @@ def sign_loss_dir_train(A: torch.Tensor, B: torch.Tensor, H1: torch.Tensor, H2: 
     """The training form of ``sign_loss_dir``: (L_dir, ∂L_dir/∂A, ∂L_dir/∂B) from one pass over the tiles; its
     autograd backward only scales the saved gradients (O((m+n)·r) memory), so forward + backward cost one pass
     instead of two. Use the first output; the other two are the unit-upstream gradients."""
-    return _run("sign_loss_fwd_bwd", backend, A.device, B.shape[1], kind, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms)
+    return _run("sign_loss_fwd_bwd", backend, A.device, B.shape[1], kind,
+                A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms)
 
 
 @sign_loss_dir_train.register_fake
