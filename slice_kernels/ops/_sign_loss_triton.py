@@ -56,12 +56,19 @@ def _h_tile(H1, H2, rows, cols, rmask, cmask, n, R, sh1,
 
 
 @triton.jit
+def _history_sign(h, alpha_l, KIND: tl.constexpr):
+    """tanh(α·H) of the tanh mode; a bit history already holds sign(H) = ±1, used as is (SPEC §3)."""
+    if KIND == 2:
+        t = h
+    else:
+        t = _tanh(alpha_l * h)
+    return t
+
+
+@triton.jit
 def _summand(d, h, alpha_l, inv_rms, KIND: tl.constexpr, MODE: tl.constexpr):
     if MODE == 0:
-        if KIND == 2:
-            t = h
-        else:
-            t = _tanh(alpha_l * h)
+        t = _history_sign(h, alpha_l, KIND)
         f = 1.0 - _tanh(alpha_l * d) * t
     else:
         sg = tl.where(h > 0, 1.0, tl.where(h < 0, -1.0, 0.0))
@@ -73,10 +80,7 @@ def _summand(d, h, alpha_l, inv_rms, KIND: tl.constexpr, MODE: tl.constexpr):
 @triton.jit
 def _derivative(d, h, alpha_l, inv_rms, KIND: tl.constexpr, MODE: tl.constexpr):
     if MODE == 0:
-        if KIND == 2:
-            t = h
-        else:
-            t = _tanh(alpha_l * h)
+        t = _history_sign(h, alpha_l, KIND)
         td = _tanh(alpha_l * d)
         g = -alpha_l * (1.0 - td * td) * t
     else:
