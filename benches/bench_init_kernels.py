@@ -18,22 +18,26 @@ Prints Markdown tables; every figure is a median measured in this run (benches/c
    takes minutes), with ratios, the floor (max of 2(niter+1) products' FLOPs over the measured matmul rate and
    their bytes over the bandwidth), and the relative reconstruction error ‖G − USVᵀ‖/‖G‖ of the fused
    backend and of svd_lowrank on the same matrices (low-rank-plus-noise test matrices).
-3. the whole ``init_from_gradients`` (statistics, surgery, SVD, scale, absorb) over the ``--blocks`` blocks,
-   default backends against everything forced to torch. 224 layers of Llama-3-8B are ``--blocks 32``
-   (needs ~90 GB for weights and both gradient sets: an H200; an H100 runs ``--blocks 16``).
+3. the whole init after collection (statistics, surgery, SVD, scale, absorb) over ``--init-blocks`` blocks, as
+   ``get_slice_model`` runs it (surgery in place, absorbed into the weights in place), default backends
+   against everything forced to torch. 224 layers of Llama-3-8B are ``--init-blocks 32``: about 70 GB of
+   weights and both gradient sets; a device that runs out of memory is retried with half the blocks.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import copy_bandwidth, fmt_time, machine, matmul_rate, median_time, print_table  # noqa: E402
+from common import StreamTable, copy_bandwidth, fmt_time, machine, matmul_rate, median_time, sync  # noqa: E402
 
 from slice_kernels import SliceConfig, dispatch, init_from_gradients  # noqa: E402
+from slice_kernels.init import absorb_  # noqa: E402
 from slice_kernels.ops import conflict, rsvd  # noqa: E402
 
 LLAMA3_8B_BLOCK = {  # (out, in) of each target linear in one decoder block
@@ -60,22 +64,25 @@ def bench_conflict(device, blocks, bw, accuracy):
     cur, prev = _grads(shapes, device)
     n = sum(c.numel() for c in cur)
     fused = dispatch.select("conflict_stats", device)[0]
-    rows = []
+    # every fused backend this device takes (cuda and triton on a GPU), each against the same torch figure
+    backends = [b for b in ("cuda", "triton", "cpp") if dispatch.refusal("conflict_stats", b, torch.device(device))
+                is None and dispatch.refusal("surgery", b, torch.device(device)) is None]
     gam = torch.full((len(cur),), 1e-3, dtype=torch.float64)
-    for what, bytes_per, fns in [
-        ("conflict_stats", 8, {"torch": lambda: conflict.conflict_stats_torch(cur, prev),
-                               fused: lambda: conflict.conflict_stats(cur, prev)}),
-        ("surgery_", 12, {"torch": lambda: conflict.surgery_torch(cur, prev, gam),
-                          fused: lambda: conflict.surgery_(cur, prev, gam)}),
+    print(f"\n### conflict statistics and surgery ({device}, default fused backend = {fused})\n", flush=True)
+    table = StreamTable()
+    for what, bytes_per, ref, op in [
+        ("conflict_stats", 8, lambda: conflict.conflict_stats_torch(cur, prev), lambda: conflict.conflict_stats(cur, prev)),
+        ("surgery_", 12, lambda: conflict.surgery_torch(cur, prev, gam), lambda: conflict.surgery_(cur, prev, gam)),
     ]:
-        t = {b: median_time(f, device) for b, f in fns.items()}
+        t_ref = median_time(ref, device)
         floor = bytes_per * n / bw
-        rows.append({"op": what, "layers": len(cur), "elements": f"{n / 1e6:.1f}M",
-                     "torch (unfused)": fmt_time(t["torch"]), f"{fused}": fmt_time(t[fused]),
-                     "speed-up": f"{t['torch'] / t[fused]:.2f}×", "floor": fmt_time(floor),
-                     "% of bandwidth": f"{100 * floor / t[fused]:.0f}%"})
-    print(f"\n### conflict statistics and surgery ({device}, fused backend = {fused})\n")
-    print_table(rows, list(rows[0]))
+        for b in backends:
+            with dispatch.use_backend(b):
+                t_b = median_time(op, device)
+            table.add({"op": what, "backend": b, "layers": len(cur), "elements": f"{n / 1e6:.1f}M",
+                       "torch (unfused)": fmt_time(t_ref), "fused": fmt_time(t_b),
+                       "speed-up": f"{t_ref / t_b:.2f}×", "floor": fmt_time(floor),
+                       "% of bandwidth": f"{100 * floor / t_b:.0f}%"})
     if accuracy:
         big = 100_000_000 if device == "cuda" else 8_000_000
         c, p = _grads([(big,)], device, seed=1)
@@ -103,9 +110,13 @@ def bench_rsvd(device, ranks, batch, shapes, bw, rate, niter=4):
     # forced: the cpp SVD is not in the CPU default order (auto=False), but it is what is measured here
     order = ("cuda", "triton") if device == "cuda" else ("cpp",)
     fused = next((b for b in order if dispatch.refusal("randomized_svd", b, torch.device(device)) is None), "torch")
-    rows = []
+    print(f"\n### batched randomized SVD, niter={niter}, q = 4r ({device}, fused backend = {fused})\n", flush=True)
+    table = StreamTable()  # row by row: a step cut off by its time limit keeps the shapes it finished
     for (m, n) in shapes:
         G = lowrank_test_matrices(batch, m, n, device)
+        # one full SVD per shape (it does not depend on r), timed on one layer, times the batch
+        t_full = batch * median_time(lambda: torch.linalg.svd(G[0], full_matrices=False), device, warmup=0,
+                                     repeats=1)
         for r in ranks:
             k, q = 2 * r, min(4 * r, m, n)
             omega = rsvd.sketch(list(range(batch)), n, q, device)
@@ -120,8 +131,6 @@ def bench_rsvd(device, ranks, batch, shapes, bw, rate, niter=4):
                 return [torch.svd_lowrank(G[i], q=q, niter=niter) for i in range(batch)]
 
             t_loop = median_time(loop, device, warmup=1, repeats=3)
-            t_full = batch * median_time(lambda: torch.linalg.svd(G[0], full_matrices=False), device, warmup=0,
-                                         repeats=1)
             flops = batch * (2 * niter + 2) * 2.0 * m * n * q
             floor = max(flops / rate, batch * (2 * niter + 2) * m * n * 4 / bw)
             U, S, V = run_fused()
@@ -130,19 +139,39 @@ def bench_rsvd(device, ranks, batch, shapes, bw, rate, niter=4):
             lr = loop()
             e_loop = sum(_rel_err(G[i:i + 1], u[None, :, :k], s[None, :k], v[None, :, :k]) ** 2
                          for i, (u, s, v) in enumerate(lr)) ** 0.5 / batch**0.5
-            rows.append({"shape": f"{batch}×{m}×{n}", "r": r, fused: fmt_time(t_fused),
-                         "torch ref (Householder)": fmt_time(t_ref), "svd_lowrank loop": fmt_time(t_loop),
-                         "linalg.svd": fmt_time(t_full), "vs ref": f"{t_ref / t_fused:.2f}×",
-                         "vs svd_lowrank": f"{t_loop / t_fused:.2f}×", "vs linalg.svd": f"{t_full / t_fused:.1f}×",
-                         "floor": fmt_time(floor), "rel. err fused": f"{e_fused:.4e}",
-                         "rel. err svd_lowrank": f"{e_loop:.4e}"})
-            del omega
+            table.add({"shape": f"{batch}×{m}×{n}", "r": r, fused: fmt_time(t_fused),
+                       "torch ref (Householder)": fmt_time(t_ref), "svd_lowrank loop": fmt_time(t_loop),
+                       "linalg.svd": fmt_time(t_full), "vs ref": f"{t_ref / t_fused:.2f}×",
+                       "vs svd_lowrank": f"{t_loop / t_fused:.2f}×", "vs linalg.svd": f"{t_full / t_fused:.1f}×",
+                       "floor": fmt_time(floor), "rel. err fused": f"{e_fused:.4e}",
+                       "rel. err svd_lowrank": f"{e_loop:.4e}"})
+            del omega, U, S, V, lr
         del G
-    print(f"\n### batched randomized SVD, niter={niter}, q = 4r ({device}, fused backend = {fused})\n")
-    print_table(rows, list(rows[0]))
 
 
 def bench_init(device, blocks, r=16):
+    """The whole init over ``blocks`` decoder blocks; on a device that runs out of memory, again with half as
+    many (said in the output), so one GPU call still yields a figure."""
+    while True:
+        try:
+            return _bench_init(device, blocks, r)
+        except torch.cuda.OutOfMemoryError as exc:
+            if blocks == 1:
+                raise
+            msg = str(exc).splitlines()[0]
+        # outside the except clause: the traceback's frames (and their tensors) are gone before the retry
+        torch.cuda.empty_cache()
+        print(f"\nwhole init over {blocks} blocks ({7 * blocks} layers) ran out of device memory ({msg}); "
+              f"retrying with {blocks // 2} blocks", flush=True)
+        blocks //= 2
+
+
+def _bench_init(device, blocks, r, repeats=3):
+    """What ``get_slice_model`` runs after collection: ``init_from_gradients(inplace_gradients=True,
+    absorb=False)`` then ``absorb_`` into each weight in place, so the device holds the weights and the two
+    gradient sets once (224 Llama-3-8B layers: 14 GB of bf16 weights + 2 × 28 GB of float32 gradients)."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     shapes = block_shapes(device, blocks)
     names = list(shapes)
     cur, prev = _grads(list(shapes.values()), device, seed=2)
@@ -150,18 +179,42 @@ def bench_init(device, blocks, r=16):
     weights = {n: (0.02 * torch.randn(s, device=device)).to(wdt) for n, s in shapes.items()}
     g_cur, g_prev = dict(zip(names, cur)), dict(zip(names, prev))
     cfg = SliceConfig()
-    rows = []
+
+    def init():
+        res = init_from_gradients(weights, g_cur, g_prev, r=r, lora_alpha=2.0, config=cfg, inplace_gradients=True,
+                                  absorb=False)
+        for n in names:
+            if res.report.layers[n].get("offset", False):
+                absorb_(weights[n], res.B[n], res.A[n], res.scaling)
+        return res
+
+    def timed():
+        # untimed: the last surgery left ⟨G_cur, G_prev⟩ = 0; put a conflict back so every run does the surgery
+        for c, p in zip(cur, prev):
+            c.add_(p, alpha=-0.3)
+        sync(device)
+        t0 = time.perf_counter()
+        res = init()
+        sync(device)
+        return time.perf_counter() - t0, res
+
     t = {}
-    for label, forced in [("torch (reference ops)", "torch"), ("default backends", None)]:
+    print(f"\n### whole init after collection: init_from_gradients, then absorb_ in place ({device})\n\n"
+          f"median: the init and the in-place absorb together; phases: the init's own report (its absorb phase is "
+          f"empty there: absorb=False)\n",
+          flush=True)
+    table = StreamTable()
+    # the default backends first: the figure the issue's target is about survives a step cut off by its limit
+    for label, forced in [("default backends", None), ("torch (reference ops)", "torch")]:
         with dispatch.use_backend(forced):
-            t[label] = median_time(lambda: init_from_gradients(weights, g_cur, g_prev, r=r, lora_alpha=2.0,
-                                                               config=cfg), device, warmup=1, repeats=3)
-            rep = init_from_gradients(weights, g_cur, g_prev, r=r, lora_alpha=2.0, config=cfg).report
-        rows.append({"ops": label, "backends": ", ".join(f"{k}={v}" for k, v in rep.backends.items()),
-                     "layers": len(names), "r": r, "median": fmt_time(t[label]),
-                     "phases": ", ".join(f"{p} {fmt_time(v['seconds'])}" for p, v in rep.phases.items())})
-    print(f"\n### whole init_from_gradients after collection ({device})\n")
-    print_table(rows, list(rows[0]))
+            runs = [timed() for _ in range(repeats + 1)][1:]  # the first warms up
+        t[label] = statistics.median(dt for dt, _ in runs)
+        rep = runs[-1][1].report
+        peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device == "cuda" else "–"
+        table.add({"ops": label, "backends": ", ".join(f"{k}={v}" for k, v in rep.backends.items()),
+                   "layers": len(names), "r": r, "γ": f"{rep.gamma:.3f}", "median": fmt_time(t[label]),
+                   "device peak": peak,
+                   "phases": ", ".join(f"{p} {fmt_time(v['seconds'])}" for p, v in rep.phases.items())})
     print(f"\nspeed-up of the default backends: {t['torch (reference ops)'] / t['default backends']:.2f}×")
 
 
@@ -171,7 +224,8 @@ def main(argv=None):
     ap.add_argument("--ranks", default=None, help="comma-separated r (default 16,64 on GPU, 16 on CPU)")
     ap.add_argument("--batch", type=int, default=None, help="layers per SVD batch (default 32 GPU, 4 CPU)")
     ap.add_argument("--blocks", type=int, default=None, help="decoder blocks for stats/surgery/init (4 GPU, 2 CPU)")
-    ap.add_argument("--init-blocks", type=int, default=None, help="blocks for the whole init (default --blocks)")
+    ap.add_argument("--init-blocks", type=int, default=None,
+                    help="blocks for the whole init (default 32 = the 224 layers of the target on GPU, --blocks on CPU)")
     ap.add_argument("--accuracy", action="store_true", help="also check a 100M-element pair (8M on CPU)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: conflict,rsvd,init")
     ap.add_argument("--threads", type=int, default=None,
@@ -194,7 +248,7 @@ def main(argv=None):
     if "rsvd" not in skip:
         bench_rsvd(dev, ranks, batch, shapes, bw, rate)
     if "init" not in skip:
-        bench_init(dev, a.init_blocks or blocks)
+        bench_init(dev, a.init_blocks or (32 if gpu else blocks))
 
 
 # ------------------------------------------------------------------ pytest-benchmark suite (CPU shapes)

@@ -18,20 +18,16 @@ import argparse
 import datetime
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import StreamTable, matmul_rate, median_time  # noqa: E402
+
 from slice_kernels import History, dispatch, magnitude_merge, sign_consistency_loss  # noqa: E402
-
-
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def _status(key):
@@ -61,27 +57,6 @@ def extra_peak(fn, dev) -> float:
     return _status("VmHWM") - before
 
 
-def median_time(fn, dev, repeat, warmup=1) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(dev)
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        _sync(dev)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
-def matmul_rate(dev) -> float:
-    k = 4096 if dev.type == "cuda" else 1024
-    a = torch.randn(k, k, device=dev)
-    b = torch.randn(k, k, device=dev)
-    t = median_time(lambda: a @ b, dev, 5)
-    return 2 * k ** 3 / t
-
-
 def eager_loss(A, B, Bh, Ah, s: float, alpha_l: float, rms: float, beta: float):
     """What a user writes without the fused op: materialize ΔW and H, then the formula (SPEC §3)."""
     dW = s * (B @ A)
@@ -91,7 +66,7 @@ def eager_loss(A, B, Bh, Ah, s: float, alpha_l: float, rms: float, beta: float):
 
 
 def bench_loss(dev, shapes, ranks, repeat, compile_too, R=16):
-    rows = []
+    """Yields ((m, n, r, R), {variant: (seconds, extra bytes)}) per shape and rank, as each is measured."""
     for (m, n) in shapes:
         for r in ranks:
             g = torch.Generator(device="cpu").manual_seed(0)
@@ -125,12 +100,11 @@ def bench_loss(dev, shapes, ranks, repeat, compile_too, R=16):
                 variants["torch.compile"] = compiled
             res = {}
             for name, fn in variants.items():
-                t = median_time(fn, dev, repeat)
+                t = median_time(fn, dev, warmup=1, repeats=repeat)
                 mem = extra_peak(fn, dev)
                 res[name] = (t, mem)
                 A.grad = B.grad = None
-            rows.append(((m, n, r, R), res))
-    return rows
+            yield (m, n, r, R), res
 
 
 def eager_merge(ups):
@@ -140,7 +114,7 @@ def eager_merge(ups):
 
 
 def bench_merge(dev, shapes, ranks, repeat, K=3):
-    rows = []
+    """Yields ((m, n, r, K), {variant: (seconds, extra bytes)}) per shape and rank, as each is measured."""
     for (m, n) in shapes:
         for r in ranks:
             g = torch.Generator(device="cpu").manual_seed(1)
@@ -149,30 +123,29 @@ def bench_merge(dev, shapes, ranks, repeat, K=3):
             variants = {"eager (W += merged)": lambda: W.add_(eager_merge(ups)),
                         f"fused into=W [{dispatch.select('magnitude_merge_factors', dev)[0]}]":
                             lambda: magnitude_merge(ups, into=W)}
-            res = {name: (median_time(fn, dev, repeat), extra_peak(fn, dev)) for name, fn in variants.items()}
-            rows.append(((m, n, r, K), res))
-    return rows
+            res = {name: (median_time(fn, dev, warmup=1, repeats=repeat), extra_peak(fn, dev)) for name, fn in variants.items()}
+            yield (m, n, r, K), res
 
 
 def table(title, key_names, rows, floor=None):
-    """Markdown: time and extra peak memory per variant, then each other variant's time over the fused one's."""
-    names = list(rows[0][1])
-    fused = next(n for n in names if n.startswith("fused"))
-    others = [n for n in names if n != fused]
-    head = key_names + [f"{n} {u}" for n in names for u in ("ms", "extra MiB")] + [f"{n} / {fused}" for n in others]
-    if floor:
-        head.append("floor ms")
-    lines = [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    """Markdown, printed row by row as ``rows`` (an iterable) yields them, so a run cut off by a time limit
+    keeps what it measured: time and extra peak memory per variant, then each other variant's time over the
+    fused one's. Returns the whole table."""
+    print(f"**{title}**\n", flush=True)
+    out = StreamTable()
     for key, res in rows:
-        cells = [str(k) for k in key]
+        names = list(res)
+        fused = next(n for n in names if n.startswith("fused"))
+        cells = dict(zip(key_names, map(str, key)))
         for n in names:
             t, mem = res[n]
-            cells += [f"{t * 1e3:.1f}", f"{mem / 2 ** 20:.1f}"]
-        cells += [f"{res[n][0] / res[fused][0]:.2f}×" for n in others]
+            cells[f"{n} ms"], cells[f"{n} extra MiB"] = f"{t * 1e3:.1f}", f"{mem / 2 ** 20:.1f}"
+        cells.update({f"{n} / {fused}": f"{res[n][0] / res[fused][0]:.2f}×" for n in names if n != fused})
         if floor:
-            cells.append(f"{floor(key) * 1e3:.2f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            cells["floor ms"] = f"{floor(key) * 1e3:.2f}"
+        out.add(cells)
+    print(flush=True)
+    return f"**{title}**\n\n" + out.text()
 
 
 def main(argv=None):
@@ -194,18 +167,17 @@ def main(argv=None):
     head = (f"Device: {name}; torch {torch.__version__}; {datetime.date.today().isoformat()}; "
             f"measured matmul rate {rate / 1e9:.1f} GFLOP/s; median of {args.repeat}.\n"
             f"Command: python benches/bench_ps_lora.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(head + "\n", flush=True)
     out = [head]
-    rows = bench_loss(dev, shapes, ranks, args.repeat, not args.no_compile)
     out.append(table("sign-consistency loss, forward + backward (history: factors, R = 16; tanh, β = 0.1)",
-                     ["m", "n", "r", "R"], rows, floor=lambda k: 2 * k[0] * k[1] * (3 * k[2] + k[3]) / rate))
+                     ["m", "n", "r", "R"], bench_loss(dev, shapes, ranks, args.repeat, not args.no_compile),
+                     floor=lambda k: 2 * k[0] * k[1] * (3 * k[2] + k[3]) / rate))
     if not args.no_merge:
         out.append(table("magnitude merge of K = 3 factor updates into W", ["m", "n", "r", "K"],
                          bench_merge(dev, shapes, ranks, args.repeat)))
-    text = "\n\n".join(out)
-    print(text)
     if args.out:
         with open(args.out, "w") as f:
-            f.write(text + "\n")
+            f.write("\n\n".join(out) + "\n")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@
 * ``matmul_rate(device)``   – measured FLOP/s of a large float32 matmul, the compute roofline;
 * ``floor_seconds(bytes_moved, flops, bw, rate)`` – the larger of bytes/bandwidth and FLOPs/rate;
 * ``machine()`` – a one-line description (device name, CPU, torch version, date) for result tables;
-* ``print_table(rows, columns)`` – a Markdown table, ready for benches/RESULTS.md.
+* ``print_table(rows, columns)`` – a Markdown table, ready for benches/RESULTS.md;
+* ``StreamTable`` – the same table printed row by row as each is measured, so a run cut off by a time limit
+  (benches/gpu_all.sh gives each step one) still leaves every finished row in its log.
 
 Import from a bench script run as ``python benches/bench_x.py``: ``sys.path`` holds ``benches/`` then, so
 ``from common import median_time`` works (pytest-benchmark suites do the same through rootdir/benches).
@@ -93,9 +95,30 @@ def fmt_time(s: float) -> str:
 
 def print_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     """Print (and return) a Markdown table of ``rows`` restricted to ``columns``."""
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    table = StreamTable(columns)
     for r in rows:
-        lines.append("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |")
-    text = "\n".join(lines)
-    print(text, flush=True)
-    return text
+        table.add(r)
+    return table.text()
+
+class StreamTable:
+    """A Markdown table printed (and flushed) one row at a time; the header comes with the first row, its
+    columns from ``columns`` or else that row's keys. ``text()`` gives the whole table afterwards."""
+
+    def __init__(self, columns: Sequence[str] | None = None):
+        self.columns = list(columns) if columns is not None else None
+        self.lines: list[str] = []
+
+    def _emit(self, line: str) -> None:
+        self.lines.append(line)
+        print(line, flush=True)
+
+    def add(self, row: dict) -> None:
+        if self.columns is None:
+            self.columns = list(row)
+        if not self.lines:
+            self._emit("| " + " | ".join(self.columns) + " |")
+            self._emit("|" + "|".join("---" for _ in self.columns) + "|")
+        self._emit("| " + " | ".join(str(row.get(c, "")) for c in self.columns) + " |")
+
+    def text(self) -> str:
+        return "\n".join(self.lines)

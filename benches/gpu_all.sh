@@ -17,9 +17,13 @@
 #
 #   OUT=/tmp/gpu bash benches/gpu_all.sh                       # build, test, bench (needs ~15 min on an H100)
 #   STAGES="build test" bash benches/gpu_all.sh                # one 10-minute call ...
-#   STAGES="build bench" bash benches/gpu_all.sh               # ... and the next (the build is incremental)
-#   BENCH_ARGS_bench_init_kernels="--init-blocks 32 --accuracy" bash benches/gpu_all.sh   # per-bench extra args
-#   T_pytest=400 T_bench_ps_lora=300 ...                        # per-step limits in seconds
+#   STAGES="build bench" BENCHES="bench_init_kernels_conflict bench_init_kernels_rsvd bench_init_kernels_init" \
+#     bash benches/gpu_all.sh                                  # ... the next (the build is incremental) ...
+#   STAGES="build bench" BENCHES="bench_ps_lora bench_gorp bench_init_collect" bash benches/gpu_all.sh   # ... and the last
+#   BENCH_ARGS_bench_init_kernels="--accuracy --ranks 64" bash benches/gpu_all.sh   # per-bench extra args
+#   T_pytest=400 T_bench_ps_lora=300 ...                        # per-step limits in seconds (default 150 a bench)
+# Bench step names: bench_init_kernels_conflict, bench_init_kernels_rsvd, bench_init_kernels_init (its three
+# parts, run as separate steps), bench_ps_lora, bench_gorp, bench_init_collect.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$SECONDS
@@ -101,11 +105,33 @@ if [[ " $STAGES " == *" test "* ]]; then
   step pytest "${T_pytest:-420}" $PY -m pytest -q -rfEs -p no:cacheprovider --durations=20 "${workers[@]}"
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
+  # Bench steps: bench_init_kernels as three (its conflict, rsvd and init parts), so a slow part cannot take the
+  # others' time; every other benches/bench_*.py as one. BENCHES picks some of them by step name.
+  names=()
   for b in benches/bench_*.py; do
     name=$(basename "$b" .py)
-    extra_var="BENCH_ARGS_${name}" limit_var="T_${name}"
+    if [[ $name == bench_init_kernels ]]; then
+      names+=("${name}_conflict" "${name}_rsvd" "${name}_init")
+    else
+      names+=("$name")
+    fi
+  done
+  for want in ${BENCHES:-}; do  # a misspelt name would otherwise just run nothing
+    [[ " ${names[*]} " == *" $want "* ]] ||
+      { echo "| $want | unknown bench step (known: ${names[*]}) | 0 s |" >> "$summary"; status=1; }
+  done
+  for name in "${names[@]}"; do
+    [[ -n ${BENCHES:-} && " $BENCHES " != *" $name "* ]] && continue
+    script=$name extra=()
+    if [[ $name == bench_init_kernels_* ]]; then
+      script=bench_init_kernels
+      part=${name#bench_init_kernels_}
+      skip=$(printf '%s\n' conflict rsvd init | grep -vx "$part" | paste -sd, -)
+      extra=(--skip "$skip")
+    fi
+    extra_var="BENCH_ARGS_${script}" limit_var="T_${name}"
     # shellcheck disable=SC2086
-    step "$name" "${!limit_var:-150}" $PY "$b" --device cuda ${!extra_var:-}
+    step "$name" "${!limit_var:-150}" $PY "benches/$script.py" --device cuda "${extra[@]}" ${!extra_var:-}
   done
 fi
 exit $status
