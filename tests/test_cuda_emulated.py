@@ -34,6 +34,9 @@ MUTATIONS = {
     # the floored-pivot counter (static shared memory) left uninitialised
     "rsvd.cu": ("    s_count = 0;\n", ""),
 }
+# a segment one tile too long: neighbouring segments of the sign-loss kernels overlap by a tile
+# (test_forced_segments_catch_a_wrong_segment_bound)
+SEGMENT_MUTATION = {"sign_loss.cu": ("t1 = (s + 1) * tiles / S;", "t1 = (s + 1) * tiles / S + 1;")}
 
 
 def _rewrite_module():
@@ -119,9 +122,9 @@ def emu(build):
 
 def _declare(lib):
     lib.emu_sign_loss.argtypes = [INT, PTR, PTR, PTR, PTR, PTR, I64, I64, I64, I64, INT, INT, F32, F32, F32, PTR, PTR,
-                                  PTR, PTR]
-    lib.emu_sign_loss_num_partials.argtypes = [I64]
-    lib.emu_sign_loss_num_partials.restype = I64
+                                  PTR, PTR, PTR, PTR]
+    lib.emu_sign_loss_plan.argtypes = [I64, I64, I64, INT, I64, PTR]
+    lib.emu_sign_loss_plan.restype = None
     lib.emu_magnitude_merge.argtypes = [PTR, PTR, PTR, PTR, I64, I64, I64, I64, I64, INT, PTR, INT]
     lib.emu_cholesky_shifted.argtypes = [PTR, PTR, PTR, PTR, I64, I64, F64, F64]
     lib.emu_conflict_stats.argtypes = [PTR, I64, PTR, I64, INT, PTR, PTR]
@@ -138,7 +141,7 @@ def test_driver_exposes_every_launcher():
 
     declared = set()
     for h in (ROOT / "csrc" / "cuda").glob("*.cuh"):
-        declared |= set(re.findall(r"^(?:cudaError_t|int64_t)\s+(sk_\w+)\s*\(", h.read_text(), re.M))
+        declared |= set(re.findall(r"^(?:cudaError_t|int64_t|SkSignLossPlan)\s+(sk_\w+)\s*\(", h.read_text(), re.M))
     driver = (EMU / "driver.cpp").read_text()
     assert declared, "no launcher found in csrc/cuda/*.cuh: update this test's pattern"
     assert not [d for d in sorted(declared) if f"{d}(" not in driver]
@@ -151,6 +154,9 @@ def test_rewrite_refuses_what_it_does_not_know():
     ok = rw.rewrite("// k<<<1, 2>>>(x); and __shared__ in prose;\nvoid f() { k<<<1,\n 2>>>(x); }\n", "t.cu")
     assert ok.count("sk_launch(1024, 1, 2, 0, nullptr, [&] { k(x); });") == 1 and "prose" not in ok
     assert ok.count("\n") == 5  # the #include, the #line and the original's three: line numbers kept
+    # __launch_bounds__(max threads, min blocks): the launch is bounded by the first only
+    two = rw.rewrite("__global__ void __launch_bounds__(128, 4) k(int* o) {}\nvoid f() { k<<<1, 2>>>(x); }\n", "t.cu")
+    assert "sk_launch(128, 1, 2, 0, nullptr, [&] { k(x); });" in two
     for bad in ("void f() {\n  __shared__ const float x[4];\n}", "void f() {\n  k<<<1, 2>>>(x), g();\n}",
                 "void f() {\n  k<<<1>>>(x);\n}"):
         with pytest.raises(rw.RewriteError, match=r"t\.cu:2:"):
@@ -175,20 +181,36 @@ def _rel(x, ref):
 
 
 # ---------------------------------------------------------------- sign loss
-def _run_sign_loss(lib, which, A, B, H1, H2, form, mode, s, al, ir, grad=2.5):
-    """(loss, dA, dB) of the emulated kernels; outputs start as NaN so an entry never written shows."""
+H100_SMS = 132
+PLAN_FIELDS = ("seg_fwd", "seg_dB", "seg_dA", "partials_fwd", "partials_fwd_bwd", "workspace")
+
+
+def _plan(lib, m, n, r, sm_count=H100_SMS, segments=0):
+    out = torch.zeros(6, dtype=torch.int64)
+    lib.emu_sign_loss_plan(m, n, r, sm_count, segments, _p(out))
+    return dict(zip(PLAN_FIELDS, out.tolist()))
+
+
+def _run_sign_loss(lib, which, A, B, H1, H2, form, mode, s, al, ir, grad=2.5, segments=0, plan=None):
+    """(loss, dA, dB) of the emulated kernels under sk_sign_loss_plan's plan for an H100 (segments > 0 forces S);
+    outputs and workspace start as NaN so an entry never written shows, and the workspace carries a NaN guard
+    past its end that must stay untouched."""
     from slice_kernels.ops.sign_loss import KIND
 
     m, r = B.shape
     n = A.shape[1]
     R = H1.shape[1] if form == "factors" else 0
-    part = torch.full((lib.emu_sign_loss_num_partials(m),), float("nan"))
+    plan = plan or _plan(lib, m, n, r, segments=segments)
+    part = torch.full((plan["partials_fwd" if which == 0 else "partials_fwd_bwd"],), float("nan"))
     dA, dB = torch.full((r, n), float("nan")), torch.full((m, r), float("nan"))
+    ws = torch.full((plan["workspace"] + 64,), float("nan"))
     g = torch.tensor([grad], dtype=torch.float32)
     bits = H1 if form == "bits" else None
+    pl = torch.tensor([plan[f] for f in PLAN_FIELDS], dtype=torch.int64)
     rc = lib.emu_sign_loss(which, _p(A), _p(B), None if form == "bits" else _p(H1), _p(H2), _p(bits), m, n, r, R,
-                           KIND[form], mode, s, al, ir, _p(g), _p(part), _p(dA), _p(dB))
+                           KIND[form], mode, s, al, ir, _p(pl), _p(g), _p(part), _p(dA), _p(dB), _p(ws))
     assert rc == 0, f"sign-loss launch {which} returned cudaError {rc}"
+    assert ws[plan["workspace"]:].isnan().all(), "the launcher wrote past the workspace sk_sign_loss_plan sized"
     return part.double().sum() / (m * n), dA, dB
 
 
@@ -220,10 +242,9 @@ SIGN_LOSS_CASES = [
 ]
 
 
-@pytest.mark.parametrize("m,n,r,form,mode", SIGN_LOSS_CASES)
-def test_sign_loss_launchers_match_cpu(emu, m, n, r, form, mode):
-    """Each launcher (fwd, bwd with an upstream gradient of 2.5, fwd_bwd) against the float64 CPU kernel. float32
-    kernel vs float64 reference: relative error ≤ 1e-5 (ARCHITECTURE.md); the loss sums run in float64."""
+def _sign_loss_errors(lib, m, n, r, form, mode, segments=0):
+    """Relative errors of each launcher (fwd, bwd with an upstream gradient of 2.5, fwd_bwd) against the float64
+    CPU kernel: [loss fwd, loss fwd_bwd], [dA bwd, dB bwd, dA fwd_bwd, dB fwd_bwd]."""
     from slice_kernels.ops.sign_loss import KIND
 
     A, B, H1, H2, h = _sign_loss_operands(m, n, r, form)
@@ -232,14 +253,98 @@ def test_sign_loss_launchers_match_cpu(emu, m, n, r, form, mode):
     ref = _nat("sign_loss_fwd")(A, B, H1, H2, *args).double()
     rdA, rdB = _nat("sign_loss_bwd")(torch.tensor(2.5, dtype=torch.float64), A, B, H1, H2, *args)
     ops = (_f32(A), _f32(B), _f32(H1), _f32(H2), form, mode, s, al, ir)
-    loss0, _, _ = _run_sign_loss(emu, 0, *ops)
-    _, dA1, dB1 = _run_sign_loss(emu, 1, *ops)
-    loss2, dA2, dB2 = _run_sign_loss(emu, 2, *ops)
+    loss0, _, _ = _run_sign_loss(lib, 0, *ops, segments=segments)
+    _, dA1, dB1 = _run_sign_loss(lib, 1, *ops, segments=segments)
+    loss2, dA2, dB2 = _run_sign_loss(lib, 2, *ops, segments=segments)
     for t in (dA1, dB1, dA2, dB2):
         assert not t.isnan().any(), "an entry of dA/dB was never written"
-    assert _rel(loss0, ref) <= 1e-5 and _rel(loss2, ref) <= 1e-5, (float(loss0), float(loss2), float(ref))
-    errs = [_rel(dA1, rdA), _rel(dB1, rdB), _rel(dA2, rdA / 2.5), _rel(dB2, rdB / 2.5)]
-    assert max(errs) <= 1e-5, errs
+    return [_rel(loss0, ref), _rel(loss2, ref)], [_rel(dA1, rdA), _rel(dB1, rdB), _rel(dA2, rdA / 2.5),
+                                                  _rel(dB2, rdB / 2.5)]
+
+
+@pytest.mark.parametrize("m,n,r,form,mode", SIGN_LOSS_CASES)
+def test_sign_loss_launchers_match_cpu(emu, m, n, r, form, mode):
+    """Each launcher against the float64 CPU kernel, under the plan an H100 gets (S = 1 at these sizes). float32
+    kernel vs float64 reference: relative error ≤ 1e-5 (ARCHITECTURE.md); the loss sums run in float64."""
+    assert _plan(emu, m, n, r)["workspace"] == 0
+    loss_errs, grad_errs = _sign_loss_errors(emu, m, n, r, form, mode)
+    assert max(loss_errs) <= 1e-5 and max(grad_errs) <= 1e-5, (loss_errs, grad_errs)
+
+
+# 100 × 135: 4 row tiles (the last 4 rows high) and 5 column tiles (the last 7 wide). S = 3 cuts 5 tiles 1+2+2 and
+# 4 tiles 1+1+2; S = 99 is clamped to the tile count (5 segments for fwd/dB, 4 for dA). r = 257 puts two rank
+# chunks (gridDim.y) beside the segments (gridDim.z); every form and both modes appear.
+SEGMENT_CASES = [
+    (1, 1, "bits", 1), (1, 257, "factors", 0),
+    (2, 1, "dense", 0), (2, 257, "bits", 1),
+    (3, 1, "factors", 1), (3, 257, "dense", 1),
+    (99, 1, "factors", 0), (99, 257, "bits", 0),
+]
+
+
+@pytest.mark.parametrize("S,r,form,mode", SEGMENT_CASES)
+def test_forced_segments_match_cpu(emu, S, r, form, mode):
+    """A forced split of the walked tiles into S segments (forward partials per (row block, segment), dB/dA
+    slices of the workspace added by the reduction kernel) changes nothing beyond float32 reassociation: the
+    same 1e-5 bound against the float64 CPU kernel as without a split."""
+    m, n = 100, 135
+    plan = _plan(emu, m, n, r, segments=S)
+    assert (plan["seg_fwd"], plan["seg_dB"], plan["seg_dA"]) == (min(S, 5), min(S, 5), min(S, 4))
+    loss_errs, grad_errs = _sign_loss_errors(emu, m, n, r, form, mode, segments=S)
+    assert max(loss_errs) <= 1e-5 and max(grad_errs) <= 1e-5, (loss_errs, grad_errs)
+
+
+@pytest.mark.parametrize("m,n,r,sms,segments,expected", [
+    # the benchmark shapes on an H100: 128 row (column) blocks -> S = ceil(264/128) = 3; 448 blocks -> S = 1
+    (4096, 4096, 16, 132, 0, (3, 3, 3, 384, 384, 3 * 4096 * 16 * 2)),
+    (4096, 14336, 64, 132, 0, (3, 3, 1, 384, 384, 3 * 4096 * 64)),
+    (14336, 4096, 16, 132, 0, (1, 1, 3, 448, 448, 3 * 16 * 4096)),
+    # the GPU test's shapes: 7 row blocks -> 38 segments of the 157 column tiles; the dA side stays at 1 (7 tiles)
+    (200, 5000, 16, 132, 0, (38, 38, 1, 7 * 38, 7 * 38, 38 * 200 * 16)),
+    (5000, 200, 16, 132, 0, (1, 1, 38, 157, 157, 38 * 16 * 200)),
+    # 3 rank chunks triple the dB/dA grid, which then needs no split; the forward still does
+    (4096, 4096, 600, 132, 0, (3, 1, 1, 384, 128, 0)),
+    # at least 4 tiles per segment: 4 tiles stay whole, 8 split in two
+    (32, 128, 1, 132, 0, (1, 1, 1, 1, 1, 0)),
+    (32, 256, 1, 132, 0, (2, 2, 1, 2, 2, 2 * 32 * 1)),
+    # forced S: kept even below 4 tiles per segment, clamped to the tiles (to 1 with none) and to 65535; an empty
+    # side sizes no partials or workspace
+    (100, 135, 257, 132, 3, (3, 3, 3, 12, 12, 3 * 100 * 257 + 3 * 257 * 135)),
+    (100, 135, 257, 132, 99, (5, 5, 4, 20, 20, 5 * 100 * 257 + 4 * 257 * 135)),
+    (0, 45, 3, 132, 7, (2, 2, 1, 0, 0, 0)),
+    (70, 0, 3, 132, 7, (1, 1, 3, 3, 3, 0)),
+    (32, 32 * 70000, 1, 132, 70000, (65535, 65535, 1, 65535, 65535, 65535 * 32)),
+    # no SM count (0) counts as one SM: 2 blocks are the target
+    (64, 4096, 16, 0, 0, (1, 1, 1, 2, 2, 0)),
+])
+def test_sign_loss_plan(emu, m, n, r, sms, segments, expected):
+    """sk_sign_loss_plan, the pure host function that picks S (about 2 blocks per SM, at least 4 tiles per
+    segment, S = 1 once the primary grid reaches the target) and sizes the partials and the workspace."""
+    assert tuple(_plan(emu, m, n, r, sms, segments)[f] for f in PLAN_FIELDS) == expected
+
+
+def test_sign_loss_launchers_refuse_a_foreign_plan(emu):
+    """A plan made for other sizes would make the kernels index past the partials or the workspace: every
+    launcher refuses it (cudaErrorInvalidValue) before launching anything, and a split plan without its
+    workspace is refused too."""
+    from slice_kernels.ops.sign_loss import KIND
+
+    A, B, H1, H2, h = _sign_loss_operands(40, 70, 3, "dense")
+    ops = [_p(_f32(A)), _p(_f32(B)), _p(_f32(H1)), None, None, 40, 70, 3, 0, KIND["dense"], 0, 0.7, 1.0, 1.0]
+    part, dA, dB = torch.full((64,), float("nan")), torch.full((3, 70), float("nan")), torch.full((40, 3), float("nan"))
+    ws = torch.full((4096,), float("nan"))
+    g = torch.tensor([1.0])
+    good = _plan(emu, 40, 70, 3, segments=2)
+    bad = [dict(good, seg_dA=3),  # 3 segments of 2 row tiles
+           dict(good, partials_fwd=good["partials_fwd"] + 1),
+           _plan(emu, 40, 71, 3, segments=2)]  # another n: another workspace size
+    for plan in bad:
+        pl = torch.tensor([plan[f] for f in PLAN_FIELDS], dtype=torch.int64)
+        for which in (0, 1, 2):
+            assert emu.emu_sign_loss(which, *ops, _p(pl), _p(g), _p(part), _p(dA), _p(dB), _p(ws)) == 1, plan
+    pl = torch.tensor([good[f] for f in PLAN_FIELDS], dtype=torch.int64)
+    assert emu.emu_sign_loss(1, *ops, _p(pl), _p(g), _p(part), _p(dA), _p(dB), None) == 1
+    assert part.isnan().all() and dA.isnan().all() and dB.isnan().all() and ws.isnan().all()
 
 
 # ---------------------------------------------------------------- magnitude merge
@@ -457,23 +562,52 @@ def test_emulator_aborts_on_a_deadlocked_block(build):
     assert res.returncode != 0 and "block (0, 0, 0) did not finish" in res.stderr, (res.returncode, res.stderr)
 
 
-@pytest.fixture(scope="module")
-def mutant(build):
-    """The kernels again with MUTATIONS applied (each a real bug class), the untouched objects reused."""
+def _lib_with_sources(build, texts, tag):
+    """The kernels again with the csrc/cuda files named in `texts` ({file: source text}) replaced, the untouched
+    objects reused."""
     rw, work, cxx = build["rw"], build["work"], build["cxx"]
     jobs = []
-    for name, (old, new) in MUTATIONS.items():
+    for name, text in texts.items():
         path = ROOT / "csrc" / "cuda" / name
-        text = path.read_text()
-        assert text.count(old) == 1, f"mutation site '{old}' not found once in {name}: update MUTATIONS"
-        jobs.append((_rewrite_to(rw, path, work / f"mutant_{path.stem}.emu.cpp", text.replace(old, new)),
-                     work / f"mutant_{path.stem}.o"))
+        jobs.append((_rewrite_to(rw, path, work / f"{tag}_{path.stem}.emu.cpp", text), work / f"{tag}_{path.stem}.o"))
     _compile_all(cxx, jobs, work)
-    replaced = {f"{Path(n).stem}.o" for n in MUTATIONS}
+    replaced = {f"{Path(n).stem}.o" for n in texts}
     objects = [o for o in build["objects"] if o.name not in replaced] + [obj for _, obj in jobs]
-    lib = _link(cxx, objects, work / "libsk_cuda_emu_mutant.so", work)
+    lib = _link(cxx, objects, work / f"libsk_cuda_emu_{tag}.so", work)
     _declare(lib)
     return lib
+
+
+def _mutant_lib(build, mutations, tag):
+    """The kernels again with `mutations` ({file: (old, new)}) applied."""
+    texts = {}
+    for name, (old, new) in mutations.items():
+        text = (ROOT / "csrc" / "cuda" / name).read_text()
+        assert text.count(old) == 1, f"mutation site '{old}' not found once in {name}: update the mutation"
+        texts[name] = text.replace(old, new)
+    return _lib_with_sources(build, texts, tag)
+
+
+@pytest.fixture(scope="module")
+def mutant(build):
+    """The kernels again with MUTATIONS applied (each a real bug class)."""
+    return _mutant_lib(build, MUTATIONS, "mutant")
+
+
+@pytest.fixture(scope="module")
+def segment_mutant(build):
+    return _mutant_lib(build, SEGMENT_MUTATION, "segment_mutant")
+
+
+def test_forced_segments_catch_a_wrong_segment_bound(emu, segment_mutant):
+    """test_forced_segments_match_cpu fails when each segment walks one tile too many (neighbouring segments
+    overlap, the last runs off the matrix): the loss, dA and dB all go past the bound, while the same case passes
+    on the real kernels."""
+    case = (100, 135, 257, "factors", 0)
+    loss_errs, grad_errs = _sign_loss_errors(segment_mutant, *case, segments=3)
+    assert min(loss_errs) > 1e-5 and min(grad_errs) > 1e-5, (loss_errs, grad_errs)
+    loss_errs, grad_errs = _sign_loss_errors(emu, *case, segments=3)
+    assert max(loss_errs) <= 1e-5 and max(grad_errs) <= 1e-5, (loss_errs, grad_errs)
 
 
 def test_the_harness_catches_kernel_bugs(emu, mutant):
@@ -500,3 +634,25 @@ def test_the_harness_catches_kernel_bugs(emu, mutant):
             assert fl.tolist() == expect
         else:  # block 0 too: a zero-initialised static would have hidden it there
             assert fl[0].item() != 0 and fl[1].item() != 0
+
+
+def test_tile_product_skips_padding_bit_for_bit(build, emu):
+    """tile_product walks only the ranks that exist in its last chunk of 32 (r = 16 used to run 32 FMAs per entry,
+    half of them on zero padding). The products it skips are exact zeros, so the sign-loss outputs must be bit
+    for bit those of the old full-chunk loop: r = 16 (one partial chunk) and r = 40 (a full and a partial
+    chunk), factor histories (R = 8, the H product pads too), both modes, a split walk."""
+    tiles = (ROOT / "csrc" / "cuda" / "sign_loss_tiles.cuh").read_text()
+    skip = "const int kn = K - k0 < KC ? static_cast<int>(K - k0) : KC;"
+    assert tiles.count(skip) == 1, "update this test: the padding skip in tile_product moved"
+    src = (ROOT / "csrc" / "cuda" / "sign_loss.cu").read_text()
+    inc = '#include "cuda/sign_loss_tiles.cuh"\n'
+    assert src.count(inc) == 1
+    old_loop = tiles.replace(skip, "const int kn = KC;").replace("#pragma once\n", "")
+    full = _lib_with_sources(build, {"sign_loss.cu": src.replace(inc, old_loop + "\n")}, "full_kc")
+    for r, mode in ((16, 0), (40, 1)):
+        A, B, H1, H2, h = _sign_loss_operands(70, 100, r, "factors")
+        ops = (_f32(A), _f32(B), _f32(H1), _f32(H2), "factors", mode, 0.7, 1.3 / h.rms, 1.0 / h.rms)
+        for which, outputs in ((0, [0]), (1, [1, 2]), (2, [0, 1, 2])):  # fwd: the loss; bwd: dA, dB; fwd_bwd: all
+            got = _run_sign_loss(emu, which, *ops, segments=2)
+            want = _run_sign_loss(full, which, *ops, segments=2)
+            assert all(torch.equal(got[i], want[i]) for i in outputs), (r, mode, which)

@@ -1,12 +1,27 @@
 // PS-LoRA sign-consistency loss, plain CUDA (float32). Mirrors the Triton kernels:
-// * forward: one block per 32-row block walks the column tiles, forms the ΔW and H tiles (shared-memory
-//   tiled products over the rank), reduces the loss summand; one partial per block (deterministic);
-// * dB: one block per row block, dB_rows = s·Σ_tiles G·Aᵀ accumulated in shared memory (on the training path
-//   it also reduces the loss, so loss + gradients take two kernels, not three);
-// * dA: one block per 32-column block, dA_cols = s·Σ_tiles Bᵀ·G accumulated in shared memory;
+// * forward: one block per (32-row block, segment) walks the segment's column tiles, forms the ΔW and H tiles
+//   (shared-memory tiled products over the rank), reduces the loss summand; one partial per block
+//   (deterministic: the caller adds them in a fixed order, in float64);
+// * dB: one block per (row block, rank chunk, segment), dB_rows = s·Σ_tiles G·Aᵀ accumulated in shared memory
+//   (on the training path it also reduces the loss, so loss + gradients take two kernels, not three);
+// * dA: one block per (32-column block, rank chunk, segment), dA_cols = s·Σ_tiles Bᵀ·G accumulated in shared
+//   memory;
 // * both gradient kernels take the rank in chunks of RC = 256 along gridDim.y (see RC below), so no rank is
 //   refused for lack of shared memory;
 // G = ∂L/∂ΔW lives only in shared memory, one tile at a time: no m×n buffer, no atomics.
+//
+// Segments (why): a block used to walk the whole other dimension, so the grid was m/32 (or n/32) blocks: 128
+// at 4096, about one 256-thread block per H100 SM, and a long serial loop each. The walked tiles are now cut into
+// S contiguous segments of whole tiles (sk_sign_loss_plan picks S for about 2 blocks per SM, at least 4 tiles
+// per segment, S = 1 when the primary grid is already that large). The forward writes one partial per (row
+// block, segment); with S > 1 each dB (dA) segment writes its own m×r (r×n) slice of a float32 workspace
+// (O((m+n)·r·S), still no m×n buffer) and reduce_segments_kernel adds the slices in segment order, so results
+// stay deterministic and change only by float32 reassociation; S = 1 writes dB/dA directly.
+// Coalescing (why): the gradient contractions read A (dB) and B (dA) through shared memory staged 32 ranks at a
+// time with loads that run along a row (they read A with a stride of n between neighbouring threads before),
+// and each thread keeps four fixed accumulator entries, so the staging is the only extra barrier; the ranks of a
+// warp are uniform, so a rank below 32 (r = 16) skips the padded half instead of computing masked entries.
+// With S = 1 the outputs are bit for bit those of the unsplit kernels in the emulator (same summation orders).
 #include "cuda/sign_loss.cuh"
 #include "cuda/sign_loss_tiles.cuh"
 
@@ -55,18 +70,45 @@ __device__ __forceinline__ float derivative(const SkSignLossArgs& a, float d, fl
   return (-sh * d > 0.f) ? -sh * a.inv_rms : 0.f;
 }
 
-// The loss sums run in float64 (one add per entry, beside a tanhf): a thread walks 4·n/32 summands of one row
-// block, 1792 at n = 14336, and a float32 running sum would lose up to that many roundings; the CPU kernel
+// summand and derivative of one entry from one pair of tanhf (the training path needs both; written out so the
+// four tanhf per entry do not rest on the compiler merging two calls across the `valid` branches). The same
+// expressions as summand() and derivative(), so the results are bit for bit theirs.
+__device__ __forceinline__ void summand_and_derivative(const SkSignLossArgs& a, float d, float h, float& f,
+                                                       float& g) {
+  if (a.mode == 0) {
+    const float t = a.kind == 2 ? h : tanhf(a.alpha_l * h);
+    const float td = tanhf(a.alpha_l * d);
+    f = 1.f - td * t;
+    g = -a.alpha_l * (1.f - td * td) * t;
+    return;
+  }
+  const float sh = sgnf(h), v = -sh * d;
+  f = v > 0.f ? v * a.inv_rms : 0.f;
+  g = v > 0.f ? -sh * a.inv_rms : 0.f;
+}
+
+// [t0, t1): the tiles of segment s of S over `tiles` tiles; contiguous, sizes differ by at most one, none empty
+// when S <= tiles (sk_sign_loss_plan guarantees it).
+__device__ __forceinline__ void segment_tiles(int64_t tiles, int64_t S, int64_t s, int64_t& t0, int64_t& t1) {
+  t0 = s * tiles / S;
+  t1 = (s + 1) * tiles / S;
+}
+
+// The loss sums run in float64 (one add per entry, beside a tanhf): a thread walks up to 4·n/32 summands of one
+// row block, 1792 at n = 14336 with one segment, and a float32 running sum would lose up to that many roundings; the CPU kernel
 // likewise sums at most 512 floats before going to float64.
+// grid (row blocks, segments); partial[row block · segments + segment].
 __global__ void __launch_bounds__(NT) fwd_kernel(SkSignLossArgs a, float* partial) {
   __shared__ Smem sm;
   __shared__ double red[NT];
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * BM;
+  int64_t t0, t1;
+  segment_tiles((a.n + BN - 1) / BN, gridDim.y, blockIdx.y, t0, t1);
   double acc = 0.0;
-  for (int64_t j0 = 0; j0 < a.n; j0 += BN) {
+  for (int64_t t = t0; t < t1; ++t) {
     float d[RPT], h[RPT];
     bool valid[RPT];
-    form_tiles(a, i0, j0, d, h, valid, sm);
+    form_tiles(a, i0, t * BN, d, h, valid, sm);
 #pragma unroll
     for (int q = 0; q < RPT; ++q)
       if (valid[q]) acc += summand(a, d[q], h[q]);
@@ -77,19 +119,27 @@ __global__ void __launch_bounds__(NT) fwd_kernel(SkSignLossArgs a, float* partia
     if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
     __syncthreads();
   }
-  if (threadIdx.x == 0) partial[blockIdx.x] = static_cast<float>(red[0]);
+  if (threadIdx.x == 0) partial[static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y] = static_cast<float>(red[0]);
 }
 
-// G tile (times gs) into sm.G; zero outside the matrix. With `loss`, also adds this thread's loss summands.
-__device__ void g_tile(const SkSignLossArgs& a, int64_t i0, int64_t j0, float gs, Smem& sm, double* loss = nullptr) {
+// G tile (times gs) into sm.G; zero outside the matrix. With want_loss, also adds this thread's loss summands to
+// loss (inlined, so the accumulator stays in a register instead of a stack slot).
+__device__ __forceinline__ void g_tile(const SkSignLossArgs& a, int64_t i0, int64_t j0, float gs, Smem& sm,
+                                       bool want_loss, double& loss) {
   const int tx = threadIdx.x % BN, ty = threadIdx.x / BN;
   float d[RPT], h[RPT];
   bool valid[RPT];
   form_tiles(a, i0, j0, d, h, valid, sm);
 #pragma unroll
   for (int q = 0; q < RPT; ++q) {
-    if (loss != nullptr && valid[q]) *loss += summand(a, d[q], h[q]);
-    sm.G[ty + 8 * q][tx] = valid[q] ? gs * derivative(a, d[q], h[q]) : 0.f;
+    if (want_loss) {
+      float f, g;
+      summand_and_derivative(a, d[q], h[q], f, g);
+      if (valid[q]) loss += f;
+      sm.G[ty + 8 * q][tx] = valid[q] ? gs * g : 0.f;
+    } else {
+      sm.G[ty + 8 * q][tx] = valid[q] ? gs * derivative(a, d[q], h[q]) : 0.f;
+    }
   }
   __syncthreads();
 }
@@ -97,40 +147,94 @@ __device__ void g_tile(const SkSignLossArgs& a, int64_t i0, int64_t j0, float gs
 // The rank is split into chunks of RC: a block accumulates only its chunk of dB columns (dA rows) in shared
 // memory, and blockIdx.y picks the chunk. BM·RC floats (32 KiB) beside the static tiles (14.4 KiB) stay under the
 // 48 KiB a block gets without an opt-in, so any rank launches; a rank above RC re-forms the G tiles once per chunk.
+// The staged A (B) sub-chunk reuses sm.L, free once g_tile has formed G, so staging costs no shared memory.
 constexpr int RC = 256;
 static_assert(sizeof(float) * BM * RC + sizeof(Smem) + sizeof(double) * NT <= 48 * 1024, "dB_kernel shared memory");
 static_assert(sizeof(float) * RC * BN + sizeof(Smem) <= 48 * 1024, "dA_kernel shared memory");
+static_assert(KC <= BM && BN <= KC + 1 && RC % KC == 0, "staging in sm.L: KC×BN (dB), BM×KC (dA)");
+static_assert(NT == BN * 8 && RPT * 8 == BM && KC == BN && BM == 32 && BN == 32,
+              "contract: a 32-wide sub-chunk, ranks ty + 8q, rows (columns) tx");
 
 __device__ __forceinline__ int64_t chunk_width(int64_t r, int64_t k0) { return r - k0 < RC ? r - k0 : RC; }
 
-// dynamic shared memory: BM × min(r, RC) floats. grad == nullptr means an upstream gradient of 1; with `partial`,
-// the chunk-0 block of each row block also reduces its loss sum into partial[blockIdx.x] (the one-pass training
-// path).
-__global__ void __launch_bounds__(NT) dB_kernel(SkSignLossArgs a, const float* grad, float* dB, float* partial) {
+// One staged sub-chunk of the gradient contractions. Thread (tx, ty) owns the accumulator entries of ranks
+// kb + ty + 8q (q < NQ) and row (dB) / column (dA) tx: acc[(kb + ty + 8q)·32 + tx] += Σ_l X[l][ty + 8q]·Y[l][tx]
+// over l < 32, l ascending; X, Y are rows of shared arrays with strides ldx, ldy. The rank is warp-uniform, so a
+// warp whose ranks run past the chunk (r = 16: q = 2, 3) skips that work instead of computing masked entries.
+template <int NQ>
+__device__ __forceinline__ void contract(const float* X, int ldx, int xstep, const float* Y, int ldy, int ystep,
+                                         float* acc, int kb, int tx, int ty) {
+  float s[NQ];
+#pragma unroll
+  for (int q = 0; q < NQ; ++q) s[q] = 0.f;
+#pragma unroll 8
+  for (int l = 0; l < 32; ++l) {
+    const float y = Y[tx * ldy + l * ystep];
+#pragma unroll
+    for (int q = 0; q < NQ; ++q) s[q] += X[(ty + 8 * q) * ldx + l * xstep] * y;
+  }
+#pragma unroll
+  for (int q = 0; q < NQ; ++q) acc[(kb + ty + 8 * q) * 32 + tx] += s[q];
+}
+
+// contract<NQ> for the number of this warp's ranks below nk (the ranks left in the chunk)
+__device__ __forceinline__ void contract_any(const float* X, int ldx, int xstep, const float* Y, int ldy, int ystep,
+                                             float* acc, int kb, int nk, int tx, int ty) {
+  const int left = nk - ty, nq = left <= 0 ? 0 : ((left + 7) / 8 < RPT ? (left + 7) / 8 : RPT);
+  switch (nq) {
+    case 4: contract<4>(X, ldx, xstep, Y, ldy, ystep, acc, kb, tx, ty); break;
+    case 3: contract<3>(X, ldx, xstep, Y, ldy, ystep, acc, kb, tx, ty); break;
+    case 2: contract<2>(X, ldx, xstep, Y, ldy, ystep, acc, kb, tx, ty); break;
+    case 1: contract<1>(X, ldx, xstep, Y, ldy, ystep, acc, kb, tx, ty); break;
+    default: break;
+  }
+}
+
+// grid (row blocks, rank chunks, segments); dynamic shared memory: min(r, RC) × BM floats, rank-major (a warp's
+// 32 rows of one rank are consecutive: no bank conflicts at any r). grad == nullptr means an upstream gradient
+// of 1. out: dB (one segment) or the workspace, segment z writing out + z·m·r. kLoss (the one-pass training
+// path): the chunk-0 blocks also reduce their loss sum into partial[row block · segments + segment].
+// __launch_bounds__(NT, 3): left to itself ptxas (CUDA 13, sm_90) holds this kernel at 48 (gradient only) or 64
+// (with the loss) registers and spills 64 / 4 bytes; 80 registers (3 blocks per SM, as before the split) spill
+// nothing.
+template <bool kLoss>
+__global__ void __launch_bounds__(NT, 3) dB_kernel(SkSignLossArgs a, const float* grad, float* out, float* partial) {
   __shared__ Smem sm;
   __shared__ double red[NT];
   extern __shared__ float accB[];
+  const int tx = threadIdx.x % BN, ty = threadIdx.x / BN;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * BM;
   const int64_t k0 = static_cast<int64_t>(blockIdx.y) * RC, rc = chunk_width(a.r, k0);
-  const bool want_loss = partial != nullptr && blockIdx.y == 0;  // block-uniform
+  const int rcn = static_cast<int>(rc);  // <= RC: int arithmetic in the contraction
+  const bool want_loss = kLoss && blockIdx.y == 0;  // block-uniform
   const float g0 = grad != nullptr ? grad[0] : 1.f;
   const float gs = g0 * a.scaling / (static_cast<float>(a.m) * static_cast<float>(a.n));
+  int64_t t0, t1;
+  segment_tiles((a.n + BN - 1) / BN, gridDim.z, blockIdx.z, t0, t1);
+  out += static_cast<int64_t>(blockIdx.z) * a.m * a.r;
   double lacc = 0.0;
   for (int64_t e = threadIdx.x; e < BM * rc; e += NT) accB[e] = 0.f;
-  for (int64_t j0 = 0; j0 < a.n; j0 += BN) {
-    g_tile(a, i0, j0, gs, sm, want_loss ? &lacc : nullptr);
-    for (int64_t e = threadIdx.x; e < BM * rc; e += NT) {
-      const int64_t ii = e / rc, k = k0 + e % rc;
-      const float* arow = a.A + k * a.n + j0;
-      float s = 0.f;
-      for (int jj = 0; jj < BN && j0 + jj < a.n; ++jj) s += sm.G[ii][jj] * arow[jj];
-      accB[e] += s;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t j0 = t * BN;
+    g_tile(a, i0, j0, gs, sm, want_loss, lacc);
+    for (int kb = 0; kb < rcn; kb += KC) {
+      // A[k0+kb+kk][j0+jj] into sm.L[kk][jj]: a warp reads 32 consecutive floats of one row of A
+      const float* Ab = a.A + (k0 + kb) * a.n + j0;
+      const int ncol = a.n - j0 < BN ? static_cast<int>(a.n - j0) : BN, nk = rcn - kb;
+      for (int e = threadIdx.x; e < KC * BN; e += NT) {
+        const int kk = e / BN, jj = e % BN;
+        sm.L[kk][jj] = (kk < nk && jj < ncol) ? Ab[kk * a.n + jj] : 0.f;
+      }
+      __syncthreads();
+      // entry (rank kb + ty + 8q, row tx) += Σ_jj A[k][jj]·G[tx][jj]: the jj order of a plain row·row dot (the
+      // old kernel's), zeros past n add nothing
+      contract_any(&sm.L[0][0], KC + 1, 1, &sm.G[0][0], BN + 1, 1, accB, kb, nk, tx, ty);
+      __syncthreads();
     }
-    __syncthreads();
   }
-  for (int64_t e = threadIdx.x; e < BM * rc; e += NT) {
+  for (int64_t e = threadIdx.x; e < BM * rc; e += NT) {  // accB is rank-major (k, row): see contract
     const int64_t i = i0 + e / rc;
-    if (i < a.m) dB[i * a.r + k0 + e % rc] = accB[e];
+    if (i < a.m) out[i * a.r + k0 + e % rc] = accB[(e % rc) * BM + e / rc];
   }
   if (want_loss) {
     red[threadIdx.x] = lacc;
@@ -139,70 +243,165 @@ __global__ void __launch_bounds__(NT) dB_kernel(SkSignLossArgs a, const float* g
       if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
       __syncthreads();
     }
-    if (threadIdx.x == 0) partial[blockIdx.x] = static_cast<float>(red[0]);
+    if (threadIdx.x == 0)
+      partial[static_cast<int64_t>(blockIdx.x) * gridDim.z + blockIdx.z] = static_cast<float>(red[0]);
   }
 }
 
-// dynamic shared memory: min(r, RC) × BN floats
-__global__ void __launch_bounds__(NT) dA_kernel(SkSignLossArgs a, const float* grad, float* dA) {
+// grid (column blocks, rank chunks, segments); dynamic shared memory: min(r, RC) × BN floats. out: dA (one
+// segment) or the workspace, segment z writing out + z·r·n.
+__global__ void __launch_bounds__(NT) dA_kernel(SkSignLossArgs a, const float* grad, float* out) {
   __shared__ Smem sm;
   extern __shared__ float accA[];
+  const int tx = threadIdx.x % BN, ty = threadIdx.x / BN;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * BN;
   const int64_t k0 = static_cast<int64_t>(blockIdx.y) * RC, rc = chunk_width(a.r, k0);
+  const int rcn = static_cast<int>(rc);  // <= RC: int arithmetic in the contraction
   const float g0 = grad != nullptr ? grad[0] : 1.f;
   const float gs = g0 * a.scaling / (static_cast<float>(a.m) * static_cast<float>(a.n));
+  int64_t t0, t1;
+  segment_tiles((a.m + BM - 1) / BM, gridDim.z, blockIdx.z, t0, t1);
+  out += static_cast<int64_t>(blockIdx.z) * a.r * a.n;
+  double unused = 0.0;
   for (int64_t e = threadIdx.x; e < rc * BN; e += NT) accA[e] = 0.f;
-  for (int64_t i0 = 0; i0 < a.m; i0 += BM) {
-    g_tile(a, i0, j0, gs, sm);
-    for (int64_t e = threadIdx.x; e < rc * BN; e += NT) {
-      const int64_t k = k0 + e / BN;
-      const int jj = static_cast<int>(e % BN);
-      float s = 0.f;
-      for (int ii = 0; ii < BM && i0 + ii < a.m; ++ii) s += a.B[(i0 + ii) * a.r + k] * sm.G[ii][jj];
-      accA[e] += s;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t i0 = t * BM;
+    g_tile(a, i0, j0, gs, sm, false, unused);
+    for (int kb = 0; kb < rcn; kb += KC) {
+      // B[i0+ii][k0+kb+kk] into sm.L[ii][kk]: a warp reads 32 consecutive floats of one row of B
+      const float* Bb = a.B + i0 * a.r + k0 + kb;
+      const int nrow = a.m - i0 < BM ? static_cast<int>(a.m - i0) : BM, nk = rcn - kb;
+      for (int e = threadIdx.x; e < BM * KC; e += NT) {
+        const int ii = e / KC, kk = e % KC;
+        sm.L[ii][kk] = (ii < nrow && kk < nk) ? Bb[ii * a.r + kk] : 0.f;
+      }
+      __syncthreads();
+      // entry (rank kb + ty + 8q, column tx) += Σ_ii B[ii][k]·G[ii][tx]: the ii order of the old kernel, zeros
+      // past m add nothing
+      contract_any(&sm.L[0][0], 1, KC + 1, &sm.G[0][0], 1, BN + 1, accA, kb, nk, tx, ty);
+      __syncthreads();
     }
-    __syncthreads();
   }
   for (int64_t e = threadIdx.x; e < rc * BN; e += NT) {
     const int64_t j = j0 + e % BN;
-    if (j < a.n) dA[(k0 + e / BN) * a.n + j] = accA[e];
+    if (j < a.n) out[(k0 + e / BN) * a.n + j] = accA[e];
   }
+}
+
+// out[e] = Σ_z ws[z·N + e], z in order: the deterministic sum over segments.
+__global__ void __launch_bounds__(NT) reduce_segments_kernel(const float* ws, int64_t S, int64_t N, float* out) {
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * NT + threadIdx.x; e < N; e += static_cast<int64_t>(gridDim.x) * NT) {
+    float s = ws[e];
+    for (int64_t z = 1; z < S; ++z) s += ws[z * N + e];
+    out[e] = s;
+  }
+}
+
+cudaError_t reduce_segments(const float* ws, int64_t S, int64_t N, float* out, cudaStream_t stream) {
+  if (N == 0) return cudaSuccess;
+  const int64_t want = (N + NT - 1) / NT, blocks = want < 65535 ? want : 65535;  // grid-stride past that
+  reduce_segments_kernel<<<static_cast<unsigned>(blocks), NT, 0, stream>>>(ws, S, N, out);
+  return cudaGetLastError();
+}
+
+// A segment pays a fixed cost beside its tiles (zeroing and writing its accumulators, its workspace slice and
+// share of the reduction, its loss reduction): at least 4 tiles amortize it.
+constexpr int64_t kMinTilesPerSegment = 4;
+constexpr int64_t kMaxGridYZ = 65535;
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t rank_chunks(int64_t r) { return r > RC ? cdiv(r, RC) : 1; }  // r = 0 still takes one (the loss blocks)
+
+// S for `primary` blocks that each walk `tiles` tiles; see sk_sign_loss_plan.
+int64_t choose_segments(int64_t primary, int64_t tiles, int sm_count, int64_t forced) {
+  int64_t S;
+  if (forced > 0) {
+    S = forced;
+  } else {
+    const int64_t target = 2 * static_cast<int64_t>(sm_count > 0 ? sm_count : 1);
+    S = (primary == 0 || primary >= target) ? 1 : cdiv(target, primary);
+    if (S > tiles / kMinTilesPerSegment) S = tiles / kMinTilesPerSegment;
+  }
+  if (S > tiles) S = tiles;
+  if (S > kMaxGridYZ) S = kMaxGridYZ;
+  return S < 1 ? 1 : S;
+}
+
+SkSignLossPlan plan_with(int64_t m, int64_t n, int64_t r, int64_t seg_fwd, int64_t seg_dB, int64_t seg_dA) {
+  SkSignLossPlan p{};
+  p.seg_fwd = seg_fwd;
+  p.seg_dB = seg_dB;
+  p.seg_dA = seg_dA;
+  p.partials_fwd = cdiv(m, BM) * seg_fwd;
+  p.partials_fwd_bwd = cdiv(m, BM) * seg_dB;
+  p.workspace = (seg_dB > 1 ? seg_dB * m * r : 0) + (seg_dA > 1 ? seg_dA * r * n : 0);
+  return p;
+}
+
+// A plan made for other sizes would index past the buffers: refuse it.
+bool plan_fits(const SkSignLossArgs& a, const SkSignLossPlan& p) {
+  const int64_t tn = cdiv(a.n, BN), tm = cdiv(a.m, BM);
+  auto ok = [](int64_t S, int64_t tiles) { return S >= 1 && S <= kMaxGridYZ && S <= (tiles > 1 ? tiles : 1); };
+  if (!ok(p.seg_fwd, tn) || !ok(p.seg_dB, tn) || !ok(p.seg_dA, tm)) return false;
+  const SkSignLossPlan q = plan_with(a.m, a.n, a.r, p.seg_fwd, p.seg_dB, p.seg_dA);
+  return q.partials_fwd == p.partials_fwd && q.partials_fwd_bwd == p.partials_fwd_bwd && q.workspace == p.workspace;
 }
 
 }  // namespace
 
-int64_t sk_sign_loss_num_partials(int64_t m) { return (m + BM - 1) / BM; }
+SkSignLossPlan sk_sign_loss_plan(int64_t m, int64_t n, int64_t r, int sm_count, int64_t segments) {
+  const int64_t nbr = cdiv(m, BM), nbc = cdiv(n, BN), tn = nbc, tm = nbr, nchunk = rank_chunks(r);
+  return plan_with(m, n, r, choose_segments(nbr, tn, sm_count, segments),
+                   choose_segments(nbr * nchunk, tn, sm_count, segments),
+                   choose_segments(nbc * nchunk, tm, sm_count, segments));
+}
 
-cudaError_t sk_sign_loss_fwd(const SkSignLossArgs& a, float* partial, cudaStream_t stream) {
-  const int64_t nb = sk_sign_loss_num_partials(a.m);
+cudaError_t sk_sign_loss_fwd(const SkSignLossArgs& a, const SkSignLossPlan& p, float* partial, cudaStream_t stream) {
+  if (!plan_fits(a, p)) return cudaErrorInvalidValue;
+  const int64_t nb = cdiv(a.m, BM);
   if (nb == 0) return cudaSuccess;
-  fwd_kernel<<<static_cast<unsigned>(nb), NT, 0, stream>>>(a, partial);
+  if (nb > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  fwd_kernel<<<dim3(static_cast<unsigned>(nb), static_cast<unsigned>(p.seg_fwd)), NT, 0, stream>>>(a, partial);
   return cudaGetLastError();
 }
 
-static cudaError_t launch_grads(const SkSignLossArgs& a, const float* grad, float* dA, float* dB, float* partial,
-                                cudaStream_t stream);
+static cudaError_t launch_grads(const SkSignLossArgs& a, const SkSignLossPlan& p, const float* grad, float* dA,
+                                float* dB, float* partial, float* workspace, cudaStream_t stream);
 
-cudaError_t sk_sign_loss_bwd(const SkSignLossArgs& a, const float* grad, float* dA, float* dB, cudaStream_t stream) {
-  return launch_grads(a, grad, dA, dB, nullptr, stream);
+cudaError_t sk_sign_loss_bwd(const SkSignLossArgs& a, const SkSignLossPlan& p, const float* grad, float* dA,
+                             float* dB, float* workspace, cudaStream_t stream) {
+  return launch_grads(a, p, grad, dA, dB, nullptr, workspace, stream);
 }
 
-cudaError_t sk_sign_loss_fwd_bwd(const SkSignLossArgs& a, float* partial, float* dA, float* dB, cudaStream_t stream) {
-  return launch_grads(a, nullptr, dA, dB, partial, stream);
+cudaError_t sk_sign_loss_fwd_bwd(const SkSignLossArgs& a, const SkSignLossPlan& p, float* partial, float* dA,
+                                 float* dB, float* workspace, cudaStream_t stream) {
+  return launch_grads(a, p, nullptr, dA, dB, partial, workspace, stream);
 }
 
-static cudaError_t launch_grads(const SkSignLossArgs& a, const float* grad, float* dA, float* dB, float* partial,
-                                cudaStream_t stream) {
-  const int64_t nbr = (a.m + BM - 1) / BM, nbc = (a.n + BN - 1) / BN;
-  // r = 0 still takes one chunk: on the training path its dB blocks are what reduce the loss.
-  const int64_t nchunk = a.r > RC ? (a.r + RC - 1) / RC : 1;
-  if (nchunk > 65535 || nbr > 0x7fffffff || nbc > 0x7fffffff) return cudaErrorInvalidConfiguration;
+static cudaError_t launch_grads(const SkSignLossArgs& a, const SkSignLossPlan& p, const float* grad, float* dA,
+                                float* dB, float* partial, float* workspace, cudaStream_t stream) {
+  if (!plan_fits(a, p) || (p.workspace > 0 && workspace == nullptr)) return cudaErrorInvalidValue;
+  const int64_t nbr = cdiv(a.m, BM), nbc = cdiv(a.n, BN), nchunk = rank_chunks(a.r);
+  if (nchunk > kMaxGridYZ || nbr > 0x7fffffff || nbc > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const int64_t rc = a.r < RC ? a.r : RC;
   const size_t shB = sizeof(float) * BM * rc, shA = sizeof(float) * rc * BN;
-  if (nbr > 0) dB_kernel<<<dim3(static_cast<unsigned>(nbr), static_cast<unsigned>(nchunk)), NT, shB, stream>>>(
-      a, grad, dB, partial);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  if (nbc > 0) dA_kernel<<<dim3(static_cast<unsigned>(nbc), static_cast<unsigned>(nchunk)), NT, shA, stream>>>(a, grad, dA);
-  return cudaGetLastError();
+  // workspace: [seg_dB slices of m×r][seg_dA slices of r×n], each part present only when split
+  float* outB = p.seg_dB > 1 ? workspace : dB;
+  float* outA = p.seg_dA > 1 ? workspace + (p.seg_dB > 1 ? p.seg_dB * a.m * a.r : 0) : dA;
+  if (nbr > 0) {
+    const dim3 grid(static_cast<unsigned>(nbr), static_cast<unsigned>(nchunk), static_cast<unsigned>(p.seg_dB));
+    if (partial != nullptr) dB_kernel<true><<<grid, NT, shB, stream>>>(a, grad, outB, partial);
+    else dB_kernel<false><<<grid, NT, shB, stream>>>(a, grad, outB, nullptr);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    if (p.seg_dB > 1 && (err = reduce_segments(outB, p.seg_dB, a.m * a.r, dB, stream)) != cudaSuccess) return err;
+  }
+  if (nbc > 0) {
+    dA_kernel<<<dim3(static_cast<unsigned>(nbc), static_cast<unsigned>(nchunk), static_cast<unsigned>(p.seg_dA)), NT,
+                shA, stream>>>(a, grad, outA);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    if (p.seg_dA > 1 && (err = reduce_segments(outA, p.seg_dA, a.r * a.n, dA, stream)) != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }

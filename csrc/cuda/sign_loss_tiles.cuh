@@ -37,8 +37,11 @@ __device__ inline void tile_product(const float* L, int64_t ldl, const float* Rm
       sm.R[kk][jj] = (k < K && j < n) ? Rm[k * ldr + j] : 0.f;
     }
     __syncthreads();
+    // Only the ranks that exist: a rank below KC (r = 16 is common) would otherwise spend half the FMAs on the
+    // zero padding. The products skipped are exact zeros, so the sums are bit for bit the same.
+    const int kn = K - k0 < KC ? static_cast<int>(K - k0) : KC;
 #pragma unroll 8
-    for (int kk = 0; kk < KC; ++kk) {
+    for (int kk = 0; kk < kn; ++kk) {
       const float rv = sm.R[kk][tx];
 #pragma unroll
       for (int q = 0; q < RPT; ++q) acc[q] += sm.L[ty + 8 * q][kk] * rv;

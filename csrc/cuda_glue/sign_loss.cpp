@@ -1,6 +1,8 @@
 // CUDA glue of the PS-LoRA sign-consistency loss: checks the tensors, then calls the plain launchers of
 // csrc/cuda/sign_loss.cu on the current stream. Compiled only in CUDA builds. The kernels compute in
-// float32; slice_kernels/ops/sign_loss.py casts the (small) factors before calling.
+// float32; slice_kernels/ops/sign_loss.py casts the (small) factors before calling. The launchers' plan
+// (sk_sign_loss_plan: how many segments each kernel splits its walk into, for this device's SM count) sizes the
+// partials and the float32 workspace allocated here; the .cu stays free of torch.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -54,16 +56,30 @@ SkSignLossArgs make_args(const at::Tensor& A, const at::Tensor& B, const at::Ten
   return a;
 }
 
+// The split for A's device; the SM count comes from the runtime each call (a cheap attribute query), so a
+// process that uses several kinds of GPU gets each one's own plan.
+SkSignLossPlan make_plan(const SkSignLossArgs& a, const at::Tensor& A) {
+  int sms = 0;
+  const cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, A.device().index());
+  TORCH_CHECK(err == cudaSuccess, "sign_loss (cuda): cannot read the multiprocessor count of ", A.device(), ": ",
+              cudaGetErrorString(err));
+  return sk_sign_loss_plan(a.m, a.n, a.r, sms, 0);
+}
+
+// nullptr when the plan needs no workspace (nothing split)
+float* workspace_ptr(at::Tensor& ws) { return ws.numel() > 0 ? ws.data_ptr<float>() : nullptr; }
+
 at::Tensor sign_loss_fwd_cuda(const at::Tensor& A, const at::Tensor& B, const at::Tensor& H1,
                               const std::optional<at::Tensor>& H2, int64_t kind, int64_t mode, double scaling,
                               double alpha_l, double inv_rms) {
   const SkSignLossArgs a = make_args(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms);
   c10::cuda::CUDAGuard guard(A.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(A.device().index()).stream();
-  at::Tensor partial = at::empty({sk_sign_loss_num_partials(a.m)}, A.options());
-  const cudaError_t err = sk_sign_loss_fwd(a, partial.data_ptr<float>(), stream);
+  const SkSignLossPlan plan = make_plan(a, A);
+  at::Tensor partial = at::empty({plan.partials_fwd}, A.options());
+  const cudaError_t err = sk_sign_loss_fwd(a, plan, partial.data_ptr<float>(), stream);
   TORCH_CHECK(err == cudaSuccess, "sign_loss_fwd: CUDA launch failed: ", cudaGetErrorString(err));
-  // The per-row-block partials are added in a fixed order, in float64: deterministic.
+  // The per-(row block, segment) partials are added in a fixed order, in float64: deterministic.
   return partial.sum(at::kDouble).div(static_cast<double>(a.m) * static_cast<double>(a.n)).to(at::kFloat);
 }
 
@@ -78,9 +94,12 @@ std::tuple<at::Tensor, at::Tensor> sign_loss_bwd_cuda(const at::Tensor& grad, co
               " with ", grad.numel(), " elements on ", grad.device());
   c10::cuda::CUDAGuard guard(A.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(A.device().index()).stream();
+  const SkSignLossPlan plan = make_plan(a, A);
   at::Tensor dA = at::empty(A.sizes(), A.options());
   at::Tensor dB = at::empty(B.sizes(), B.options());
-  const cudaError_t err = sk_sign_loss_bwd(a, grad.data_ptr<float>(), dA.data_ptr<float>(), dB.data_ptr<float>(), stream);
+  at::Tensor ws = at::empty({plan.workspace}, A.options());
+  const cudaError_t err = sk_sign_loss_bwd(a, plan, grad.data_ptr<float>(), dA.data_ptr<float>(),
+                                           dB.data_ptr<float>(), workspace_ptr(ws), stream);
   TORCH_CHECK(err == cudaSuccess, "sign_loss_bwd: CUDA launch failed: ", cudaGetErrorString(err));
   return {dA, dB};
 }
@@ -93,11 +112,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sign_loss_fwd_bwd_cuda(const at::
   const SkSignLossArgs a = make_args(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms);
   c10::cuda::CUDAGuard guard(A.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(A.device().index()).stream();
-  at::Tensor partial = at::empty({sk_sign_loss_num_partials(a.m)}, A.options());
+  const SkSignLossPlan plan = make_plan(a, A);
+  at::Tensor partial = at::empty({plan.partials_fwd_bwd}, A.options());
   at::Tensor dA = at::empty(A.sizes(), A.options());
   at::Tensor dB = at::empty(B.sizes(), B.options());
-  const cudaError_t err = sk_sign_loss_fwd_bwd(a, partial.data_ptr<float>(), dA.data_ptr<float>(),
-                                               dB.data_ptr<float>(), stream);
+  at::Tensor ws = at::empty({plan.workspace}, A.options());
+  const cudaError_t err = sk_sign_loss_fwd_bwd(a, plan, partial.data_ptr<float>(), dA.data_ptr<float>(),
+                                               dB.data_ptr<float>(), workspace_ptr(ws), stream);
   TORCH_CHECK(err == cudaSuccess, "sign_loss_fwd_bwd: CUDA launch failed: ", cudaGetErrorString(err));
   at::Tensor loss = partial.sum(at::kDouble).div(static_cast<double>(a.m) * static_cast<double>(a.n)).to(at::kFloat);
   return {loss, dA, dB};

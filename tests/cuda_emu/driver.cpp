@@ -12,12 +12,19 @@
 
 extern "C" {
 
-int64_t emu_sign_loss_num_partials(int64_t m) { return sk_sign_loss_num_partials(m); }
+// plan: seg_fwd, seg_dB, seg_dA, partials_fwd, partials_fwd_bwd, workspace (SkSignLossPlan's fields, in order)
+void emu_sign_loss_plan(int64_t m, int64_t n, int64_t r, int sm_count, int64_t segments, int64_t* plan) {
+  const SkSignLossPlan p = sk_sign_loss_plan(m, n, r, sm_count, segments);
+  const int64_t v[6] = {p.seg_fwd, p.seg_dB, p.seg_dA, p.partials_fwd, p.partials_fwd_bwd, p.workspace};
+  for (int i = 0; i < 6; ++i) plan[i] = v[i];
+}
 
-// which: 0 fwd, 1 bwd (grad: a float32 scalar), 2 fwd_bwd
+// which: 0 fwd, 1 bwd (grad: a float32 scalar), 2 fwd_bwd; plan as emu_sign_loss_plan writes it (a test may pass
+// a wrong one: the launchers must refuse it)
 int emu_sign_loss(int which, const float* A, const float* B, const float* H1, const float* H2, const uint8_t* bits,
                   int64_t m, int64_t n, int64_t r, int64_t R, int kind, int mode, float scaling, float alpha_l,
-                  float inv_rms, const float* grad, float* partial, float* dA, float* dB) {
+                  float inv_rms, const int64_t* plan, const float* grad, float* partial, float* dA, float* dB,
+                  float* workspace) {
   SkSignLossArgs a{};
   a.A = A;
   a.B = B;
@@ -33,9 +40,16 @@ int emu_sign_loss(int which, const float* A, const float* B, const float* H1, co
   a.scaling = scaling;
   a.alpha_l = alpha_l;
   a.inv_rms = inv_rms;
-  if (which == 0) return sk_sign_loss_fwd(a, partial, nullptr);
-  if (which == 1) return sk_sign_loss_bwd(a, grad, dA, dB, nullptr);
-  return sk_sign_loss_fwd_bwd(a, partial, dA, dB, nullptr);
+  SkSignLossPlan p{};
+  p.seg_fwd = plan[0];
+  p.seg_dB = plan[1];
+  p.seg_dA = plan[2];
+  p.partials_fwd = plan[3];
+  p.partials_fwd_bwd = plan[4];
+  p.workspace = plan[5];
+  if (which == 0) return sk_sign_loss_fwd(a, p, partial, nullptr);
+  if (which == 1) return sk_sign_loss_bwd(a, p, grad, dA, dB, workspace, nullptr);
+  return sk_sign_loss_fwd_bwd(a, p, partial, dA, dB, workspace, nullptr);
 }
 
 int emu_magnitude_merge(const float* B, const float* A, const int64_t* off, const float* scal, int64_t m, int64_t n,

@@ -7,7 +7,8 @@ __device__, threadIdx, __syncthreads and the rest):
 * ``__shared__ T a, b[N];`` becomes function-local statics followed by a call that poisons them at the start of
   every block and counts their bytes;
 * ``kernel<<<grid, block[, shmem[, stream]]>>>(args);`` becomes ``sk_launch(bound, grid, block, shmem, stream,
-  [&] { kernel(args); });``, where ``bound`` is the kernel's ``__launch_bounds__`` (1024 without one).
+  [&] { kernel(args); });``, where ``bound`` is the first argument of the kernel's ``__launch_bounds__`` (its
+  maximum threads per block; 1024 without one).
 
 Comments are dropped first. Line numbers are kept (every replacement stays on the lines it replaces, and a
 ``#line`` names the original file), so a compiler error points at the .cu file. A construct it does not recognise
@@ -140,7 +141,8 @@ def _callee_start(src: str, end: int, path: str) -> int:
 
 
 def _rewrite_launches(src: str, path: str) -> str:
-    bounds = {name: expr.strip() for expr, name in _BOUNDS.findall(src)}
+    # __launch_bounds__(max threads[, min blocks per SM]): only the first bounds a launch
+    bounds = {name: _split_top(expr)[0] for expr, name in _BOUNDS.findall(src)}
     out, pos = [], 0
     while True:
         k = src.find("<<<", pos)
