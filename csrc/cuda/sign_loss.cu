@@ -51,28 +51,9 @@ __device__ void form_tiles(const SkSignLossArgs& a, int64_t i0, int64_t j0, floa
   }
 }
 
-__device__ __forceinline__ float summand(const SkSignLossArgs& a, float d, float h) {
-  if (a.mode == 0) {
-    const float t = a.kind == 2 ? h : tanhf(a.alpha_l * h);
-    return 1.f - tanhf(a.alpha_l * d) * t;
-  }
-  const float v = -sgnf(h) * d;
-  return v > 0.f ? v * a.inv_rms : 0.f;
-}
-
-__device__ __forceinline__ float derivative(const SkSignLossArgs& a, float d, float h) {
-  if (a.mode == 0) {
-    const float t = a.kind == 2 ? h : tanhf(a.alpha_l * h);
-    const float td = tanhf(a.alpha_l * d);
-    return -a.alpha_l * (1.f - td * td) * t;
-  }
-  const float sh = sgnf(h);
-  return (-sh * d > 0.f) ? -sh * a.inv_rms : 0.f;
-}
-
-// summand and derivative of one entry from one pair of tanhf (the training path needs both; written out so the
-// four tanhf per entry do not rest on the compiler merging two calls across the `valid` branches). The same
-// expressions as summand() and derivative(), so the results are bit for bit theirs.
+// The loss summand f and its derivative g = ∂f/∂d of one entry, from one pair of tanhf (the training path needs
+// both). summand() and derivative() below take one output each; inlined, the unused one is dead code, so one
+// expression serves all three paths and they agree bit for bit.
 __device__ __forceinline__ void summand_and_derivative(const SkSignLossArgs& a, float d, float h, float& f,
                                                        float& g) {
   if (a.mode == 0) {
@@ -85,6 +66,18 @@ __device__ __forceinline__ void summand_and_derivative(const SkSignLossArgs& a, 
   const float sh = sgnf(h), v = -sh * d;
   f = v > 0.f ? v * a.inv_rms : 0.f;
   g = v > 0.f ? -sh * a.inv_rms : 0.f;
+}
+
+__device__ __forceinline__ float summand(const SkSignLossArgs& a, float d, float h) {
+  float f, g;
+  summand_and_derivative(a, d, h, f, g);
+  return f;
+}
+
+__device__ __forceinline__ float derivative(const SkSignLossArgs& a, float d, float h) {
+  float f, g;
+  summand_and_derivative(a, d, h, f, g);
+  return g;
 }
 
 // [t0, t1): the tiles of segment s of S over `tiles` tiles; contiguous, sizes differ by at most one, none empty
