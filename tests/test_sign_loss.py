@@ -265,6 +265,152 @@ def test_gpu_backends_match_reference(backend, form):
         assert _rel(gA, rA) <= 1e-5 and _rel(gB, rB) <= 1e-5
 
 
+# ----------------------------------------------------------------------------- Triton segments (split walks)
+def _triton_here():
+    return dispatch.refusal("sign_loss_fwd", "triton", torch.device("cpu"))
+
+
+def _split_case(form, mode, seed=13):
+    """97×75 at r = 8, R = 5: 4 row tiles (the last holds 1 row) and 3 column tiles (the last 11 columns) of the
+    interpreter's 32-blocks, so a forced S of 2 or 3 leaves segments of unequal tile counts and 7 exceeds both."""
+    A64, B64, h = _case(97, 75, 8, 5, form, seed=seed)
+    A64.requires_grad_(True)
+    B64.requires_grad_(True)
+    ref = reference_sign_consistency_loss(A64, B64, h, scaling=0.8, alpha=1.5, beta=0.0, mode=mode)
+    rA, rB = torch.autograd.grad(ref, (A64, B64))
+    H1, H2 = _operands(h)
+    args = (A64.detach().float(), B64.detach().float(), H1, H2, KIND[h.kind], MODE_ID[mode], 0.8, 1.5 / h.rms,
+            1.0 / h.rms)
+    return args, (float(ref.detach()), rA, rB)
+
+
+def _run_split(args, S):
+    """(loss, dA, dB) of the forward and the two-pass backward, then those of the training path, at S."""
+    from slice_kernels.ops import _sign_loss_triton as tri
+
+    loss = tri.sign_loss_fwd_triton(*args, segments=S)
+    dA, dB = tri.sign_loss_bwd_triton(torch.ones((), device=args[0].device), *args, segments=S)
+    return (loss, dA, dB) + tuple(tri.sign_loss_fwd_bwd_triton(*args, segments=S))
+
+
+def _assert_matches(got, ref, tol):
+    loss, dA, dB, tloss, tdA, tdB = got
+    rl, rA, rB = ref
+    for x in (loss, tloss):
+        assert abs(float(x) - rl) <= tol * abs(rl)
+    for gA, gB in ((dA, dB), (tdA, tdB)):
+        assert _rel(gA, rA) <= tol and _rel(gB, rB) <= tol
+
+
+@pytest.mark.skipif(_triton_here() is not None, reason=f"triton cannot run here: {_triton_here()}")
+@pytest.mark.parametrize("S", [2, 3, 7], ids=lambda s: f"S{s}")
+def test_triton_segments_match_reference_and_the_unsplit_walk(S):
+    """Forced S (uneven segments; 7 > tiles clamps to the tile count) on the forward, the two-pass backward and
+    the training path: the float64 reference within the contract's 1e-5, and the unsplit walk (S = 1) within
+    float32 reassociation."""
+    args, ref = _split_case("factors", "tanh")
+    one = _run_split(args, 1)
+    split = _run_split(args, S)
+    _assert_matches(one, ref, 1e-5)
+    _assert_matches(split, ref, 1e-5)
+    for x, y in zip(split, one):
+        assert _rel(x, y.double()) <= 2e-6
+
+
+@pytest.mark.skipif(_triton_here() is not None, reason=f"triton cannot run here: {_triton_here()}")
+@pytest.mark.parametrize("form,mode", [("factors", "hinge"), ("dense", "tanh"), ("dense", "hinge"),
+                                       ("bits", "tanh"), ("bits", "hinge")])
+def test_triton_segments_every_history_form_and_mode(form, mode):
+    """S = 2 over 3 column tiles / 4 row tiles (the forward and dB segments hold 1 and 2 tiles) for the other
+    history forms and modes (factors/tanh: the test above)."""
+    args, ref = _split_case(form, mode)
+    _assert_matches(_run_split(args, 2), ref, 1e-5)
+
+
+@pytest.mark.skipif(_triton_here() is not None, reason=f"triton cannot run here: {_triton_here()}")
+@pytest.mark.parametrize("form", FORMS)
+def test_triton_gpu_tiles_match_reference(monkeypatch, form):
+    """The GPU's tiles (_TILES and, from rank 256, _TILES_WIDE_RANK: 64×32, 32×32, 16×32; not the
+    interpreter's 32×32 everywhere), split, in the interpreter: the compile test proves they compile for sm_90,
+    this that they compute the loss."""
+    from slice_kernels.ops import _sign_loss_triton as tri
+
+    args, ref = _split_case(form, "tanh")
+    for tiles in (tri._TILES, tri._TILES_WIDE_RANK):
+        monkeypatch.setattr(tri, "_tiles", lambda kernel, r: tiles[kernel])
+        _assert_matches(_run_split(args, 2), ref, 1e-5)
+
+
+def test_triton_segment_count_heuristic():
+    """S for about 2 programs per SM, at least 4 tiles a segment, S = 1 once the primary grid is that large;
+    at an H100's 132 SMs (tests/test_triton_compile.py checks the grids the launchers make at issue 5's
+    shapes)."""
+    pytest.importorskip("triton", reason="the Triton backend needs triton")
+    from slice_kernels.ops._sign_loss_triton import _check_segments, _segments
+
+    assert _segments(64, 128, 132) == 5  # 64 row blocks of 4096 rows: 320 programs
+    assert _segments(128, 448, 132) == 3  # 14336×4096's dA: 128 column blocks of 32
+    assert _segments(224, 128, 132) == 2  # 14336×4096's forward
+    assert _segments(64, 16, 132) == 4  # capped: 4 tiles a segment
+    assert _segments(264, 1000, 132) == 1  # the primary grid alone reaches 2 programs per SM
+    assert _segments(1, 11, 132) == 2  # 11 tiles: at most 2 segments of ≥ 4 tiles
+    assert _segments(1, 3, 132) == 1  # too few tiles to split
+    assert _segments(0, 0, 132) == 1
+    assert _segments(4, 3, 132, forced=7) == 3  # a forced S past the tiles clamps
+    assert _segments(4, 3, 132, forced=2) == 2
+    assert _segments(4, 0, 132, forced=5) == 1
+    for bad in (0, -1, 2.0, True, "2"):
+        with pytest.raises(ValueError, match="segments must be a positive int"):
+            _check_segments(bad)
+    _check_segments(None)
+
+
+def test_triton_sm_count_comes_from_the_device(monkeypatch):
+    """CUDA tensors: the SM count of their own device (cached per index); meta and CPU tensors: the documented
+    H100 value the sm_90 compile test relies on."""
+    pytest.importorskip("triton", reason="the Triton backend needs triton")
+    from types import SimpleNamespace
+
+    from slice_kernels.ops import _sign_loss_triton as tri
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: asked.append(i) or SimpleNamespace(multi_processor_count=7 + i))
+    tri._cuda_sm_count.cache_clear()
+    try:
+        assert tri._sm_count(torch.device("cuda", 1)) == 8
+        assert tri._sm_count(torch.device("cuda", 1)) == 8 and asked == [1]
+        assert tri._sm_count(torch.device("meta")) == tri._sm_count(torch.device("cpu")) == 132
+    finally:
+        tri._cuda_sm_count.cache_clear()
+
+
+@pytest.mark.gpu
+def test_triton_segments_on_gpu_are_deterministic_and_match_reference():
+    """On a GPU the split launches (forced S, and the heuristic's) must match the float64 reference, the
+    unsplit walk within float32 reassociation, and themselves bit for bit when run again (no atomics)."""
+    A64, B64, h = _case(1000, 700, 16, 16, "factors", seed=21)
+    A64.requires_grad_(True)
+    B64.requires_grad_(True)
+    ref = reference_sign_consistency_loss(A64, B64, h, scaling=0.8, alpha=1.5, beta=0.0, mode="tanh")
+    rA, rB = torch.autograd.grad(ref, (A64, B64))
+    ref = (float(ref.detach()), rA, rB)
+    H1, H2 = _history_operands(h, torch.device("cuda"))
+    args = (A64.detach().float().cuda(), B64.detach().float().cuda(), H1, H2, 0, 0, 0.8, 1.5 / h.rms, 1.0 / h.rms)
+
+    def run(S):
+        return [x.cpu() for x in _run_split(args, S)]
+
+    one = run(1)
+    _assert_matches(one, ref, 1e-5)
+    for S in (None, 3, 9, 1000):
+        got = run(S)
+        _assert_matches(got, ref, 1e-5)
+        for x, y in zip(got, one):
+            assert _rel(x, y.double()) <= 2e-6
+        assert all(torch.equal(x, y) for x, y in zip(got, run(S))), f"S={S} is not deterministic"
+
+
 @pytest.mark.parametrize("accum", [1, 3])
 def test_trainer_mixin_counts_the_stability_loss_once_per_optimizer_step(tmp_path, accum):
     """StabilityLossMixin with gradient accumulation: the accumulated gradient of the added term is that of

@@ -93,32 +93,35 @@ def _cases(full: bool = False):
     cases["merge-f32-acc-r64,32"] = merge(f32, True, [64, 32])
     cases["merge-f64-r16"] = merge(f64, False, [16])  # float64 factors or W: the launcher stores float64
 
-    def history(kind, R=640, dt=f32):
+    def history(kind, R=640, dt=f32, mn=(m, n)):
+        rows, cols = mn
         if kind == "factors":
-            return _meta(m, R), _meta(R, n), 0
+            return _meta(rows, R), _meta(R, cols), 0
         if kind == "dense":
-            return _meta(m, n, dtype=dt), None, 1
-        return _meta(m, (n + 7) // 8, dtype=u8), None, 2
+            return _meta(rows, cols, dtype=dt), None, 1
+        return _meta(rows, (cols + 7) // 8, dtype=u8), None, 2
 
-    def sign(kind, mode, paths, r=64, R=640, dt=f32, ab=bf16):
-        H1, H2, k = history(kind, R, dt)
+    def sign(kind, mode, paths, r=64, R=640, dt=f32, ab=bf16, mn=(m, n), segments=None):
+        H1, H2, k = history(kind, R, dt, mn)
         md = {"tanh": 0, "hinge": 1}[mode]
+        rows, cols = mn
 
         def run():
-            A, B = _meta(r, n, dtype=ab), _meta(m, r, dtype=ab)
+            A, B = _meta(r, cols, dtype=ab), _meta(rows, r, dtype=ab)
             if "train" in paths:  # dB with LOSS, then dA
-                sl.sign_loss_fwd_bwd_triton(A, B, H1, H2, k, md, 2.0, 0.7, 1.3)
+                sl.sign_loss_fwd_bwd_triton(A, B, H1, H2, k, md, 2.0, 0.7, 1.3, segments=segments)
             if "fwd" in paths:
-                sl.sign_loss_fwd_triton(A, B, H1, H2, k, md, 2.0, 0.7, 1.3)
+                sl.sign_loss_fwd_triton(A, B, H1, H2, k, md, 2.0, 0.7, 1.3, segments=segments)
             if "bwd" in paths:  # dB without LOSS, then dA
-                sl.sign_loss_bwd_triton(_meta((), dtype=f32), A, B, H1, H2, k, md, 2.0, 0.7, 1.3)
+                sl.sign_loss_bwd_triton(_meta((), dtype=f32), A, B, H1, H2, k, md, 2.0, 0.7, 1.3, segments=segments)
         return run
 
     # The sign-loss kernels take 1–9 s each to compile (fp32 tl.dot lowered to FMA), so by default a covering
     # set runs: every kernel (fwd, dB with and without LOSS, dA) with every history form, both modes, each
     # H dtype, r = 1 / 8 / 64 and the largest the launcher admits per form (RP 16, 64, 128 dense, 256),
-    # R = 40 / 640 (RHP 64), and the largest tiles (factors at r = 256, R = 640; a float64 dense H at r = 128).
-    # SK_TRITON_AOT_ALL=1 compiles the whole product (~5 min).
+    # R = 40 / 640 (16-wide chunks), and the largest operands (factors at r = 256, whose gradient kernels take
+    # the narrower tiles, R = 640; a float64 dense H at r = 128).
+    # SK_TRITON_AOT_ALL=1 compiles the whole product (85 s here with triton 3.6 and 16-wide chunks).
     cover = [("factors", "tanh", "train", {"r": sl._max_gpu_rank(0)}), ("factors", "hinge", "fwd", {}),
              ("dense", "hinge", "train", {"dt": f64, "r": sl._max_gpu_rank(1)}), ("dense", "tanh", "fwd", {"dt": bf16}),
              ("dense", "hinge", "fwd", {"dt": f16}), ("dense", "tanh", "fwd", {}),
@@ -136,7 +139,26 @@ def _cases(full: bool = False):
         r, R, dt = kw.get("r", 64), kw.get("R", 640), kw.get("dt", f32)
         tag = {"factors": f"r{r}-R{R}", "dense": f"r{r}-{str(dt)[6:]}", "bits": f"r{r}"}[kind]
         cases.setdefault(f"sign-{kind}-{mode}-{paths.replace(' ', '+')}-{tag}", sign(kind, mode, paths, **kw))
+    # Issue 5's benchmark (float32 factors, R = 16 history, tanh) at its three shapes: every kernel with the
+    # segments the heuristic picks for an H100's 132 SMs (SIGN_SPLIT_GRIDS), and once unsplit (S = 1, which
+    # Triton specializes as a constant) at the largest tiles.
+    for (rows, cols), r in SIGN_SPLIT_GRIDS:
+        cases[f"sign-split-{rows}x{cols}-r{r}"] = sign("factors", "tanh", "train fwd bwd", r=r, R=16, ab=f32,
+                                                       mn=(rows, cols))
+    cases["sign-unsplit-4096x4096-r64"] = sign("factors", "tanh", "train fwd bwd", r=64, R=16, ab=f32,
+                                               mn=(4096, 4096), segments=1)
     return cases
+
+
+# (m, n), r -> the grids of the sign-loss launches at 132 SMs: forward and dB (row blocks of 64, S over column
+# tiles of 32), dA (column blocks of 32, S over row tiles of 32); checked by test_sign_loss_splits_issue5_shapes.
+# 4096×14336's dA has 448 column blocks, past the 264 aimed at: unsplit.
+SIGN_SPLIT_GRIDS = {((4096, 4096), 16): {"fwd": (64, 5), "dB": (64, 5), "dA": (128, 3)},
+                    ((4096, 4096), 64): {"fwd": (64, 5), "dB": (64, 5), "dA": (128, 3)},
+                    ((4096, 14336), 16): {"fwd": (64, 5), "dB": (64, 5), "dA": (448, 1)},
+                    ((4096, 14336), 64): {"fwd": (64, 5), "dB": (64, 5), "dA": (448, 1)},
+                    ((14336, 4096), 16): {"fwd": (224, 2), "dB": (224, 2), "dA": (128, 3)},
+                    ((14336, 4096), 64): {"fwd": (224, 2), "dB": (224, 2), "dA": (128, 3)}}
 
 
 # ------------------------------------------------------------------------------------------ the child process
@@ -199,7 +221,7 @@ class _Recorder:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             for fn, kw in _variants(self.fn, args, kwargs):
-                self.sink.append((self.key, fn, args, kw))
+                self.sink.append((self.key, fn, args, kw, grid))
         return launch
 
 
@@ -227,10 +249,30 @@ def _compile(fn, args, kwargs, target, backend, done: dict) -> dict:
             compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
                                       options=options.__dict__)
             done[ident] = {"num_warps": compiled.metadata.num_warps, "shared": compiled.metadata.shared,
-                           "seconds": round(time.perf_counter() - t0, 2)}
+                           "seconds": round(time.perf_counter() - t0, 2), **_resource_usage(compiled)}
         except Exception as exc:
             done[ident] = {"error": f"{type(exc).__name__}: {str(exc)[-3000:]}"}
     return dict(res, **done[ident])
+
+
+def _resource_usage(compiled) -> dict:
+    """Registers and stack bytes per thread of the sm_90 cubin (cuobjdump, bundled with Triton beside ptxas):
+    the stack is where spilled registers go. Empty when there is no cuobjdump; the metadata has no register
+    count before a GPU loads the cubin."""
+    import re
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    cubin = compiled.asm.get("cubin")
+    if not os.path.exists(tool) or not cubin:
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+        fh.write(cubin)
+        fh.flush()
+        out = subprocess.run([tool, "-res-usage", fh.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return {"regs": int(found[1]), "stack": int(found[2])} if found else {}
 
 
 def _worker(full: bool, only=None) -> dict:
@@ -258,14 +300,15 @@ def _worker(full: bool, only=None) -> dict:
             for mod, name, fn in found.values():
                 setattr(mod, name, fn)
         launches = []
-        for key, fn, args, kwargs in sink:
+        for key, fn, args, kwargs, grid in sink:
+            grid = list(grid) if isinstance(grid, tuple) else None  # a callable grid depends on the meta-args
             if only is None or case in only:
                 try:
-                    launches.append(dict(_compile(fn, args, kwargs, target, backend, done), kernel=key))
+                    launches.append(dict(_compile(fn, args, kwargs, target, backend, done), kernel=key, grid=grid))
                 except Exception as exc:  # the binder refused the arguments: the launch would fail on a GPU too
-                    launches.append({"kernel": key, "error": f"{type(exc).__name__}: {exc}"})
+                    launches.append({"kernel": key, "grid": grid, "error": f"{type(exc).__name__}: {exc}"})
             else:
-                launches.append({"kernel": key})
+                launches.append({"kernel": key, "grid": grid})
         results["cases"][case] = {"error": error, "launches": launches}
     return results
 
@@ -336,6 +379,21 @@ def test_compiles_for_h100(compiled, case):
         if la["num_warps"] != la["want_warps"]:
             problems.append(f"{what} compiled with {la['num_warps']} warps, the launcher asked {la['want_warps']}")
     assert not problems, "\n".join(problems)
+
+
+@needs_aot
+def test_sign_loss_splits_issue5_shapes(compiled):
+    """At issue 5's shapes the sign-loss kernels launch with the segments the heuristic picks for 132 SMs (a
+    second grid axis; 64 programs on an H100's 132 SMs before), and the forced S = 1 launches stay unsplit."""
+    names = {"_fwd_kernel": "fwd", "_dB_kernel": "dB", "_dA_kernel": "dA"}
+    for ((rows, cols), r), want in SIGN_SPLIT_GRIDS.items():
+        launches = compiled["cases"][f"sign-split-{rows}x{cols}-r{r}"]["launches"]
+        got = {}
+        for la in launches:
+            got.setdefault(names[la["kernel"].split(":")[1]], set()).add(tuple(la["grid"]))
+        assert got == {k: {v} for k, v in want.items()}, f"{rows}x{cols} r={r}"
+    unsplit = compiled["cases"]["sign-unsplit-4096x4096-r64"]["launches"]
+    assert unsplit and all(la["grid"][1] == 1 for la in unsplit)
 
 
 @pytest.mark.parametrize("path", ["fwd", "bwd", "fwd_bwd"])
@@ -417,8 +475,9 @@ if __name__ == "__main__":
         os.environ.pop("TRITON_INTERPRET", None)
         for case, res in _worker(full=True)["cases"].items():
             for la in res["launches"]:
-                print(f"{case:32s} {la['kernel'].split(':')[1]:28s} shared={la.get('shared', '-'):>7} "
-                      f"warps={la.get('num_warps', '-')} {la.get('seconds', '-')}s {la.get('constexprs', '')} "
+                print(f"{case:32s} {la['kernel'].split(':')[1]:28s} grid={la.get('grid')} "
+                      f"shared={la.get('shared', '-'):>7} warps={la.get('num_warps', '-')} regs={la.get('regs', '-')} "
+                      f"stack={la.get('stack', '-')} {la.get('seconds', '-')}s {la.get('constexprs', '')} "
                       f"{la.get('error', '')[:300]}")
             if res["error"]:
                 print(case, res["error"])

@@ -3,15 +3,27 @@
 Three kernels, all in float32 whatever the input dtype (the interpreter gets bf16 arithmetic wrong, and a GPU
 kernel should accumulate in float32 anyway):
 
-* forward: one program per row block; it walks the column blocks, forms ΔW = s·B·A and H tiles with
-  ``tl.dot`` (or loads H / its bits), reduces the loss summand, and writes one partial sum (added on the
-  host in a fixed order: deterministic);
-* dB: one program per row block, dB_rows = s·Σ_cols G·Aᵀ (on the training path it also reduces the loss,
-  so loss + gradients take two kernels);
-* dA: one program per column block, dA_cols = s·Σ_rows Bᵀ·G.
+* forward: one program per (row block, segment); it walks the segment's column tiles, forms ΔW = s·B·A and H
+  tiles with ``tl.dot`` (or loads H / its bits), reduces the loss summand, and writes one partial sum (added on
+  the host in float64 in a fixed order: deterministic);
+* dB: one program per (row block, segment), dB_rows = s·Σ_cols G·Aᵀ over the segment's column tiles (on the
+  training path it also reduces the loss, one partial per program, so loss + gradients take two kernels);
+* dA: one program per (column block, segment), dA_cols = s·Σ_rows Bᵀ·G over the segment's row tiles.
 G = ∂L/∂ΔW is recomputed from the tiles in each backward kernel instead of being stored (m×n).
+
+Segments: a program used to walk the whole other dimension, so the grid was the primary blocks alone, 64
+programs at m = 4096 on an H100's 132 SMs. The walked tiles are split into S contiguous segments of whole tiles
+(grid axis 1; ``_segments`` picks S for about 2 programs per SM, at least 4 tiles a segment, S = 1 when the
+primary grid is already that large; the CUDA kernels split the same way). With S > 1, dB (dA) segments write
+their own slice of a float32 (S, m, r) ((S, r, n)) workspace, added by a fixed-order ``.sum(0)``: no atomics,
+O((m+n)·r·S) extra memory, never m×n; with S = 1 they write the gradient directly. Results change by float32
+reassociation only. The launchers take ``segments=`` to force S (tests).
+
+Tiles, history-rank chunks and warps come from the registers and spills of the sm_90 cubins (``_TILES``).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -90,16 +102,26 @@ def _derivative(d, h, alpha_l, inv_rms, KIND: tl.constexpr, MODE: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(A, B, H1, H2, partial, m, n, r, R, sh1, scaling, alpha_l, inv_rms,
+def _segment(tiles, SEG):
+    """[t0, t1): the tiles of this program's segment (program_id(1) of SEG), contiguous, sizes differing by at
+    most one, none empty when SEG <= tiles (``_segments`` guarantees it); the CUDA kernels split the same way."""
+    s = tl.program_id(1).to(tl.int64)  # s·tiles passes 2³¹ for a forced S in the thousands at 10⁶ tiles
+    return (s * tiles // SEG).to(tl.int32), ((s + 1) * tiles // SEG).to(tl.int32)
+
+
+@triton.jit
+def _fwd_kernel(A, B, H1, H2, partial, m, n, r, R, sh1, scaling, alpha_l, inv_rms, SEG,
                 KIND: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                 RP: tl.constexpr, RHP: tl.constexpr, PREC: tl.constexpr):
+    # grid (row blocks, SEG): each program walks one segment of the column tiles; partial[row block·SEG + segment]
     pid = tl.program_id(0)
+    t0, t1 = _segment(tl.cdiv(n, BN), SEG)
     rows = pid * BM + tl.arange(0, BM)
     rmask = rows < m
     kr = tl.arange(0, RP)
     b = tl.load(B + rows[:, None] * r + kr[None, :], mask=rmask[:, None] & (kr[None, :] < r), other=0.0).to(tl.float32)
     acc = tl.zeros((BM, BN), tl.float32)
-    for j0 in range(0, n, BN):
+    for j0 in range(t0 * BN, t1 * BN, BN):
         cols = j0 + tl.arange(0, BN)
         cmask = cols < n
         a = tl.load(A + kr[:, None] * n + cols[None, :], mask=(kr[:, None] < r) & cmask[None, :], other=0.0)
@@ -107,15 +129,19 @@ def _fwd_kernel(A, B, H1, H2, partial, m, n, r, R, sh1, scaling, alpha_l, inv_rm
         h = _h_tile(H1, H2, rows, cols, rmask, cmask, n, R, sh1, KIND, BM, BN, RHP, PREC)
         f = _summand(d, h, alpha_l, inv_rms, KIND, MODE)
         acc += tl.where(rmask[:, None] & cmask[None, :], f, 0.0)
-    tl.store(partial + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
+    tl.store(partial + pid * SEG + tl.program_id(1), tl.sum(tl.sum(acc, axis=1), axis=0))
 
 
 @triton.jit
-def _dB_kernel(A, B, H1, H2, grad, dB, partial, m, n, r, R, sh1, scaling, alpha_l, inv_rms, inv_mn,
+def _dB_kernel(A, B, H1, H2, grad, dB, partial, m, n, r, R, sh1, scaling, alpha_l, inv_rms, inv_mn, SEG,
                KIND: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                RP: tl.constexpr, RHP: tl.constexpr, PREC: tl.constexpr, LOSS: tl.constexpr):
-    # LOSS: also reduce the loss summand of this row block into partial[pid] (the one-pass training path)
+    # grid (row blocks, SEG). dB: the gradient itself when SEG = 1, else the (SEG, m, r) workspace, segment s
+    # writing dB + s·m·r. LOSS: also reduce the loss summand of this (row block, segment) into
+    # partial[row block·SEG + segment] (the one-pass training path).
     pid = tl.program_id(0)
+    seg = tl.program_id(1)
+    t0, t1 = _segment(tl.cdiv(n, BN), SEG)
     rows = pid * BM + tl.arange(0, BM)
     rmask = rows < m
     kr = tl.arange(0, RP)
@@ -124,7 +150,7 @@ def _dB_kernel(A, B, H1, H2, grad, dB, partial, m, n, r, R, sh1, scaling, alpha_
     gs = tl.load(grad).to(tl.float32) * inv_mn * scaling
     acc = tl.zeros((BM, RP), tl.float32)
     lacc = tl.zeros((BM, BN), tl.float32)
-    for j0 in range(0, n, BN):
+    for j0 in range(t0 * BN, t1 * BN, BN):
         cols = j0 + tl.arange(0, BN)
         cmask = cols < n
         a = tl.load(A + kr[:, None] * n + cols[None, :], mask=(kr[:, None] < r) & cmask[None, :], other=0.0).to(tl.float32)
@@ -135,16 +161,21 @@ def _dB_kernel(A, B, H1, H2, grad, dB, partial, m, n, r, R, sh1, scaling, alpha_
             lacc += tl.where(valid, _summand(d, h, alpha_l, inv_rms, KIND, MODE), 0.0)
         g = tl.where(valid, _derivative(d, h, alpha_l, inv_rms, KIND, MODE), 0.0)
         acc += tl.dot(g, tl.trans(a), input_precision=PREC)
-    tl.store(dB + rows[:, None] * r + kr[None, :], acc * gs, mask=bmask)
+    out = dB + seg.to(tl.int64) * m * r
+    tl.store(out + rows[:, None] * r + kr[None, :], acc * gs, mask=bmask)
     if LOSS:
-        tl.store(partial + pid, tl.sum(tl.sum(lacc, axis=1), axis=0))
+        tl.store(partial + pid * SEG + seg, tl.sum(tl.sum(lacc, axis=1), axis=0))
 
 
 @triton.jit
-def _dA_kernel(A, B, H1, H2, grad, dA, m, n, r, R, sh1, scaling, alpha_l, inv_rms, inv_mn,
+def _dA_kernel(A, B, H1, H2, grad, dA, m, n, r, R, sh1, scaling, alpha_l, inv_rms, inv_mn, SEG,
                KIND: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                RP: tl.constexpr, RHP: tl.constexpr, PREC: tl.constexpr):
+    # grid (column blocks, SEG), each program walking one segment of the row tiles. dA: the gradient itself
+    # when SEG = 1, else the (SEG, r, n) workspace, segment s writing dA + s·r·n.
     pid = tl.program_id(0)
+    seg = tl.program_id(1)
+    t0, t1 = _segment(tl.cdiv(m, BM), SEG)
     cols = pid * BN + tl.arange(0, BN)
     cmask = cols < n
     kr = tl.arange(0, RP)
@@ -152,7 +183,7 @@ def _dA_kernel(A, B, H1, H2, grad, dA, m, n, r, R, sh1, scaling, alpha_l, inv_rm
     a = tl.load(A + kr[:, None] * n + cols[None, :], mask=amask, other=0.0).to(tl.float32)
     gs = tl.load(grad).to(tl.float32) * inv_mn * scaling
     acc = tl.zeros((RP, BN), tl.float32)
-    for i0 in range(0, m, BM):
+    for i0 in range(t0 * BM, t1 * BM, BM):
         rows = i0 + tl.arange(0, BM)
         rmask = rows < m
         b = tl.load(B + rows[:, None] * r + kr[None, :], mask=rmask[:, None] & (kr[None, :] < r), other=0.0).to(tl.float32)
@@ -160,13 +191,71 @@ def _dA_kernel(A, B, H1, H2, grad, dA, m, n, r, R, sh1, scaling, alpha_l, inv_rm
         h = _h_tile(H1, H2, rows, cols, rmask, cmask, n, R, sh1, KIND, BM, BN, RHP, PREC)
         g = tl.where(rmask[:, None] & cmask[None, :], _derivative(d, h, alpha_l, inv_rms, KIND, MODE), 0.0)
         acc += tl.dot(tl.trans(b), g, input_precision=PREC)
-    tl.store(dA + kr[:, None] * n + cols[None, :], acc * gs, mask=amask)
+    out = dA + seg.to(tl.int64) * r * n
+    tl.store(out + kr[:, None] * n + cols[None, :], acc * gs, mask=amask)
 
 
-# Warps of the backward kernels (dB, dA) on a GPU. Their fp32 dots lower to FMAs, and at the default 4 warps the
-# sm_90 cubins spill 0.04–6.8 KB of stack per thread (cuobjdump, r = 64, triton 3.6 and 3.7.1); at 8 warps at
-# most 0.65 KB. The forward kernel keeps 4: 8 warps did not reduce its spills consistently.
-_BWD_WARPS = 8
+# Tiles (BM, BN) and warps of each kernel on a GPU, chosen by the registers and spills of their sm_90 cubins
+# (cuobjdump, triton 3.6; tests/test_triton_compile.py prints them). The fp32 dots lower to fully unrolled FMAs,
+# and with 64×64 tiles, 64-wide history-rank chunks or 4 warps ptxas spilled up to 5–18 KB of stack per thread
+# (sometimes falling back to 32 registers for the whole kernel): the forward at R = 640 or r = 256, the
+# gradient kernels from r = 64 on. Walked tiles 32 wide, the chunks 16 wide (_rank_chunk), 8 warps and, from a
+# padded rank of 256 on, narrower gradient tiles (their accumulators grow with the rank) leave at most 16 B of
+# stack in each of the 96 variants measured (3 forms × 2 modes × r ∈ {16, 64, 128 or 256} × R ∈ {16, 640}
+# × LOSS). The walked side is the cheap one to shrink: the primary side (rows of fwd/dB, columns of dA) sets
+# the grid, and segments make up for a smaller one.
+_TILES = {"fwd": (64, 32), "dB": (64, 32), "dA": (32, 32)}
+_TILES_WIDE_RANK = {"fwd": (64, 32), "dB": (32, 32), "dA": (16, 32)}  # padded rank ≥ 256
+_WARPS = 8
+
+
+def _tiles(kernel: str, r: int) -> tuple[int, int]:
+    """(BM, BN) of ``kernel`` at rank ``r``; 32×32 under the interpreter (its cost grows with the tile count of
+    small tests)."""
+    if dispatch.interpreting():
+        return 32, 32
+    return (_TILES_WIDE_RANK if _pad(r) >= 256 else _TILES)[kernel]
+
+
+# Segments (see the module doc). A program of the primary grid (row blocks for fwd and dB, column blocks for dA)
+# used to walk the whole other dimension: 64 programs at m = 4096 with BM = 64, half an H100's 132 SMs idle. The
+# walked tiles are now split into S contiguous segments, one program each (grid axis 1).
+_MIN_TILES_PER_SEGMENT = 4  # a segment re-loads its program's B rows / A columns: amortize that over its tiles
+_MAX_GRID_AXIS1 = 65535  # CUDA's limit on grid axis 1
+# SM count where no CUDA device can be asked: under the interpreter, and for meta tensors (the sm_90 compile of
+# tests/test_triton_compile.py, which must see the launches an H100 gets). 132 = an H100 SXM's SMs.
+_DEFAULT_SMS = 132
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _DEFAULT_SMS
+
+
+def _segments(primary: int, tiles: int, sms: int, forced: int | None = None) -> int:
+    """S for ``primary`` programs that each walk ``tiles`` tiles: about 2 programs per SM in all
+    (S = ceil(2·sms / primary)), at most one segment per ``_MIN_TILES_PER_SEGMENT`` tiles, S = 1 when the primary
+    grid already reaches 2·sms. ``forced`` (tests) replaces the heuristic; every S is clamped to [1, tiles]. The
+    CUDA launcher's ``choose_segments`` (csrc/cuda/sign_loss.cu) is the same function."""
+    if forced is not None:
+        S = forced
+    else:
+        target = 2 * max(1, sms)
+        S = 1 if primary == 0 or primary >= target else -(-target // primary)
+        S = min(S, tiles // _MIN_TILES_PER_SEGMENT)
+    return max(1, min(S, tiles, _MAX_GRID_AXIS1))
+
+
+def _check_segments(segments) -> None:
+    if segments is not None and (isinstance(segments, bool) or not isinstance(segments, int) or segments < 1):
+        raise ValueError(f"sign loss, triton backend: segments must be a positive int or None (the heuristic), "
+                         f"got {segments!r}")
 
 
 def _pad(x: int) -> int:
@@ -174,17 +263,20 @@ def _pad(x: int) -> int:
 
 
 def _rank_chunk(R: int) -> int:
-    """Width of the history-rank chunks of the factor form: 16 under the interpreter (so small tests walk
-    several chunks), at most 64 on a GPU."""
-    return 16 if dispatch.interpreting() else min(64, _pad(R))
+    """Width of the history-rank chunks of the factor form: 16, the smallest ``tl.dot`` width. Wider chunks
+    do the same FMAs with fewer loop trips but spill on sm_90 (64: up to 5 KB of stack per thread in the
+    forward at R = 640; see _TILES); small tests still walk several chunks."""
+    return 16
 
 
 def _max_gpu_rank(kind: int) -> int:
     """Largest padded rank RP the GPU kernels take. Their shared memory grows with the rank (the fp32 dots,
     lowered to FMAs, stage their operands there) against an H100's 232448 B per block, and a launch past it
-    fails with "out of resources". Measured on sm_90 compiles (triton 3.6, tests/test_triton_compile.py):
-    factors 196608 B at RP = 256, 327680 B at 512; a dense H, also staged, 245760 B (float32) at 256 and
-    180224 B (float64) at 128; bits fit like factors."""
+    fails with "out of resources". Set with 64×64 tiles, where factors needed 327680 B at RP = 512 and a
+    float32 dense H 245760 B at 256. With the tiles of _tiles the largest of the three kernels needs, on sm_90
+    (triton 3.6, 4096×4096): factors 98304 B at 256 and 196608 B at 512, dense 90112 B (float32) / 106496 B
+    (float64) at 128 and 131072 B (float32) at 256, bits 139264 B at 256 and 270336 B at 512. The limits stay
+    where they were (raising them is untested on a GPU); the cuda backend takes any rank."""
     return 128 if kind == 1 else 256
 
 
@@ -208,49 +300,74 @@ def _prep(A, B, H1, H2, kind):
         H1 = H1.contiguous()  # bits, or the dense H in its own dtype: the kernel upcasts each tile on load
         H2 = H1  # unused pointer
         R = 1
-    blocks = (32, 32) if dispatch.interpreting() else (64, 64)
-    return A, B, H1, H2, R, blocks
+    return A, B, H1, H2, R
 
 
-def sign_loss_fwd_triton(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms):
+def sign_loss_fwd_triton(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms, *, segments=None):
+    """``segments``: force S for every kernel of the call (tests; clamped to each kernel's tile count)."""
     out_dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
-    A_, B_, H1, H2, R, (BM, BN) = _prep(A, B, H1, H2, kind)
+    _check_segments(segments)
+    A_, B_, H1, H2, R = _prep(A, B, H1, H2, kind)
     m, r = B_.shape
     n = A_.shape[1]
-    grid = (triton.cdiv(m, BM),)
-    partial = torch.empty(grid[0], dtype=torch.float32, device=A.device)
-    _fwd_kernel[grid](A_, B_, H1, H2, partial, m, n, r, R, H1.stride(0), float(scaling), float(alpha_l),
-                      float(inv_rms), KIND=kind, MODE=mode, BM=BM, BN=BN, RP=_pad(r), RHP=_rank_chunk(R), PREC="ieee")
+    BM, BN = _tiles("fwd", r)
+    rows = triton.cdiv(m, BM)
+    S = _segments(rows, triton.cdiv(n, BN), _sm_count(A.device), segments)
+    partial = torch.empty(rows * S, dtype=torch.float32, device=A.device)
+    _fwd_kernel[(rows, S)](A_, B_, H1, H2, partial, m, n, r, R, H1.stride(0), float(scaling), float(alpha_l),
+                           float(inv_rms), S, KIND=kind, MODE=mode, BM=BM, BN=BN, RP=_pad(r), RHP=_rank_chunk(R),
+                           PREC="ieee", num_warps=_WARPS)
     return (partial.double().sum() / (m * n)).to(out_dtype)
 
 
-def sign_loss_bwd_triton(grad, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms):
-    A_, B_, H1, H2, R, (BM, BN) = _prep(A, B, H1, H2, kind)
+def _gradients(A_, B_, H1, H2, R, g, partial, kind, mode, scaling, alpha_l, inv_rms, segments):
+    """dA, dB (float32) from the dB kernel (which also reduces the loss into ``partial`` when given) and the dA
+    kernel, each split into its own S segments (``_loss_partials`` sizes ``partial`` to match); with S > 1 the
+    segments' slices of a workspace are added by ``.sum(0)``, a fixed-order reduction (no atomics:
+    deterministic)."""
     m, r = B_.shape
     n = A_.shape[1]
-    g = grad.float().reshape(1).contiguous()
-    dA = torch.empty_like(A_)
-    dB = torch.empty_like(B_)
-    common = dict(KIND=kind, MODE=mode, BM=BM, BN=BN, RP=_pad(r), RHP=_rank_chunk(R), PREC="ieee")
+    sms = _sm_count(A_.device)
+    (BM_b, BN_b), (BM_a, BN_a) = _tiles("dB", r), _tiles("dA", r)
+    rows_b, cols_a = triton.cdiv(m, BM_b), triton.cdiv(n, BN_a)
+    s_dB = _segments(rows_b, triton.cdiv(n, BN_b), sms, segments)
+    s_dA = _segments(cols_a, triton.cdiv(m, BM_a), sms, segments)
+    dB = torch.empty((s_dB, m, r) if s_dB > 1 else (m, r), dtype=torch.float32, device=A_.device)
+    dA = torch.empty((s_dA, r, n) if s_dA > 1 else (r, n), dtype=torch.float32, device=A_.device)
+    common = dict(KIND=kind, MODE=mode, RP=_pad(r), RHP=_rank_chunk(R), PREC="ieee", num_warps=_WARPS)
     args = (m, n, r, R, H1.stride(0), float(scaling), float(alpha_l), float(inv_rms), 1.0 / (m * n))
-    _dB_kernel[(triton.cdiv(m, BM),)](A_, B_, H1, H2, g, dB, dB, *args, LOSS=False, num_warps=_BWD_WARPS, **common)
-    _dA_kernel[(triton.cdiv(n, BN),)](A_, B_, H1, H2, g, dA, *args, num_warps=_BWD_WARPS, **common)
+    loss = partial is not None
+    _dB_kernel[(rows_b, s_dB)](A_, B_, H1, H2, g, dB, partial if loss else dB, *args, s_dB, LOSS=loss, BM=BM_b,
+                               BN=BN_b, **common)
+    _dA_kernel[(cols_a, s_dA)](A_, B_, H1, H2, g, dA, *args, s_dA, BM=BM_a, BN=BN_a, **common)
+    return (dA.sum(0) if s_dA > 1 else dA), (dB.sum(0) if s_dB > 1 else dB)
+
+
+def _loss_partials(m: int, n: int, r: int, device, segments) -> torch.Tensor:
+    """The training path's loss partials: one per (row block, segment) of the dB kernel."""
+    BM, BN = _tiles("dB", r)
+    S = _segments(triton.cdiv(m, BM), triton.cdiv(n, BN), _sm_count(device), segments)
+    return torch.empty(triton.cdiv(m, BM) * S, dtype=torch.float32, device=device)
+
+
+def sign_loss_bwd_triton(grad, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms, *, segments=None):
+    _check_segments(segments)
+    A_, B_, H1, H2, R = _prep(A, B, H1, H2, kind)
+    g = grad.float().reshape(1).contiguous()
+    dA, dB = _gradients(A_, B_, H1, H2, R, g, None, kind, mode, scaling, alpha_l, inv_rms, segments)
     return dA.to(A.dtype), dB.to(B.dtype)
 
 
-def sign_loss_fwd_bwd_triton(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms):
-    """The training path: the dB kernel also reduces the loss, so loss + gradients take two kernels, not three."""
+def sign_loss_fwd_bwd_triton(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms, *, segments=None):
+    """The training path: the dB kernel also reduces the loss, so loss + gradients take two kernels, not three
+    (plus the workspace sums when split)."""
     out_dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
-    A_, B_, H1, H2, R, (BM, BN) = _prep(A, B, H1, H2, kind)
+    _check_segments(segments)
+    A_, B_, H1, H2, R = _prep(A, B, H1, H2, kind)
     m, r = B_.shape
     n = A_.shape[1]
     g = torch.ones(1, dtype=torch.float32, device=A.device)
-    dA = torch.empty_like(A_)
-    dB = torch.empty_like(B_)
-    partial = torch.empty(triton.cdiv(m, BM), dtype=torch.float32, device=A.device)
-    common = dict(KIND=kind, MODE=mode, BM=BM, BN=BN, RP=_pad(r), RHP=_rank_chunk(R), PREC="ieee")
-    args = (m, n, r, R, H1.stride(0), float(scaling), float(alpha_l), float(inv_rms), 1.0 / (m * n))
-    _dB_kernel[(triton.cdiv(m, BM),)](A_, B_, H1, H2, g, dB, partial, *args, LOSS=True, num_warps=_BWD_WARPS, **common)
-    _dA_kernel[(triton.cdiv(n, BN),)](A_, B_, H1, H2, g, dA, *args, num_warps=_BWD_WARPS, **common)
+    partial = _loss_partials(m, n, r, A.device, segments)
+    dA, dB = _gradients(A_, B_, H1, H2, R, g, partial, kind, mode, scaling, alpha_l, inv_rms, segments)
     loss = (partial.double().sum() / (m * n)).to(out_dtype)
     return loss, dA.to(A.dtype), dB.to(B.dtype)
