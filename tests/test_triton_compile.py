@@ -396,6 +396,25 @@ def test_sign_loss_splits_issue5_shapes(compiled):
     assert unsplit and all(la["grid"][1] == 1 for la in unsplit)
 
 
+# Stack bytes per thread a sign-loss launch of issue 5's benchmark may use. The tiles of _sign_loss_triton.py
+# were chosen for at most 16 B; 64×64 tiles made ptxas fall back to 32 registers and 5–18 KB of stack per
+# thread, the failure this bound is there to catch. Generous, so a toolchain that spills a few more registers
+# still passes.
+MAX_SIGN_LOSS_STACK = 256
+
+
+@needs_aot
+@pytest.mark.parametrize("case", [c for c in CASES if c.startswith("sign-split-")] or ["none"])
+def test_sign_loss_issue5_launches_do_not_spill(compiled, case):
+    launches = compiled["cases"][case]["launches"]
+    assert launches and all("error" not in la for la in launches), "see test_compiles_for_h100"
+    if not any("stack" in la for la in launches):
+        pytest.skip("no cuobjdump beside Triton's ptxas: the cubins' stack sizes cannot be read")
+    heavy = [f"{la['kernel']}({la.get('constexprs', '')}): {la['stack']} B of stack, {la['regs']} registers"
+             for la in launches if la.get("stack", 0) > MAX_SIGN_LOSS_STACK]
+    assert not heavy, "sign-loss kernels spill on sm_90 (retune _TILES in _sign_loss_triton.py):\n" + "\n".join(heavy)
+
+
 @pytest.mark.parametrize("path", ["fwd", "bwd", "fwd_bwd"])
 def test_sign_loss_launcher_refuses_a_rank_whose_tiles_overflow_gpu_shared_memory(monkeypatch, path):
     """A dense history at r = 129 pads to RP = 256: 245760 B of shared memory per block on sm_90 (float32 H),
