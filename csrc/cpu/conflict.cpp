@@ -20,6 +20,16 @@ namespace {
 
 constexpr int64_t kChunk = 1 << 16;
 
+// The extension is built for baseline x86-64 (SSE2), where the float→double conversions of these loops
+// vectorize two wide: the surgery measured 0.44× torch's own AVX2 add_ (benches/RESULTS.md). target_clones
+// adds an AVX2 copy that the loader picks on CPUs that have it (an ifunc; the baseline copy stays for the
+// rest). Not "fma": contracting x + γ·y would round differently from the other backends.
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define SK_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SK_CPU_CLONES
+#endif
+
 struct Item {
   int64_t layer, start, end;
 };
@@ -37,7 +47,7 @@ void check_list(const at::TensorList cur, const at::TensorList prev, const char*
 }
 
 // Four independent accumulators per sum let the compiler vectorize without reassociating one long chain.
-inline void chunk_stats(const float* c, const float* p, int64_t n, double out[3]) {
+SK_CPU_CLONES void chunk_stats(const float* c, const float* p, int64_t n, double out[3]) {
   double d[4] = {0, 0, 0, 0}, np[4] = {0, 0, 0, 0}, nc[4] = {0, 0, 0, 0};
   int64_t i = 0;
   if (p != nullptr) {
@@ -96,6 +106,11 @@ at::Tensor conflict_stats_cpu(at::TensorList cur, at::TensorList prev) {
   return out;
 }
 
+// c ← c + γ·p in float64, then one rounding: at most 0.5 ulp, never worse than torch's float32 add_(alpha=γ).
+SK_CPU_CLONES void chunk_surgery(float* c, const float* p, double gamma, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) c[i] = (float)((double)c[i] + gamma * (double)p[i]);
+}
+
 void surgery_cpu(at::TensorList cur, at::TensorList prev, const at::Tensor& gammas) {
   check_list(cur, prev, "surgery_");
   TORCH_CHECK(!prev.empty(), "surgery_: needs the replay gradients");
@@ -115,11 +130,7 @@ void surgery_cpu(at::TensorList cur, at::TensorList prev, const at::Tensor& gamm
   at::parallel_for(0, (int64_t)items.size(), 1, [&](int64_t b, int64_t e) {
     for (int64_t it = b; it < e; ++it) {
       const Item& w = items[it];
-      float* c = cp[w.layer];
-      const float* p = pp[w.layer];
-      const double gamma = gp[w.layer];
-      // float64 fma then one rounding: at most 0.5 ulp, never worse than torch's float32 add_(alpha=γ).
-      for (int64_t i = w.start; i < w.end; ++i) c[i] = (float)((double)c[i] + gamma * (double)p[i]);
+      chunk_surgery(cp[w.layer] + w.start, pp[w.layer] + w.start, gp[w.layer], w.end - w.start);
     }
   });
 }

@@ -219,7 +219,9 @@ def conflict_stats_native(cur: Sequence[torch.Tensor], prev: Sequence[torch.Tens
     return _ext.native("conflict_stats")(_as_f32(cur), _as_f32(prev) if prev is not None else [])
 
 
-@dispatch.register("surgery", "cpp", native_op="surgery_")
+# cpp runs only when forced: its float64 update (one rounding) measured 0.7–0.9× torch's float32 AVX2 add_ on
+# CPU even with its AVX2 clone (benches/RESULTS.md); it stays as the CPU mirror of the CUDA kernel.
+@dispatch.register("surgery", "cpp", native_op="surgery_", auto=False)
 @dispatch.register("surgery", "cuda", native_op="surgery_")
 def surgery_native(cur: Sequence[torch.Tensor], prev: Sequence[torch.Tensor], gammas: torch.Tensor) -> None:
     work, back = _f32_work(cur)
