@@ -15,20 +15,11 @@
 #include <vector>
 
 #include "common/conflict_checks.h"
+#include "cpu/cpu_clones.h"
 
 namespace {
 
 constexpr int64_t kChunk = 1 << 16;
-
-// The extension is built for baseline x86-64 (SSE2), where the float→double conversions of these loops
-// vectorize two wide: the surgery measured 0.44× torch's own AVX2 add_ (benches/RESULTS.md). target_clones
-// adds an AVX2 copy that the loader picks on CPUs that have it (an ifunc; the baseline copy stays for the
-// rest). Not "fma": contracting x + γ·y would round differently from the other backends.
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#define SK_CPU_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define SK_CPU_CLONES
-#endif
 
 struct Item {
   int64_t layer, start, end;
@@ -46,8 +37,9 @@ void check_list(const at::TensorList cur, const at::TensorList prev, const char*
   TORCH_CHECK(cur[0].device().is_cpu(), op, ": the gradients must be CPU tensors, got ", cur[0].device());
 }
 
-// Four independent accumulators per sum let the compiler vectorize without reassociating one long chain.
-SK_CPU_CLONES void chunk_stats(const float* c, const float* p, int64_t n, double out[3]) {
+// Four independent accumulators per sum let the compiler vectorize without reassociating one long chain. (No
+// AVX2 copy: GCC 12 emitted no wider code for it.)
+inline void chunk_stats(const float* c, const float* p, int64_t n, double out[3]) {
   double d[4] = {0, 0, 0, 0}, np[4] = {0, 0, 0, 0}, nc[4] = {0, 0, 0, 0};
   int64_t i = 0;
   if (p != nullptr) {
@@ -107,6 +99,7 @@ at::Tensor conflict_stats_cpu(at::TensorList cur, at::TensorList prev) {
 }
 
 // c ← c + γ·p in float64, then one rounding: at most 0.5 ulp, never worse than torch's float32 add_(alpha=γ).
+// The baseline copy alone ran at 0.44× torch's AVX2 add_, the AVX2 copy at 0.7–0.9× (benches/RESULTS.md).
 SK_CPU_CLONES void chunk_surgery(float* c, const float* p, double gamma, int64_t n) {
   for (int64_t i = 0; i < n; ++i) c[i] = (float)((double)c[i] + gamma * (double)p[i]);
 }
