@@ -183,6 +183,12 @@ __device__ __forceinline__ void contract_any(const float* X, int ldx, int xstep,
   }
 }
 
+// gs: ∂mean/∂ΔW brings 1/(m·n), ΔW = s·B·A one more s, times the upstream gradient (nullptr: 1).
+__device__ __forceinline__ float grad_scale(const SkSignLossArgs& a, const float* grad) {
+  const float g0 = grad != nullptr ? grad[0] : 1.f;
+  return g0 * a.scaling / (static_cast<float>(a.m) * static_cast<float>(a.n));
+}
+
 // grid (row blocks, rank chunks, segments); dynamic shared memory: min(r, RC) × BM floats, rank-major (a warp's
 // 32 rows of one rank are consecutive: no bank conflicts at any r). grad == nullptr means an upstream gradient
 // of 1. out: dB (one segment) or the workspace, segment z writing out + z·m·r. kLoss (the one-pass training
@@ -200,8 +206,7 @@ __global__ void __launch_bounds__(NT, 3) dB_kernel(SkSignLossArgs a, const float
   const int64_t k0 = static_cast<int64_t>(blockIdx.y) * RC, rc = chunk_width(a.r, k0);
   const int rcn = static_cast<int>(rc);  // <= RC: int arithmetic in the contraction
   const bool want_loss = kLoss && blockIdx.y == 0;  // block-uniform
-  const float g0 = grad != nullptr ? grad[0] : 1.f;
-  const float gs = g0 * a.scaling / (static_cast<float>(a.m) * static_cast<float>(a.n));
+  const float gs = grad_scale(a, grad);
   int64_t t0, t1;
   segment_tiles((a.n + BN - 1) / BN, gridDim.z, blockIdx.z, t0, t1);
   out += static_cast<int64_t>(blockIdx.z) * a.m * a.r;
@@ -250,8 +255,7 @@ __global__ void __launch_bounds__(NT) dA_kernel(SkSignLossArgs a, const float* g
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * BN;
   const int64_t k0 = static_cast<int64_t>(blockIdx.y) * RC, rc = chunk_width(a.r, k0);
   const int rcn = static_cast<int>(rc);  // <= RC: int arithmetic in the contraction
-  const float g0 = grad != nullptr ? grad[0] : 1.f;
-  const float gs = g0 * a.scaling / (static_cast<float>(a.m) * static_cast<float>(a.n));
+  const float gs = grad_scale(a, grad);
   int64_t t0, t1;
   segment_tiles((a.m + BM - 1) / BM, gridDim.z, blockIdx.z, t0, t1);
   out += static_cast<int64_t>(blockIdx.z) * a.r * a.n;

@@ -320,9 +320,9 @@ def sign_loss_fwd_triton(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms, *,
     return (partial.double().sum() / (m * n)).to(out_dtype)
 
 
-def _gradients(A_, B_, H1, H2, R, g, partial, kind, mode, scaling, alpha_l, inv_rms, segments):
-    """dA, dB (float32) from the dB kernel (which also reduces the loss into ``partial`` when given) and the dA
-    kernel, each split into its own S segments (``_loss_partials`` sizes ``partial`` to match); with S > 1 the
+def _gradients(A_, B_, H1, H2, R, g, kind, mode, scaling, alpha_l, inv_rms, segments, loss=False):
+    """dA, dB (float32) from the dB kernel and the dA kernel, each split into its own S segments, and with
+    ``loss`` the dB kernel's loss partials too (one per (row block, segment); else None). With S > 1 the
     segments' slices of a workspace are added by ``.sum(0)``, a fixed-order reduction (no atomics:
     deterministic)."""
     m, r = B_.shape
@@ -334,27 +334,20 @@ def _gradients(A_, B_, H1, H2, R, g, partial, kind, mode, scaling, alpha_l, inv_
     s_dA = _segments(cols_a, triton.cdiv(m, BM_a), sms, segments)
     dB = torch.empty((s_dB, m, r) if s_dB > 1 else (m, r), dtype=torch.float32, device=A_.device)
     dA = torch.empty((s_dA, r, n) if s_dA > 1 else (r, n), dtype=torch.float32, device=A_.device)
+    partial = torch.empty(rows_b * s_dB, dtype=torch.float32, device=A_.device) if loss else None
     common = dict(KIND=kind, MODE=mode, RP=_pad(r), RHP=_rank_chunk(R), PREC="ieee", num_warps=_WARPS)
     args = (m, n, r, R, H1.stride(0), float(scaling), float(alpha_l), float(inv_rms), 1.0 / (m * n))
-    loss = partial is not None
     _dB_kernel[(rows_b, s_dB)](A_, B_, H1, H2, g, dB, partial if loss else dB, *args, s_dB, LOSS=loss, BM=BM_b,
                                BN=BN_b, **common)
     _dA_kernel[(cols_a, s_dA)](A_, B_, H1, H2, g, dA, *args, s_dA, BM=BM_a, BN=BN_a, **common)
-    return (dA.sum(0) if s_dA > 1 else dA), (dB.sum(0) if s_dB > 1 else dB)
-
-
-def _loss_partials(m: int, n: int, r: int, device, segments) -> torch.Tensor:
-    """The training path's loss partials: one per (row block, segment) of the dB kernel."""
-    BM, BN = _tiles("dB", r)
-    S = _segments(triton.cdiv(m, BM), triton.cdiv(n, BN), _sm_count(device), segments)
-    return torch.empty(triton.cdiv(m, BM) * S, dtype=torch.float32, device=device)
+    return (dA.sum(0) if s_dA > 1 else dA), (dB.sum(0) if s_dB > 1 else dB), partial
 
 
 def sign_loss_bwd_triton(grad, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms, *, segments=None):
     _check_segments(segments)
     A_, B_, H1, H2, R = _prep(A, B, H1, H2, kind)
     g = grad.float().reshape(1).contiguous()
-    dA, dB = _gradients(A_, B_, H1, H2, R, g, None, kind, mode, scaling, alpha_l, inv_rms, segments)
+    dA, dB, _ = _gradients(A_, B_, H1, H2, R, g, kind, mode, scaling, alpha_l, inv_rms, segments)
     return dA.to(A.dtype), dB.to(B.dtype)
 
 
@@ -364,10 +357,8 @@ def sign_loss_fwd_bwd_triton(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms
     out_dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
     _check_segments(segments)
     A_, B_, H1, H2, R = _prep(A, B, H1, H2, kind)
-    m, r = B_.shape
-    n = A_.shape[1]
+    m, n = B_.shape[0], A_.shape[1]
     g = torch.ones(1, dtype=torch.float32, device=A.device)
-    partial = _loss_partials(m, n, r, A.device, segments)
-    dA, dB = _gradients(A_, B_, H1, H2, R, g, partial, kind, mode, scaling, alpha_l, inv_rms, segments)
+    dA, dB, partial = _gradients(A_, B_, H1, H2, R, g, kind, mode, scaling, alpha_l, inv_rms, segments, loss=True)
     loss = (partial.double().sum() / (m * n)).to(out_dtype)
     return loss, dA.to(A.dtype), dB.to(B.dtype)
