@@ -3,8 +3,9 @@
 // wide and float→double conversions 2 wide, while ATen's own kernels dispatch to AVX2 at run time; a wheel
 // cannot assume AVX2, so the kernels carry both copies. Not "fma": contracting a·b + c would round differently
 // from the other backends and from the emulated CUDA kernels the tests compare bit for bit.
-// Put it on a non-inline function whose loop vectorizes (check the .avx2 copy for ymm registers with objdump:
-// an AVX2 copy of the sign-loss row loops came out scalar and slower, so they have none).
+// Put it on a non-inline function whose loop vectorizes, and mark what that loop calls always_inline: a helper
+// left to the inliner stays an out-of-line default-target call, and the clone comes out scalar (the first AVX2
+// copy of the sign-loss row loops did, and ran slower). Check the .avx2 copy for ymm registers with objdump.
 #pragma once
 
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "common/sign_loss_checks.h"
+#include "cpu/cpu_clones.h"
 
 namespace {
 
@@ -48,7 +49,7 @@ struct Operands {
 // tanh in float32 from arithmetic only (std::tanh is a scalar libm call): an odd Taylor polynomial below
 // |x| = 1/8 (error < 1e-10), else (1 − e)/(1 + e) with e = exp(−2|x|) by range reduction and a degree-7
 // polynomial (about 1 ulp). float64 keeps std::tanh, the float64 tests' reference precision.
-inline float tanh_k(float x) {
+__attribute__((always_inline)) inline float tanh_k(float x) {
   const float ax = std::fabs(x);
   const float x2 = x * x;
   const float small = x * (1.f + x2 * (-1.f / 3.f + x2 * (2.f / 15.f + x2 * (-17.f / 315.f))));
@@ -73,36 +74,81 @@ inline T sgn(T x) {
   return x > T(0) ? T(1) : (x < T(0) ? T(-1) : T(0));
 }
 
-// f[j] = L_dir summand at ΔW = s·d[j], H = h[j] (h is ±1 in bit form: tanh(α_ℓ H) becomes sign(H)).
+// Σ f[j] as kLanes interleaved partial sums added in lane order: the loop vectorizes without reassociating
+// (GCC keeps a plain float sum scalar), and the value is the same in every clone below.
+constexpr int64_t kLanes = 8;
 template <typename T>
-void row_summand(const T* d, const T* h, T* f, int64_t len, T s, T al, T inv_rms, int mode, bool bits) {
-  if (mode == 0 && bits) {
-    for (int64_t j = 0; j < len; ++j) f[j] = T(1) - tanh_k(al * s * d[j]) * h[j];
-  } else if (mode == 0) {
-    for (int64_t j = 0; j < len; ++j) f[j] = T(1) - tanh_k(al * s * d[j]) * tanh_k(al * h[j]);
-  } else {
-    for (int64_t j = 0; j < len; ++j) {
-      const T v = -sgn(h[j]) * s * d[j];
-      f[j] = v > T(0) ? v * inv_rms : T(0);
-    }
-  }
+__attribute__((always_inline)) inline T lane_sum(const T* f, int64_t len) {
+  T lane[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= len; j += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lane[l] += f[j + l];
+  T tail = T(0);
+  for (; j < len; ++j) tail += f[j];
+  T sum = T(0);
+  for (int64_t l = 0; l < kLanes; ++l) sum += lane[l];
+  return sum + tail;
 }
 
-// g[j] ← gscale · ∂f/∂ΔW at ΔW = s·g[j] (in place over the ΔW tile).
-template <typename T>
-void row_derivative(T* g, const T* h, int64_t len, T s, T al, T inv_rms, int mode, bool bits, T gscale) {
-  if (mode == 0) {
+// The elementwise work of one tile row, in one pass: the loss summands f[j] at ΔW = s·d[j], H = h[j] (h is ±1
+// in bit form: tanh(α_ℓ H) becomes sign(H)) into f, and with kGrad g[j] ← gscale·∂f/∂ΔW over d in place. The
+// training path used to run a summand pass and a derivative pass, evaluating both tanh twice per entry; it is
+// now one pass with one pair. Returns the row's sum of f (see lane_sum).
+// d, h and f never overlap (f is a row buffer of its own: were it d, GCC's runtime overlap check would send the
+// forward to the scalar copy of the loop).
+template <typename T, bool kGrad>
+__attribute__((always_inline)) inline T row_pass(T* __restrict d, const T* __restrict h, T* __restrict f,
+                                                 int64_t len, T s, T al, T inv_rms, int mode, bool bits, T gscale) {
+  if (mode == 0 && bits) {
     for (int64_t j = 0; j < len; ++j) {
-      const T t = bits ? h[j] : tanh_k(al * h[j]);
-      const T td = tanh_k(al * s * g[j]);
-      g[j] = gscale * (-al * (T(1) - td * td) * t);
+      const T t = h[j], td = tanh_k(al * s * d[j]);
+      f[j] = T(1) - td * t;
+      if (kGrad) d[j] = gscale * (-al * (T(1) - td * td) * t);
+    }
+  } else if (mode == 0) {
+    for (int64_t j = 0; j < len; ++j) {
+      const T t = tanh_k(al * h[j]), td = tanh_k(al * s * d[j]);
+      f[j] = T(1) - td * t;
+      if (kGrad) d[j] = gscale * (-al * (T(1) - td * td) * t);
     }
   } else {
     for (int64_t j = 0; j < len; ++j) {
-      const T sh = sgn(h[j]);
-      g[j] = (-sh * s * g[j] > T(0)) ? -sh * inv_rms * gscale : T(0);
+      const T sh = sgn(h[j]), v = -sh * s * d[j];
+      f[j] = v > T(0) ? v * inv_rms : T(0);
+      if (kGrad) d[j] = v > T(0) ? -sh * inv_rms * gscale : T(0);
     }
   }
+  return lane_sum(f, len);
+}
+
+// The float32 row passes carry an AVX2 copy (cpu_clones.h): the tanh_k arithmetic is most of the kernel's time
+// at small ranks once the tile products go to BLAS, and the baseline build runs it 4 wide. No fma in either
+// copy, so both give the same bits. tanh_k and row_pass must be always_inline: a default-target copy called
+// from the AVX2 clone stays out of line and scalar (an earlier AVX2 attempt ran 2–5× slower for that reason).
+// float64 keeps std::tanh (scalar libm), the float64 tests' reference precision.
+SK_CPU_CLONES float row_loss_f32(float* d, const float* __restrict h, float* f, int64_t len, float s, float al,
+                                 float inv_rms, int mode, bool bits) {
+  return row_pass<float, false>(d, h, f, len, s, al, inv_rms, mode, bits, 0.f);
+}
+SK_CPU_CLONES float row_loss_grad_f32(float* d, const float* __restrict h, float* f, int64_t len, float s, float al,
+                                      float inv_rms, int mode, bool bits, float gscale) {
+  return row_pass<float, true>(d, h, f, len, s, al, inv_rms, mode, bits, gscale);
+}
+inline float row_loss(float* d, const float* h, float* f, int64_t len, float s, float al, float inv_rms, int mode,
+                      bool bits) {
+  return row_loss_f32(d, h, f, len, s, al, inv_rms, mode, bits);
+}
+inline float row_loss_grad(float* d, const float* h, float* f, int64_t len, float s, float al, float inv_rms,
+                           int mode, bool bits, float gscale) {
+  return row_loss_grad_f32(d, h, f, len, s, al, inv_rms, mode, bits, gscale);
+}
+inline double row_loss(double* d, const double* h, double* f, int64_t len, double s, double al, double inv_rms,
+                       int mode, bool bits) {
+  return row_pass<double, false>(d, h, f, len, s, al, inv_rms, mode, bits, 0.0);
+}
+inline double row_loss_grad(double* d, const double* h, double* f, int64_t len, double s, double al,
+                            double inv_rms, int mode, bool bits, double gscale) {
+  return row_pass<double, true>(d, h, f, len, s, al, inv_rms, mode, bits, gscale);
 }
 
 template <typename T>
@@ -177,6 +223,7 @@ double forward_impl(const Operands<T>& p, const at::Tensor& A, const at::Tensor&
     at::NoGradGuard no_grad;
     at::Tensor dbuf = at::empty({BM * BN}, A.options());
     at::Tensor hbuf = at::empty({BM * BN}, A.options());
+    std::vector<T> frow(BN);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t i0 = b * BM, bi = std::min(BM, p.m - i0);
       double acc = 0.0;
@@ -187,13 +234,9 @@ double forward_impl(const Operands<T>& p, const at::Tensor& A, const at::Tensor&
         int64_t ld;
         const T* h = h_tile(p, H1, H2, i0, bi, j0, bj, hbuf, ld);
         T* dp = d.data_ptr<T>();
-        for (int64_t ii = 0; ii < bi; ++ii) {
-          T* dr = dp + ii * bj;
-          row_summand(dr, h + ii * ld, dr, bj, p.s, p.alpha_l, p.inv_rms, p.mode, p.kind == 2);
-          T rowacc = T(0);
-          for (int64_t jj = 0; jj < bj; ++jj) rowacc += dr[jj];
-          acc += static_cast<double>(rowacc);
-        }
+        for (int64_t ii = 0; ii < bi; ++ii)
+          acc += static_cast<double>(
+              row_loss(dp + ii * bj, h + ii * ld, frow.data(), bj, p.s, p.alpha_l, p.inv_rms, p.mode, p.kind == 2));
       }
       partial[b] = acc;
     }
@@ -221,7 +264,7 @@ void backward_impl(const Operands<T>& p, const at::Tensor& A, const at::Tensor& 
     at::Tensor& acc = dA_local[tid];
     at::Tensor dbuf = at::empty({BM * BN}, A.options());
     at::Tensor hbuf = at::empty({BM * BN}, A.options());
-    std::vector<T> frow(partial ? BN : 0);
+    std::vector<T> frow(BN);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t i0 = b * BM, bi = std::min(BM, p.m - i0);
       double lacc = 0.0;
@@ -236,16 +279,11 @@ void backward_impl(const Operands<T>& p, const at::Tensor& A, const at::Tensor& 
         int64_t ld;
         const T* h = h_tile(p, H1, H2, i0, bi, j0, bj, hbuf, ld);
         T* gp = g.data_ptr<T>();
-        for (int64_t ii = 0; ii < bi; ++ii) {
-          if (partial) {
-            row_summand(gp + ii * bj, h + ii * ld, frow.data(), bj, p.s, p.alpha_l, p.inv_rms, p.mode, p.kind == 2);
-            T rowacc = T(0);
-            for (int64_t jj = 0; jj < bj; ++jj) rowacc += frow[jj];
-            lacc += static_cast<double>(rowacc);
-          }
-          // G overwrites the ΔW tile in place
-          row_derivative(gp + ii * bj, h + ii * ld, bj, p.s, p.alpha_l, p.inv_rms, p.mode, p.kind == 2, gscale);
-        }
+        // G overwrites the ΔW tile in place; the loss summands (used on the training path) come from the same
+        // pass, so the gradient-only backward pays for them too: they are a few adds beside the two tanh.
+        for (int64_t ii = 0; ii < bi; ++ii)
+          lacc += static_cast<double>(row_loss_grad(gp + ii * bj, h + ii * ld, frow.data(), bj, p.s, p.alpha_l,
+                                                    p.inv_rms, p.mode, p.kind == 2, gscale));
         dB_rows.addmm_(g, A_cols.t());
         acc.narrow(1, j0, bj).addmm_(B_rows.t(), g);
       }
