@@ -53,16 +53,18 @@ def _cxx():
     return shutil.which("g++") or shutil.which("c++")
 
 
-def _flags():
-    return ["-std=c++20", "-O2", "-pthread", "-fPIC", f"-I{EMU / 'fake'}", f"-I{ROOT / 'csrc'}"]
+def _flags(defines=()):
+    return ["-std=c++20", "-O2", "-pthread", "-fPIC", f"-I{EMU / 'fake'}", f"-I{ROOT / 'csrc'}",
+            *(f"-D{d}" for d in defines)]
 
 
-def _compile_all(cxx, jobs, workdir):
-    """jobs: [(source_path, object_path)]; raises with the compiler's output on the first failure."""
+def _compile_all(cxx, jobs, workdir, defines=()):
+    """jobs: [(source_path, object_path)]; raises with the compiler's output on the first failure. defines: macro
+    names defined for every job."""
     def one(job):
         src, obj = job
-        return subprocess.run([cxx, *_flags(), "-c", str(src), "-o", str(obj)], capture_output=True, text=True,
-                              cwd=workdir)
+        return subprocess.run([cxx, *_flags(defines), "-c", str(src), "-o", str(obj)], capture_output=True,
+                              text=True, cwd=workdir)
 
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
         for (src, _), res in zip(jobs, pool.map(one, jobs)):
@@ -191,10 +193,10 @@ def _plan(lib, m, n, r, sm_count=H100_SMS, segments=0):
     return dict(zip(PLAN_FIELDS, out.tolist()))
 
 
-def _run_sign_loss(lib, which, A, B, H1, H2, form, mode, s, al, ir, grad=2.5, segments=0, plan=None):
+def _run_sign_loss(lib, which, A, B, H1, H2, form, mode, s, al, ir, grad=2.5, segments=0, plan=None, raw=False):
     """(loss, dA, dB) of the emulated kernels under sk_sign_loss_plan's plan for an H100 (segments > 0 forces S);
     outputs and workspace start as NaN so an entry never written shows, and the workspace carries a NaN guard
-    past its end that must stay untouched."""
+    past its end that must stay untouched. raw: the float32 partials instead of the loss."""
     from slice_kernels.ops.sign_loss import KIND
 
     m, r = B.shape
@@ -211,7 +213,7 @@ def _run_sign_loss(lib, which, A, B, H1, H2, form, mode, s, al, ir, grad=2.5, se
                            KIND[form], mode, s, al, ir, _p(pl), _p(g), _p(part), _p(dA), _p(dB), _p(ws))
     assert rc == 0, f"sign-loss launch {which} returned cudaError {rc}"
     assert ws[plan["workspace"]:].isnan().all(), "the launcher wrote past the workspace sk_sign_loss_plan sized"
-    return part.double().sum() / (m * n), dA, dB
+    return (part if raw else part.double().sum() / (m * n)), dA, dB
 
 
 def _sign_loss_operands(m, n, r, form):
@@ -562,15 +564,15 @@ def test_emulator_aborts_on_a_deadlocked_block(build):
     assert res.returncode != 0 and "block (0, 0, 0) did not finish" in res.stderr, (res.returncode, res.stderr)
 
 
-def _lib_with_sources(build, texts, tag):
-    """The kernels again with the csrc/cuda files named in `texts` ({file: source text}) replaced, the untouched
-    objects reused."""
+def _lib_with_sources(build, texts, tag, defines=()):
+    """The kernels again with the csrc/cuda files named in `texts` ({file: source text}) replaced (compiled with the
+    macros `defines`), the untouched objects reused."""
     rw, work, cxx = build["rw"], build["work"], build["cxx"]
     jobs = []
     for name, text in texts.items():
         path = ROOT / "csrc" / "cuda" / name
         jobs.append((_rewrite_to(rw, path, work / f"{tag}_{path.stem}.emu.cpp", text), work / f"{tag}_{path.stem}.o"))
-    _compile_all(cxx, jobs, work)
+    _compile_all(cxx, jobs, work, defines)
     replaced = {f"{Path(n).stem}.o" for n in texts}
     objects = [o for o in build["objects"] if o.name not in replaced] + [obj for _, obj in jobs]
     lib = _link(cxx, objects, work / f"libsk_cuda_emu_{tag}.so", work)
@@ -656,3 +658,70 @@ def test_tile_product_skips_padding_bit_for_bit(build, emu):
             got = _run_sign_loss(emu, which, *ops, segments=2)
             want = _run_sign_loss(full, which, *ops, segments=2)
             assert all(torch.equal(got[i], want[i]) for i in outputs), (r, mode, which)
+
+
+# ---------------------------------------------------------------- float4 shared loads keep every bit
+@pytest.fixture(scope="module")
+def scalar_order(build):
+    """sign_loss.cu and magnitude_merge.cu built with SK_TILES_SCALAR_ORDER: the scalar rank loops (one shared load
+    per operand per rank step, the order of the kernels before the float4 loads) over the same shared layout."""
+    names = ("sign_loss.cu", "magnitude_merge.cu")
+    return _lib_with_sources(build, {n: (ROOT / "csrc" / "cuda" / n).read_text() for n in names}, "scalar_order",
+                             defines=["SK_TILES_SCALAR_ORDER"])
+
+
+def _same_bits(x, y):
+    """Equal bit patterns: unlike torch.equal, -0 differs from +0 (and a NaN equals the same NaN)."""
+    as_int = {4: torch.int32, 2: torch.int16}[x.element_size()]
+    x, y = x.contiguous(), y.contiguous()
+    return x.shape == y.shape and x.dtype == y.dtype and torch.equal(x.view(as_int), y.view(as_int))
+
+
+# Ranks that are not multiples of 4 (the last float4 step of a chunk adds only 1 to 3 products) and 257 (a ragged
+# second rank chunk along gridDim.y, 1 rank in its last float4); m, n ragged, m ≠ n; a history rank R of 5 or 3
+# does the same in the H product.
+VECTOR_CASES = [(1, 5, 0, 1), (3, 3, 1, 2), (5, 5, 1, 0), (37, 3, 0, 2), (257, 5, 1, 2)]
+
+
+@pytest.mark.parametrize("r,R,mode,segments", VECTOR_CASES)
+def test_float4_loads_keep_the_scalar_order_bit_for_bit(emu, scalar_order, r, R, mode, segments):
+    """The tile products and the dB/dA contractions read shared memory as float4 along the rank (the summed
+    index), where they read one float per rank step: each entry's sum still runs in ascending order with one
+    multiply-add per step and a rank that is not a multiple of 4 adds only its own products, so the forward
+    partials, dA and dB of every launcher are bit for bit those of the scalar loops (factor histories: both tile
+    products; S = 2 also runs the workspace reduction). The emulator compiles without FMA contraction, so it
+    cannot show an FFMA rounding to -0 (the reason the tail is not padded with zeros: sign_loss_tiles.cuh)."""
+    m, n = 45, 70
+    g = torch.Generator().manual_seed(100 + r)
+    A = torch.randn(r, n, generator=g) / (n * r) ** 0.5
+    B = torch.randn(m, r, generator=g)
+    H1, H2 = torch.randn(m, R, generator=g), torch.randn(R, n, generator=g) / n ** 0.5
+    rms = float((H1.double() @ H2.double()).square().mean().sqrt())
+    ops = (A, B, H1, H2, "factors", mode, 0.7, 1.3 / rms, 1.0 / rms)
+    for which in (0, 1, 2):
+        got = _run_sign_loss(emu, which, *ops, segments=segments, raw=True)
+        want = _run_sign_loss(scalar_order, which, *ops, segments=segments, raw=True)
+        outputs = {0: (0,), 1: (1, 2), 2: (0, 1, 2)}[which]  # fwd: partials; bwd: dA, dB; fwd_bwd: all three
+        for i in outputs:
+            assert _same_bits(got[i], want[i]), (r, R, mode, which, ("partials", "dA", "dB")[i])
+            assert not got[i].isnan().any()
+
+
+def test_float4_loads_keep_the_merge_bit_for_bit(emu, scalar_order):
+    """The merge's tile product with float4 loads against the scalar loop, on random (inexact) float32 updates
+    of widths 1, 3, 5, 37, 2 (each task's rank is a chunk of its own, mostly not a multiple of 4) at a ragged
+    43 × 70 tile grid: bit for bit, in every output dtype."""
+    m, n, widths = 43, 70, [1, 3, 5, 37, 2]
+    g = torch.Generator().manual_seed(11)
+    Bc = torch.randn(m, sum(widths), generator=g)
+    Ac = torch.randn(sum(widths), n, generator=g)
+    off = torch.tensor([0] + torch.tensor(widths).cumsum(0).tolist(), dtype=torch.int64)
+    sc = torch.tensor([0.7, -1.3, 0.25, 1.0, -2.0], dtype=torch.float32)
+    for dtype, code in ((torch.float32, 0), (torch.bfloat16, 1), (torch.float16, 2)):
+        outs = []
+        for lib in (emu, scalar_order):
+            out = torch.full((m, n), float("nan"), dtype=dtype)
+            assert lib.emu_magnitude_merge(_p(Bc), _p(Ac), _p(off), _p(sc), m, n, Bc.shape[1], n, len(widths), 0,
+                                           _p(out), code) == 0
+            outs.append(out)
+        assert not outs[0].isnan().any() and _same_bits(*outs), dtype

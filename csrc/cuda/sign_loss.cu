@@ -22,6 +22,13 @@
 // and each thread keeps four fixed accumulator entries, so the staging is the only extra barrier; the ranks of a
 // warp are uniform, so a rank below 32 (r = 16) skips the padded half instead of computing masked entries.
 // With S = 1 the outputs are bit for bit those of the unsplit kernels in the emulator (same summation orders).
+// Shared loads (why): the scalar loops issued 1.25 shared loads per FFMA, where an H100 SM issues about 4
+// warp-FFMAs per warp-LDS, so every product now reads its summed index as float4 (sign_loss_tiles.cuh):
+// tile_product and the dB/dA contractions take one LDS.128 per operand row per four steps, 3.2 FFMAs per shared
+// load instead of 0.8. For that each contraction's summed index runs along shared rows of KP = 36 floats: dB
+// reads the staged A[k][j] and G[i][j]; dA stages B transposed (B[i][k] as [k][i]) and g_tile writes G
+// transposed. The order of every sum is unchanged, so the outputs are bit for bit
+// those of the scalar loops (tests/test_cuda_emulated.py builds both and compares the bits).
 #include "cuda/sign_loss.cuh"
 #include "cuda/sign_loss_tiles.cuh"
 
@@ -115,8 +122,12 @@ __global__ void __launch_bounds__(NT) fwd_kernel(SkSignLossArgs a, float* partia
   if (threadIdx.x == 0) partial[static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y] = static_cast<float>(red[0]);
 }
 
-// G tile (times gs) into sm.G; zero outside the matrix. With want_loss, also adds this thread's loss summands to
-// loss (inlined, so the accumulator stays in a register instead of a stack slot).
+// G tile (times gs) into sm.G, zero outside the matrix: G[row][col] for dB, transposed G[col][row] for dA (each
+// contraction reads its summation index along a shared row, see contract). With want_loss, also adds this
+// thread's loss summands to loss (inlined, so the accumulator stays in a register instead of a stack slot).
+// The transposed store (lane tx writes G[tx][ty + 8q], banks 4·tx + const) is a 4-way bank conflict, 4 stores
+// per thread per tile.
+template <bool kTransposed>
 __device__ __forceinline__ void g_tile(const SkSignLossArgs& a, int64_t i0, int64_t j0, float gs, Smem& sm,
                                        bool want_loss, double& loss) {
   const int tx = threadIdx.x % BN, ty = threadIdx.x / BN;
@@ -125,60 +136,74 @@ __device__ __forceinline__ void g_tile(const SkSignLossArgs& a, int64_t i0, int6
   form_tiles(a, i0, j0, d, h, valid, sm);
 #pragma unroll
   for (int q = 0; q < RPT; ++q) {
+    float g;
     if (want_loss) {
-      float f, g;
+      float f;
       summand_and_derivative(a, d[q], h[q], f, g);
       if (valid[q]) loss += f;
-      sm.G[ty + 8 * q][tx] = valid[q] ? gs * g : 0.f;
     } else {
-      sm.G[ty + 8 * q][tx] = valid[q] ? gs * derivative(a, d[q], h[q]) : 0.f;
+      g = derivative(a, d[q], h[q]);
     }
+    float& slot = kTransposed ? sm.G[tx][ty + 8 * q] : sm.G[ty + 8 * q][tx];
+    slot = valid[q] ? gs * g : 0.f;
   }
   __syncthreads();
 }
 
 // The rank is split into chunks of RC: a block accumulates only its chunk of dB columns (dA rows) in shared
-// memory, and blockIdx.y picks the chunk. BM·RC floats (32 KiB) beside the static tiles (14.4 KiB) stay under the
-// 48 KiB a block gets without an opt-in, so any rank launches; a rank above RC re-forms the G tiles once per chunk.
+// memory, and blockIdx.y picks the chunk. BM·RC floats (32 KiB) beside the static tiles (13.5 KiB with the
+// float4 rows of 36 floats; dB adds 2 KiB of loss reduction: 47.5 KiB, dA 45.5 KiB) stay under the 48 KiB a block
+// gets without an opt-in, so any rank launches; a rank above RC re-forms the G tiles once per chunk.
 // The staged A (B) sub-chunk reuses sm.L, free once g_tile has formed G, so staging costs no shared memory.
 constexpr int RC = 256;
 static_assert(sizeof(float) * BM * RC + sizeof(Smem) + sizeof(double) * NT <= 48 * 1024, "dB_kernel shared memory");
 static_assert(sizeof(float) * RC * BN + sizeof(Smem) <= 48 * 1024, "dA_kernel shared memory");
-static_assert(KC <= BM && BN <= KC + 1 && RC % KC == 0, "staging in sm.L: KC×BN (dB), BM×KC (dA)");
-static_assert(NT == BN * 8 && RPT * 8 == BM && KC == BN && BM == 32 && BN == 32,
-              "contract: a 32-wide sub-chunk, ranks ty + 8q, rows (columns) tx");
+static_assert(KC <= BM && BN <= KP && BM <= KP && RC % KC == 0,
+              "staging in sm.L: A as KC rows of BN (dB), B transposed as KC rows of BM (dA)");
+static_assert(NT == BN * 8 && RPT * 8 == BM && KC == BN && BM == 32 && BN == 32 && BN % 4 == 0 && BM % 4 == 0,
+              "contract: a 32-wide sub-chunk in float4 steps, ranks ty + 8q, rows (columns) tx");
 
 __device__ __forceinline__ int64_t chunk_width(int64_t r, int64_t k0) { return r - k0 < RC ? r - k0 : RC; }
 
 // One staged sub-chunk of the gradient contractions. Thread (tx, ty) owns the accumulator entries of ranks
-// kb + ty + 8q (q < NQ) and row (dB) / column (dA) tx: acc[(kb + ty + 8q)·32 + tx] += Σ_l X[l][ty + 8q]·Y[l][tx]
-// over l < 32, l ascending; X, Y are rows of shared arrays with strides ldx, ldy. The rank is warp-uniform, so a
-// warp whose ranks run past the chunk (r = 16: q = 2, 3) skips that work instead of computing masked entries.
+// kb + ty + 8q (q < NQ) and row (dB) / column (dA) tx: acc[(kb + ty + 8q)·32 + tx] += Σ_l X[ty + 8q][l]·Y[tx][l]
+// over l < 32, l ascending, from a partial sum started at +0 (the order of the scalar kernels). X (the staged A,
+// or B transposed) and Y (G, or G transposed) both run along l in rows of KP floats, so four steps of l take one
+// broadcast LDS.128 of X per rank and one conflict-free LDS.128 of Y (see sign_loss_tiles.cuh): NQ + 1 loads for
+// 4·NQ FFMAs, where the scalar loop took NQ + 1 loads for NQ. The rank is warp-uniform, so a warp whose ranks run
+// past the chunk (r = 16: q = 2, 3) skips that work instead of computing masked entries.
 template <int NQ>
-__device__ __forceinline__ void contract(const float* X, int ldx, int xstep, const float* Y, int ldy, int ystep,
-                                         float* acc, int kb, int tx, int ty) {
+__device__ __forceinline__ void contract(const float* X, const float* Y, float* acc, int kb, int tx, int ty) {
   float s[NQ];
 #pragma unroll
   for (int q = 0; q < NQ; ++q) s[q] = 0.f;
-#pragma unroll 8
+#ifdef SK_TILES_SCALAR_ORDER
   for (int l = 0; l < 32; ++l) {
-    const float y = Y[tx * ldy + l * ystep];
+    const float y = Y[tx * KP + l];
 #pragma unroll
-    for (int q = 0; q < NQ; ++q) s[q] += X[(ty + 8 * q) * ldx + l * xstep] * y;
+    for (int q = 0; q < NQ; ++q) s[q] += X[(ty + 8 * q) * KP + l] * y;
   }
+#else
+#pragma unroll 1
+  for (int l = 0; l < 32; l += 4) {
+    const float4 y = lds4(Y + tx * KP + l);
+#pragma unroll
+    for (int q = 0; q < NQ; ++q) s[q] = dot4(s[q], lds4(X + (ty + 8 * q) * KP + l), y);
+  }
+#endif
 #pragma unroll
   for (int q = 0; q < NQ; ++q) acc[(kb + ty + 8 * q) * 32 + tx] += s[q];
 }
 
 // contract<NQ> for the number of this warp's ranks below nk (the ranks left in the chunk)
-__device__ __forceinline__ void contract_any(const float* X, int ldx, int xstep, const float* Y, int ldy, int ystep,
-                                             float* acc, int kb, int nk, int tx, int ty) {
+__device__ __forceinline__ void contract_any(const float* X, const float* Y, float* acc, int kb, int nk, int tx,
+                                             int ty) {
   const int left = nk - ty, nq = left <= 0 ? 0 : ((left + 7) / 8 < RPT ? (left + 7) / 8 : RPT);
   switch (nq) {
-    case 4: contract<4>(X, ldx, xstep, Y, ldy, ystep, acc, kb, tx, ty); break;
-    case 3: contract<3>(X, ldx, xstep, Y, ldy, ystep, acc, kb, tx, ty); break;
-    case 2: contract<2>(X, ldx, xstep, Y, ldy, ystep, acc, kb, tx, ty); break;
-    case 1: contract<1>(X, ldx, xstep, Y, ldy, ystep, acc, kb, tx, ty); break;
+    case 4: contract<4>(X, Y, acc, kb, tx, ty); break;
+    case 3: contract<3>(X, Y, acc, kb, tx, ty); break;
+    case 2: contract<2>(X, Y, acc, kb, tx, ty); break;
+    case 1: contract<1>(X, Y, acc, kb, tx, ty); break;
     default: break;
   }
 }
@@ -193,9 +218,9 @@ __device__ __forceinline__ float grad_scale(const SkSignLossArgs& a, const float
 // 32 rows of one rank are consecutive: no bank conflicts at any r). grad == nullptr means an upstream gradient
 // of 1. out: dB (one segment) or the workspace, segment z writing out + z·m·r. kLoss (the one-pass training
 // path): the chunk-0 blocks also reduce their loss sum into partial[row block · segments + segment].
-// __launch_bounds__(NT, 3): left to itself ptxas (CUDA 13, sm_90) holds this kernel at 48 (gradient only) or 64
-// (with the loss) registers and spills 64 / 4 bytes; 80 registers (3 blocks per SM, as before the split) spill
-// nothing.
+// __launch_bounds__(NT, 3): left to itself ptxas (CUDA 13, sm_90) holds the gradient-only kernel at 64 registers
+// and spills 8 bytes (the loss variant takes 80); 80 registers (3 blocks per SM, as before the split) spill
+// nothing in either, and 64 (4 blocks) spill 16 / 32 bytes.
 template <bool kLoss>
 __global__ void __launch_bounds__(NT, 3) dB_kernel(SkSignLossArgs a, const float* grad, float* out, float* partial) {
   __shared__ Smem sm;
@@ -214,7 +239,7 @@ __global__ void __launch_bounds__(NT, 3) dB_kernel(SkSignLossArgs a, const float
   for (int64_t e = threadIdx.x; e < BM * rc; e += NT) accB[e] = 0.f;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t j0 = t * BN;
-    g_tile(a, i0, j0, gs, sm, want_loss, lacc);
+    g_tile<false>(a, i0, j0, gs, sm, want_loss, lacc);
     for (int kb = 0; kb < rcn; kb += KC) {
       // A[k0+kb+kk][j0+jj] into sm.L[kk][jj]: a warp reads 32 consecutive floats of one row of A
       const float* Ab = a.A + (k0 + kb) * a.n + j0;
@@ -226,7 +251,7 @@ __global__ void __launch_bounds__(NT, 3) dB_kernel(SkSignLossArgs a, const float
       __syncthreads();
       // entry (rank kb + ty + 8q, row tx) += Σ_jj A[k][jj]·G[tx][jj]: the jj order of a plain row·row dot (the
       // old kernel's), zeros past n add nothing
-      contract_any(&sm.L[0][0], KC + 1, 1, &sm.G[0][0], BN + 1, 1, accB, kb, nk, tx, ty);
+      contract_any(&sm.L[0][0], &sm.G[0][0], accB, kb, nk, tx, ty);
       __syncthreads();
     }
   }
@@ -263,19 +288,20 @@ __global__ void __launch_bounds__(NT) dA_kernel(SkSignLossArgs a, const float* g
   for (int64_t e = threadIdx.x; e < rc * BN; e += NT) accA[e] = 0.f;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t i0 = t * BM;
-    g_tile(a, i0, j0, gs, sm, false, unused);
+    g_tile<true>(a, i0, j0, gs, sm, false, unused);  // sm.G[col][row]
     for (int kb = 0; kb < rcn; kb += KC) {
-      // B[i0+ii][k0+kb+kk] into sm.L[ii][kk]: a warp reads 32 consecutive floats of one row of B
+      // B[i0+ii][k0+kb+kk] into sm.L[kk][ii] (transposed): a warp reads 32 consecutive floats of one row of B;
+      // lane kk's store to row kk is the 4-way bank conflict of a transposed staging (sign_loss_tiles.cuh)
       const float* Bb = a.B + i0 * a.r + k0 + kb;
       const int nrow = a.m - i0 < BM ? static_cast<int>(a.m - i0) : BM, nk = rcn - kb;
       for (int e = threadIdx.x; e < BM * KC; e += NT) {
         const int ii = e / KC, kk = e % KC;
-        sm.L[ii][kk] = (ii < nrow && kk < nk) ? Bb[ii * a.r + kk] : 0.f;
+        sm.L[kk][ii] = (ii < nrow && kk < nk) ? Bb[ii * a.r + kk] : 0.f;
       }
       __syncthreads();
       // entry (rank kb + ty + 8q, column tx) += Σ_ii B[ii][k]·G[ii][tx]: the ii order of the old kernel, zeros
       // past m add nothing
-      contract_any(&sm.L[0][0], 1, KC + 1, &sm.G[0][0], 1, BN + 1, accA, kb, nk, tx, ty);
+      contract_any(&sm.L[0][0], &sm.G[0][0], accA, kb, nk, tx, ty);
       __syncthreads();
     }
   }
