@@ -11,40 +11,30 @@
 #include <optional>
 
 #include "common/gorp_update_checks.h"
+#include "cpu/cpu_clones.h"
 
 namespace {
 
-// The per-element work, specialized on which optional arrays exist so no loop has a branch, in blocks of
-// kBlock elements: the moment update and the final division vectorize; the square root sits in a loop of
-// its own because, built without -fno-math-errno, std::sqrt keeps an errno branch that stops GCC from
-// vectorizing any loop containing it (the scalar sqrt loop then runs at the instruction's throughput).
-constexpr int64_t kBlock = 256;
-
+// The per-element work, specialized on which optional arrays exist so no loop has a branch. One loop, and it
+// must vectorize: the step is compute-bound on CPU (three divisions and a square root per element), so it has
+// an AVX2 copy beside the baseline SSE one (cpu_clones.h; both round alike, no fma). std::sqrt vectorizes only
+// without errno: setup.py builds with -fno-math-errno (a `#pragma GCC optimize` did not reach the AVX2 clone);
+// with errno it stayed a scalar call in a loop of its own, and the kernel ran at the speed of torch's in-place
+// reference on 32k elements.
 template <typename T, typename P, bool HAS_PROJ, bool HAS_OUT, bool HAS_PARAM>
-void gorp_update_span(const T* __restrict__ gp, const T* __restrict__ pr, T* __restrict__ mp, T* __restrict__ vp,
-                      P* __restrict__ pp, T* __restrict__ op, int64_t begin, int64_t end, T b1, T omb1, T b2,
-                      T omb2, T e, T c1, T c2, T ss, T dc) {
-  T den[kBlock];
-  for (int64_t s = begin; s < end; s += kBlock) {
-    const int64_t len = end - s < kBlock ? end - s : kBlock;
-    const T* __restrict__ g = gp + s;
-    T* __restrict__ m = mp + s;
-    T* __restrict__ v = vp + s;
-    for (int64_t i = 0; i < len; ++i) {
-      T x = g[i];
-      if constexpr (HAS_PROJ) x -= pr[s + i];
-      const T mi = b1 * m[i] + omb1 * x;
-      const T vi = b2 * v[i] + omb2 * x * x;
-      m[i] = mi;
-      v[i] = vi;
-      den[i] = vi / c2;
-    }
-    for (int64_t i = 0; i < len; ++i) den[i] = std::sqrt(den[i]);
-    for (int64_t i = 0; i < len; ++i) {
-      const T u = (m[i] / c1) / (den[i] + e);
-      if constexpr (HAS_OUT) op[s + i] = u;
-      if constexpr (HAS_PARAM) pp[s + i] = static_cast<P>(dc * static_cast<T>(pp[s + i]) - ss * u);
-    }
+SK_CPU_CLONES void gorp_update_span(const T* __restrict__ gp, const T* __restrict__ pr, T* __restrict__ mp,
+                                    T* __restrict__ vp, P* __restrict__ pp, T* __restrict__ op, int64_t begin,
+                                    int64_t end, T b1, T omb1, T b2, T omb2, T e, T c1, T c2, T ss, T dc) {
+  for (int64_t i = begin; i < end; ++i) {
+    T x = gp[i];
+    if constexpr (HAS_PROJ) x -= pr[i];
+    const T mi = b1 * mp[i] + omb1 * x;
+    const T vi = b2 * vp[i] + omb2 * x * x;
+    mp[i] = mi;
+    vp[i] = vi;
+    const T u = (mi / c1) / (std::sqrt(vi / c2) + e);
+    if constexpr (HAS_OUT) op[i] = u;
+    if constexpr (HAS_PARAM) pp[i] = static_cast<P>(dc * static_cast<T>(pp[i]) - ss * u);
   }
 }
 
