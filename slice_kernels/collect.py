@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import NonFiniteGradientError, SliceInitError
+from .errors import NonFiniteGradientError, SliceInitError, all_finite
 from .ops.grad_accum import accumulate_
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
@@ -251,7 +251,7 @@ def collect_streams(
         a = acc.pop(n)
         if is_conv1d(targets[n]):
             a = a.T.contiguous()
-        if not bool(torch.isfinite(a).all()):
+        if not all_finite(a):
             raise NonFiniteGradientError(n, source)
         out[n] = a
     return out

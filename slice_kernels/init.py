@@ -19,7 +19,7 @@ import torch
 
 from . import dispatch
 from .config import SliceConfig
-from .errors import NonFiniteGradientError, SliceInitError
+from .errors import NonFiniteGradientError, SliceInitError, all_finite
 from .ops import conflict, rsvd
 
 # Layers stacked per randomized-SVD call are capped so the batch holds at most this many float32 elements.
@@ -295,7 +295,7 @@ def init_from_gradients(
                 conflict.surgery_(cur, prev, gammas)
                 # a representable γ can still overflow the product γ·G_prev in some entry: check G̃ itself
                 for i, n in enumerate(names):
-                    if float(gammas[i]) != 0.0 and not bool(torch.isfinite(cur[i]).all()):
+                    if float(gammas[i]) != 0.0 and not all_finite(cur[i]):
                         raise NonFiniteGradientError(
                             n, f"surgery result G̃ = G_cur + γ·G_prev (γ = {float(gammas[i]):.3e}; N_p of the replay "
                                f"gradient is {float(stats[i, 1]):.3e}, raise SliceConfig.eps)")

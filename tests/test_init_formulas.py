@@ -366,6 +366,23 @@ def test_surgery_overflow_is_reported_not_factorized():
         init_from_gradients(weights_like(gc), gc, gp, r=2, lora_alpha=2.0, config=SliceConfig(eps=0.0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_all_finite_is_exact_where_the_fast_sum_is_not(dtype):
+    """all_finite (the surgery's and the gradient collection's check) answers from a sum when it can: a sum of
+    finite entries that overflows must not count as non-finite, and +Inf with -Inf (a NaN sum) must."""
+    from slice_kernels.errors import all_finite
+
+    big = torch.finfo(dtype).max
+    x = torch.zeros(5, 7, dtype=dtype)
+    assert all_finite(x) and all_finite(torch.empty(0, 3, dtype=dtype))
+    x[1, 2], x[3, 4] = big, big  # finite entries, an infinite sum
+    assert not math.isfinite(float(x.sum())) and all_finite(x)
+    for bad in ([float("nan")], [float("inf")], [float("-inf")], [float("inf"), float("-inf")]):
+        y = x.clone()
+        y.view(-1)[: len(bad)] = torch.tensor(bad, dtype=dtype)
+        assert not all_finite(y), bad
+
+
 @pytest.mark.parametrize("scope", ["global", "per_module"])
 def test_zero_replay_gradient_with_eps_zero_and_positive_tau(scope):
     """τ > 0 gates the surgery on for cos = 0; with ε = 0 and a zero replay gradient, γ = −c·0/0 must be 0
