@@ -90,6 +90,21 @@ def bench_loss(dev, shapes, ranks, repeat, compile_too, R=16):
                             with dispatch.use_backend(b):
                                 sign_consistency_loss(A, B, h, scaling=s, beta=beta).backward()
                         variants[f"fused[{b}]"] = forced
+                if dispatch.refusal("sign_loss_fwd", "triton", dev) is None:
+                    from slice_kernels.ops import _sign_loss_triton as tri
+
+                    def tf32x3():  # the opt-in tensor-core dots (ops/_sign_loss_triton.py, DOT_PRECISION_ENV)
+                        old = os.environ.get(tri.DOT_PRECISION_ENV)
+                        os.environ[tri.DOT_PRECISION_ENV] = "tf32x3"
+                        try:
+                            with dispatch.use_backend("triton"):
+                                sign_consistency_loss(A, B, h, scaling=s, beta=beta).backward()
+                        finally:
+                            if old is None:
+                                os.environ.pop(tri.DOT_PRECISION_ENV)
+                            else:
+                                os.environ[tri.DOT_PRECISION_ENV] = old
+                    variants["fused[triton,tf32x3]"] = tf32x3
             if compile_too:
                 torch._dynamo.reset()
                 comp = torch.compile(eager_loss)

@@ -451,3 +451,75 @@ def test_trainer_mixin_counts_the_stability_loss_once_per_optimizer_step(tmp_pat
     assert diffs
     for d in diffs:
         torch.testing.assert_close(d, torch.full_like(d, 0.25), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- Triton dot precision (opt-in)
+@pytest.mark.skipif(_triton_here() is not None, reason=f"triton cannot run here: {_triton_here()}")
+@pytest.mark.parametrize("entry", ["fwd", "bwd", "fwd_bwd"])
+def test_triton_dot_precision_setting_is_checked_before_anything_runs(monkeypatch, entry):
+    """SLICE_KERNELS_TRITON_DOT takes ieee or tf32x3; any other value is an error naming the variable, raised by
+    every launcher before it allocates or launches."""
+    from slice_kernels.ops import _sign_loss_triton as tri
+
+    args, ref = _split_case("factors", "tanh")
+    monkeypatch.setenv(tri.DOT_PRECISION_ENV, "tf32")
+    launched = []
+    monkeypatch.setattr(tri, "_prep", lambda *a: launched.append(a))
+    call = {"fwd": lambda: tri.sign_loss_fwd_triton(*args),
+            "bwd": lambda: tri.sign_loss_bwd_triton(torch.ones(()), *args),
+            "fwd_bwd": lambda: tri.sign_loss_fwd_bwd_triton(*args)}[entry]
+    with pytest.raises(ValueError, match="SLICE_KERNELS_TRITON_DOT='tf32' is not one of"):
+        call()
+    assert not launched
+
+
+@pytest.mark.skipif(_triton_here() is not None, reason=f"triton cannot run here: {_triton_here()}")
+def test_triton_tf32x3_setting_reaches_every_kernel(monkeypatch):
+    """With SLICE_KERNELS_TRITON_DOT=tf32x3 each kernel is launched with PREC="tf32x3" (the interpreter computes
+    every precision alike, so here only the plumbing and the unchanged results are checked)."""
+    from slice_kernels.ops import _sign_loss_triton as tri
+
+    args, ref = _split_case("factors", "tanh")
+    seen = []
+    for name in ("_fwd_kernel", "_dB_kernel", "_dA_kernel"):
+        kernel = getattr(tri, name)
+
+        class Spy:
+            def __init__(self, kernel, name):
+                self.kernel, self.name = kernel, name
+
+            def __getitem__(self, grid):
+                def launch(*a, **kw):
+                    seen.append((self.name, kw["PREC"]))
+                    return self.kernel[grid](*a, **kw)
+                return launch
+
+        monkeypatch.setattr(tri, name, Spy(kernel, name))
+    monkeypatch.setenv(tri.DOT_PRECISION_ENV, "tf32x3")
+    _assert_matches(_run_split(args, 1), ref, 1e-5)
+    assert {n for n, _ in seen} == {"_fwd_kernel", "_dB_kernel", "_dA_kernel"}
+    assert all(p == "tf32x3" for _, p in seen), seen
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", FORMS)
+def test_triton_tf32x3_dots_keep_the_contract(monkeypatch, form):
+    """The opt-in tf32x3 dots (three TF32 tensor-core products per fp32 dot) against the float64 reference at
+    an awkward shape, both modes, loss and gradients: the same 1e-5 as the ieee default. This decides whether
+    tf32x3 may become the default (with the speed of benches/bench_ps_lora.py)."""
+    from slice_kernels.ops import _sign_loss_triton as tri
+
+    monkeypatch.setenv(tri.DOT_PRECISION_ENV, "tf32x3")
+    A64, B64, h = _case(300, 257, 16, 16, form, seed=11)
+    h = h.to("cuda")
+    for mode in MODES:
+        A = A64.float().cuda().requires_grad_(True)
+        B = B64.float().cuda().requires_grad_(True)
+        Ar, Br = A64.clone().cuda().requires_grad_(True), B64.clone().cuda().requires_grad_(True)
+        ref = reference_sign_consistency_loss(Ar, Br, h, scaling=0.7, beta=0.3, mode=mode)
+        rA, rB = torch.autograd.grad(ref, (Ar, Br))
+        with dispatch.use_backend("triton"):
+            out = sign_consistency_loss(A, B, h, scaling=0.7, beta=0.3, mode=mode)
+            gA, gB = torch.autograd.grad(out, (A, B))
+        assert abs(float(out) - float(ref)) <= 1e-5 * abs(float(ref)), (mode, float(out), float(ref))
+        assert _rel(gA, rA) <= 1e-5 and _rel(gB, rB) <= 1e-5, (mode, _rel(gA, rA), _rel(gB, rB))

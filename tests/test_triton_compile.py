@@ -101,19 +101,25 @@ def _cases(full: bool = False):
             return _meta(rows, cols, dtype=dt), None, 1
         return _meta(rows, (cols + 7) // 8, dtype=u8), None, 2
 
-    def sign(kind, mode, paths, r=64, R=640, dt=f32, ab=bf16, mn=(m, n), segments=None):
+    def sign(kind, mode, paths, r=64, R=640, dt=f32, ab=bf16, mn=(m, n), segments=None, prec=None):
         H1, H2, k = history(kind, R, dt, mn)
         md = {"tanh": 0, "hinge": 1}[mode]
         rows, cols = mn
 
         def run():
-            A, B = _meta(r, cols, dtype=ab), _meta(rows, r, dtype=ab)
-            if "train" in paths:  # dB with LOSS, then dA
-                sl.sign_loss_fwd_bwd_triton(A, B, H1, H2, k, md, 2.0, 0.7, 1.3, segments=segments)
-            if "fwd" in paths:
-                sl.sign_loss_fwd_triton(A, B, H1, H2, k, md, 2.0, 0.7, 1.3, segments=segments)
-            if "bwd" in paths:  # dB without LOSS, then dA
-                sl.sign_loss_bwd_triton(_meta((), dtype=f32), A, B, H1, H2, k, md, 2.0, 0.7, 1.3, segments=segments)
+            if prec is not None:  # the launchers read the dot precision from the environment (a child process)
+                os.environ[sl.DOT_PRECISION_ENV] = prec
+            try:
+                A, B = _meta(r, cols, dtype=ab), _meta(rows, r, dtype=ab)
+                if "train" in paths:  # dB with LOSS, then dA
+                    sl.sign_loss_fwd_bwd_triton(A, B, H1, H2, k, md, 2.0, 0.7, 1.3, segments=segments)
+                if "fwd" in paths:
+                    sl.sign_loss_fwd_triton(A, B, H1, H2, k, md, 2.0, 0.7, 1.3, segments=segments)
+                if "bwd" in paths:  # dB without LOSS, then dA
+                    sl.sign_loss_bwd_triton(_meta((), dtype=f32), A, B, H1, H2, k, md, 2.0, 0.7, 1.3,
+                                            segments=segments)
+            finally:
+                os.environ.pop(sl.DOT_PRECISION_ENV, None)
         return run
 
     # The sign-loss kernels take 1–9 s each to compile (fp32 tl.dot lowered to FMA), so by default a covering
@@ -147,6 +153,11 @@ def _cases(full: bool = False):
                                                        mn=(rows, cols))
     cases["sign-unsplit-4096x4096-r64"] = sign("factors", "tanh", "train fwd bwd", r=64, R=16, ab=f32,
                                                mn=(4096, 4096), segments=1)
+    # The opt-in tf32x3 dots (SLICE_KERNELS_TRITON_DOT) at issue 5's square shape: they must compile for sm_90
+    # and stay within the spill bound like the default (the "sign-split-" prefix puts them in that test).
+    for r in (16, 64):
+        cases[f"sign-split-tf32x3-4096x4096-r{r}"] = sign("factors", "tanh", "train fwd bwd", r=r, R=16, ab=f32,
+                                                          mn=(4096, 4096), prec="tf32x3")
     return cases
 
 

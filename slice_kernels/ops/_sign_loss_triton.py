@@ -24,6 +24,7 @@ Tiles, history-rank chunks and warps come from the registers and spills of the s
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -209,6 +210,25 @@ _TILES_WIDE_RANK = {"fwd": (64, 32), "dB": (32, 32), "dA": (16, 32)}  # padded r
 _WARPS = 8
 
 
+# Precision of the fp32 dots. "ieee" (the default): FMAs on CUDA cores, the precision the tests' 1e-5 contract was
+# checked with. "tf32x3": each dot as three TF32 tensor-core products (hi·hi + hi·lo + lo·hi), near-fp32
+# accuracy on the tensor cores: an opt-in experiment for a GPU run (SLICE_KERNELS_TRITON_DOT=tf32x3). The
+# interpreter ignores the precision, so its accuracy is tested only on a GPU
+# (tests/test_sign_loss.py::test_triton_tf32x3_dots_keep_the_contract, marked gpu), its speed by
+# benches/bench_ps_lora.py (a "fused[triton,tf32x3]" column), and its registers and spills on sm_90 by
+# tests/test_triton_compile.py. Plain "tf32" is not offered: 10-bit mantissas cannot keep 1e-5.
+DOT_PRECISION_ENV = "SLICE_KERNELS_TRITON_DOT"
+DOT_PRECISIONS = ("ieee", "tf32x3")
+
+
+def _dot_precision() -> str:
+    prec = os.environ.get(DOT_PRECISION_ENV, "ieee")
+    if prec not in DOT_PRECISIONS:
+        raise ValueError(f"sign loss, triton backend: {DOT_PRECISION_ENV}={prec!r} is not one of {DOT_PRECISIONS}; "
+                         f"unset it for the default (ieee)")
+    return prec
+
+
 def _tiles(kernel: str, r: int) -> tuple[int, int]:
     """(BM, BN) of ``kernel`` at rank ``r``; 32×32 under the interpreter (its cost grows with the tile count of
     small tests)."""
@@ -307,6 +327,7 @@ def sign_loss_fwd_triton(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms, *,
     """``segments``: force S for every kernel of the call (tests; clamped to each kernel's tile count)."""
     out_dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
     _check_segments(segments)
+    prec = _dot_precision()
     A_, B_, H1, H2, R = _prep(A, B, H1, H2, kind)
     m, r = B_.shape
     n = A_.shape[1]
@@ -316,11 +337,11 @@ def sign_loss_fwd_triton(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms, *,
     partial = torch.empty(rows * S, dtype=torch.float32, device=A.device)
     _fwd_kernel[(rows, S)](A_, B_, H1, H2, partial, m, n, r, R, H1.stride(0), float(scaling), float(alpha_l),
                            float(inv_rms), S, KIND=kind, MODE=mode, BM=BM, BN=BN, RP=_pad(r), RHP=_rank_chunk(R),
-                           PREC="ieee", num_warps=_WARPS)
+                           PREC=prec, num_warps=_WARPS)
     return (partial.double().sum() / (m * n)).to(out_dtype)
 
 
-def _gradients(A_, B_, H1, H2, R, g, kind, mode, scaling, alpha_l, inv_rms, segments, loss=False):
+def _gradients(A_, B_, H1, H2, R, g, kind, mode, scaling, alpha_l, inv_rms, segments, prec, loss=False):
     """dA, dB (float32) from the dB kernel and the dA kernel, each split into its own S segments, and with
     ``loss`` the dB kernel's loss partials too (one per (row block, segment); else None). With S > 1 the
     segments' slices of a workspace are added by ``.sum(0)``, a fixed-order reduction (no atomics:
@@ -335,7 +356,7 @@ def _gradients(A_, B_, H1, H2, R, g, kind, mode, scaling, alpha_l, inv_rms, segm
     dB = torch.empty((s_dB, m, r) if s_dB > 1 else (m, r), dtype=torch.float32, device=A_.device)
     dA = torch.empty((s_dA, r, n) if s_dA > 1 else (r, n), dtype=torch.float32, device=A_.device)
     partial = torch.empty(rows_b * s_dB, dtype=torch.float32, device=A_.device) if loss else None
-    common = dict(KIND=kind, MODE=mode, RP=_pad(r), RHP=_rank_chunk(R), PREC="ieee", num_warps=_WARPS)
+    common = dict(KIND=kind, MODE=mode, RP=_pad(r), RHP=_rank_chunk(R), PREC=prec, num_warps=_WARPS)
     args = (m, n, r, R, H1.stride(0), float(scaling), float(alpha_l), float(inv_rms), 1.0 / (m * n))
     _dB_kernel[(rows_b, s_dB)](A_, B_, H1, H2, g, dB, partial if loss else dB, *args, s_dB, LOSS=loss, BM=BM_b,
                                BN=BN_b, **common)
@@ -345,9 +366,10 @@ def _gradients(A_, B_, H1, H2, R, g, kind, mode, scaling, alpha_l, inv_rms, segm
 
 def sign_loss_bwd_triton(grad, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms, *, segments=None):
     _check_segments(segments)
+    prec = _dot_precision()
     A_, B_, H1, H2, R = _prep(A, B, H1, H2, kind)
     g = grad.float().reshape(1).contiguous()
-    dA, dB, _ = _gradients(A_, B_, H1, H2, R, g, kind, mode, scaling, alpha_l, inv_rms, segments)
+    dA, dB, _ = _gradients(A_, B_, H1, H2, R, g, kind, mode, scaling, alpha_l, inv_rms, segments, prec)
     return dA.to(A.dtype), dB.to(B.dtype)
 
 
@@ -356,9 +378,11 @@ def sign_loss_fwd_bwd_triton(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms
     (plus the workspace sums when split)."""
     out_dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
     _check_segments(segments)
+    prec = _dot_precision()
     A_, B_, H1, H2, R = _prep(A, B, H1, H2, kind)
     m, n = B_.shape[0], A_.shape[1]
     g = torch.ones(1, dtype=torch.float32, device=A.device)
-    dA, dB, partial = _gradients(A_, B_, H1, H2, R, g, kind, mode, scaling, alpha_l, inv_rms, segments, loss=True)
+    dA, dB, partial = _gradients(A_, B_, H1, H2, R, g, kind, mode, scaling, alpha_l, inv_rms, segments, prec,
+                                 loss=True)
     loss = (partial.double().sum() / (m * n)).to(out_dtype)
     return loss, dA.to(A.dtype), dB.to(B.dtype)
