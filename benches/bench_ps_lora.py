@@ -15,6 +15,7 @@ by 4 (1024×1024, 1024×3584, 3584×1024) so two cores finish in minutes — the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -65,6 +66,23 @@ def eager_loss(A, B, Bh, Ah, s: float, alpha_l: float, rms: float, beta: float):
     return l_dir + beta * (dW * dW).mean() / rms ** 2
 
 
+@contextlib.contextmanager
+def triton_dots(prec: str):
+    """The Triton sign-loss dot precision for one labelled column, whatever SLICE_KERNELS_TRITON_DOT the caller
+    exported (restored after)."""
+    from slice_kernels.ops import _sign_loss_triton as tri
+
+    old = os.environ.get(tri.DOT_PRECISION_ENV)
+    os.environ[tri.DOT_PRECISION_ENV] = prec
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(tri.DOT_PRECISION_ENV, None)
+        else:
+            os.environ[tri.DOT_PRECISION_ENV] = old
+
+
 def bench_loss(dev, shapes, ranks, repeat, compile_too, R=16):
     """Yields ((m, n, r, R), {variant: (seconds, extra bytes)}) per shape and rank, as each is measured."""
     for (m, n) in shapes:
@@ -87,23 +105,13 @@ def bench_loss(dev, shapes, ranks, repeat, compile_too, R=16):
                 for b in ("triton", "cuda"):
                     if dispatch.refusal("sign_loss_fwd", b, dev) is None:
                         def forced(b=b):
-                            with dispatch.use_backend(b):
+                            with dispatch.use_backend(b), triton_dots("ieee"):
                                 sign_consistency_loss(A, B, h, scaling=s, beta=beta).backward()
                         variants[f"fused[{b}]"] = forced
                 if dispatch.refusal("sign_loss_fwd", "triton", dev) is None:
-                    from slice_kernels.ops import _sign_loss_triton as tri
-
-                    def tf32x3():  # the opt-in tensor-core dots (ops/_sign_loss_triton.py, DOT_PRECISION_ENV)
-                        old = os.environ.get(tri.DOT_PRECISION_ENV)
-                        os.environ[tri.DOT_PRECISION_ENV] = "tf32x3"
-                        try:
-                            with dispatch.use_backend("triton"):
-                                sign_consistency_loss(A, B, h, scaling=s, beta=beta).backward()
-                        finally:
-                            if old is None:
-                                os.environ.pop(tri.DOT_PRECISION_ENV)
-                            else:
-                                os.environ[tri.DOT_PRECISION_ENV] = old
+                    def tf32x3():  # the opt-in tensor-core dots of ops/_sign_loss_triton.py
+                        with dispatch.use_backend("triton"), triton_dots("tf32x3"):
+                            sign_consistency_loss(A, B, h, scaling=s, beta=beta).backward()
                     variants["fused[triton,tf32x3]"] = tf32x3
             if compile_too:
                 torch._dynamo.reset()

@@ -34,6 +34,7 @@ from slice_kernels.ops import rsvd  # noqa: E402
 
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "rsvd_smollm2_grads.pt")
 _matmul = torch.Tensor.__matmul__
+_tensor_matmul = torch.Tensor.matmul  # torch.svd_lowrank forms its U by the method: Q.matmul(U)
 _torch_matmul = torch.matmul
 
 
@@ -47,8 +48,8 @@ def round_tf32(x: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def emulated_tf32(first: int | None = None):
-    """Float32 products through ``@`` and ``torch.matmul`` on TF32-rounded operands: all of them, or only the
-    first ``first`` (counted across both entry points)."""
+    """Float32 products through ``@``, ``Tensor.matmul`` and ``torch.matmul`` on TF32-rounded operands: all of
+    them, or only the first ``first`` (counted across the three entry points)."""
     count = [0]
 
     def wrap(fn):
@@ -61,11 +62,13 @@ def emulated_tf32(first: int | None = None):
         return mm
 
     torch.Tensor.__matmul__ = wrap(_matmul)
+    torch.Tensor.matmul = wrap(_tensor_matmul)
     torch.matmul = wrap(_torch_matmul)
     try:
         yield
     finally:
         torch.Tensor.__matmul__ = _matmul
+        torch.Tensor.matmul = _tensor_matmul
         torch.matmul = _torch_matmul
 
 

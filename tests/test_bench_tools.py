@@ -35,3 +35,17 @@ def test_tf32_emulation_counts_products_and_restores_matmul():
         second = torch.matmul(a, a)  # past `first`: float32
     assert torch.equal(first, torch.full((2, 2), 2.0)) and torch.equal(second, exact)
     assert torch.Tensor.__matmul__ is em._matmul and torch.matmul is em._torch_matmul
+
+
+def test_tf32_emulation_covers_the_tensor_matmul_method():
+    """torch.svd_lowrank forms its U as ``Q.matmul(U)`` (torch/_lowrank.py), the method rather than ``@`` or
+    ``torch.matmul``: its "svd_lowrank tf32" column is TF32 throughout only if the method is rounded too."""
+    em = _load("rsvd_tf32_emulation")
+    a = torch.full((2, 2), 1 + 2.0 ** -12)
+    with em.emulated_tf32():
+        method = a.matmul(a)
+    with em.emulated_tf32(first=1):
+        counted = a.matmul(a)  # the first product, whichever entry point
+        past = a @ a
+    assert torch.equal(method, torch.full((2, 2), 2.0)) and torch.equal(counted, method)
+    assert torch.equal(past, a.matmul(a)) and torch.Tensor.matmul is em._tensor_matmul

@@ -218,9 +218,9 @@ __device__ __forceinline__ float grad_scale(const SkSignLossArgs& a, const float
 // 32 rows of one rank are consecutive: no bank conflicts at any r). grad == nullptr means an upstream gradient
 // of 1. out: dB (one segment) or the workspace, segment z writing out + z·m·r. kLoss (the one-pass training
 // path): the chunk-0 blocks also reduce their loss sum into partial[row block · segments + segment].
-// __launch_bounds__(NT, 3): left to itself ptxas (CUDA 13, sm_90) holds the gradient-only kernel at 64 registers
-// and spills 8 bytes (the loss variant takes 80); 80 registers (3 blocks per SM, as before the split) spill
-// nothing in either, and 64 (4 blocks) spill 16 / 32 bytes.
+// __launch_bounds__(NT, 3): left to itself ptxas (CUDA 13.0.88, sm_90, -O3) holds both variants at 64 registers
+// and spills (20 B of spill stores gradient only, 36 B with the loss), and so it does at (NT, 4); 80
+// registers (3 blocks per SM, as before the split) spill nothing in either.
 template <bool kLoss>
 __global__ void __launch_bounds__(NT, 3) dB_kernel(SkSignLossArgs a, const float* grad, float* out, float* partial) {
   __shared__ Smem sm;
