@@ -246,10 +246,9 @@ def test_init_offsets_penalize_the_true_update():
     assert float(psl(pm)) <= 1e-5 * without
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("form", FORMS)
-def test_gpu_backends_match_reference(backend, form):
+def _gpu_matches_reference(backend, form):
+    """Loss and gradients of ``backend`` on CUDA float32 against the float64 reference, 300×257, r = R = 16,
+    both modes: the contract's 1e-5."""
     A64, B64, h = _case(300, 257, 16, 16, form, seed=11)
     h = h.to("cuda")
     for mode in MODES:
@@ -261,8 +260,15 @@ def test_gpu_backends_match_reference(backend, form):
         with dispatch.use_backend(backend):
             out = sign_consistency_loss(A, B, h, scaling=0.7, beta=0.3, mode=mode)
             gA, gB = torch.autograd.grad(out, (A, B))
-        assert abs(float(out) - float(ref)) <= 1e-5 * abs(float(ref))
-        assert _rel(gA, rA) <= 1e-5 and _rel(gB, rB) <= 1e-5
+        assert abs(float(out) - float(ref)) <= 1e-5 * abs(float(ref)), (mode, float(out), float(ref))
+        assert _rel(gA, rA) <= 1e-5 and _rel(gB, rB) <= 1e-5, (mode, _rel(gA, rA), _rel(gB, rB))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("form", FORMS)
+def test_gpu_backends_match_reference(backend, form):
+    _gpu_matches_reference(backend, form)
 
 
 # ----------------------------------------------------------------------------- Triton segments (split walks)
@@ -510,16 +516,4 @@ def test_triton_tf32x3_dots_keep_the_contract(monkeypatch, form):
     from slice_kernels.ops import _sign_loss_triton as tri
 
     monkeypatch.setenv(tri.DOT_PRECISION_ENV, "tf32x3")
-    A64, B64, h = _case(300, 257, 16, 16, form, seed=11)
-    h = h.to("cuda")
-    for mode in MODES:
-        A = A64.float().cuda().requires_grad_(True)
-        B = B64.float().cuda().requires_grad_(True)
-        Ar, Br = A64.clone().cuda().requires_grad_(True), B64.clone().cuda().requires_grad_(True)
-        ref = reference_sign_consistency_loss(Ar, Br, h, scaling=0.7, beta=0.3, mode=mode)
-        rA, rB = torch.autograd.grad(ref, (Ar, Br))
-        with dispatch.use_backend("triton"):
-            out = sign_consistency_loss(A, B, h, scaling=0.7, beta=0.3, mode=mode)
-            gA, gB = torch.autograd.grad(out, (A, B))
-        assert abs(float(out) - float(ref)) <= 1e-5 * abs(float(ref)), (mode, float(out), float(ref))
-        assert _rel(gA, rA) <= 1e-5 and _rel(gB, rB) <= 1e-5, (mode, _rel(gA, rA), _rel(gB, rB))
+    _gpu_matches_reference("triton", form)
