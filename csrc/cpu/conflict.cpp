@@ -37,14 +37,17 @@ void check_list(const at::TensorList cur, const at::TensorList prev, const char*
   TORCH_CHECK(cur[0].device().is_cpu(), op, ": the gradients must be CPU tensors, got ", cur[0].device());
 }
 
-// Four independent accumulators per sum let the compiler vectorize without reassociating one long chain. (No
-// AVX2 copy: GCC 12 emitted no wider code for it.)
-inline void chunk_stats(const float* c, const float* p, int64_t n, double out[3]) {
-  double d[4] = {0, 0, 0, 0}, np[4] = {0, 0, 0, 0}, nc[4] = {0, 0, 0, 0};
+// kLanes independent accumulators per sum let the compiler vectorize without reassociating one long chain, and
+// the AVX2 copy (cpu_clones.h) fills two ymm registers per sum with them (4 lanes gave GCC nothing wider to do
+// than the SSE copy). Both copies add in the same lane order: the same bits.
+constexpr int kLanes = 8;
+
+SK_CPU_CLONES void chunk_stats(const float* __restrict c, const float* __restrict p, int64_t n, double out[3]) {
+  double d[kLanes] = {}, np[kLanes] = {}, nc[kLanes] = {};
   int64_t i = 0;
   if (p != nullptr) {
-    for (; i + 4 <= n; i += 4)
-      for (int k = 0; k < 4; ++k) {
+    for (; i + kLanes <= n; i += kLanes)
+      for (int k = 0; k < kLanes; ++k) {
         const double x = c[i + k], y = p[i + k];
         d[k] += x * y;
         np[k] += y * y;
@@ -57,8 +60,8 @@ inline void chunk_stats(const float* c, const float* p, int64_t n, double out[3]
       nc[0] += x * x;
     }
   } else {
-    for (; i + 4 <= n; i += 4)
-      for (int k = 0; k < 4; ++k) {
+    for (; i + kLanes <= n; i += kLanes)
+      for (int k = 0; k < kLanes; ++k) {
         const double x = c[i + k];
         nc[k] += x * x;
       }
@@ -67,9 +70,16 @@ inline void chunk_stats(const float* c, const float* p, int64_t n, double out[3]
       nc[0] += x * x;
     }
   }
-  out[0] = (d[0] + d[1]) + (d[2] + d[3]);
-  out[1] = (np[0] + np[1]) + (np[2] + np[3]);
-  out[2] = (nc[0] + nc[1]) + (nc[2] + nc[3]);
+  // pairwise over the lanes, in a fixed order
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int k = 0; k < w; ++k) {
+      d[k] += d[k + w];
+      np[k] += np[k + w];
+      nc[k] += nc[k + w];
+    }
+  out[0] = d[0];
+  out[1] = np[0];
+  out[2] = nc[0];
 }
 
 at::Tensor conflict_stats_cpu(at::TensorList cur, at::TensorList prev) {
