@@ -90,65 +90,40 @@ __attribute__((always_inline)) inline T lane_sum(const T* f, int64_t len) {
   return sum + tail;
 }
 
-// The elementwise work of one tile row, in one pass: the loss summands f[j] at ΔW = s·d[j], H = h[j] (h is ±1
-// in bit form: tanh(α_ℓ H) becomes sign(H)) into f, and with kGrad g[j] ← gscale·∂f/∂ΔW over d in place. The
-// training path used to run a summand pass and a derivative pass, evaluating both tanh twice per entry; it is
-// now one pass with one pair. Returns the row's sum of f (see lane_sum).
+// The elementwise work of one tile row, in one pass: with kLoss the loss summands f[j] at ΔW = s·d[j], H = h[j]
+// (h is ±1 in bit form: tanh(α_ℓ H) becomes sign(H)) into f, returning their sum (see lane_sum); with kGrad
+// g[j] ← gscale·∂f/∂ΔW over d in place. The training path used to run a summand pass and a derivative pass,
+// evaluating both tanh twice per entry; it is now one pass with one pair.
 // d, h and f never overlap (f is a row buffer of its own: were it d, GCC's runtime overlap check would send the
 // forward to the scalar copy of the loop).
-template <typename T, bool kGrad>
-__attribute__((always_inline)) inline T row_pass(T* __restrict d, const T* __restrict h, T* __restrict f,
-                                                 int64_t len, T s, T al, T inv_rms, int mode, bool bits, T gscale) {
+// An AVX2 copy beside the baseline one (cpu_clones.h): the tanh_k arithmetic is most of the kernel's time at
+// small ranks once the tile products go to BLAS, and the baseline build runs it 4 wide. No fma in either copy,
+// so both give the same bits. tanh_k must be always_inline: left out of line, the AVX2 copy calls the
+// default-target one and stays scalar (an earlier AVX2 attempt ran 2–5× slower for that reason). float64 keeps
+// std::tanh (scalar libm), the float64 tests' reference precision.
+template <typename T, bool kLoss, bool kGrad>
+SK_CPU_CLONES T row_pass(T* __restrict d, const T* __restrict h, T* __restrict f, int64_t len, T s, T al, T inv_rms,
+                         int mode, bool bits, T gscale) {
   if (mode == 0 && bits) {
     for (int64_t j = 0; j < len; ++j) {
       const T t = h[j], td = tanh_k(al * s * d[j]);
-      f[j] = T(1) - td * t;
+      if (kLoss) f[j] = T(1) - td * t;
       if (kGrad) d[j] = gscale * (-al * (T(1) - td * td) * t);
     }
   } else if (mode == 0) {
     for (int64_t j = 0; j < len; ++j) {
       const T t = tanh_k(al * h[j]), td = tanh_k(al * s * d[j]);
-      f[j] = T(1) - td * t;
+      if (kLoss) f[j] = T(1) - td * t;
       if (kGrad) d[j] = gscale * (-al * (T(1) - td * td) * t);
     }
   } else {
     for (int64_t j = 0; j < len; ++j) {
       const T sh = sgn(h[j]), v = -sh * s * d[j];
-      f[j] = v > T(0) ? v * inv_rms : T(0);
+      if (kLoss) f[j] = v > T(0) ? v * inv_rms : T(0);
       if (kGrad) d[j] = v > T(0) ? -sh * inv_rms * gscale : T(0);
     }
   }
-  return lane_sum(f, len);
-}
-
-// The float32 row passes carry an AVX2 copy (cpu_clones.h): the tanh_k arithmetic is most of the kernel's time
-// at small ranks once the tile products go to BLAS, and the baseline build runs it 4 wide. No fma in either
-// copy, so both give the same bits. tanh_k and row_pass must be always_inline: a default-target copy called
-// from the AVX2 clone stays out of line and scalar (an earlier AVX2 attempt ran 2–5× slower for that reason).
-// float64 keeps std::tanh (scalar libm), the float64 tests' reference precision.
-SK_CPU_CLONES float row_loss_f32(float* d, const float* __restrict h, float* f, int64_t len, float s, float al,
-                                 float inv_rms, int mode, bool bits) {
-  return row_pass<float, false>(d, h, f, len, s, al, inv_rms, mode, bits, 0.f);
-}
-SK_CPU_CLONES float row_loss_grad_f32(float* d, const float* __restrict h, float* f, int64_t len, float s, float al,
-                                      float inv_rms, int mode, bool bits, float gscale) {
-  return row_pass<float, true>(d, h, f, len, s, al, inv_rms, mode, bits, gscale);
-}
-inline float row_loss(float* d, const float* h, float* f, int64_t len, float s, float al, float inv_rms, int mode,
-                      bool bits) {
-  return row_loss_f32(d, h, f, len, s, al, inv_rms, mode, bits);
-}
-inline float row_loss_grad(float* d, const float* h, float* f, int64_t len, float s, float al, float inv_rms,
-                           int mode, bool bits, float gscale) {
-  return row_loss_grad_f32(d, h, f, len, s, al, inv_rms, mode, bits, gscale);
-}
-inline double row_loss(double* d, const double* h, double* f, int64_t len, double s, double al, double inv_rms,
-                       int mode, bool bits) {
-  return row_pass<double, false>(d, h, f, len, s, al, inv_rms, mode, bits, 0.0);
-}
-inline double row_loss_grad(double* d, const double* h, double* f, int64_t len, double s, double al,
-                            double inv_rms, int mode, bool bits, double gscale) {
-  return row_pass<double, true>(d, h, f, len, s, al, inv_rms, mode, bits, gscale);
+  return kLoss ? lane_sum(f, len) : T(0);
 }
 
 template <typename T>
@@ -236,7 +211,8 @@ double forward_impl(const Operands<T>& p, const at::Tensor& A, const at::Tensor&
         T* dp = d.data_ptr<T>();
         for (int64_t ii = 0; ii < bi; ++ii)
           acc += static_cast<double>(
-              row_loss(dp + ii * bj, h + ii * ld, frow.data(), bj, p.s, p.alpha_l, p.inv_rms, p.mode, p.kind == 2));
+              row_pass<T, true, false>(dp + ii * bj, h + ii * ld, frow.data(), bj, p.s, p.alpha_l, p.inv_rms, p.mode,
+                                       p.kind == 2, T(0)));
       }
       partial[b] = acc;
     }
@@ -279,11 +255,17 @@ void backward_impl(const Operands<T>& p, const at::Tensor& A, const at::Tensor& 
         int64_t ld;
         const T* h = h_tile(p, H1, H2, i0, bi, j0, bj, hbuf, ld);
         T* gp = g.data_ptr<T>();
-        // G overwrites the ΔW tile in place; the loss summands (used on the training path) come from the same
-        // pass, so the gradient-only backward pays for them too: they are a few adds beside the two tanh.
-        for (int64_t ii = 0; ii < bi; ++ii)
-          lacc += static_cast<double>(row_loss_grad(gp + ii * bj, h + ii * ld, frow.data(), bj, p.s, p.alpha_l,
-                                                    p.inv_rms, p.mode, p.kind == 2, gscale));
+        // G overwrites the ΔW tile in place; on the training path the loss summands come from the same pass
+        for (int64_t ii = 0; ii < bi; ++ii) {
+          T* gr = gp + ii * bj;
+          const T* hr = h + ii * ld;
+          if (partial)
+            lacc += static_cast<double>(row_pass<T, true, true>(gr, hr, frow.data(), bj, p.s, p.alpha_l, p.inv_rms,
+                                                                p.mode, p.kind == 2, gscale));
+          else
+            row_pass<T, false, true>(gr, hr, frow.data(), bj, p.s, p.alpha_l, p.inv_rms, p.mode, p.kind == 2,
+                                     gscale);
+        }
         dB_rows.addmm_(g, A_cols.t());
         acc.narrow(1, j0, bj).addmm_(B_rows.t(), g);
       }
