@@ -51,6 +51,64 @@ def test_conflict_stats_relative_1e10_on_a_large_input(backend):
     assert rel <= 1e-10, rel
 
 
+def _issue_size_pair(device):
+    """100.6M float32 elements over five layers of Llama-3-8B shapes (one MLP, q, o, k, v; each one row or
+    column short, so no size is a multiple of a block): the MLP pair is independent, so D ≈ √n is a near-total
+    cancellation of terms summing to ≈ n in magnitude, where float32 partials would keep no correct digit; the
+    attention pairs are anti-correlated (a real conflict)."""
+    g = torch.Generator().manual_seed(7)
+    shapes = [(14335, 4096), (4095, 4096), (4096, 4095), (1023, 4096), (1024, 4095)]
+    cur = [torch.randn(s, generator=g) for s in shapes]
+    prev = [torch.randn(shapes[0], generator=g)]
+    prev += [torch.randn(s, generator=g).mul_(0.5).sub_(c) for c, s in zip(cur[1:], shapes[1:])]
+    assert sum(c.numel() for c in cur) >= 100_000_000
+    return [c.to(device) for c in cur], [p.to(device) for p in prev]
+
+
+def _compensated_ref(cur, prev):
+    """Float64 reference independent of every backend's summation order: float32 × float32 products are exact
+    in float64, each 64K-element block is summed in float64, and the block sums are added exactly (fsum)."""
+    import math
+
+    rows = []
+    for c, p in zip(cur, prev):
+        cf, pf = c.reshape(-1), p.reshape(-1)
+        parts = ([], [], [])
+        for s in range(0, cf.numel(), 1 << 16):
+            c64, p64 = cf[s : s + (1 << 16)].double(), pf[s : s + (1 << 16)].double()
+            for acc, (x, y) in zip(parts, ((c64, p64), (p64, p64), (c64, c64))):
+                acc.append(float(torch.dot(x, y)))
+        rows.append([math.fsum(a) for a in parts])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def _assert_issue_accuracy(got, ref):
+    # per layer and for the global sums γ is computed from; 1e-10 relative is issue 4's bound
+    for name, a, b in (("per layer", got, ref), ("global", got.sum(0), ref.sum(0))):
+        rel = ((a - b).abs() / b.abs()).max().item()
+        assert rel <= 1e-10, f"{name}: max relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("backend", [p for p in backends_for("conflict_stats")
+                                     if p.values[0] not in ("torch", "triton")])
+def test_conflict_stats_relative_1e10_on_100m_elements(backend):
+    # Issue 4's accuracy bound at its size. torch is the float64 reference itself, and the interpreted Triton
+    # kernel would take hours here (its summation scheme is checked at 32K above and at this size on a GPU).
+    cur, prev = _issue_size_pair("cpu")
+    with dispatch.use_backend(backend):
+        got = conflict.conflict_stats(cur, prev)
+    _assert_issue_accuracy(got, _compensated_ref(cur, prev))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_conflict_stats_relative_1e10_on_100m_elements(backend):
+    cur, prev = _issue_size_pair("cuda")
+    with dispatch.use_backend(backend):
+        got = conflict.conflict_stats(cur, prev).cpu()
+    _assert_issue_accuracy(got, _compensated_ref([c.cpu() for c in cur], [p.cpu() for p in prev]))
+
+
 def test_conflict_stats_converts_non_float32_inputs():
     cur, prev = _grads(2, dtype=torch.bfloat16)
     got = conflict.conflict_stats(cur, prev)  # default backend (cpp when built)
