@@ -1,7 +1,7 @@
 """SLICE init-path kernels (issue 4): conflict statistics, surgery, batched randomized SVD, whole init.
 
     python benches/bench_init_kernels.py [--device cpu|cuda] [--ranks 16,64] [--batch 32] [--blocks 4] [--threads 1]
-    python -m pytest benches/bench_init_kernels.py --benchmark-only      # pytest-benchmark suite (CPU shapes)
+    python -m pytest benches/bench_init_kernels.py --benchmark-only      # pytest-benchmark suite (see its section)
 
 Prints Markdown tables; every figure is a median measured in this run (benches/common.py):
 
@@ -251,39 +251,78 @@ def main(argv=None):
         bench_init(dev, a.init_blocks or (32 if gpu else blocks))
 
 
-# ------------------------------------------------------------------ pytest-benchmark suite (CPU shapes)
-def _bench_backends(op):
+# ------------------------------------------------------------------ pytest-benchmark suite
+# The same comparisons as the tables, in pytest-benchmark form: on the CPU at the shapes of block_shapes("cpu")
+# (Llama-3-8B's divided by 8), on a GPU (when there is one) at Llama-3-8B's own, r in {16, 64}. The tables
+# above add the floors and the 32-layer batches of the targets; this suite is for pytest-benchmark's own
+# tooling (--benchmark-compare, --benchmark-json).
+SUITE_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+SUITE_RANKS = [16, 64]
+SUITE_SVD_BATCH = 4  # same-shape layers per batched call; the tables time the target's 32
+SUITE_SHAPE_IDS = ["q_o", "k_v", "gate_up", "down"]  # the layers of SVD_SHAPES_GPU, in order
+
+
+def _suite_shapes(device):
+    return SVD_SHAPES_GPU if device == "cuda" else [(m // 8, n // 8) for m, n in SVD_SHAPES_GPU]
+
+
+def _bench_backends(op, device):
+    # the interpreted Triton kernels are not timed on the CPU: the interpreter measures Python, not the kernel
     return [b for b in ("torch", "cpp", "cuda", "triton") if b in dispatch.implementations(op)
-            and dispatch.refusal(op, b, torch.device("cpu")) is None and b != "triton"]
+            and dispatch.refusal(op, b, torch.device(device)) is None and not (b == "triton" and device == "cpu")]
+
+
+def _synced(fn, device):
+    # CUDA launches return before the work is done: time up to its end
+    if device != "cuda":
+        return fn
+    return lambda *a: (fn(*a), torch.cuda.synchronize())[0]
+
+
+def _suite_params(op, extra=()):
+    import pytest
+
+    return [pytest.param(d, b, id=f"{d}-{b}") for d in SUITE_DEVICES for b in _bench_backends(op, d) + list(extra)]
 
 
 try:
     import pytest
 
-    @pytest.mark.parametrize("backend", _bench_backends("conflict_stats"))
-    def test_conflict_stats(benchmark, backend):
-        cur, prev = _grads(list(block_shapes("cpu", 1).values()), "cpu")
+    @pytest.mark.parametrize("device,backend", _suite_params("conflict_stats"))
+    def test_conflict_stats(benchmark, device, backend):
+        cur, prev = _grads(list(block_shapes(device, 1).values()), device)
         with dispatch.use_backend(backend):
-            benchmark(conflict.conflict_stats, cur, prev)
+            benchmark(_synced(conflict.conflict_stats, device), cur, prev)
 
-    @pytest.mark.parametrize("backend", _bench_backends("surgery"))
-    def test_surgery(benchmark, backend):
-        cur, prev = _grads(list(block_shapes("cpu", 1).values()), "cpu")
+    @pytest.mark.parametrize("device,backend", _suite_params("surgery"))
+    def test_surgery(benchmark, device, backend):
+        cur, prev = _grads(list(block_shapes(device, 1).values()), device)
         gam = torch.full((len(cur),), 1e-3, dtype=torch.float64)
         with dispatch.use_backend(backend):
-            benchmark(conflict.surgery_, cur, prev, gam)
+            benchmark(_synced(conflict.surgery_, device), cur, prev, gam)
 
-    @pytest.mark.parametrize("backend", _bench_backends("randomized_svd") + ["svd_lowrank_loop", "linalg_svd"])
-    def test_randomized_svd(benchmark, backend):
-        G = lowrank_test_matrices(4, 512, 512, "cpu")
-        omega = rsvd.sketch(range(4), 512, 64, "cpu")
+    @pytest.mark.parametrize("r", SUITE_RANKS)
+    @pytest.mark.parametrize("shape_index", range(len(SVD_SHAPES_GPU)), ids=SUITE_SHAPE_IDS)
+    @pytest.mark.parametrize("device,backend", _suite_params("randomized_svd", ["svd_lowrank_loop"]))
+    def test_randomized_svd(benchmark, device, backend, shape_index, r):
+        m, n = _suite_shapes(device)[shape_index]
+        G = lowrank_test_matrices(SUITE_SVD_BATCH, m, n, device)
+        q = min(4 * r, m, n)
         if backend == "svd_lowrank_loop":
-            benchmark(lambda: [torch.svd_lowrank(g, q=64, niter=4) for g in G])
-        elif backend == "linalg_svd":
-            benchmark(torch.linalg.svd, G, full_matrices=False)
+            benchmark(_synced(lambda: [torch.svd_lowrank(g, q=q, niter=4) for g in G], device))
         else:
+            omega = rsvd.sketch(range(SUITE_SVD_BATCH), n, q, device)
             with dispatch.use_backend(backend):
-                benchmark(rsvd.randomized_svd, G, omega, 32, 4)
+                benchmark(_synced(rsvd.randomized_svd, device), G, omega, 2 * r, 4)
+
+    @pytest.mark.parametrize("shape_index", range(len(SVD_SHAPES_GPU)), ids=SUITE_SHAPE_IDS)
+    @pytest.mark.parametrize("device", SUITE_DEVICES)
+    def test_linalg_svd(benchmark, device, shape_index):
+        # one layer (the full SVD does not depend on r); the tables multiply it by the batch
+        m, n = _suite_shapes(device)[shape_index]
+        G = lowrank_test_matrices(1, m, n, device)[0]
+        benchmark.pedantic(_synced(torch.linalg.svd, device), args=(G,), kwargs={"full_matrices": False},
+                           rounds=3, warmup_rounds=1 if device == "cuda" else 0)
 except ImportError:  # pragma: no cover - pytest is only needed for the suite
     pass
 
