@@ -8,12 +8,14 @@
 # leaves its results, inside a 10-minute call. A failing or timed-out step does not stop the others; the exit
 # status is non-zero if any failed.
 #
-# Results: at most five files in $OUT (default gpu_results/<date>/), for tools that bring back only a few:
+# Results: at most six files in $OUT (default gpu_results/<date>/), for tools that bring back only a few,
+# rewritten after every step (a run killed from outside keeps what it finished):
 #   summary.md   device, versions, date, and each step's exit status and time
 #   tables.md    the benchmark tables, one section per benchmark
 #   pytest.log   the test run (failures, skip reasons, the 20 slowest tests)
 #   build.log    nvcc check, extension build and the kernel registry check
 #   logs.tar.gz  every log in full
+#   current_step.log  the output of the last step started (the partial rows of one that was cut off)
 #
 #   OUT=/tmp/gpu bash benches/gpu_all.sh                       # build, test, bench (needs ~15 min on an H100)
 #   STAGES="build test" bash benches/gpu_all.sh                # one 10-minute call ...
@@ -38,14 +40,18 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 summary="$WORK/summary.md"
 status=0
 
-finish() {  # copy the few result files to $OUT: also after a failure or a step that ran out of time
+sync_out() {  # copy the few result files to $OUT; after every step too, so a run killed from outside (the
+  # device tool's time limit sends SIGKILL, which no trap sees) still leaves every step it finished
   local bench_logs=("$WORK"/bench_*.log)
   [[ -e ${bench_logs[0]} ]] && cat "${bench_logs[@]}" > "$OUT/tables.md"
   [[ -f $WORK/pytest.log ]] && cp "$WORK/pytest.log" "$OUT/"
   cat "$WORK"/nvcc_check.log "$WORK"/build.log "$WORK"/extension.log > "$OUT/build.log" 2>/dev/null
-  echo "total: $((SECONDS - START)) s; stages: $STAGES" >> "$summary"
   cp "$summary" "$OUT/summary.md"
   tar -czf "$OUT/logs.tar.gz" -C "$WORK" .
+}
+finish() {  # also after a failure or a step that ran out of time
+  echo "total: $((SECONDS - START)) s; stages: $STAGES" >> "$summary"
+  sync_out
   cat "$summary"
 }
 trap finish EXIT
@@ -59,12 +65,14 @@ step() {  # step NAME LIMIT_S CMD...: run under a time limit (cut to what the de
   fi
   echo "=== $name (limit ${limit} s): $*" | tee -a "$WORK/all.log"
   local t0=$SECONDS
-  timeout --kill-after=5 "$limit" "$@" 2>&1 | tee "$WORK/$name.log" | tee -a "$WORK/all.log"
+  # current_step.log in $OUT: the rows of the step in flight, should the whole run be killed during it
+  timeout --kill-after=5 "$limit" "$@" 2>&1 | tee "$WORK/$name.log" "$OUT/current_step.log" | tee -a "$WORK/all.log"
   local rc=${PIPESTATUS[0]}
   local note=$rc
   (( rc == 124 || rc == 137 )) && note="$rc (ran out of its ${limit} s)"
   echo "| $name | $note | $((SECONDS - t0)) s |" >> "$summary"
   (( rc == 0 )) || status=1
+  sync_out
 }
 
 {
