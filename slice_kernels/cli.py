@@ -120,7 +120,11 @@ def cmd_mine(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="slice-kernels", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="slice-kernels",
+        description="Continual LoRA fine-tuning: run a task sequence with several init methods side by side "
+                    "(run), find a conflicting sequence (mine), list what --tasks and --methods accept (tasks, "
+                    "methods). Same as python -m slice_kernels.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _run_parser(sub)
     _mine_parser(sub)

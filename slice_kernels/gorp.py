@@ -146,6 +146,11 @@ class GorpAdamW(torch.optim.Optimizer):
         dup = sorted((taken & set(names)) | {n for n in names if names.count(n) > 1})
         if dup:
             raise GorpGroupError(f"group {idx}: parameter names must be unique (they key spaces and sketches): {dup[:5]}")
+        # torch keeps any extra key of a group without a word: a misspelt option (lowrank_options={"scael": 0.25})
+        # would train with the default silently ("initial_lr" is the LR schedulers' own key)
+        unknown = sorted(set(group) - set(self.defaults) - {"params", "names", "initial_lr"})
+        if unknown:
+            raise GorpGroupError(f"group {idx}: unknown option(s) {unknown}; known: {sorted(self.defaults)}")
         merged = {**self.defaults, **{k: v for k, v in group.items() if k not in ("params", "names")}}
         self._check_hparams(merged, f"group {idx} ({merged['kind']})")
         kind, rank = merged["kind"], int(merged["rank"])

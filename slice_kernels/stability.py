@@ -92,6 +92,10 @@ class ParameterStabilityLoss(nn.Module):
             B, A, s = lora_factors(mod, ad)
             if h.device != A.device:
                 h = self.layers[name] = h.to(A.device)
+            if (B.shape[0], A.shape[1]) != tuple(h.shape):  # name the layer: the op itself cannot
+                raise ValueError(f"ParameterStabilityLoss: layer {name!r} makes a {B.shape[0]}×{A.shape[1]} update "
+                                 f"but its history is {h.shape[0]}×{h.shape[1]}: the history was recorded from "
+                                 f"another model")
             B, A = effective_factors(B, A, self.offsets.get(name))
             term = sign_consistency_loss(A, B, h, scaling=s, alpha=self.alpha, beta=self.beta, mode=self.mode)
             total = term if total is None else total + term

@@ -79,6 +79,9 @@ def test_pattern_matching_nothing_is_an_error_and_touches_nothing():
         gorp_param_groups(model, full_rank=["gate_proj"], rank=65)
     with pytest.raises(GorpGroupError, match="matches no parameter"):
         build_gorp_optimizer(model, full_rank=["gate_proj"], rank=4, shared_spaces={"nope": torch.zeros(3, 1)})
+    # a misspelt group option used to be kept by torch as an inert key: the group trained with scale 1.0
+    with pytest.raises(GorpGroupError, match=r"unknown option\(s\) \['scael'\]; known: .*'scale'"):
+        build_gorp_optimizer(model, full_rank=["gate_proj"], rank=4, lowrank_options={"scael": 0.25})
     assert {n for n, p in model.named_parameters() if not p.requires_grad} == frozen
 
 

@@ -73,6 +73,8 @@ def test_model_not_causal_cli(tmp_path, capsys):
 def test_resume_without_a_run(tmp_path, capsys):
     rc = main(["run", "--tasks", "chain_sum", "--resume", "--out", str(tmp_path)])
     assert rc == 2 and "holds no run to resume" in capsys.readouterr().err
+    rc = main(["run", "--tasks", "chain_sum", "--resume", "--out", str(tmp_path / "typo")])
+    assert rc == 2 and not (tmp_path / "typo").exists()  # a mistyped --out is not created
 
 
 def test_tasks_from_mined_json(tmp_path):
@@ -201,3 +203,49 @@ def test_missing_reasoning_gym_is_a_task_error_that_says_how_to_get_it(monkeypat
     f = tmp_path / "t.jsonl"
     f.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": "4"}\n')
     check_spec(str(f))
+
+
+def test_bad_or_missing_device_is_refused_before_anything_is_written(monkeypatch, tmp_path, capsys):
+    """A device torch cannot use used to surface as a traceback when the model was moved, after run.json was
+    written, so the corrected rerun in the same --out was refused (e.g. --profile paper, cuda, on a CPU box)."""
+    import torch
+
+    task = write_jsonl(str(tmp_path / "t.jsonl"), [{"prompt": f"q{i}", "answer": str(i)} for i in range(12)])
+    out = tmp_path / "run"
+    base = ["run", "--tasks", task, "--heldout", "", "--batch-size", "2", "--out", str(out)]
+    assert main(base + ["--device", "tpu"]) == 2
+    assert "device='tpu' is not a torch device" in capsys.readouterr().err and not out.exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(base + ["--device", "cuda"]) == 2
+    assert "sees no CUDA device" in capsys.readouterr().err and not out.exists()
+    assert main(base[:1] + ["--profile", "paper"] + base[1:]) == 2
+    assert "the paper profile defaults to cuda" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_fresh_run_failing_before_its_first_checkpoint_leaves_the_directory_reusable(tmp_path):
+    """Errors that need the model (a target matching no layer, a rank too large for a layer, a bad method option
+    value) come after run.json is written; it used to stay, so the corrected rerun in the same --out was refused
+    ("already holds a run") and so was --resume ("different configuration")."""
+    from runner_tiny import save_tiny_llama
+    from slice_kernels.runner import make_config, run
+    from slice_kernels.runner.checkpoint import discard_unstarted
+
+    model = save_tiny_llama(str(tmp_path / "tiny"))
+    tasks = [write_jsonl(str(tmp_path / f"t{k}.jsonl"), [{"prompt": f"{i}+{k}", "answer": str(i + k)} for i in range(12)])
+             for k in (1, 2)]
+    cfg = dict(model=model, tasks=tasks, heldout=[], methods=["slice"], rank=2, steps=1, n_train=8, n_eval=2,
+               batch_size=4, grad_batch_size=4, grad_batches=1, replay_batches=1, max_len=16, max_new_tokens=2)
+    quiet = dict(progress=False, log=lambda *a: None)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="no linear layer of the model matches"):
+        run(make_config("default", **dict(cfg, targets=["q_prj"])), str(out), **quiet)
+    assert not out.exists()
+    out.mkdir()  # an --out the user made beforehand stays, empty
+    with pytest.raises(Exception, match="needs 2r = 200"):
+        run(make_config("default", **dict(cfg, rank=100)), str(out), **quiet)
+    assert out.is_dir() and not any(out.iterdir())
+    res = run(make_config("default", **cfg), str(out), **quiet)  # the corrected command, same --out
+    assert len(res["methods"]["slice"]["R"]) == 2
+    # a run that finished a stage keeps its run.json: its checkpoints are what --resume needs
+    discard_unstarted(str(out), remove_out=True)
+    assert (out / "checkpoints" / "run.json").exists()

@@ -160,6 +160,14 @@ def test_bad_inputs_are_refused():
         sign_consistency_loss(A[:, :29], B, h, scaling=1.0)
     with pytest.raises(ValueError, match="A must be"):
         sign_consistency_loss(A.T, B, h, scaling=1.0)
+    # a negative alpha flips the sign reward (agreeing with H would cost more); refused as ParameterStabilityLoss
+    # does, and already at t = 1 (no history) so the mistake shows at the first task
+    for hist in (h, None):
+        for kw in ({"alpha": -1.0}, {"alpha": 0.0}, {"beta": -0.1}, {"alpha": float("inf")}):
+            with pytest.raises(ValueError, match="need alpha > 0 and beta ≥ 0"):
+                sign_consistency_loss(A, B, hist, scaling=1.0, **kw)
+    with pytest.raises(TypeError, match=r"History\.from_dense\(H\)"):
+        sign_consistency_loss(A, B, torch.randn(20, 30), scaling=1.0)  # a dense H passed as it is
 
 
 @pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
@@ -228,6 +236,15 @@ def test_parameter_stability_loss_refuses_a_foreign_history():
     hist = {"not.a.layer": History.from_factors([torch.randn(4, 1)], [torch.randn(1, 5)])}
     with pytest.raises(ValueError, match="none of the 1 history layers"):
         ParameterStabilityLoss(hist)(_peft(tiny_llama, ["q_proj"]))
+    # same layer names, other shapes (a history saved from another model): the error names the layer
+    pm = _peft(tiny_llama, ["q_proj"])
+    name = next(n for n, m in pm.named_modules() if n.endswith("q_proj") and hasattr(m, "lora_A"))
+    m, n = dict(pm.named_modules())[name].base_layer.weight.shape
+    store = HistoryStore("factors")
+    store.record_task(pm)
+    foreign = {k: History.from_factors([torch.randn(m + 1, 1)], [torch.randn(1, n)]) for k in store.layers}
+    with pytest.raises(ValueError, match=r"layer '.*q_proj' makes a .* update but its history is"):
+        ParameterStabilityLoss(foreign)(pm)
 
 
 def test_init_offsets_penalize_the_true_update():

@@ -25,6 +25,7 @@ only scales them).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -302,6 +303,15 @@ def sign_consistency_loss(A: torch.Tensor, B: torch.Tensor, history: History | N
     The backend follows ``slice_kernels.dispatch``."""
     if mode not in MODES:
         raise ValueError(f"sign_consistency_loss: mode must be one of {tuple(MODES)}, got {mode!r}")
+    # checked before the t = 1 shortcut so a bad call fails at the first task, not silently until the second;
+    # a negative alpha would flip tanh's sign and reward disagreeing with H (ParameterStabilityLoss refuses it too)
+    if not (math.isfinite(float(alpha)) and float(alpha) > 0 and math.isfinite(float(beta)) and float(beta) >= 0):
+        raise ValueError(f"sign_consistency_loss: need alpha > 0 and beta ≥ 0, both finite (got alpha={alpha}, "
+                         f"beta={beta})")
+    if history is not None and not isinstance(history, History):
+        raise TypeError(f"sign_consistency_loss: history must be a slice_kernels.History or None, got "
+                        f"{type(history).__name__}; wrap a dense H as History.from_dense(H), or factors as "
+                        f"History.from_factors(Bs, As, scalings)")
     if history is None or history.rms == 0.0:
         return (A.sum() + B.sum()) * 0.0  # zero, but connected to A and B so backward() works at t = 1
     _check(A, B, history, mode)

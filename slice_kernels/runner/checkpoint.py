@@ -74,6 +74,26 @@ def prepare(out: str, fingerprint: dict, resume: bool) -> dict | None:
     return torch.load(os.path.join(d, name), map_location="cpu", weights_only=False)
 
 
+def discard_unstarted(out: str, remove_out: bool) -> None:
+    """Undo what ``prepare`` wrote for a fresh run that failed before its first checkpoint.
+
+    The failures that need the model (a target name matching no layer, a rank too large for a layer, a bad
+    method option value) come after ``run.json`` is written; left there, it made the corrected rerun in the
+    same ``--out`` fail with "already holds a run" (and ``--resume`` with "different configuration"). With no
+    ``latest.json`` nothing was finished, so nothing is lost.
+    """
+    d = ckpt_dir(out)
+    if os.path.exists(os.path.join(d, "latest.json")):
+        return
+    try:
+        os.remove(os.path.join(d, "run.json"))
+        os.rmdir(d)  # only if empty: anything else in it is not ours to delete
+        if remove_out:
+            os.rmdir(out)
+    except OSError:
+        pass
+
+
 def save(out: str, index: int, payload: dict) -> None:
     d = ckpt_dir(out)
     name = f"ckpt_{index:04d}.pt"

@@ -74,7 +74,26 @@ def validate(cfg: RunConfig) -> None:
         if n < cfg.batch_size:
             raise ValueError(f"task {task_name(spec)!r} has {n} training example(s), fewer than one batch "
                              f"(batch_size={cfg.batch_size}): lower --batch-size, raise --n-train, or add examples")
+    _check_device(cfg)
     check_model_dir(cfg.model)
+
+
+def _check_device(cfg: RunConfig) -> None:
+    # torch would only reject the device when the model is moved, after the model load (a minute for SmolLM2)
+    # and with a raw traceback; the paper profile defaults to cuda, so on a CPU box this is a likely first error
+    try:
+        dev = torch.device(cfg.device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={cfg.device!r} is not a torch device; pass --device cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={cfg.device!r} but this torch ({torch.__version__}) sees no CUDA device"
+                             f"{' (the paper profile defaults to cuda)' if cfg.profile == 'paper' else ''}; "
+                             f"pass --device cpu or run on a GPU machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={cfg.device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype={cfg.dtype!r} must be one of float32, bfloat16, float16")
 
 
 def _train_stream(tok, task, cfg: RunConfig, stage: int, world: int, rank: int):
@@ -125,7 +144,21 @@ def run(cfg: RunConfig, out: str, *, resume: bool = False, progress: bool = True
     """Run (or resume) a continual experiment and write results.json, summary.md and plots into ``out``.
 
     ``stop_after`` (tests): return after that many stages have been checkpointed, as if the run was killed.
+    A fresh run that raises before its first checkpoint removes the run.json it wrote, so the corrected
+    command can be rerun with the same ``out``.
     """
+    _, rank = world_and_rank()
+    fresh = not resume and not os.path.isfile(os.path.join(ckpt.ckpt_dir(out), "run.json"))
+    out_existed = os.path.exists(out)
+    try:
+        return _run(cfg, out, resume=resume, progress=progress, log=log, stop_after=stop_after)
+    except Exception:
+        if fresh and rank == 0:
+            ckpt.discard_unstarted(out, remove_out=not out_existed)
+        raise
+
+
+def _run(cfg: RunConfig, out: str, *, resume: bool, progress: bool, log, stop_after: int | None) -> dict:
     world, rank = world_and_rank()
     validate(cfg)
     # tasks are built before the output directory is touched: a task option value that reasoning-gym rejects
@@ -135,8 +168,7 @@ def run(cfg: RunConfig, out: str, *, resume: bool = False, progress: bool = True
     fp = cfg.fingerprint()
     fp["world_size"] = world
     if rank == 0:
-        os.makedirs(out, exist_ok=True)
-        state = ckpt.prepare(out, fp, resume)
+        state = ckpt.prepare(out, fp, resume)  # creates --out for a fresh run only: a refused resume leaves no trace
     if world > 1:
         dist.barrier()
         if rank != 0:
