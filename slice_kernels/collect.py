@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import NonFiniteGradientError, SliceInitError, all_finite
-from .ops.grad_accum import accumulate_
+from .ops.grad_accum import accumulator
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
 
@@ -187,6 +187,10 @@ def collect_streams(
     acc = {n: torch.zeros(m.weight.shape, dtype=torch.float32, device=acc_device, pin_memory=pin)
            for n, m in targets.items()}
     alpha = {"value": 0.0}
+    # The backend is chosen here, once, in the caller's thread: per call it cost more than the kernel (see
+    # ``accumulator``), and on CUDA the hooks run in autograd's device thread, which does not see a
+    # ``use_backend`` block entered by the caller.
+    add = accumulator(acc_device)
 
     def make_hook(names):
         def hook(p):
@@ -194,7 +198,7 @@ def collect_streams(
             if g is not None:
                 g = g if g.device == acc_device else g.to(acc_device)
                 for name in names:
-                    accumulate_(acc[name], g, alpha["value"])
+                    add(acc[name], g, alpha["value"])
             p.grad = None  # released at once: only the layer autograd is finishing holds a .grad
 
         return hook

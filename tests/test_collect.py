@@ -92,13 +92,18 @@ def test_one_layer_grad_alive_at_a_time(monkeypatch):
     model = tiny_llama()
     params = list(model.parameters())
     alive_counts = []
-    real = collect_mod.accumulate_
+    real = collect_mod.accumulator
 
-    def spy(acc, grad, alpha):
-        alive_counts.append(sum(p.grad is not None for p in params))
-        real(acc, grad, alpha)
+    def spying_accumulator(device):
+        add = real(device)
 
-    monkeypatch.setattr(collect_mod, "accumulate_", spy)
+        def spy(acc, grad, alpha):
+            alive_counts.append(sum(p.grad is not None for p in params))
+            add(acc, grad, alpha)
+
+        return spy
+
+    monkeypatch.setattr(collect_mod, "accumulator", spying_accumulator)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     g = collect_gradients(model, targets, lm_batches(2), steps=2)
     assert len(alive_counts) == 2 * len(g) == 2 * 14

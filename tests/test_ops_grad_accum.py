@@ -25,6 +25,33 @@ def test_accumulate_matches_float64(backend, dtype):
     assert (acc.double() - exact).abs().max().item() <= 2 * torch_err + 1e-7
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpp_rounds_product_then_sum(dtype):
+    """The cpp kernel (its SSE or AVX2 copy, whichever the CPU runs) rounds alpha*g, then the sum, never a
+    fused multiply-add: the collected gradients keep the same bits on every x86 machine. 70001 elements leave
+    a remainder after every vector width."""
+    why = dispatch.refusal("grad_accumulate", "cpp", torch.device("cpu"))
+    if why:
+        pytest.skip(why)
+    g = torch.Generator().manual_seed(1)
+    acc = torch.randn(70001, generator=g)
+    grad = torch.randn(70001, generator=g).to(dtype)
+    alpha = 0.1  # not a power of two: the product rounds
+    expected = acc + grad.float() * torch.tensor(alpha, dtype=torch.float32)
+    with dispatch.use_backend("cpp"):
+        grad_accum.accumulate_(acc, grad, alpha)
+    assert torch.equal(acc, expected)
+
+
+def test_accumulator_picks_the_backend_once():
+    acc = torch.zeros(4, 3)
+    with dispatch.use_backend("torch"):
+        add = grad_accum.accumulator("cpu")
+    assert add is grad_accum.grad_accumulate_torch
+    add(acc, torch.ones(4, 3), 0.5)
+    assert bool((acc == 0.5).all())
+
+
 def test_accumulate_rejects_bad_accumulators_before_writing():
     acc = torch.zeros(4, 3)
     with pytest.raises(ValueError, match="float32"):
