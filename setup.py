@@ -4,7 +4,8 @@
 * CUDA kernels too (csrc/cuda/*.cu + csrc/cuda_glue/*.cpp) when torch was built with CUDA and nvcc is found.
 
 Switches (flash-attention / torchao style):
-  SLICE_KERNELS_SKIP_EXT=1           build no extension: the pure-Python package.
+  SLICE_KERNELS_SKIP_EXT=1           build no extension: the pure-Python package (also true/yes/on; 0/false/
+                                     no/off/empty build it, any case; the same spellings as at import).
   SLICE_KERNELS_CUDA_ARCHS="90;80"   CUDA architectures to build for (default: the visible GPU's, else 80;90).
   SLICE_KERNELS_FORCE_CPU=1          build only the CPU kernels even when CUDA torch is present.
 A failed build of the extension is an error of `pip install`; at import a missing or incompatible
@@ -33,8 +34,21 @@ def _torch_arch_list(archs: str) -> str:
     return ";".join(x for x in out if x)
 
 
+def _skip_ext() -> bool:
+    """SLICE_KERNELS_SKIP_EXT as slice_kernels._ext reads it. An unrecognised value stops the build, unlike at
+    import (a warning there): a build that guessed wrong costs minutes and its warning is lost in pip's log."""
+    raw = os.environ.get("SLICE_KERNELS_SKIP_EXT")
+    value = "" if raw is None else raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise SystemExit(f"SLICE_KERNELS_SKIP_EXT={raw!r} is not recognised: use 1/true/yes/on to build no extension, "
+                     f"0/false/no/off/empty to build it (case-insensitive)")
+
+
 def _extensions():
-    if os.environ.get("SLICE_KERNELS_SKIP_EXT") == "1":
+    if _skip_ext():
         return [], {}
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension

@@ -8,14 +8,35 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 import torch
 
 log = logging.getLogger("slice_kernels")
 
 NAMESPACE = "slice_kernels_C"
+SKIP_ENV = "SLICE_KERNELS_SKIP_EXT"
+# setup.py reads the same variable with the same spellings (it cannot import the package it builds)
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
 
 _state: dict = {"tried": False, "module": None, "error": None}
+
+
+def skip_requested() -> bool:
+    """Whether ``SLICE_KERNELS_SKIP_EXT`` asks for the pure-Python package. An unrecognised value warns and
+    counts as unset: a typo must not make the package unimportable, and loading the extension is the default."""
+    raw = os.environ.get(SKIP_ENV)
+    if raw is None:
+        return False
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value not in _FALSE:
+        warnings.warn(f"{SKIP_ENV}={raw!r} is not recognised; use one of {'/'.join(_TRUE)} to skip the native "
+                      f"extension or {'/'.join(_FALSE[:-1])}/empty to load it (case-insensitive); loading it",
+                      RuntimeWarning, stacklevel=2)
+    return False
 
 
 def load():
@@ -23,8 +44,8 @@ def load():
     if _state["tried"]:
         return _state["module"]
     _state["tried"] = True
-    if os.environ.get("SLICE_KERNELS_SKIP_EXT") == "1":
-        _state["error"] = "SLICE_KERNELS_SKIP_EXT=1 is set"
+    if skip_requested():
+        _state["error"] = f"{SKIP_ENV}={os.environ[SKIP_ENV]} is set"
         return None
     try:
         from slice_kernels import _C  # noqa: F401  (registers the torch operators as a side effect)

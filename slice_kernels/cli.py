@@ -19,6 +19,19 @@ def _csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
+def _profile_default(field: str) -> str:
+    """The default of a run option, read from runner.profiles so the help cannot drift from the presets:
+    "default 0" when every profile agrees, else "default: the profile's (8 for default, 64 for paper)"."""
+    from .runner.profiles import PROFILES, RunConfig
+
+    base = getattr(RunConfig(), field)  # the default profile is RunConfig's own values
+    fmt = lambda v: f"{v:g}" if isinstance(v, float) else str(v)
+    vals = {name: fmt(over.get(field, base)) for name, over in PROFILES.items()}
+    if len(set(vals.values())) == 1:
+        return f"default {fmt(base)}"
+    return "default: the profile's (" + ", ".join(f"{v} for {name}" for name, v in vals.items()) + ")"
+
+
 def _run_parser(sub):
     p = sub.add_parser("run", help="run a continual task sequence with several init methods side by side")
     p.add_argument("--profile", default="default", help="default (2-core CPU, about 7 min) or paper (GPU, the paper's settings)")
@@ -26,22 +39,23 @@ def _run_parser(sub):
     p.add_argument("--tasks", help="comma-separated reasoning-gym names and/or JSONL files, or @mined.json")
     p.add_argument("--heldout", help="comma-separated held-out tasks for GP/IP (outside the sequence); '' for none")
     p.add_argument("--methods", help="comma-separated methods (slice-kernels methods lists them)")
-    p.add_argument("--rank", type=int)
-    p.add_argument("--alpha", type=float)
+    p.add_argument("--rank", type=int, help=f"LoRA rank r; {_profile_default('rank')}")
+    p.add_argument("--alpha", type=float, help=f"LoRA α, rsLoRA scaling α/√r; {_profile_default('alpha')}")
     p.add_argument("--targets", help="comma-separated module names to adapt (PEFT target_modules)")
     p.add_argument("--steps", type=int, help="training steps per task")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help=f"learning rate; {_profile_default('lr')}")
+    p.add_argument("--batch-size", type=int, help=f"training examples per step; {_profile_default('batch_size')}")
     p.add_argument("--train-on", choices=["answer", "prompt+answer"], help="which tokens carry the loss (default answer)")
     p.add_argument("--n-train", type=int, help="training examples per task")
     p.add_argument("--n-eval", type=int, help="evaluation examples per task")
-    p.add_argument("--svd", choices=["randomized", "exact"])
+    p.add_argument("--svd", choices=["randomized", "exact"],
+                   help=f"SVD of the gradient inits; {_profile_default('svd')}")
     p.add_argument("--tau", type=float, help="SLICE conflict threshold τ: surgery when cos < τ (default 0)")
     p.add_argument("--strength", type=float, help="SLICE projection strength c in [0, 1] (default 1)")
     p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option for the methods, repeatable (e.g. ps_lambda=0.5, ps_mode=hinge, gorp_rank=4, "
                         "scale=stable); VALUE is read as JSON when it parses, else as a string")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help=f"seed of every random choice; {_profile_default('seed')}")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the profile's)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", default="runs/continual", help="output directory (default runs/continual)")

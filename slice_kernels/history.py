@@ -298,4 +298,18 @@ class HistoryStore:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device="cpu") -> "HistoryStore":
-        return cls.from_state_dict(torch.load(path, map_location="cpu", weights_only=True), device)
+        what = (f"HistoryStore.load: {os.fspath(path)!r} is not a saved history (expected a file written by "
+                f"HistoryStore.save")
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+        except OSError:  # missing or unreadable: the OS's own message names the path
+            raise
+        except Exception as exc:  # not a torch file (a text file fails with KeyError, an empty one with EOFError)
+            raise ValueError(f"{what}; torch.load failed: {type(exc).__name__}: {exc})") from exc
+        if not (isinstance(d, dict) and {"kind", "tasks", "layers"} <= set(d) and isinstance(d["layers"], dict)):
+            found = f"a dict with keys {sorted(map(str, d))[:8]}" if isinstance(d, dict) else f"a {type(d).__name__}"
+            raise ValueError(f"{what}, a dict with 'kind', 'tasks' and 'layers'; found {found})")
+        try:
+            return cls.from_state_dict(d, device)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{what}; its contents do not form one: {type(exc).__name__}: {exc})") from exc

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -45,3 +47,26 @@ def test_every_declared_native_op_has_its_cpu_kernel():
     if not _ext.load().with_cuda:  # a CPU-only build: the check must name what is missing
         with pytest.raises(RuntimeError, match="no cuda kernel for"):
             _ext.require_kernels("cuda")
+
+
+@pytest.mark.parametrize("value", ["1", "true", "TRUE", "Yes", "on", " 1 "])
+def test_skip_ext_accepts_the_usual_true_spellings(monkeypatch, value):
+    monkeypatch.setenv(_ext.SKIP_ENV, value)
+    monkeypatch.setattr(_ext, "_state", {"tried": False, "module": None, "error": None})  # restored afterwards
+    assert _ext.skip_requested()
+    assert _ext.load() is None and _ext.SKIP_ENV in _ext.load_error()
+
+
+@pytest.mark.parametrize("value", ["0", "false", "No", "OFF", ""])
+def test_skip_ext_false_spellings_do_not_skip(monkeypatch, value):
+    monkeypatch.setenv(_ext.SKIP_ENV, value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not _ext.skip_requested()
+
+
+def test_skip_ext_unrecognised_value_warns_and_loads(monkeypatch):
+    monkeypatch.setenv(_ext.SKIP_ENV, "skip")
+    with pytest.warns(RuntimeWarning, match=r"SLICE_KERNELS_SKIP_EXT='skip' is not recognised; use one of "
+                                            r"1/true/yes/on .* 0/false/no/off/empty"):
+        assert not _ext.skip_requested()

@@ -15,14 +15,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _setup_py():
-    """NVCC_FLAGS and _torch_arch_list of setup.py, read without running setup()."""
+    """NVCC_FLAGS, _torch_arch_list and _skip_ext of setup.py, read without running setup()."""
     with open(os.path.join(ROOT, "setup.py")) as f:
         tree = ast.parse(f.read())
     ns = {"os": os}
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "NVCC_FLAGS" for t in node.targets):
             exec(compile(ast.Module([node], []), "setup.py", "exec"), ns)
-        if isinstance(node, ast.FunctionDef) and node.name == "_torch_arch_list":
+        if isinstance(node, ast.FunctionDef) and node.name in ("_torch_arch_list", "_skip_ext"):
             exec(compile(ast.Module([node], []), "setup.py", "exec"), ns)
     return ns
 
@@ -39,6 +39,22 @@ def test_arch_list_spelling():
     assert conv("90;80") == "9.0;8.0"
     assert conv("90a, 86") == "9.0a;8.6"
     assert conv("8.9;9.0+PTX") == "8.9;9.0+PTX"
+
+
+def test_skip_ext_spellings_match_the_import(monkeypatch):
+    """setup.py reads SLICE_KERNELS_SKIP_EXT as slice_kernels._ext does, except that an unknown value stops
+    the build instead of warning."""
+    from slice_kernels import _ext
+
+    skip = _setup_py()["_skip_ext"]
+    for value in ("1", "True", "yes", "ON", "0", "false", "no", "Off", ""):
+        monkeypatch.setenv("SLICE_KERNELS_SKIP_EXT", value)
+        assert skip() == _ext.skip_requested(), value
+    monkeypatch.delenv("SLICE_KERNELS_SKIP_EXT")
+    assert not skip()
+    monkeypatch.setenv("SLICE_KERNELS_SKIP_EXT", "skip")
+    with pytest.raises(SystemExit, match="SLICE_KERNELS_SKIP_EXT='skip' is not recognised"):
+        skip()
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")

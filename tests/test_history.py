@@ -146,3 +146,16 @@ def test_bfloat16_factors_are_scaled_in_float32_not_bf16():
     torch.testing.assert_close(h.append(Bs[1], As[1], 1.7).to_dense(torch.float64), exact2, rtol=1e-6, atol=1e-6)
     d = History.from_dense(h.to_dense()).append(Bs[1], As[1], 1.7)
     torch.testing.assert_close(d.dense.double(), exact2, rtol=1e-6, atol=1e-6)
+
+
+def test_store_load_refuses_a_file_that_is_not_a_saved_history(tmp_path):
+    weights = tmp_path / "weights.pt"
+    torch.save({"layer.weight": torch.ones(2, 2)}, weights)
+    text = tmp_path / "notes.txt"
+    text.write_text("not a history\n")
+    for path, found in ((weights, r"found a dict with keys \['layer.weight'\]"), (text, "torch.load failed")):
+        with pytest.raises(ValueError, match=rf"{path.name}' is not a saved history \(expected a file written by "
+                                             rf"HistoryStore.save.*{found}"):
+            HistoryStore.load(path)
+    with pytest.raises(FileNotFoundError):
+        HistoryStore.load(tmp_path / "missing.pt")

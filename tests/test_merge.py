@@ -92,11 +92,20 @@ def test_bad_inputs_are_refused():
         magnitude_merge([ups[0], (ups[1][0], ups[1][1][:, :11])])
     with pytest.raises(ValueError, match="into has shape"):
         magnitude_merge(ups, into=torch.zeros(12, 10))
-    with pytest.raises(ValueError, match="expected a tensor or"):
+    form = r"each update must be a \(B, A, scaling\) factor tuple .* or a dense m×n tensor"
+    with pytest.raises(TypeError, match=f"update 1 is a str; {form}"):
         magnitude_merge([ups[0], "x"])
+    with pytest.raises(TypeError, match=f"update 0 is a list of int and int; {form}"):
+        magnitude_merge([[1, 2], [3, 4]])
+    with pytest.raises(TypeError, match=f"update 1 has scaling 'big'; {form}"):
+        magnitude_merge([ups[0], (ups[1][0], ups[1][1], "big")])
+    with pytest.raises(TypeError, match=f"update 1 is a tuple of length 4; {form}"):
+        magnitude_merge([ups[0], (*ups[1], 0)])
     W = torch.zeros(10, 12)
     with pytest.raises(ValueError):
         magnitude_merge([ups[0], (ups[1][0].T, ups[1][1])], into=W)
+    with pytest.raises(TypeError, match="update 2 is a list of int and int"):
+        magnitude_merge([ups[0], ups[1], [1, 2]], into=W)
     assert torch.equal(W, torch.zeros(10, 12))  # validated before anything was written
 
 

@@ -90,8 +90,33 @@ def test_planted_subset_greedy_when_exhaustive_is_too_costly():
 
 
 def test_choose_subset_bad_size():
-    with pytest.raises(ValueError, match="between 1 and 3"):
-        choose_subset([[1, 0, 0], [0, 1, 0], [0, 0, 1]], 4)
+    C = [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+    for size in (4, 1, 0):  # a single task has no pair to score
+        with pytest.raises(ValueError, match="between 2 and 3"):
+            choose_subset(C, size)
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--buckets", "0"], "--buckets must be at least 1, got 0"),
+    (["--batches", "0"], "--batches must be at least 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--size", "1"], "--size 1 must be between 2 and the pool size 3"),
+    (["--size", "4"], "--size 4 must be between 2 and the pool size 3"),
+])
+def test_mine_cli_refuses_bad_values_before_loading_the_model(tmp_path, monkeypatch, capsys, args, msg):
+    from runner_tiny import write_jsonl
+    from slice_kernels.cli import main
+    from slice_kernels.runner import model as model_mod
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(model_mod, "load_model", no_load)
+    pool = ",".join(write_jsonl(str(tmp_path / f"{t}.jsonl"), [{"prompt": "p", "answer": "a"}]) for t in "abc")
+    out = tmp_path / "mined"
+    assert main(["mine", "--pool", pool, "--out", str(out), *args]) == 2
+    assert msg in capsys.readouterr().err
+    assert not out.exists()
 
 
 @pytest.mark.reasoning_gym

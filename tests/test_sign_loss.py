@@ -168,6 +168,12 @@ def test_bad_inputs_are_refused():
                 sign_consistency_loss(A, B, hist, scaling=1.0, **kw)
     with pytest.raises(TypeError, match=r"History\.from_dense\(H\)"):
         sign_consistency_loss(A, B, torch.randn(20, 30), scaling=1.0)  # a dense H passed as it is
+    # integer factors carry no gradient; refused, like alpha, also at t = 1
+    for hist in (h, None):
+        with pytest.raises(TypeError, match=r"A must be a floating-point tensor .* got torch\.int64"):
+            sign_consistency_loss(A.round().long(), B, hist, scaling=1.0)
+        with pytest.raises(TypeError, match=r"B must be a floating-point tensor .* got torch\.int32"):
+            sign_consistency_loss(A, B.round().int(), hist, scaling=1.0)
 
 
 @pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])

@@ -64,6 +64,8 @@ def _normalize(updates: Sequence[Update]):
         raise ValueError("magnitude_merge: pass a non-empty list of updates, each a dense m×n tensor or a "
                          "(B, A) / (B, A, scaling) tuple")
     items, shape = [], None
+    form = ("each update must be a (B, A, scaling) factor tuple (B (m, r) and A (r, n) tensors, scaling a number; "
+            "(B, A) means scaling 1) or a dense m×n tensor")
     for k, u in enumerate(updates):
         if isinstance(u, torch.Tensor):
             if u.dim() != 2:
@@ -73,15 +75,21 @@ def _normalize(updates: Sequence[Update]):
             sh = tuple(u.shape)
         elif isinstance(u, (tuple, list)) and len(u) in (2, 3):
             B, A = u[0], u[1]
-            s = float(u[2]) if len(u) == 3 else 1.0
+            if not (isinstance(B, torch.Tensor) and isinstance(A, torch.Tensor)):
+                raise TypeError(f"magnitude_merge: update {k} is a {type(u).__name__} of {type(B).__name__} and "
+                                f"{type(A).__name__}; {form}")
+            try:
+                s = float(u[2]) if len(u) == 3 else 1.0
+            except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor scaling with several elements
+                raise TypeError(f"magnitude_merge: update {k} has scaling {u[2]!r}; {form}") from None
             if B.dim() != 2 or A.dim() != 2 or B.shape[1] != A.shape[0]:
                 raise ValueError(f"magnitude_merge: update {k} has B {tuple(B.shape)} and A {tuple(A.shape)}; "
                                  f"expected B (m, r) and A (r, n)")
             items.append(("factors", (B, A, s)))
             sh = (B.shape[0], A.shape[1])
         else:
-            raise ValueError(f"magnitude_merge: update {k} is a {type(u).__name__}; expected a tensor or a "
-                             f"(B, A[, scaling]) tuple")
+            raise TypeError(f"magnitude_merge: update {k} is a {type(u).__name__}"
+                            f"{f' of length {len(u)}' if isinstance(u, (tuple, list)) else ''}; {form}")
         if shape is None:
             shape = sh
         elif sh != shape:

@@ -312,6 +312,12 @@ def sign_consistency_loss(A: torch.Tensor, B: torch.Tensor, history: History | N
         raise TypeError(f"sign_consistency_loss: history must be a slice_kernels.History or None, got "
                         f"{type(history).__name__}; wrap a dense H as History.from_dense(H), or factors as "
                         f"History.from_factors(Bs, As, scalings)")
+    for name, t in (("A", A), ("B", B)):
+        # integer factors cannot carry a gradient, and with no history they used to give 0 without complaint
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+            kind = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"sign_consistency_loss: {name} must be a floating-point tensor (the LoRA factor), got "
+                            f"{kind}; pass e.g. lora_{name}.weight, or convert with .float()")
     if history is None or history.rms == 0.0:
         return (A.sum() + B.sum()) * 0.0  # zero, but connected to A and B so backward() works at t = 1
     _check(A, B, history, mode)

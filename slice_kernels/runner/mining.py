@@ -63,10 +63,9 @@ def _mean_pairwise(C, subset) -> float:
 def choose_subset(C: list[list[float]], size: int) -> tuple[list[int], float, str]:
     """(indices in pool order, mean pairwise cosine, search used) of the most conflicting subset."""
     n = len(C)
-    if not 1 <= size <= n:
-        raise ValueError(f"cannot choose {size} tasks out of a pool of {n}; --size must be between 1 and {n}")
-    if size == 1:
-        return [0], 0.0, "trivial"
+    # the score is a mean over pairs: a single task has none, so size 1 would "choose" an arbitrary task
+    if not 2 <= size <= n:
+        raise ValueError(f"cannot choose {size} tasks out of a pool of {n}; --size must be between 2 and {n}")
     if math.comb(n, size) <= EXHAUSTIVE_LIMIT:
         best = min(itertools.combinations(range(n), size), key=lambda s: (_mean_pairwise(C, s), s))
         return list(best), _mean_pairwise(C, best), "exhaustive"
@@ -89,13 +88,25 @@ def choose_subset(C: list[list[float]], size: int) -> tuple[list[int], float, st
     return sorted(cur), val, "greedy+swap"
 
 
+def check_mine_args(pool_size: int, *, size: int, buckets: int, batches: int, batch_size: int) -> None:
+    """Refuse values that cannot mine anything, before a model is loaded or a gradient computed."""
+    if pool_size < 2:
+        raise ValueError(f"mining needs a pool of at least 2 tasks, got {pool_size} (--pool a,b,...)")
+    if not 2 <= size <= pool_size:
+        raise ValueError(f"--size {size} must be between 2 and the pool size {pool_size}: the search scores "
+                         f"pairs of tasks (add tasks to --pool for a longer sequence)")
+    for opt, v in (("--buckets", buckets), ("--batches", batches), ("--batch-size", batch_size)):
+        if v < 1:
+            raise ValueError(f"{opt} must be at least 1, got {v} (defaults: --buckets 200000, --batches 2, "
+                             f"--batch-size 8)")
+
+
 def mine(model, tok, tasks, *, size: int, buckets: int = 200_000, batches: int = 2, batch_size: int = 8,
          max_len: int = 64, targets=None, seed: int = 0, progress: bool = True) -> dict:
     from .data import make_batches
     from .train import collect_gradients
 
-    if len(tasks) < 2:
-        raise ValueError("mining needs a pool of at least 2 tasks (--pool a,b,...)")
+    check_mine_args(len(tasks), size=size, buckets=buckets, batches=batches, batch_size=batch_size)
     sks, sqs = [], []
     for t in tasks:
         b = make_batches(tok, t.train, batches, batch_size, max_len, seed=zlib.crc32(f"mine/{seed}/{t.name}".encode()))
@@ -151,10 +162,9 @@ def mine_cli(a) -> dict:
     from .tasks import check_spec, expand_task_list, load_task
 
     pool = expand_task_list(a.pool)
+    check_mine_args(len(pool), size=a.size, buckets=a.buckets, batches=a.batches, batch_size=a.batch_size)
     for s in pool:
         check_spec(s)
-    if not 1 <= a.size <= len(pool):
-        raise ValueError(f"--size {a.size} must be between 1 and the pool size {len(pool)}")
     model, tok = load_model(a.model, a.device)
     tasks = [load_task(s, a.batches * a.batch_size, 0, a.seed) for s in pool]
     res = mine(model, tok, tasks, size=a.size, buckets=a.buckets, batches=a.batches, batch_size=a.batch_size,
