@@ -74,11 +74,11 @@ def validate(cfg: RunConfig) -> None:
         if n < cfg.batch_size:
             raise ValueError(f"task {task_name(spec)!r} has {n} training example(s), fewer than one batch "
                              f"(batch_size={cfg.batch_size}): lower --batch-size, raise --n-train, or add examples")
-    _check_device(cfg)
+    _check_device_and_dtype(cfg)
     check_model_dir(cfg.model)
 
 
-def _check_device(cfg: RunConfig) -> None:
+def _check_device_and_dtype(cfg: RunConfig) -> None:
     # torch would only reject the device when the model is moved, after the model load (a minute for SmolLM2)
     # and with a raw traceback; the paper profile defaults to cuda, so on a CPU box this is a likely first error
     try:
