@@ -35,7 +35,7 @@ def _torch_arch_list(archs: str) -> str:
 
 
 def _skip_ext() -> bool:
-    """SLICE_KERNELS_SKIP_EXT as slice_kernels._ext reads it. An unrecognised value stops the build, unlike at
+    """SLICE_KERNELS_SKIP_EXT as slice_kernels.extension reads it. An unrecognised value stops the build, unlike at
     import (a warning there): a build that guessed wrong costs minutes and its warning is lost in pip's log."""
     raw = os.environ.get("SLICE_KERNELS_SKIP_EXT")
     value = "" if raw is None else raw.strip().lower()

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, median_time, print_table  # noqa: E402
 
-import slice_kernels.collect as collect_mod  # noqa: E402
+import slice_kernels.slice_init.collect as collect_mod  # noqa: E402
 from slice_kernels import collect_gradients  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import StreamTable, copy_bandwidth, fmt_time, machine, matmul_rate, median_time, sync  # noqa: E402
 
 from slice_kernels import SliceConfig, dispatch, init_from_gradients  # noqa: E402
-from slice_kernels.init import absorb_  # noqa: E402
+from slice_kernels.slice_init import absorb_  # noqa: E402
 from slice_kernels.ops import conflict, rsvd  # noqa: E402
 
 LLAMA3_8B_BLOCK = {  # (out, in) of each target linear in one decoder block

@@ -102,7 +102,7 @@ if [[ " $STAGES " == *" build "* ]]; then
   step nvcc_check "${T_nvcc_check:-120}" bash .ci/nvcc_check.sh
   # In place, not `pip install`: nothing to fetch, and a warm machine rebuilds only what changed (ninja).
   step build "${T_build:-300}" env MAX_JOBS="${MAX_JOBS:-$(nproc)}" $PY setup.py build_ext --inplace
-  step extension "${T_extension:-60}" $PY -c "import slice_kernels._ext as e; e.require_kernels('cuda')"
+  step extension "${T_extension:-60}" $PY -c "import slice_kernels.extension as e; print(e.require_kernels('cuda'))"
 fi
 if [[ " $STAGES " == *" test "* ]]; then
   workers=()

@@ -29,7 +29,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from slice_kernels import _ext, dispatch  # noqa: E402
+from slice_kernels import dispatch, extension  # noqa: E402
 from slice_kernels.ops import rsvd  # noqa: E402
 
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "rsvd_smollm2_grads.pt")
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--niter", type=int, default=4)
     args = ap.parse_args(argv)
-    if _ext.load() is None or dispatch.refusal("randomized_svd", "cpp", torch.device("cpu")) is not None:
+    if extension.load() is None or dispatch.refusal("randomized_svd", "cpp", torch.device("cpu")) is not None:
         print("rsvd_tf32_emulation: needs the C++ extension (pip install -e . builds it)", file=sys.stderr)
         return 2
     layers = {n: t.float() for n, t in torch.load(FIXTURE).items()}

@@ -17,8 +17,7 @@ import json
 import os
 
 from slice_kernels.runner import make_config, run
-from slice_kernels.runner.init_methods import InitMethod
-from slice_kernels.runner.methods import register
+from slice_kernels.runner.methods import InitMethod, register
 
 CAPITALS = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Germany", "Berlin"),
             ("Japan", "Tokyo"), ("Egypt", "Cairo"), ("Peru", "Lima"), ("Kenya", "Nairobi"),

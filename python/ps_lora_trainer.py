@@ -81,8 +81,8 @@ def train_stage(model, train_ds, *, steps, lr, seed, history=None, lam=0.0, beta
 
 def run(lam: float, args) -> dict:
     from slice_kernels import HistoryStore
-    from slice_kernels.history import lora_factors, lora_layers
-    from slice_kernels.stability import merge_magnitude_into_base, ParameterStabilityLoss
+    from slice_kernels.modules import lora_factors, lora_layers
+    from slice_kernels.ps_lora import ParameterStabilityLoss, merge_magnitude_into_base
 
     (t1_train, t1_eval), (t2_train, t2_eval) = make_task(1, seed=1), make_task(3, seed=2)
     model = tiny_model(args.seed)

@@ -1,40 +1,39 @@
-"""slice-kernels: fast, less forgetful continual LoRA fine-tuning (SLICE, PS-LoRA, GORP)."""
+"""slice-kernels: fast, less forgetful continual LoRA fine-tuning (SLICE, PS-LoRA, GORP).
+
+Layout: ``slice_init/`` (SLICE and its baselines), ``ps_lora/`` (stability loss, magnitude merge), ``gorp/``
+(the optimizer), ``ops/`` (the fused kernels, one module per op), ``runner/`` (the continual-learning
+application, which imports the library and never the reverse); at the top the shared infrastructure.
+"""
 from __future__ import annotations
 
 import importlib
 
-from . import dispatch
-from .collect import collect_gradients, collect_replay_gradients
-from .config import SliceConfig, SliceConfigError
-from .errors import NonFiniteGradientError, SliceInitError
-from .history import History, HistoryStore
-from .init import InitReport, InitResult, init_from_gradients, lora_scaling
-from .ops import conflict as _conflict  # noqa: F401  (importing an op module registers its backends)
-from .ops import gorp_update as _gorp_update  # noqa: F401
-from .ops import grad_accum as _grad_accum  # noqa: F401
-from .ops import rsvd as _rsvd  # noqa: F401
+from . import _compat, dispatch
+from .errors import (
+    BackendUnavailableError, GorpGroupError, HistoryError, NonFiniteGradientError, SliceConfigError, SliceInitError,
+    SliceKernelsError,
+)
+from .gorp import GorpAdamW, build_gorp_optimizer, gorp_param_groups
 from .ops.magnitude_merge import magnitude_merge
-from .ops.sign_loss import sign_consistency_loss
-from .peft_integration import get_slice_model, save_as_lora, save_initial_adapter
+from .ps_lora import History, HistoryStore, ParameterStabilityLoss, StabilityLossMixin, sign_consistency_loss
+from .slice_init import (
+    InitReport, InitResult, SliceConfig, collect_gradients, collect_replay_gradients, get_slice_model,
+    init_from_gradients, lora_scaling, save_as_lora, save_initial_adapter,
+)
 
 __version__ = "0.1.0"
 
-# The stability (PS-LoRA) and GORP modules register runner methods, which imports the runner; they load on
-# first use of their names (PEP 562), so `import slice_kernels` stays light and never half-initialized.
-_LAZY = {
-    "ParameterStabilityLoss": "stability",
-    "StabilityLossMixin": "stability",
-    "PSLoRATrainer": "stability",
-    "GorpAdamW": "gorp",
-    "GorpGroupError": "gorp",
-    "gorp_param_groups": "gorp_groups",
-    "build_gorp_optimizer": "gorp_groups",
-}
+_compat.install()
 
 
 def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    if name == "PSLoRATrainer":  # transformers.Trainer is imported on first use only
+        from .ps_lora import trainer
+
+        return trainer.PSLoRATrainer
+    old = f"{__name__}.{name}"
+    if old in _compat.MOVED:  # slice_kernels.history etc. as attributes, as 0.1's eager imports made them
+        return importlib.import_module(old)
     raise AttributeError(f"module 'slice_kernels' has no attribute {name!r}")
 
 
@@ -42,7 +41,10 @@ __all__ = [
     "SliceConfig",
     "SliceConfigError",
     "SliceInitError",
+    "SliceKernelsError",
     "NonFiniteGradientError",
+    "BackendUnavailableError",
+    "HistoryError",
     "InitReport",
     "InitResult",
     "init_from_gradients",
@@ -57,5 +59,11 @@ __all__ = [
     "HistoryStore",
     "sign_consistency_loss",
     "magnitude_merge",
-    *_LAZY,
+    "ParameterStabilityLoss",
+    "StabilityLossMixin",
+    "PSLoRATrainer",
+    "GorpAdamW",
+    "GorpGroupError",
+    "gorp_param_groups",
+    "build_gorp_optimizer",
 ]

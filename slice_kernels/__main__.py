@@ -1,5 +1,6 @@
+"""``python -m slice_kernels``: the runner's command line (the application's entry point, not a library module)."""
 import sys
 
-from .cli import main
+from .runner.cli import main
 
 sys.exit(main())

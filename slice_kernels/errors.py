@@ -1,12 +1,24 @@
-"""Errors raised by slice_kernels. Each message names the thing at fault and the next step."""
+"""The errors slice_kernels raises. Every one derives from ``SliceKernelsError`` (catch that for "anything
+this package refused") and from the builtin a caller would expect (``ValueError`` for a bad value,
+``TypeError`` for a wrong kind of argument), so code written against the builtins keeps working. Each
+message names the thing at fault and the next step; nothing has been modified when one is raised.
+"""
 from __future__ import annotations
 
-import math
 
-import torch
+class SliceKernelsError(Exception):
+    """Base class of every error raised by slice_kernels (runner errors included)."""
 
 
-class SliceInitError(ValueError):
+class InvalidArgumentError(SliceKernelsError, ValueError):
+    """An argument of an op or a helper has a bad value (shape, device, range)."""
+
+
+class InvalidTypeError(SliceKernelsError, TypeError):
+    """An argument is not of an accepted kind (a tensor where a tuple was expected, an integer factor)."""
+
+
+class SliceInitError(SliceKernelsError, ValueError):
     """Bad input to an initializer; nothing has been modified when this is raised."""
 
 
@@ -22,11 +34,33 @@ class NonFiniteGradientError(SliceInitError):
         )
 
 
-def all_finite(x: torch.Tensor) -> bool:
-    """True when no entry of ``x`` is NaN or ±Inf. A NaN or an infinity makes the sum non-finite, so a finite
-    sum proves it in one read-only pass; a non-finite sum (a real NaN/Inf, or finite entries whose sum
-    overflows) is settled by the exact elementwise check. ``torch.isfinite(x).all()`` alone writes an m×n
-    boolean tensor first and measured 20–40× slower on CPU."""
-    if math.isfinite(float(x.sum())):
-        return True
-    return bool(torch.isfinite(x).all())
+class SliceConfigError(SliceKernelsError, ValueError):
+    """A ``SliceConfig`` field has a bad value; the message names the field and what it accepts."""
+
+
+class HistoryError(SliceKernelsError, ValueError):
+    """A PS-LoRA history (or a stability-loss argument) does not fit the model or layer it is used with."""
+
+
+class GorpGroupError(SliceKernelsError, ValueError):
+    """A parameter group cannot be trained by GorpAdamW as given; the message names the parameter."""
+
+
+class BackendUnavailableError(SliceKernelsError, RuntimeError):
+    """A forced backend cannot run an op; the message lists the reason for each backend."""
+
+
+class NotFoundError(SliceKernelsError, KeyError):
+    """A name or object looked up is not there (an op name, a tensor that is not an optimizer's parameter)."""
+
+
+class UnknownOpError(NotFoundError):
+    """No fused op of that name is defined."""
+
+
+class UnsupportedInputError(SliceKernelsError, RuntimeError):
+    """An input of a kind the package cannot process at all (a sparse gradient)."""
+
+
+class ExtensionError(SliceKernelsError, RuntimeError):
+    """The native extension is missing kernels that were required (a GPU build check)."""

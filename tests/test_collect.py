@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import slice_kernels.collect as collect_mod
+import slice_kernels.slice_init.collect as collect_mod
 from conftest import lm_batches, tiny_gpt2, tiny_llama
 from slice_kernels import SliceInitError, collect_gradients, collect_replay_gradients
 

@@ -88,10 +88,10 @@ def _rewrite_to(rw, src_path: Path, dest: Path, text=None):
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
-    from slice_kernels import _ext
+    from slice_kernels import extension
 
-    if _ext.load() is None:
-        pytest.skip(f"the native CPU extension is not built (the reference kernels): {_ext.load_error()}; "
+    if extension.load() is None:
+        pytest.skip(f"the native CPU extension is not built (the reference kernels): {extension.load_error()}; "
                     "run `python setup.py build_ext --inplace`")
     cxx = _cxx()
     if cxx is None:
@@ -170,9 +170,9 @@ def _p(t):
 
 
 def _nat(op):
-    from slice_kernels import _ext
+    from slice_kernels import extension
 
-    return _ext.native(op)
+    return extension.native(op)
 
 
 def _rel(x, ref):
@@ -220,11 +220,10 @@ def _sign_loss_operands(m, n, r, form):
     # the GPU tests' own cases, so the emulator and the GPU see the same inputs
     from test_gpu_paths import _sign_loss_case
 
-    from slice_kernels.ops.sign_loss import _history_operands
 
     A, B, h = _sign_loss_case(m, n, r, form, seed=r + m)
     H1, H2 = (None if t is None else (t.double() if t.is_floating_point() else t)
-              for t in _history_operands(h, "cpu"))
+              for t in h.operands("cpu"))
     return A, B, H1, H2, h
 
 

@@ -3,7 +3,7 @@ import warnings
 import pytest
 import torch
 
-from slice_kernels import _ext, dispatch
+from slice_kernels import dispatch, extension
 
 
 def test_forced_backend_that_cannot_run_lists_reasons(monkeypatch):
@@ -37,36 +37,36 @@ def test_unknown_op():
         dispatch.select("nope", "cpu")
 
 
-@pytest.mark.skipif(_ext.load() is None, reason="native extension not built (python setup.py build_ext --inplace)")
+@pytest.mark.skipif(extension.load() is None, reason="native extension not built (python setup.py build_ext --inplace)")
 def test_every_declared_native_op_has_its_cpu_kernel():
     """The registry check gpu_all.sh runs for CUDA after its build, here for CPU: every schema of
     csrc/bindings.cpp has a CPU kernel, and an op without one is named."""
-    ops = _ext.declared_ops()
+    ops = extension.declared_ops()
     assert {"conflict_stats", "surgery_", "sign_loss_fwd", "magnitude_merge_factors", "gorp_update"} <= set(ops)
-    _ext.require_kernels("cpu")
-    if not _ext.load().with_cuda:  # a CPU-only build: the check must name what is missing
+    extension.require_kernels("cpu")
+    if not extension.load().with_cuda:  # a CPU-only build: the check must name what is missing
         with pytest.raises(RuntimeError, match="no cuda kernel for"):
-            _ext.require_kernels("cuda")
+            extension.require_kernels("cuda")
 
 
 @pytest.mark.parametrize("value", ["1", "true", "TRUE", "Yes", "on", " 1 "])
 def test_skip_ext_accepts_the_usual_true_spellings(monkeypatch, value):
-    monkeypatch.setenv(_ext.SKIP_ENV, value)
-    monkeypatch.setattr(_ext, "_state", {"tried": False, "module": None, "error": None})  # restored afterwards
-    assert _ext.skip_requested()
-    assert _ext.load() is None and _ext.SKIP_ENV in _ext.load_error()
+    monkeypatch.setenv(extension.SKIP_ENV, value)
+    monkeypatch.setattr(extension, "_state", {"tried": False, "module": None, "error": None})  # restored afterwards
+    assert extension.skip_requested()
+    assert extension.load() is None and extension.SKIP_ENV in extension.load_error()
 
 
 @pytest.mark.parametrize("value", ["0", "false", "No", "OFF", ""])
 def test_skip_ext_false_spellings_do_not_skip(monkeypatch, value):
-    monkeypatch.setenv(_ext.SKIP_ENV, value)
+    monkeypatch.setenv(extension.SKIP_ENV, value)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert not _ext.skip_requested()
+        assert not extension.skip_requested()
 
 
 def test_skip_ext_unrecognised_value_warns_and_loads(monkeypatch):
-    monkeypatch.setenv(_ext.SKIP_ENV, "skip")
+    monkeypatch.setenv(extension.SKIP_ENV, "skip")
     with pytest.warns(RuntimeWarning, match=r"SLICE_KERNELS_SKIP_EXT='skip' is not recognised; use one of "
                                             r"1/true/yes/on .* 0/false/no/off/empty"):
-        assert not _ext.skip_requested()
+        assert not extension.skip_requested()

@@ -42,14 +42,14 @@ def test_arch_list_spelling():
 
 
 def test_skip_ext_spellings_match_the_import(monkeypatch):
-    """setup.py reads SLICE_KERNELS_SKIP_EXT as slice_kernels._ext does, except that an unknown value stops
+    """setup.py reads SLICE_KERNELS_SKIP_EXT as slice_kernels.extension does, except that an unknown value stops
     the build instead of warning."""
-    from slice_kernels import _ext
+    from slice_kernels import extension
 
     skip = _setup_py()["_skip_ext"]
     for value in ("1", "True", "yes", "ON", "0", "false", "no", "Off", ""):
         monkeypatch.setenv("SLICE_KERNELS_SKIP_EXT", value)
-        assert skip() == _ext.skip_requested(), value
+        assert skip() == extension.skip_requested(), value
     monkeypatch.delenv("SLICE_KERNELS_SKIP_EXT")
     assert not skip()
     monkeypatch.setenv("SLICE_KERNELS_SKIP_EXT", "skip")
@@ -108,7 +108,7 @@ def _factor_case(m, n, r, R, seed, device, dtype=torch.float32):
 
 def _check_triton_factor_history(device, m, n, r, R):
     from slice_kernels import dispatch, sign_consistency_loss
-    from slice_kernels.ops.sign_loss import reference_sign_consistency_loss
+    from slice_kernels.ps_lora.loss import reference_sign_consistency_loss
 
     if dispatch.refusal("sign_loss_fwd", "triton", torch.device(device)):
         pytest.skip(dispatch.refusal("sign_loss_fwd", "triton", torch.device(device)))
@@ -145,7 +145,7 @@ def test_triton_factor_history_of_many_tasks_on_gpu():
 def test_cuda_cholesky_kernel_matches_the_cpp_kernel(q):
     """csrc/cuda/rsvd.cu runs the algorithm of csrc/cpu/rsvd.cpp (one block per matrix): same R, same
     floored-pivot counts, on a full-rank, a rank-deficient and a zero Gram matrix, with and without shift."""
-    from slice_kernels import _ext, dispatch
+    from slice_kernels import dispatch, extension
 
     for dev in ("cpu", "cuda"):
         if dispatch.refusal("randomized_svd", "cpp" if dev == "cpu" else "cuda", torch.device(dev)):
@@ -156,7 +156,7 @@ def test_cuda_cholesky_kernel_matches_the_cpp_kernel(q):
     X[1, :, k:] = X[1, :, :k] @ torch.randn(k, q - k, generator=g, dtype=torch.float64)  # rank k of q
     gram = (X.transpose(-1, -2) @ X).contiguous()
     gram[2] = 0
-    chol = _ext.native("cholesky_shifted")
+    chol = extension.native("cholesky_shifted")
     for shift in (0.0, 1e-6):
         R_cpu, f_cpu = chol(gram, shift, q * 2.0**-53)
         R_gpu, f_gpu = chol(gram.cuda(), shift, q * 2.0**-53)
@@ -191,11 +191,11 @@ DEVICES_ALL = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def _native_or_skip(op, device):
-    from slice_kernels import _ext
+    from slice_kernels import extension
 
-    if not _ext.has_kernel(op, device):
-        pytest.skip(f"no native {op} kernel for {device}: {_ext.load_error() or 'not built with it'}")
-    return _ext.native(op)
+    if not extension.has_kernel(op, device):
+        pytest.skip(f"no native {op} kernel for {device}: {extension.load_error() or 'not built with it'}")
+    return extension.native(op)
 
 
 def _sign_loss_case(m, n, r, form, seed):
@@ -244,13 +244,13 @@ def _check_cuda_sign_loss(m, n, r, form, seed, twice=False):
     """Each CUDA op (fwd, bwd with an upstream gradient ≠ 1, fwd_bwd), both modes, against the float64 CPU kernel
     (itself tested against the reference) within 1e-5; with ``twice``, a second call of each must give the same
     bits (deterministic reductions)."""
-    from slice_kernels.ops.sign_loss import KIND, _history_operands
+    from slice_kernels.ops.sign_loss import KIND
 
     ops = {op: (_native_or_skip(op, "cpu"), _native_or_skip(op, "cuda"))
            for op in ("sign_loss_fwd", "sign_loss_bwd", "sign_loss_fwd_bwd")}
     A, B, h = _sign_loss_case(m, n, r, form, seed=seed)
     # the History may keep its tensors in float32; the CPU reference runs in float64 throughout
-    H1, H2 = (None if t is None else (t.double() if t.is_floating_point() else t) for t in _history_operands(h, "cpu"))
+    H1, H2 = (None if t is None else (t.double() if t.is_floating_point() else t) for t in h.operands("cpu"))
     dev = lambda t: None if t is None else (t.float().cuda() if t.is_floating_point() else t.cuda())
     Ac, Bc, H1c, H2c = dev(A), dev(B), dev(H1), dev(H2)
     rel = lambda x, ref: float((x.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-300))

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from slice_kernels import History, HistoryStore
-from slice_kernels.history import gram_sq_norm, lora_factors, lora_layers, pack_sign_bits, unpack_sign_bits
+from slice_kernels.modules import lora_factors, lora_layers
+from slice_kernels.ops.sign_bits import pack_sign_bits, unpack_sign_bits
+from slice_kernels.ps_lora.history import gram_sq_norm
 
 
 def _factors(m, n, ranks, seed=0, dtype=torch.float64):

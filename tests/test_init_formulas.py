@@ -370,7 +370,7 @@ def test_surgery_overflow_is_reported_not_factorized():
 def test_all_finite_is_exact_where_the_fast_sum_is_not(dtype):
     """all_finite (the surgery's and the gradient collection's check) answers from a sum when it can: a sum of
     finite entries that overflows must not count as non-finite, and +Inf with -Inf (a NaN sum) must."""
-    from slice_kernels.errors import all_finite
+    from slice_kernels.slice_init import all_finite
 
     big = torch.finfo(dtype).max
     x = torch.zeros(5, 7, dtype=dtype)

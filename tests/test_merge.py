@@ -115,8 +115,9 @@ def test_runner_merge_gives_base_plus_merged_updates(model_fn, targets):
     """The ps_lora merge hook: after stage t the weights are W_0 + merge(ΔW_1..ΔW_t), not a running sum."""
     from peft import LoraConfig, get_peft_model
 
-    from slice_kernels.history import lora_factors, lora_layers
-    from slice_kernels.stability import _canonical, merge_magnitude_into_base
+    from slice_kernels.modules import lora_factors, lora_layers
+    from slice_kernels.modules import canonical_name as _canonical
+    from slice_kernels.ps_lora import merge_magnitude_into_base
 
     model = model_fn()
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -187,8 +188,9 @@ def test_runner_merge_checks_every_layer_before_writing():
     """A missing update for one layer is an error that leaves every weight as it was (no half-merged model)."""
     from peft import LoraConfig, get_peft_model
 
-    from slice_kernels.history import lora_factors, lora_layers
-    from slice_kernels.stability import _canonical, merge_magnitude_into_base
+    from slice_kernels.modules import lora_factors, lora_layers
+    from slice_kernels.modules import canonical_name as _canonical
+    from slice_kernels.ps_lora import merge_magnitude_into_base
 
     torch.manual_seed(0)
     pm = get_peft_model(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False))

@@ -105,7 +105,7 @@ def test_choose_subset_bad_size():
 ])
 def test_mine_cli_refuses_bad_values_before_loading_the_model(tmp_path, monkeypatch, capsys, args, msg):
     from runner_tiny import write_jsonl
-    from slice_kernels.cli import main
+    from slice_kernels.runner.cli import main
     from slice_kernels.runner import model as model_mod
 
     def no_load(*a, **k):
@@ -126,7 +126,7 @@ def test_mine_cli_on_a_tiny_model(tmp_path, capsys):
     import json
 
     from runner_tiny import save_tiny_llama, write_jsonl
-    from slice_kernels.cli import main
+    from slice_kernels.runner.cli import main
     from slice_kernels.runner.tasks import expand_task_list
 
     model = save_tiny_llama(str(tmp_path / "tiny"))

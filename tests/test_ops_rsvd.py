@@ -8,7 +8,7 @@ import torch
 
 from conftest import backends_for, tiny_llama
 from slice_kernels import SliceConfig, dispatch, init_from_gradients
-from slice_kernels.ops import rsvd
+from slice_kernels.ops import _rsvd_triton, rsvd
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "rsvd_smollm2_grads.pt")
 FUSED = [p for p in backends_for("randomized_svd") if p.values[0] != "torch"]
@@ -16,7 +16,7 @@ FUSED = [p for p in backends_for("randomized_svd") if p.values[0] != "torch"]
 
 def _chol_kernels():
     why = dispatch.refusal("randomized_svd", "triton", torch.device("cpu"))
-    out = [pytest.param(rsvd._cholesky_shifted_triton, id="triton",
+    out = [pytest.param(_rsvd_triton.cholesky_shifted, id="triton",
                         marks=[pytest.mark.skip(reason=f"triton: {why}")] if why else [])]
     why = dispatch.refusal("randomized_svd", "cpp", torch.device("cpu"))
     out.append(pytest.param(rsvd._cholesky_shifted_native, id="cpp",

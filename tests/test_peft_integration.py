@@ -12,7 +12,7 @@ from slice_kernels import (
     NonFiniteGradientError, SliceConfig, SliceInitError, collect_gradients, get_slice_model, save_as_lora,
     save_initial_adapter,
 )
-from slice_kernels.config import METHODS
+from slice_kernels.slice_init.config import METHODS
 
 TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],

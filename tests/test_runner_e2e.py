@@ -9,7 +9,7 @@ import pytest
 from runner_tiny import save_tiny_llama
 from slice_kernels.runner import make_config, run
 from slice_kernels.runner.checkpoint import ResumeError
-from slice_kernels.runner.init_methods import InitMethod
+from slice_kernels.runner.methods import InitMethod
 from slice_kernels.runner.methods import register
 
 pytestmark = pytest.mark.slow

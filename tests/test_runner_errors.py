@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from runner_tiny import save_not_causal, write_jsonl
-from slice_kernels.cli import main
+from slice_kernels.runner.cli import main
 from slice_kernels.runner.model import ModelError, check_model_dir
 from slice_kernels.runner.tasks import TaskError, check_spec, expand_task_list, load_task
 
@@ -237,7 +237,7 @@ def test_a_fresh_run_failing_before_its_first_checkpoint_leaves_the_directory_re
                batch_size=4, grad_batch_size=4, grad_batches=1, replay_batches=1, max_len=16, max_new_tokens=2)
     quiet = dict(progress=False, log=lambda *a: None)
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match="no linear layer of the model matches"):
+    with pytest.raises(ValueError, match="matches no module of LlamaForCausalLM; its linear layers are named"):
         run(make_config("default", **dict(cfg, targets=["q_prj"])), str(out), **quiet)
     assert not out.exists()
     out.mkdir()  # an --out the user made beforehand stays, empty

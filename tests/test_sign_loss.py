@@ -6,7 +6,8 @@ import torch
 
 from conftest import HAS_CUDA, backends_for, tiny_gpt2, tiny_llama
 from slice_kernels import History, HistoryStore, dispatch, sign_consistency_loss
-from slice_kernels.ops.sign_loss import KIND, MODES as MODE_ID, _history_operands, reference_sign_consistency_loss
+from slice_kernels.ops.sign_loss import KIND, MODES as MODE_ID
+from slice_kernels.ps_lora.loss import reference_sign_consistency_loss
 
 # (m, n, r, R): awkward shapes, m ≠ n, not multiples of the 32/256 blocks; r = 1, 8, 64 (= n, its maximum).
 SHAPES = [(37, 53, 1, 3), (70, 45, 8, 8), (65, 64, 64, 16)]
@@ -29,7 +30,7 @@ def _case(m, n, r, R, form, seed=0, dtype=torch.float64):
 
 
 def _operands(h):
-    return _history_operands(h, torch.device("cpu"))
+    return h.operands(torch.device("cpu"))
 
 
 def _rel(x, ref):
@@ -216,7 +217,7 @@ def _peft(model_fn, targets, seed=0):
                          ids=["llama", "gpt2-conv1d"])
 def test_parameter_stability_loss_sums_layers(model_fn, targets):
     from slice_kernels import ParameterStabilityLoss
-    from slice_kernels.history import lora_factors, lora_layers
+    from slice_kernels.modules import lora_factors, lora_layers
 
     earlier = _peft(model_fn, targets, seed=1)
     store = HistoryStore("factors")
@@ -256,7 +257,7 @@ def test_parameter_stability_loss_refuses_a_foreign_history():
 def test_init_offsets_penalize_the_true_update():
     """With s·B₀·A₀ absorbed into W, the update is s·(BA − B₀A₀): at B = B₀, A = A₀ it is zero."""
     from slice_kernels import ParameterStabilityLoss
-    from slice_kernels.history import lora_factors, lora_layers
+    from slice_kernels.modules import lora_factors, lora_layers
 
     pm = _peft(tiny_llama, ["q_proj"], seed=3)
     store = HistoryStore("factors")
@@ -424,7 +425,7 @@ def test_triton_segments_on_gpu_are_deterministic_and_match_reference():
     ref = reference_sign_consistency_loss(A64, B64, h, scaling=0.8, alpha=1.5, beta=0.0, mode="tanh")
     rA, rB = torch.autograd.grad(ref, (A64, B64))
     ref = (float(ref.detach()), rA, rB)
-    H1, H2 = _history_operands(h, torch.device("cuda"))
+    H1, H2 = h.operands(torch.device("cuda"))
     args = (A64.detach().float().cuda(), B64.detach().float().cuda(), H1, H2, 0, 0, 0.8, 1.5 / h.rms, 1.0 / h.rms)
 
     def run(S):

@@ -40,7 +40,7 @@ def _cases(full: bool = False):
     14336×4096, ranks up to 64, histories up to R = 640) or chosen to cross a limit (2³¹ elements)."""
     from slice_kernels.ops import _magnitude_merge_triton as mm
     from slice_kernels.ops import _sign_loss_triton as sl
-    from slice_kernels.ops import conflict, gorp_update, grad_accum, rsvd
+    from slice_kernels.ops import _rsvd_triton, conflict, gorp_update, grad_accum, rsvd  # noqa: F401
 
     from slice_kernels.ops.sign_loss import KIND
 
@@ -62,7 +62,7 @@ def _cases(full: bool = False):
         [_meta(*s) for s in layers], [_meta(*s) for s in layers], torch.tensor([0.5, 0.0, -1.0], dtype=f64))
 
     for q in (16, 40, 128, 256, 512):  # q = r + oversample; 256 at r = 64 with the default oversample = r
-        cases[f"rsvd_cholesky-q{q}"] = lambda q=q: rsvd._cholesky_shifted_triton(
+        cases[f"rsvd_cholesky-q{q}"] = lambda q=q: _rsvd_triton.cholesky_shifted(
             _meta(7, q, q, dtype=f64), 1e-12, 1e-13)
 
     def gorp(dt, proj, param, out, numel=m * n):

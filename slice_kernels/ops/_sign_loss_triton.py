@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .. import dispatch
+from ..errors import InvalidArgumentError
 
 
 @triton.jit
@@ -224,7 +225,7 @@ DOT_PRECISIONS = ("ieee", "tf32x3")
 def _dot_precision() -> str:
     prec = os.environ.get(DOT_PRECISION_ENV, "ieee")
     if prec not in DOT_PRECISIONS:
-        raise ValueError(f"sign loss, triton backend: {DOT_PRECISION_ENV}={prec!r} is not one of {DOT_PRECISIONS}; "
+        raise InvalidArgumentError(f"sign loss, triton backend: {DOT_PRECISION_ENV}={prec!r} is not one of {DOT_PRECISIONS}; "
                          f"unset it for the default (ieee)")
     return prec
 
@@ -274,7 +275,7 @@ def _segments(primary: int, tiles: int, sms: int, forced: int | None = None) -> 
 
 def _check_segments(segments) -> None:
     if segments is not None and (isinstance(segments, bool) or not isinstance(segments, int) or segments < 1):
-        raise ValueError(f"sign loss, triton backend: segments must be a positive int or None (the heuristic), "
+        raise InvalidArgumentError(f"sign loss, triton backend: segments must be a positive int or None (the heuristic), "
                          f"got {segments!r}")
 
 
@@ -309,7 +310,7 @@ def _prep(A, B, H1, H2, kind):
     r = B.shape[1]
     if not fits_gpu(r, kind):
         form = {0: "factor", 1: "dense", 2: "bit"}[kind]
-        raise ValueError(f"sign loss, triton backend: rank r={r} with a {form} history needs more shared memory "
+        raise InvalidArgumentError(f"sign loss, triton backend: rank r={r} with a {form} history needs more shared memory "
                          f"than a GPU block has (at most r={_max_gpu_rank(kind)}); use the cuda backend (the "
                          f"default on CUDA tensors when slice_kernels._C is built) or SLICE_KERNELS_BACKEND=torch")
     A, B = A.float().contiguous(), B.float().contiguous()

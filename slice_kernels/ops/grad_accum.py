@@ -12,70 +12,59 @@ from __future__ import annotations
 
 import torch
 
-from .. import _ext, dispatch
+from .. import dispatch, extension
+from ..errors import InvalidArgumentError
 
 try:  # Triton is optional
-    import triton
-    import triton.language as tl
-except Exception:  # pragma: no cover
-    triton = None
+    from . import _grad_accum_triton as _tri
+except ImportError:  # pragma: no cover
+    _tri = None
+
+GRAD_ACCUMULATE = dispatch.define("grad_accumulate")
 
 
-@dispatch.register("grad_accumulate", "torch")
+@GRAD_ACCUMULATE.register("torch")
 def grad_accumulate_torch(acc: torch.Tensor, grad: torch.Tensor, alpha: float) -> None:
     acc.add_(grad.to(acc.dtype), alpha=alpha)
 
 
-if triton is not None:
+if _tri is not None:
 
-    @triton.jit
-    def _axpy_kernel(acc, grad, n, alpha, BLOCK: tl.constexpr):
-        pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: MLP weights of large models pass 2³¹ elements
-        o = pid * BLOCK + tl.arange(0, BLOCK)
-        m = o < n
-        g = tl.load(grad + o, mask=m, other=0.0).to(tl.float32)
-        a = tl.load(acc + o, mask=m, other=0.0)
-        tl.store(acc + o, a + alpha * g, mask=m)
+    @GRAD_ACCUMULATE.register("triton")
+    def grad_accumulate_triton(acc: torch.Tensor, grad: torch.Tensor, alpha: float) -> None:
+        if not acc.is_contiguous():  # validated before anything is written
+            raise InvalidArgumentError("grad_accumulate with the triton backend needs a contiguous float32 accumulator")
+        _tri.accumulate_(acc, grad.contiguous(), alpha)
 
 
-@dispatch.register("grad_accumulate", "triton")
-def grad_accumulate_triton(acc: torch.Tensor, grad: torch.Tensor, alpha: float) -> None:
-    if not acc.is_contiguous():  # validated before anything is written
-        raise ValueError("grad_accumulate with the triton backend needs a contiguous float32 accumulator")
-    g = grad.contiguous()
-    n = acc.numel()
-    block = 64 if dispatch.interpreting() else 4096
-    _axpy_kernel[(triton.cdiv(n, block),)](acc, g, n, float(alpha), BLOCK=block)
-
-
-@dispatch.register("grad_accumulate", "cpp", native_op="grad_accumulate_")
-@dispatch.register("grad_accumulate", "cuda", native_op="grad_accumulate_")
+@GRAD_ACCUMULATE.register("cpp", native_op="grad_accumulate_")
+@GRAD_ACCUMULATE.register("cuda", native_op="grad_accumulate_")
 def grad_accumulate_native(acc: torch.Tensor, grad: torch.Tensor, alpha: float) -> None:
     if not acc.is_contiguous():
-        raise ValueError("grad_accumulate with a native backend needs a contiguous float32 accumulator")
+        raise InvalidArgumentError("grad_accumulate with a native backend needs a contiguous float32 accumulator")
     g = grad if grad.dtype in (torch.float32, torch.bfloat16, torch.float16) else grad.float()
-    _ext.native("grad_accumulate_")(acc, g.contiguous(), float(alpha))
+    extension.native("grad_accumulate_")(acc, g.contiguous(), float(alpha))
 
 
 def accumulate_(acc: torch.Tensor, grad: torch.Tensor, alpha: float = 1.0) -> None:
     """In place: ``acc += alpha * grad`` (acc float32 on grad's device, same shape)."""
     if acc.dtype != torch.float32:
-        raise ValueError(f"gradient accumulators are float32, got {acc.dtype}")
+        raise InvalidArgumentError(f"gradient accumulators are float32, got {acc.dtype}")
     if acc.shape != grad.shape:
-        raise ValueError(f"accumulator shape {tuple(acc.shape)} != gradient shape {tuple(grad.shape)}")
+        raise InvalidArgumentError(f"accumulator shape {tuple(acc.shape)} != gradient shape {tuple(grad.shape)}")
     if acc.device != grad.device:
-        raise ValueError(f"accumulator on {acc.device} but gradient on {grad.device}; offload after accumulating")
-    dispatch.call("grad_accumulate", grad.device, acc, grad, float(alpha))
+        raise InvalidArgumentError(f"accumulator on {acc.device} but gradient on {grad.device}; offload after accumulating")
+    GRAD_ACCUMULATE(grad.device, acc, grad, float(alpha))
 
 
 def accumulator(device: torch.device | str):
     """The backend implementation of ``acc += alpha * grad`` for tensors on ``device``, chosen once, without
     ``accumulate_``'s per-call checks: for a caller that adds many gradients into accumulators it made itself
     (float32, contiguous, the gradients' shapes and device), as ``collect_gradients``' hook does once per
-    layer and batch. Inside a backward pass the per-call selection measured 50-65 µs a call (the dispatcher
-    and environment lookups run with cold caches between layers), more than the float32 axpy of a 256x256
-    layer. Honours the backend forced (``use_backend`` or the environment variable) when it is called."""
-    return dispatch.select("grad_accumulate", torch.device(device))[1]
+    layer and batch: inside a backward pass the per-call selection costs more than a small layer's axpy
+    (benches/RESULTS.md). Honours the backend forced (``use_backend`` or the environment variable) when it is
+    called."""
+    return GRAD_ACCUMULATE.select(torch.device(device))[1]
 
 
 def accumulate_hook(acc: torch.Tensor, alpha: float = 1.0):
@@ -115,7 +104,7 @@ class PinnedOffload:
 
     def offload(self, name: str, acc: torch.Tensor) -> None:
         if name in self._out:
-            raise ValueError(f"{name!r} was already offloaded; call wait() and start a new PinnedOffload")
+            raise InvalidArgumentError(f"{name!r} was already offloaded; call wait() and start a new PinnedOffload")
         if acc.device.type != "cuda":
             self._out[name] = acc.detach().clone()
             return

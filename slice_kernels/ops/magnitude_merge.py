@@ -16,13 +16,18 @@ from typing import Sequence, Union
 
 import torch
 
-from .. import _ext, dispatch
+from .. import dispatch, extension
+from ..errors import InvalidArgumentError, InvalidTypeError
 
 Update = Union[torch.Tensor, tuple]
 _ROW_BLOCK = 128
+# What the CUDA kernel can store; another output dtype (float64) runs on the torch path (see magnitude_merge).
+_CUDA_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+MAGNITUDE_MERGE_FACTORS = dispatch.define("magnitude_merge_factors")
 
 
-@dispatch.register("magnitude_merge_factors", "torch")
+@MAGNITUDE_MERGE_FACTORS.register("torch")
 def merge_factors_torch(B, A, offsets, scalings, out, accumulate):
     m = B.shape[0]
     for r0 in range(0, m, _ROW_BLOCK):
@@ -37,23 +42,19 @@ def merge_factors_torch(B, A, offsets, scalings, out, accumulate):
             out[r0:r1] = best.to(out.dtype)
 
 
-@dispatch.register("magnitude_merge_factors", "cpp", native_op="magnitude_merge_factors")
-@dispatch.register("magnitude_merge_factors", "cuda", native_op="magnitude_merge_factors")
+@MAGNITUDE_MERGE_FACTORS.register("cpp", native_op="magnitude_merge_factors")
+@MAGNITUDE_MERGE_FACTORS.register("cuda", native_op="magnitude_merge_factors")
 def merge_factors_native(B, A, offsets, scalings, out, accumulate):
     if B.device.type == "cuda":  # the CUDA kernel computes in float32 (mirroring Triton)
-        if out.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            # float64 out (float64 factors, or into= a float64 W): the CUDA kernel stores f32/bf16/f16 only, and
-            # a float64 caller asks for float64 accuracy (as in conflict_stats): the row-block torch path
-            return merge_factors_torch(B.to(out.dtype), A.to(out.dtype), offsets, scalings, out, accumulate)
         B, A = B.float(), A.float()
-    _ext.native("magnitude_merge_factors")(B.contiguous(), A.contiguous(), list(offsets), list(scalings), out,
-                                           bool(accumulate))
+    extension.native("magnitude_merge_factors")(B.contiguous(), A.contiguous(), list(offsets), list(scalings), out,
+                                                bool(accumulate))
 
 
 try:
     from ._magnitude_merge_triton import merge_factors_triton
 
-    dispatch.register("magnitude_merge_factors", "triton")(merge_factors_triton)
+    MAGNITUDE_MERGE_FACTORS.register("triton")(merge_factors_triton)
 except ImportError:  # no triton: the dispatcher says so when it is forced
     pass
 
@@ -61,7 +62,7 @@ except ImportError:  # no triton: the dispatcher says so when it is forced
 def _normalize(updates: Sequence[Update]):
     """[(kind, payload)] with kind 'factors' → (B, A, s) or 'dense' → H; and the common (m, n)."""
     if isinstance(updates, torch.Tensor) or not len(updates):
-        raise ValueError("magnitude_merge: pass a non-empty list of updates, each a dense m×n tensor or a "
+        raise InvalidArgumentError("magnitude_merge: pass a non-empty list of updates, each a dense m×n tensor or a "
                          "(B, A) / (B, A, scaling) tuple")
     items, shape = [], None
     form = ("each update must be a (B, A, scaling) factor tuple (B (m, r) and A (r, n) tensors, scaling a number; "
@@ -69,31 +70,31 @@ def _normalize(updates: Sequence[Update]):
     for k, u in enumerate(updates):
         if isinstance(u, torch.Tensor):
             if u.dim() != 2:
-                raise ValueError(f"magnitude_merge: update {k} is a tensor of shape {tuple(u.shape)}; dense "
+                raise InvalidArgumentError(f"magnitude_merge: update {k} is a tensor of shape {tuple(u.shape)}; dense "
                                  f"updates must be m×n")
             items.append(("dense", u))
             sh = tuple(u.shape)
         elif isinstance(u, (tuple, list)) and len(u) in (2, 3):
             B, A = u[0], u[1]
             if not (isinstance(B, torch.Tensor) and isinstance(A, torch.Tensor)):
-                raise TypeError(f"magnitude_merge: update {k} is a {type(u).__name__} of {type(B).__name__} and "
+                raise InvalidTypeError(f"magnitude_merge: update {k} is a {type(u).__name__} of {type(B).__name__} and "
                                 f"{type(A).__name__}; {form}")
             try:
                 s = float(u[2]) if len(u) == 3 else 1.0
             except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor scaling with several elements
-                raise TypeError(f"magnitude_merge: update {k} has scaling {u[2]!r}; {form}") from None
+                raise InvalidTypeError(f"magnitude_merge: update {k} has scaling {u[2]!r}; {form}") from None
             if B.dim() != 2 or A.dim() != 2 or B.shape[1] != A.shape[0]:
-                raise ValueError(f"magnitude_merge: update {k} has B {tuple(B.shape)} and A {tuple(A.shape)}; "
+                raise InvalidArgumentError(f"magnitude_merge: update {k} has B {tuple(B.shape)} and A {tuple(A.shape)}; "
                                  f"expected B (m, r) and A (r, n)")
             items.append(("factors", (B, A, s)))
             sh = (B.shape[0], A.shape[1])
         else:
-            raise TypeError(f"magnitude_merge: update {k} is a {type(u).__name__}"
+            raise InvalidTypeError(f"magnitude_merge: update {k} is a {type(u).__name__}"
                             f"{f' of length {len(u)}' if isinstance(u, (tuple, list)) else ''}; {form}")
         if shape is None:
             shape = sh
         elif sh != shape:
-            raise ValueError(f"magnitude_merge: update {k} is {sh[0]}×{sh[1]} but update 0 is "
+            raise InvalidArgumentError(f"magnitude_merge: update {k} is {sh[0]}×{sh[1]} but update 0 is "
                              f"{shape[0]}×{shape[1]}")
     return items, shape
 
@@ -107,12 +108,12 @@ def magnitude_merge(updates: Sequence[Update], *, into: torch.Tensor | None = No
     returns W. From factors no m×n buffer is allocated besides the result (none with ``into``)."""
     items, (m, n) = _normalize(updates)
     if into is not None and tuple(into.shape) != (m, n):
-        raise ValueError(f"magnitude_merge: into has shape {tuple(into.shape)} but the updates are {m}×{n}; "
+        raise InvalidArgumentError(f"magnitude_merge: into has shape {tuple(into.shape)} but the updates are {m}×{n}; "
                          f"for a transformers Conv1D weight pass weight.T")
     tensors = [p for kind, p in items if kind == "dense"] + [t for kind, p in items if kind == "factors" for t in p[:2]]
     device = (into if into is not None else tensors[0]).device
     if any(t.device != device for t in tensors):
-        raise ValueError(f"magnitude_merge: every update must be on {device}")
+        raise InvalidArgumentError(f"magnitude_merge: every update must be on {device}")
     # float64 arithmetic when any input or the target W is float64 (the cpp kernel merges float32 factors only
     # into float32/bf16/fp16 outputs)
     f64 = any(t.dtype == torch.float64 for t in tensors) or (into is not None and into.dtype == torch.float64)
@@ -134,8 +135,13 @@ def magnitude_merge(updates: Sequence[Update], *, into: torch.Tensor | None = No
             # A transposed view (e.g. Conv1D's weight.T): merge ΔWᵀ = s·Aᵀ·Bᵀ into the row-major storage.
             target, Bc, Ac = target.T, Ac.T.contiguous(), Bc.T.contiguous()
         elif target.stride(-1) != 1:
-            raise ValueError("magnitude_merge: into must have unit stride along one of its dimensions")
-        dispatch.call("magnitude_merge_factors", device, Bc, Ac, offsets, scal, target, accumulate)
+            raise InvalidArgumentError("magnitude_merge: into must have unit stride along one of its dimensions")
+        backend, merge = MAGNITUDE_MERGE_FACTORS.select(device)
+        if backend == "cuda" and target.dtype not in _CUDA_OUT_DTYPES:
+            # a float64 W asks for float64 accuracy, which the float32 CUDA kernel cannot store: the row-block
+            # torch path (as conflict_stats routes float64 inputs)
+            merge = merge_factors_torch
+        merge(Bc, Ac, offsets, scal, target, accumulate)
         return out
 
     # Dense (or mixed) inputs: already m×n each; merged row block by row block straight into `out`.

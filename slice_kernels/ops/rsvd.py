@@ -19,13 +19,15 @@ from typing import Sequence
 
 import torch
 
-from .. import _ext, dispatch
+from .. import dispatch, extension
+from ..errors import InvalidArgumentError
 
 try:  # Triton is optional
-    import triton
-    import triton.language as tl
-except Exception:  # pragma: no cover
-    triton = None
+    from . import _rsvd_triton as _tri
+except ImportError:  # pragma: no cover
+    _tri = None
+
+RANDOMIZED_SVD = dispatch.define("randomized_svd")
 
 
 def layer_seed(seed: int, name: str) -> int:
@@ -57,7 +59,7 @@ def apply_sign_convention(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tenso
     return U * signs, V * signs
 
 
-@dispatch.register("randomized_svd", "torch")
+@RANDOMIZED_SVD.register("torch")
 def randomized_svd_torch(G: torch.Tensor, omega: torch.Tensor, k: int, niter: int):
     Gt = G.transpose(-1, -2)
     Q, _ = torch.linalg.qr(G @ omega)
@@ -148,94 +150,40 @@ def _rsvd_cholqr(G: torch.Tensor, omega: torch.Tensor, k: int, niter: int, chol)
     return U.contiguous(), S[..., :k].contiguous(), V.contiguous()
 
 
-if triton is not None:
-
-    @triton.jit
-    def _cholesky_floored_kernel(gram, work, R, floored, q, rel_shift, rel_floor, QP: tl.constexpr, BI: tl.constexpr):
-        # One program per matrix, the algorithm of csrc/cpu/rsvd.cpp. The Schur complement lives in `work`
-        # (global scratch), updated BI rows at a time, so registers hold BI×QP values whatever q is (q = 256
-        # at r = 64); debug_barrier orders the program's own stores before the next column reads them.
-        b = tl.program_id(0).to(tl.int64)
-        base = b * q * q
-        offs = tl.arange(0, QP)
-        cm = offs < q
-        diag = tl.load(gram + base + offs * q + offs, mask=cm, other=0.0)
-        shift = rel_shift * tl.sum(diag, 0)
-        top = tl.max(diag, 0) + shift
-        floor = tl.where(top > 0.0, rel_floor * top, 1.0)  # Y = 0: R = I, Q = 0
-        for i0 in range(0, q, BI):  # work = gram + shift·I
-            ii = i0 + tl.arange(0, BI)
-            m2 = (ii[:, None] < q) & cm[None, :]
-            tile = tl.load(gram + base + ii[:, None] * q + offs[None, :], mask=m2, other=0.0)
-            tile += tl.where(ii[:, None] == offs[None, :], shift, 0.0)
-            tl.store(work + base + ii[:, None] * q + offs[None, :], tile, mask=m2)
-        tl.debug_barrier()
-        n_floor = tl.sum(tl.zeros([QP], dtype=tl.int32), 0)
-        for j in range(0, q):
-            rowj = tl.load(work + base + j * q + offs, mask=cm, other=0.0)
-            d = tl.sum(tl.where(offs == j, rowj, 0.0), 0)
-            low = (d <= floor) | (d != d)  # d != d: NaN
-            n_floor += low.to(tl.int32)
-            r = tl.sqrt(tl.where(low, floor, d))
-            # a floored row is noise: kept out of R (see csrc/cpu/rsvd.cpp), the column stands alone
-            rr = tl.where((offs > j) & cm, rowj / r, 0.0)
-            rr = tl.where(low, 0.0, rr)
-            tl.store(R + base + j * q + offs, tl.where(offs == j, r, rr), mask=cm)
-            for i0 in range(j + 1, q, BI):
-                ii = i0 + tl.arange(0, BI)
-                im = ii < q
-                rri = tl.load(work + base + j * q + ii, mask=im, other=0.0) / r
-                m2 = im[:, None] & cm[None, :]
-                ptr = work + base + ii[:, None] * q + offs[None, :]
-                tile = tl.load(ptr, mask=m2, other=0.0)
-                tl.store(ptr, tile - rri[:, None] * rr[None, :], mask=m2)
-            tl.debug_barrier()
-        tl.store(floored + b, n_floor)
-
-
-def _cholesky_shifted_triton(gram: torch.Tensor, rel_shift: float, rel_floor: float):
-    b, q, _ = gram.shape
-    R = torch.zeros_like(gram)
-    work = torch.empty_like(gram)
-    floored = torch.empty(b, dtype=torch.int32, device=gram.device)
-    qp = max(32, triton.next_power_of_2(q))
-    bi = 32 if dispatch.interpreting() else max(1, min(32, 4096 // qp))
-    _cholesky_floored_kernel[(b,)](gram, work, R, floored, q, float(rel_shift), float(rel_floor), QP=qp, BI=bi)
-    return R, floored
-
-
 def _cholesky_shifted_native(gram: torch.Tensor, rel_shift: float, rel_tol: float):
-    _ext.load()  # cached; lets tests call the kernel directly
-    return _ext.native("cholesky_shifted")(gram, float(rel_shift), float(rel_tol))
+    extension.load()  # cached; lets tests call the kernel directly
+    return extension.native("cholesky_shifted")(gram, float(rel_shift), float(rel_tol))
 
 
-@dispatch.register("randomized_svd", "triton")
-def randomized_svd_triton(G: torch.Tensor, omega: torch.Tensor, k: int, niter: int):
-    return _rsvd_cholqr(G, omega, k, niter, _cholesky_shifted_triton)
+if _tri is not None:
+
+    @RANDOMIZED_SVD.register("triton")
+    def randomized_svd_triton(G: torch.Tensor, omega: torch.Tensor, k: int, niter: int):
+        return _rsvd_cholqr(G, omega, k, niter, _tri.cholesky_shifted)
 
 
 # cpp runs only when forced: on CPU, LAPACK's Householder QR of a tall 512×64 panel is cheap and the float64
 # Gram passes are not, so this algorithm measured 0.66–0.9× the torch reference there (benches/RESULTS.md).
 # It stays as the CPU mirror of the CUDA path (same algorithm, testable in CI) and for the forced-backend runs.
-@dispatch.register("randomized_svd", "cpp", native_op="cholesky_shifted", auto=False)
-@dispatch.register("randomized_svd", "cuda", native_op="cholesky_shifted")
+@RANDOMIZED_SVD.register("cpp", native_op="cholesky_shifted", auto=False)
+@RANDOMIZED_SVD.register("cuda", native_op="cholesky_shifted")
 def randomized_svd_native(G: torch.Tensor, omega: torch.Tensor, k: int, niter: int):
     return _rsvd_cholqr(G, omega, k, niter, _cholesky_shifted_native)
 
 
 def _check(G: torch.Tensor, k: int) -> None:
     if G.dim() != 3:
-        raise ValueError(f"expected a batch of matrices (b, m, n), got shape {tuple(G.shape)}")
+        raise InvalidArgumentError(f"expected a batch of matrices (b, m, n), got shape {tuple(G.shape)}")
     if not 1 <= k <= min(G.shape[-2:]):
-        raise ValueError(f"k={k} must be in [1, min(m, n)={min(G.shape[-2:])}]")
+        raise InvalidArgumentError(f"k={k} must be in [1, min(m, n)={min(G.shape[-2:])}]")
 
 
 def randomized_svd(G: torch.Tensor, omega: torch.Tensor, k: int, niter: int = 4):
     """Top-k randomized SVD of each matrix of G (b, m, n) with sketch omega (b, n, q), q ≥ k."""
     _check(G, k)
     if omega.shape[0] != G.shape[0] or omega.shape[1] != G.shape[2] or omega.shape[2] < k:
-        raise ValueError(f"sketch shape {tuple(omega.shape)} does not fit G {tuple(G.shape)} with k={k}")
-    return dispatch.call("randomized_svd", G.device, G, omega, k, niter)
+        raise InvalidArgumentError(f"sketch shape {tuple(omega.shape)} does not fit G {tuple(G.shape)} with k={k}")
+    return RANDOMIZED_SVD(G.device, G, omega, k, niter)
 
 
 def exact_svd(G: torch.Tensor, k: int):

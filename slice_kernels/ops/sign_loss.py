@@ -1,7 +1,7 @@
 """PS-LoRA sign-consistency loss of one layer (SPEC §3), fused so no m×n tensor is materialized.
 
-With ΔW = s·B·A (B m×r, A r×n), the history H (factors, dense or sign bits; see ``slice_kernels.history``)
-and α_ℓ = α / rms(H):
+With ΔW = s·B·A (B m×r, A r×n), the history H given by its operands (factors H1·H2, a dense H1, or sign
+bits H1 packed by ``sign_bits``) and α_ℓ = α / rms(H):
 
 * tanh:  L_dir = mean_j [1 − tanh(α_ℓ ΔW_j) · t_j],  t_j = tanh(α_ℓ H_j) (sign(H_j) in bit form);
 * hinge: L_dir = mean_j relu(−sign(H_j) · ΔW_j) / rms(H);
@@ -14,8 +14,9 @@ G = ∂L_dir/∂ΔW and contracts it at once: dB += s·G·Aᵀ, dA += s·Bᵀ·G
 Extra memory is O((m+n)·r) plus tiles.
 
 Backends (``slice_kernels.dispatch``): ``torch`` (row-block chunked, float64-capable; the portable fallback),
-``cpp`` (tiled, OpenMP, float32/float64), ``triton`` and ``cuda`` (compute in float32). ``reference_*`` below
-materializes everything and is the oracle of the tests only.
+``cpp`` (tiled, OpenMP, float32/float64), ``triton`` and ``cuda`` (compute in float32). The user-facing
+``sign_consistency_loss`` (taking a ``History``) and the materializing oracle of the tests are in
+``slice_kernels.ps_lora.loss``.
 
 The autograd wrappers are ``torch.library`` custom ops with fake kernels and ``register_autograd``, so
 ``torch.compile`` traces them as single nodes: ``slice_kernels::sign_loss_dir`` (forward; its backward is
@@ -25,17 +26,20 @@ only scales them).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
-from .. import _ext, dispatch
-from ..history import History, unpack_sign_bits
+from .. import dispatch, extension
+from ..errors import InvalidArgumentError
+from .sign_bits import unpack_sign_bits
 
 KIND = {"factors": 0, "dense": 1, "bits": 2}
 MODES = {"tanh": 0, "hinge": 1}
-DEFAULT_BETA = 0.1  # SPEC §3 leaves β to the caller; 0.1 keeps L_mag a tie-breaker next to L_dir ≤ 2.
+
+SIGN_LOSS_FWD = dispatch.define("sign_loss_fwd")
+SIGN_LOSS_BWD = dispatch.define("sign_loss_bwd")
+SIGN_LOSS_FWD_BWD = dispatch.define("sign_loss_fwd_bwd")
 
 # Rows per block of the torch backend: bounds its working set to a few row blocks of ΔW and H.
 _TORCH_ROW_BLOCK = 128
@@ -76,7 +80,7 @@ def _h_rows(kind, H1, H2, r0, r1, n, dtype):
 
 
 # ---------------------------------------------------------------------------------------------- torch backend
-@dispatch.register("sign_loss_fwd", "torch")
+@SIGN_LOSS_FWD.register("torch")
 def sign_loss_fwd_torch(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms):
     m, n = B.shape[0], A.shape[1]
     dt = _compute_dtype(A)
@@ -112,14 +116,14 @@ def _row_block_pass(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms, want_lo
     return total, dA, dB
 
 
-@dispatch.register("sign_loss_bwd", "torch")
+@SIGN_LOSS_BWD.register("torch")
 def sign_loss_bwd_torch(grad, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms):
     _, dA, dB = _row_block_pass(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms, want_loss=False)
     g = grad.to(dA.dtype)
     return (dA * g).to(A.dtype), (dB * g).to(B.dtype)
 
 
-@dispatch.register("sign_loss_fwd_bwd", "torch")
+@SIGN_LOSS_FWD_BWD.register("torch")
 def sign_loss_fwd_bwd_torch(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms):
     """The training path: (L_dir, ∂L_dir/∂A, ∂L_dir/∂B) from one pass over the row blocks."""
     total, dA, dB = _row_block_pass(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms, want_loss=True)
@@ -138,39 +142,39 @@ def _native_args(A, B, H1, H2, kind):
     return Ac, Bc, H1.contiguous(), H2
 
 
-@dispatch.register("sign_loss_fwd", "cpp", native_op="sign_loss_fwd")
-@dispatch.register("sign_loss_fwd", "cuda", native_op="sign_loss_fwd")
+@SIGN_LOSS_FWD.register("cpp", native_op="sign_loss_fwd")
+@SIGN_LOSS_FWD.register("cuda", native_op="sign_loss_fwd")
 def sign_loss_fwd_native(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms):
     Ac, Bc, H1, H2 = _native_args(A, B, H1, H2, kind)
     if A.device.type == "cuda":  # the CUDA kernels compute in float32 (mirroring Triton)
         Ac, Bc = Ac.float(), Bc.float()
         H1 = H1.float() if kind != 2 else H1
         H2 = H2.float() if H2 is not None else None
-    return _ext.native("sign_loss_fwd")(Ac, Bc, H1, H2, kind, mode, scaling, alpha_l, inv_rms).to(_compute_dtype(A))
+    return extension.native("sign_loss_fwd")(Ac, Bc, H1, H2, kind, mode, scaling, alpha_l, inv_rms).to(_compute_dtype(A))
 
 
-@dispatch.register("sign_loss_bwd", "cpp", native_op="sign_loss_bwd")
-@dispatch.register("sign_loss_bwd", "cuda", native_op="sign_loss_bwd")
+@SIGN_LOSS_BWD.register("cpp", native_op="sign_loss_bwd")
+@SIGN_LOSS_BWD.register("cuda", native_op="sign_loss_bwd")
 def sign_loss_bwd_native(grad, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms):
     Ac, Bc, H1, H2 = _native_args(A, B, H1, H2, kind)
     if A.device.type == "cuda":
         Ac, Bc = Ac.float(), Bc.float()
         H1 = H1.float() if kind != 2 else H1
         H2 = H2.float() if H2 is not None else None
-    dA, dB = _ext.native("sign_loss_bwd")(grad.to(Ac.dtype).reshape(()), Ac, Bc, H1, H2, kind, mode, scaling,
+    dA, dB = extension.native("sign_loss_bwd")(grad.to(Ac.dtype).reshape(()), Ac, Bc, H1, H2, kind, mode, scaling,
                                           alpha_l, inv_rms)
     return dA.to(A.dtype), dB.to(B.dtype)
 
 
-@dispatch.register("sign_loss_fwd_bwd", "cpp", native_op="sign_loss_fwd_bwd")
-@dispatch.register("sign_loss_fwd_bwd", "cuda", native_op="sign_loss_fwd_bwd")
+@SIGN_LOSS_FWD_BWD.register("cpp", native_op="sign_loss_fwd_bwd")
+@SIGN_LOSS_FWD_BWD.register("cuda", native_op="sign_loss_fwd_bwd")
 def sign_loss_fwd_bwd_native(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms):
     Ac, Bc, H1, H2 = _native_args(A, B, H1, H2, kind)
     if A.device.type == "cuda":
         Ac, Bc = Ac.float(), Bc.float()
         H1 = H1.float() if kind != 2 else H1
         H2 = H2.float() if H2 is not None else None
-    loss, dA, dB = _ext.native("sign_loss_fwd_bwd")(Ac, Bc, H1, H2, kind, mode, scaling, alpha_l, inv_rms)
+    loss, dA, dB = extension.native("sign_loss_fwd_bwd")(Ac, Bc, H1, H2, kind, mode, scaling, alpha_l, inv_rms)
     return loss.to(_compute_dtype(A)), dA.to(A.dtype), dB.to(B.dtype)
 
 
@@ -178,9 +182,9 @@ def sign_loss_fwd_bwd_native(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms
 try:
     from . import _sign_loss_triton as _tri
 
-    dispatch.register("sign_loss_fwd", "triton")(_tri.sign_loss_fwd_triton)
-    dispatch.register("sign_loss_bwd", "triton")(_tri.sign_loss_bwd_triton)
-    dispatch.register("sign_loss_fwd_bwd", "triton")(_tri.sign_loss_fwd_bwd_triton)
+    SIGN_LOSS_FWD.register("triton")(_tri.sign_loss_fwd_triton)
+    SIGN_LOSS_BWD.register("triton")(_tri.sign_loss_bwd_triton)
+    SIGN_LOSS_FWD_BWD.register("triton")(_tri.sign_loss_fwd_bwd_triton)
 except ImportError:  # triton missing: the dispatcher reports "sign_loss_fwd has no triton implementation"
     _tri = None
 
@@ -190,22 +194,22 @@ def _auto_backend(device, r: int, kind: int) -> str:
     """The dispatcher's choice, except that an automatic pick of Triton whose tiles at this rank would not fit
     a GPU block's shared memory (``_sign_loss_triton.fits_gpu``) goes to the torch reference instead; a forced
     Triton backend still raises, naming the limit."""
-    backend = dispatch.select("sign_loss_fwd", device)[0]
+    backend = dispatch.select(SIGN_LOSS_FWD, device)[0]
     if backend == "triton" and dispatch.forced_backend() is None and not _tri.fits_gpu(r, kind):
         return "torch"
     return backend
 
 
-def _run(op, backend: str, device, r: int, kind: int, *args):
+def _run(op: dispatch.Op, backend: str, device, r: int, kind: int, *args):
     with dispatch.use_backend(backend or _auto_backend(device, r, kind)):
-        return dispatch.call(op, device, *args)
+        return op(device, *args)
 
 
 @torch.library.custom_op("slice_kernels::sign_loss_dir", mutates_args=())
 def sign_loss_dir(A: torch.Tensor, B: torch.Tensor, H1: torch.Tensor, H2: Optional[torch.Tensor], kind: int,
                   mode: int, scaling: float, alpha_l: float, inv_rms: float, backend: str) -> torch.Tensor:
     """L_dir of one layer (mean over its m·n entries); see the module doc. ``backend`` "" = dispatcher's choice."""
-    return _run("sign_loss_fwd", backend, A.device, B.shape[1], kind,
+    return _run(SIGN_LOSS_FWD, backend, A.device, B.shape[1], kind,
                 A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms)
 
 
@@ -218,7 +222,7 @@ def _(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms, backend):
 def sign_loss_dir_bwd(grad: torch.Tensor, A: torch.Tensor, B: torch.Tensor, H1: torch.Tensor,
                       H2: Optional[torch.Tensor], kind: int, mode: int, scaling: float, alpha_l: float,
                       inv_rms: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _run("sign_loss_bwd", backend, A.device, B.shape[1], kind,
+    return _run(SIGN_LOSS_BWD, backend, A.device, B.shape[1], kind,
                 grad, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms)
 
 
@@ -249,7 +253,7 @@ def sign_loss_dir_train(A: torch.Tensor, B: torch.Tensor, H1: torch.Tensor, H2: 
     """The training form of ``sign_loss_dir``: (L_dir, ∂L_dir/∂A, ∂L_dir/∂B) from one pass over the tiles; its
     autograd backward only scales the saved gradients (O((m+n)·r) memory), so forward + backward cost one pass
     instead of two. Use the first output; the other two are the unit-upstream gradients."""
-    return _run("sign_loss_fwd_bwd", backend, A.device, B.shape[1], kind,
+    return _run(SIGN_LOSS_FWD_BWD, backend, A.device, B.shape[1], kind,
                 A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms)
 
 
@@ -270,95 +274,45 @@ def _train_backward(ctx, grad, _grad_dA, _grad_dB):
 sign_loss_dir_train.register_autograd(_train_backward, setup_context=_train_setup_context)
 
 
-# ---------------------------------------------------------------------------------------------- public API
-def _history_operands(history: History, device):
-    if history.kind == "factors":
-        return history.Bh.to(device), history.Ah.to(device)
-    if history.kind == "dense":
-        return history.dense.to(device), None
-    return history.bits.to(device), None
-
-
-def _check(A, B, history: History, mode: str):
+# ---------------------------------------------------------------------------------------------- public op
+def _check(A, B, shape, mode: str):
     if mode not in MODES:
-        raise ValueError(f"sign_consistency_loss: mode must be one of {tuple(MODES)}, got {mode!r}")
+        raise InvalidArgumentError(f"sign_consistency_loss: mode must be one of {tuple(MODES)}, got {mode!r}")
     if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
-        raise ValueError(f"sign_consistency_loss: A must be (r, n) and B (m, r); got A {tuple(A.shape)}, "
-                         f"B {tuple(B.shape)}")
-    if (B.shape[0], A.shape[1]) != tuple(history.shape):
-        raise ValueError(f"sign_consistency_loss: the update B·A is {B.shape[0]}×{A.shape[1]} but the history "
-                         f"is {history.shape[0]}×{history.shape[1]}; was the history recorded for another layer "
-                         f"(Conv1D layers are (out, in) here: pass the factors transposed)?")
+        raise InvalidArgumentError(f"sign_consistency_loss: A must be (r, n) and B (m, r); got A {tuple(A.shape)}, "
+                                   f"B {tuple(B.shape)}")
+    if (B.shape[0], A.shape[1]) != tuple(shape):
+        raise InvalidArgumentError(
+            f"sign_consistency_loss: the update B·A is {B.shape[0]}×{A.shape[1]} but the history is "
+            f"{shape[0]}×{shape[1]}; was the history recorded for another layer (Conv1D layers are (out, in) "
+            f"here: pass the factors transposed)?")
     if A.dtype != B.dtype or A.device != B.device:
-        raise ValueError(f"sign_consistency_loss: A and B differ in dtype/device ({A.dtype}/{A.device} vs "
-                         f"{B.dtype}/{B.device})")
+        raise InvalidArgumentError(f"sign_consistency_loss: A and B differ in dtype/device ({A.dtype}/{A.device} vs "
+                                   f"{B.dtype}/{B.device})")
 
 
-def sign_consistency_loss(A: torch.Tensor, B: torch.Tensor, history: History | None, *, scaling: float,
-                          alpha: float = 1.0, beta: float = DEFAULT_BETA, mode: str = "tanh") -> torch.Tensor:
-    """L_dir + β·L_mag of one layer (SPEC §3), differentiable in A and B, with no m×n tensor.
-
-    ``A`` (r×n) and ``B`` (m×r) are the new LoRA factors in (out, in) orientation, ``scaling`` the LoRA scale
-    s; ``history`` the earlier updates of this layer. No history, or a zero one, gives 0 (the t = 1 case).
-    The backend follows ``slice_kernels.dispatch``."""
-    if mode not in MODES:
-        raise ValueError(f"sign_consistency_loss: mode must be one of {tuple(MODES)}, got {mode!r}")
-    # checked before the t = 1 shortcut so a bad call fails at the first task, not silently until the second;
-    # a negative alpha would flip tanh's sign and reward disagreeing with H (ParameterStabilityLoss refuses it too)
-    if not (math.isfinite(float(alpha)) and float(alpha) > 0 and math.isfinite(float(beta)) and float(beta) >= 0):
-        raise ValueError(f"sign_consistency_loss: need alpha > 0 and beta ≥ 0, both finite (got alpha={alpha}, "
-                         f"beta={beta})")
-    if history is not None and not isinstance(history, History):
-        raise TypeError(f"sign_consistency_loss: history must be a slice_kernels.History or None, got "
-                        f"{type(history).__name__}; wrap a dense H as History.from_dense(H), or factors as "
-                        f"History.from_factors(Bs, As, scalings)")
-    for name, t in (("A", A), ("B", B)):
-        # integer factors cannot carry a gradient, and with no history they used to give 0 without complaint
-        if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
-            kind = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
-            raise TypeError(f"sign_consistency_loss: {name} must be a floating-point tensor (the LoRA factor), got "
-                            f"{kind}; pass e.g. lora_{name}.weight, or convert with .float()")
-    if history is None or history.rms == 0.0:
-        return (A.sum() + B.sum()) * 0.0  # zero, but connected to A and B so backward() works at t = 1
-    _check(A, B, history, mode)
-    H1, H2 = _history_operands(history, A.device)
-    kind = KIND[history.kind]
-    alpha_l = float(alpha) / history.rms
-    inv_rms = 1.0 / history.rms
+def sign_consistency(A: torch.Tensor, B: torch.Tensor, H1: torch.Tensor, H2: torch.Tensor | None, *, kind: str,
+                     shape: tuple[int, int], rms: float, scaling: float, alpha: float, beta: float,
+                     mode: str = "tanh") -> torch.Tensor:
+    """L_dir + β·L_mag of one layer with ΔW = s·B·A against a history H ≠ 0 given by its operands, differentiable
+    in A and B, with no m×n tensor. ``kind`` "factors" (H = H1·H2), "dense" (H = H1) or "bits" (H1 the packed
+    signs); ``shape`` = (m, n); ``rms`` = rms(H) > 0."""
+    _check(A, B, shape, mode)
+    k = KIND[kind]
+    alpha_l = float(alpha) / rms
+    inv_rms = 1.0 / rms
     backend = ""
     if not torch.compiler.is_compiling():
-        backend = _auto_backend(A.device, B.shape[1], kind)  # raises early, and backward uses the same
-    args = (A, B, H1, H2, kind, MODES[mode], float(scaling), alpha_l, inv_rms, backend)
+        backend = _auto_backend(A.device, B.shape[1], k)  # raises early, and backward uses the same
+    args = (A, B, H1, H2, k, MODES[mode], float(scaling), alpha_l, inv_rms, backend)
     if torch.is_grad_enabled() and (A.requires_grad or B.requires_grad):
         l_dir = sign_loss_dir_train(*args)[0]  # loss and gradients in one pass
     else:
         l_dir = sign_loss_dir(*args)
     if beta == 0.0:
         return l_dir
-    m, n = history.shape
+    m, n = shape
     dt = _compute_dtype(A)
     Ad, Bd = A.to(dt), B.to(dt)
     sq = (scaling ** 2) * ((Bd.T @ Bd) * (Ad @ Ad.T)).sum()
-    return l_dir + beta * sq / (m * n * history.rms ** 2)
-
-
-def reference_sign_consistency_loss(A, B, history: History, *, scaling, alpha=1.0, beta=DEFAULT_BETA,
-                                    mode="tanh"):
-    """The oracle: materialize ΔW and H, then SPEC §3's formula term by term (tests only)."""
-    if history is None or history.rms == 0.0:
-        return (A.sum() + B.sum()) * 0.0
-    dt = _compute_dtype(A)
-    dW = scaling * (B.to(dt) @ A.to(dt))
-    rms = history.rms
-    if history.kind == "bits":
-        sgn = unpack_sign_bits(history.bits, history.shape[1], dt)
-        t, s = sgn, sgn
-    else:
-        H = history.to_dense(dt) if history.kind == "factors" else history.dense.to(dt)
-        t, s = torch.tanh(alpha / rms * H), torch.sign(H)
-    if mode == "tanh":
-        l_dir = (1 - torch.tanh(alpha / rms * dW) * t).mean()
-    else:
-        l_dir = torch.relu(-s * dW).mean() / rms
-    return l_dir + beta * (dW ** 2).mean() / rms ** 2
-
+    return l_dir + beta * sq / (m * n * rms ** 2)

@@ -15,9 +15,7 @@ import random
 import numpy as np
 import torch
 
-
-class ResumeError(ValueError):
-    """``--resume`` (or a fresh run) does not fit what is in the output directory."""
+from .errors import ResumeError
 
 
 def atomic_write_bytes(path: str, write) -> None:

@@ -110,7 +110,7 @@ def mine(model, tok, tasks, *, size: int, buckets: int = 200_000, batches: int =
     sks, sqs = [], []
     for t in tasks:
         b = make_batches(tok, t.train, batches, batch_size, max_len, seed=zlib.crc32(f"mine/{seed}/{t.name}".encode()))
-        g = collect_gradients(model, targets, b, progress=progress, desc=f"mine {t.name}")
+        g = collect_gradients(model, targets, b, progress=progress)
         sk, sq = countsketch(g, buckets, seed)
         del g
         sks.append(sk)

@@ -8,9 +8,7 @@ import os
 
 import torch
 
-
-class ModelError(ValueError):
-    """The model argument does not name a usable local causal LM."""
+from .errors import ModelError
 
 
 def smollm2_path() -> tuple[str, str]:

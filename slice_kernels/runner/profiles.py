@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from .methods import check_method_options
+
 ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -53,7 +55,7 @@ class RunConfig:
     svd: str = "randomized"
     conflict_threshold: float = 0.0  # SLICE's τ: surgery when cos(G_cur, G_prev) < τ
     projection_strength: float = 1.0  # SLICE's c
-    # per-method options (ps_lambda, gorp_rank, SliceConfig fields, ...): see runner.methods.METHOD_OPTIONS
+    # per-method options (ps_lambda, gorp_rank, SliceConfig fields, ...): each method declares its own (runner.methods, Method.options)
     method_options: dict = field(default_factory=dict)
     seed: int = 0
     device: str = "cpu"
@@ -86,8 +88,6 @@ def make_config(profile: str = "default", **overrides) -> RunConfig:
     bad = sorted(set(overrides) - known)
     if bad:
         raise ValueError(f"unknown run option(s) {bad}; known: {sorted(known)}")
-    from .methods import check_method_options
-
     check_method_options(overrides.get("method_options") or {})
     cfg = replace(RunConfig(), profile=profile, **PROFILES[profile])
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 import zlib
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -49,8 +50,7 @@ def validate(cfg: RunConfig) -> None:
         methods_mod.get(m)
     # the init options exactly as the methods receive them (--tau, --strength, --svd, --method-option):
     # a bad value is named now, not at the first init after the run directory was written
-    methods_mod.check_method_options({"svd": cfg.svd, "conflict_threshold": cfg.conflict_threshold,
-                                      "projection_strength": cfg.projection_strength, **cfg.method_options})
+    methods_mod.check_method_options(_method_options(cfg))
     if len(set(cfg.methods)) != len(cfg.methods):
         raise ValueError(f"--methods lists a method twice: {cfg.methods}")
     if cfg.train_on not in TRAIN_ON:
@@ -151,155 +151,206 @@ def run(cfg: RunConfig, out: str, *, resume: bool = False, progress: bool = True
     fresh = not resume and not os.path.isfile(os.path.join(ckpt.ckpt_dir(out), "run.json"))
     out_existed = os.path.exists(out)
     try:
-        return _run(cfg, out, resume=resume, progress=progress, log=log, stop_after=stop_after)
+        return _Run(cfg, out, resume=resume, progress=progress, log=log, stop_after=stop_after).execute()
     except Exception:
         if fresh and rank == 0:
             ckpt.discard_unstarted(out, remove_out=not out_existed)
         raise
 
 
-def _run(cfg: RunConfig, out: str, *, resume: bool, progress: bool, log, stop_after: int | None) -> dict:
-    world, rank = world_and_rank()
-    validate(cfg)
-    # tasks are built before the output directory is touched: a task option value that reasoning-gym rejects
-    # must not leave a run.json behind (it would refuse the corrected rerun in the same --out)
-    tasks = [load_task(s, cfg.n_train, cfg.n_eval, cfg.seed) for s in cfg.tasks]
-    heldout = [load_task(s, max(cfg.ip_shots, 1), cfg.n_heldout, cfg.seed) for s in cfg.heldout]
-    fp = cfg.fingerprint()
-    fp["world_size"] = world
-    if rank == 0:
-        state = ckpt.prepare(out, fp, resume)  # creates --out for a fresh run only: a refused resume leaves no trace
-    if world > 1:
-        dist.barrier()
-        if rank != 0:
-            state = ckpt.prepare(out, fp, True) if resume else None
-    t0 = time.perf_counter()
-    device = cfg.device
-    if device == "cuda" and world > 1:  # one GPU per process under torchrun
-        device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
-    model, tok = load_model(cfg.model, device, cfg.dtype)
-    names = [t.name for t in tasks]
-    lora = LoraSettings(cfg.rank, cfg.alpha, cfg.use_rslora, list(cfg.targets))
-    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    log(f"[runner] model {cfg.model} loaded in {time.perf_counter() - t0:.1f}s; tasks {names}; methods {cfg.methods}; "
-        f"training on {'answer tokens only' if cfg.train_on == 'answer' else 'prompt and answer tokens'}; "
-        f"{world} process(es)")
+@dataclass
+class _Progress:
+    """Everything a checkpoint holds between stages: finished methods, the base model's GP/IP, the replay
+    buffers, the method in flight (its weights' delta from the base, R so far, reports, state), timings and
+    predictions."""
 
-    finished: dict = {}
-    timings: list = []
-    predictions: dict = {}  # method -> per stage -> task -> [{answer, prediction, score}] (rank 0)
-    base_eval = None
-    replay: dict = {}
-    cur = None
-    index = 0
-    if state is not None:
-        finished, base_eval, replay, cur, index, timings, predictions = (
-            state["finished"], state["base_eval"], state["replay"], state.get("current"), state["index"],
-            state["timings"], state["predictions"])
-        ckpt.set_rng_state(state["rng"])
-        replay = {k: [Example(**e) for e in v] for k, v in replay.items()}
-        log(f"[runner] resuming after checkpoint {index} (methods done: {list(finished)}"
-            f"{'; %s at stage %s' % (cur['method'], cur['stage']) if cur else ''})")
-    if base_eval is None:
-        base_eval = _broadcast(_heldout_scores(model, tok, heldout, cfg, progress) if rank == 0 else None)
+    finished: dict = field(default_factory=dict)
+    base_eval: dict | None = None
+    replay: dict = field(default_factory=dict)  # task name -> [Example]
+    current: dict | None = None  # the method in flight, as saved after its last finished stage
+    index: int = 0  # checkpoints written so far
+    timings: list = field(default_factory=list)
+    predictions: dict = field(default_factory=dict)  # method -> per stage -> task -> [{answer, prediction, score}]
+    rng: dict | None = None  # the RNG states saved with the checkpoint, restored once the model is loaded
 
-    def save(payload_current):
-        nonlocal index
-        index += 1
-        if rank == 0:
-            ckpt.save(out, index, {
-                "index": index, "finished": finished, "base_eval": base_eval, "current": payload_current,
-                "timings": timings, "predictions": predictions,
-                "replay": {k: [e.to_dict() for e in v] for k, v in replay.items()},
-                "method": payload_current["method"] if payload_current else None,
-                "stage": payload_current["stage"] if payload_current else None,
-            })
-        if world > 1:
+    @classmethod
+    def from_checkpoint(cls, state: dict | None) -> "_Progress":
+        if state is None:
+            return cls()
+        return cls(state["finished"], state["base_eval"],
+                   {k: [Example(**e) for e in v] for k, v in state["replay"].items()}, state.get("current"),
+                   state["index"], state["timings"], state["predictions"], state["rng"])
+
+    def payload(self, current: dict | None) -> dict:
+        return {
+            "index": self.index, "finished": self.finished, "base_eval": self.base_eval, "current": current,
+            "timings": self.timings, "predictions": self.predictions,
+            "replay": {k: [e.to_dict() for e in v] for k, v in self.replay.items()},
+            "method": current["method"] if current else None, "stage": current["stage"] if current else None,
+        }
+
+
+class _Run:
+    """One run (or resume) of every method over the task sequence; ``execute`` returns the results."""
+
+    def __init__(self, cfg: RunConfig, out: str, *, resume: bool, progress: bool, log, stop_after: int | None):
+        self.cfg, self.out, self.progress, self.log, self.stop_after = cfg, out, progress, log, stop_after
+        self.world, self.rank = world_and_rank()
+        validate(cfg)
+        # tasks are built before the output directory is touched: a task option value that reasoning-gym rejects
+        # must not leave a run.json behind (it would refuse the corrected rerun in the same --out)
+        self.tasks = [load_task(s, cfg.n_train, cfg.n_eval, cfg.seed) for s in cfg.tasks]
+        self.heldout = [load_task(s, max(cfg.ip_shots, 1), cfg.n_heldout, cfg.seed) for s in cfg.heldout]
+        self.state = _Progress.from_checkpoint(self._prepare_out(resume))
+
+    def _prepare_out(self, resume: bool) -> dict | None:
+        fp = self.cfg.fingerprint()
+        fp["world_size"] = self.world
+        state = None
+        if self.rank == 0:
+            state = ckpt.prepare(self.out, fp, resume)  # creates --out for a fresh run only
+        if self.world > 1:
             dist.barrier()
-        return stop_after is not None and index >= stop_after
+            if self.rank != 0:
+                state = ckpt.prepare(self.out, fp, True) if resume else None
+        return state
 
-    for mname in cfg.methods:
-        if mname in finished:
-            continue
+    def _load_model(self) -> None:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        device = cfg.device
+        if device == "cuda" and self.world > 1:  # one GPU per process under torchrun
+            device = f"cuda:{os.environ.get('LOCAL_RANK', self.rank)}"
+        self.model, self.tok = load_model(cfg.model, device, cfg.dtype)
+        self.lora = LoraSettings(cfg.rank, cfg.alpha, cfg.use_rslora, list(cfg.targets))
+        self.base = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.log(f"[runner] model {cfg.model} loaded in {time.perf_counter() - t0:.1f}s; tasks "
+                 f"{[t.name for t in self.tasks]}; methods {cfg.methods}; training on "
+                 f"{'answer tokens only' if cfg.train_on == 'answer' else 'prompt and answer tokens'}; "
+                 f"{self.world} process(es)")
+
+    def _save(self, current: dict | None) -> bool:
+        """Checkpoint after a stage; True when the caller asked to stop here (``stop_after``)."""
+        self.state.index += 1
+        if self.rank == 0:
+            ckpt.save(self.out, self.state.index, self.state.payload(current))
+        if self.world > 1:
+            dist.barrier()
+        return self.stop_after is not None and self.state.index >= self.stop_after
+
+    def execute(self) -> dict:
+        cfg, st = self.cfg, self.state
+        self._load_model()
+        if st.rng is not None:
+            ckpt.set_rng_state(st.rng)
+        if st.current is not None:
+            cur = st.current
+            self.log(f"[runner] resuming after checkpoint {st.index} (methods done: {list(st.finished)}; "
+                     f"{cur['method']} at stage {cur['stage']})")
+        elif st.index:
+            self.log(f"[runner] resuming after checkpoint {st.index} (methods done: {list(st.finished)})")
+        if st.base_eval is None:
+            st.base_eval = _broadcast(self._heldout() if self.rank == 0 else None)
+        for mname in cfg.methods:
+            if mname not in st.finished and self._run_method(mname):
+                return {"stopped_after": st.index}
+        results = {
+            "config": cfg.to_dict(), "tasks": [t.name for t in self.tasks], "heldout": [t.name for t in self.heldout],
+            "scorers": {t.name: t.scorer_name for t in self.tasks + self.heldout},
+            "train_on": cfg.train_on, "world_size": self.world,
+            "base": st.base_eval, "methods": {m: st.finished[m] for m in cfg.methods},
+        }
+        if self.rank == 0:
+            from .report import write_outputs
+
+            self.log(write_outputs(results, self.out, st.timings, st.predictions))
+        return results
+
+    def _heldout(self) -> dict:
+        return _heldout_scores(self.model, self.tok, self.heldout, self.cfg, self.progress)
+
+    def _run_method(self, mname: str) -> bool:
+        """Every remaining stage of one method; True when the run stops early (``stop_after``)."""
+        st, T = self.state, len(self.tasks)
         method = methods_mod.get(mname)
-        model.load_state_dict(base)
-        R = [[None] * len(tasks) for _ in tasks]
-        reports, losses, mstate, done, preds = [], [], {}, 0, []
-        if cur is not None and cur["method"] == mname:
+        self.model.load_state_dict(self.base)
+        mrun = {"R": [[None] * T for _ in self.tasks], "reports": [], "losses": [], "state": {}, "stage": 0,
+                "predictions": []}
+        if st.current is not None and st.current["method"] == mname:
             with torch.no_grad():
-                sd = model.state_dict()
-                for k, v in cur["delta"].items():
+                sd = self.model.state_dict()
+                for k, v in st.current["delta"].items():
                     sd[k].copy_(v)
-            R, reports, losses, mstate, done, preds = (cur["R"], cur["reports"], cur["losses"], cur["state"],
-                                                       cur["stage"], cur["predictions"])
-        cur = None
-        for t in range(done + 1, len(tasks) + 1):
-            task = tasks[t - 1]
-            torch.manual_seed(_seed(cfg.seed, mname, t))  # anything drawing from the global RNG is seeded per stage
-            current = make_batches(tok, task.train, cfg.grad_batches, cfg.grad_batch_size, cfg.max_len,
-                                   _seed(cfg.seed, t, "grad"), cfg.train_on)
-            replay_b = [make_batches(tok, replay[n], cfg.replay_batches, cfg.grad_batch_size, cfg.max_len,
-                                     _seed(cfg.seed, t, "replay", n), cfg.train_on) for n in names[: t - 1]]
-            ctx = StageContext(
-                model=model, stage=t, task_name=task.name, current=current, replay=replay_b, lora=lora, seed=cfg.seed,
-                state=mstate,
-                collect_gradients=lambda b: collect_gradients(model, lora.target_modules, b, progress=progress,
-                                                              desc=f"{mname} t{t} gradients"),
-                loss_fn=default_loss, options={"svd": cfg.svd, "conflict_threshold": cfg.conflict_threshold,
-                                                     "projection_strength": cfg.projection_strength,
-                                                     **cfg.method_options}, world_size=world, rank=rank,
-            )
-            ts = time.perf_counter()
-            peft_model, rep = method.init_adapter(ctx)
-            stream = _train_stream(tok, task, cfg, t, world, rank)
-            ls = train_adapter(peft_model, method, ctx, stream, steps=_steps(cfg, len(task.train)), lr=cfg.lr,
-                               grad_accum=cfg.grad_accum, progress=progress, desc=f"{mname} t{t} {task.name} train")
-            method.end_of_task(ctx, peft_model)
-            model = method.merge(ctx, peft_model)
-            row = None
-            if rank == 0:
-                evals = [evaluate_task(model, tok, tasks[j], max_new_tokens=cfg.max_new_tokens,
-                                       batch_size=cfg.eval_batch_size, max_len=cfg.max_len, progress=progress)
-                         for j in range(t)]
-                row = [e[0] for e in evals]
-                preds.append({tasks[j].name: evals[j][1] for j in range(t)})
-            row = _broadcast(row)
-            R[t - 1][:t] = row
-            seconds = time.perf_counter() - ts
-            # timings vary run to run: they go to timings.json, so results.json of a resumed run is identical
-            timing = {"method": mname, "stage": t, "seconds": seconds, "init_phases": rep.pop("phases_seconds", {})}
-            rep = dict(rep, stage=t, task=task.name)
-            reports.append(rep)
-            timings.append(timing)
-            losses.append(ls)
+            mrun = {k: st.current[k] for k in mrun}
+        st.current = None
+        for t in range(mrun["stage"] + 1, T + 1):
+            self._run_stage(method, mname, t, mrun)
+            mrun["stage"] = t
             # weights that differ from the base are the whole model state a resume needs (exact copies)
-            delta = {k: v.detach().clone() for k, v in model.state_dict().items() if not torch.equal(v, base[k])}
-            if task.name not in replay:
-                replay[task.name] = replay_sample(task.train, cfg.replay_batches * cfg.grad_batch_size,
-                                                  _seed(cfg.seed, "replay_buffer", task.name))
-            log(f"[runner] {mname} stage {t}/{len(tasks)} ({task.name}): loss {ls[0]:.3f} -> {ls[-1]:.3f}, "
-                f"R row {[round(x, 3) for x in row]}, gamma {rep.get('gamma')}, cos {rep.get('cos')}, "
-                f"{seconds:.1f}s")
-            payload = {"method": mname, "stage": t, "delta": delta, "R": R, "reports": reports, "losses": losses,
-                       "state": mstate, "predictions": preds}
-            if t == len(tasks):
-                res = dict(R=R, **continual_metrics(R))
-                held = _broadcast(_heldout_scores(model, tok, heldout, cfg, progress) if rank == 0 else None)
-                res.update(held, init_reports=reports, train_losses=losses)
-                finished[mname] = res
-                predictions[mname] = preds
+            delta = {k: v.detach().clone() for k, v in self.model.state_dict().items() if not torch.equal(v, self.base[k])}
+            payload = {"method": mname, "delta": delta, **mrun}
+            if t == T:
+                res = dict(R=mrun["R"], **continual_metrics(mrun["R"]))
+                held = _broadcast(self._heldout() if self.rank == 0 else None)
+                res.update(held, init_reports=mrun["reports"], train_losses=mrun["losses"])
+                st.finished[mname] = res
+                st.predictions[mname] = mrun["predictions"]
                 payload = None
-            if save(payload):
-                return {"stopped_after": index}
-    results = {
-        "config": cfg.to_dict(), "tasks": names, "heldout": [t.name for t in heldout],
-        "scorers": {t.name: t.scorer_name for t in tasks + heldout},
-        "train_on": cfg.train_on, "world_size": world,
-        "base": base_eval, "methods": {m: finished[m] for m in cfg.methods},
-    }
-    if rank == 0:
-        from .report import write_outputs
+            if self._save(payload):
+                return True
+        return False
 
-        md = write_outputs(results, out, timings, predictions)
-        log(md)
-    return results
+    def _run_stage(self, method, mname: str, t: int, mrun: dict) -> None:
+        """Stage t of one method: init, train, merge, evaluate the tasks seen so far; updates ``mrun`` (R row,
+        report, losses, predictions) and the replay buffers."""
+        cfg, st, tok = self.cfg, self.state, self.tok
+        names = [x.name for x in self.tasks]
+        task = self.tasks[t - 1]
+        torch.manual_seed(_seed(cfg.seed, mname, t))  # anything drawing from the global RNG is seeded per stage
+        current = make_batches(tok, task.train, cfg.grad_batches, cfg.grad_batch_size, cfg.max_len,
+                               _seed(cfg.seed, t, "grad"), cfg.train_on)
+        replay_b = [make_batches(tok, st.replay[n], cfg.replay_batches, cfg.grad_batch_size, cfg.max_len,
+                                 _seed(cfg.seed, t, "replay", n), cfg.train_on) for n in names[: t - 1]]
+        model = self.model
+        ctx = StageContext(
+            model=model, stage=t, task_name=task.name, current=current, replay=replay_b, lora=self.lora,
+            seed=cfg.seed, state=mrun["state"],
+            collect_gradients=lambda b: collect_gradients(model, self.lora.target_modules, b, progress=self.progress),
+            loss_fn=default_loss, options=_method_options(cfg), world_size=self.world, rank=self.rank,
+            progress=self.progress,
+        )
+        ts = time.perf_counter()
+        peft_model, rep = method.init_adapter(ctx)
+        stream = _train_stream(tok, task, cfg, t, self.world, self.rank)
+        ls = train_adapter(peft_model, method, ctx, stream, steps=_steps(cfg, len(task.train)), lr=cfg.lr,
+                           grad_accum=cfg.grad_accum, progress=self.progress, desc=f"{mname} t{t} {task.name} train")
+        method.end_of_task(ctx, peft_model)
+        self.model = method.merge(ctx, peft_model)
+        row = None
+        if self.rank == 0:
+            evals = [evaluate_task(self.model, tok, self.tasks[j], max_new_tokens=cfg.max_new_tokens,
+                                   batch_size=cfg.eval_batch_size, max_len=cfg.max_len, progress=self.progress)
+                     for j in range(t)]
+            row = [e[0] for e in evals]
+            mrun["predictions"].append({self.tasks[j].name: evals[j][1] for j in range(t)})
+        row = _broadcast(row)
+        mrun["R"][t - 1][:t] = row
+        seconds = time.perf_counter() - ts
+        # timings vary run to run: they go to timings.json, so results.json of a resumed run is identical
+        st.timings.append({"method": mname, "stage": t, "seconds": seconds,
+                           "init_phases": rep.pop("phases_seconds", {})})
+        rep = dict(rep, stage=t, task=task.name)
+        mrun["reports"].append(rep)
+        mrun["losses"].append(ls)
+        if task.name not in st.replay:
+            st.replay[task.name] = replay_sample(task.train, cfg.replay_batches * cfg.grad_batch_size,
+                                                 _seed(cfg.seed, "replay_buffer", task.name))
+        self.log(f"[runner] {mname} stage {t}/{len(self.tasks)} ({task.name}): loss {ls[0]:.3f} -> {ls[-1]:.3f}, "
+                 f"R row {[round(x, 3) for x in row]}, gamma {rep.get('gamma')}, cos {rep.get('cos')}, "
+                 f"{seconds:.1f}s")
+
+
+def _method_options(cfg: RunConfig) -> dict:
+    """The options the methods receive: SLICE's own run options and every --method-option."""
+    return {"svd": cfg.svd, "conflict_threshold": cfg.conflict_threshold,
+            "projection_strength": cfg.projection_strength, **cfg.method_options}

@@ -16,11 +16,9 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .errors import TaskError
+
 METRICS = ("exact", "rouge_l")
-
-
-class TaskError(ValueError):
-    """A task spec or task file is bad; the message names it and what to do."""
 
 
 @dataclass

@@ -7,7 +7,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ..collect import default_loss  # the initializer's loss: the same batches give the same gradients
+from ..slice_init.collect import collect_gradients as _collect
+from ..slice_init.collect import default_loss  # the initializer's loss: the same batches give the same gradients
 
 
 def world_and_rank() -> tuple[int, int]:
@@ -20,20 +21,22 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def collect_gradients(model, targets, batches, loss_fn=default_loss, progress=True, desc="gradients"):
-    """Float32 gradients of the target weights, (out, in), averaged over ``batches``, through the package's
-    ``slice_kernels.collect_gradients`` (engineer A's contract; it restores the model and averages over ranks).
-
-    Under torchrun each rank runs batches[rank::world]; the runner makes the batch count a multiple of the
-    world size, so the mean over ranks of the per-rank means is the mean over all batches, as in one process.
-    """
-    from ..collect import collect_gradients as _collect
-
+def rank_share(batches: list) -> list:
+    """This process's share of gradient batches, batches[rank::world]. The runner makes the count a multiple of
+    the world size, so the mean over ranks of the per-rank means is the mean over all batches, as in one
+    process."""
     world, rank = world_and_rank()
     if len(batches) % world:
         raise ValueError(f"{len(batches)} gradient batches cannot be split evenly over {world} processes; use a "
                          f"multiple of {world} (grad_batches / replay_batches)")
-    mine = batches[rank::world]
+    return batches[rank::world]
+
+
+def collect_gradients(model, targets, batches, loss_fn=default_loss, progress=True):
+    """Float32 gradients of the target weights, (out, in), averaged over ``batches`` (this rank's share, then
+    over ranks) through the package's ``slice_kernels.collect_gradients``, which restores the model."""
+    _, rank = world_and_rank()
+    mine = rank_share(batches)
     return _collect(model, list(targets), mine, len(mine), loss_fn, progress=progress and rank == 0)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+from ..errors import SliceConfigError
+
 METHODS = ("slice", "lora_ga", "lora_ga_peft", "loram", "lora")
 SCOPES = ("global", "per_module")
 DIRECTIONS = ("A2rBr", "ArB2r")
@@ -13,10 +15,6 @@ REPLAY_MODES = ("per_task", "pooled")
 
 # Methods that need the current task's gradient, and the one that also reads the replay gradient.
 GRADIENT_METHODS = ("slice", "lora_ga", "lora_ga_peft")
-
-
-class SliceConfigError(ValueError):
-    """A ``SliceConfig`` field has a bad value; the message names the field and what it accepts."""
 
 
 @dataclass

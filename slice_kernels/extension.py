@@ -12,6 +12,8 @@ import warnings
 
 import torch
 
+from .errors import ExtensionError
+
 log = logging.getLogger("slice_kernels")
 
 NAMESPACE = "slice_kernels_C"
@@ -88,15 +90,20 @@ def declared_ops() -> list[str]:
     return sorted(n[len(prefix):] for n in torch._C._dispatch_get_all_op_names() if n.startswith(prefix))
 
 
-def require_kernels(device_type: str) -> None:
+def kernel_report(device_type: str) -> dict[str, bool]:
+    """{declared operator: whether it has a ``device_type`` kernel}."""
+    return {op: has_kernel(op, device_type) for op in declared_ops()}
+
+
+def require_kernels(device_type: str) -> dict[str, bool]:
     """Raise unless the extension is loaded and every declared operator has a ``device_type`` kernel: after a
-    CUDA build, an op whose kernel did not register would silently run another backend (or fail its tests)."""
+    CUDA build, an op whose kernel did not register would silently run another backend (or fail its tests).
+    Returns ``kernel_report(device_type)``."""
     if load() is None:
-        raise RuntimeError(f"slice_kernels._C is not loaded: {load_error()}")
-    ops = declared_ops()
-    missing = [op for op in ops if not has_kernel(op, device_type)]
-    for op in ops:
-        print(f"{op}: {device_type} kernel {'MISSING' if op in missing else 'registered'}")
-    if not ops or missing:
+        raise ExtensionError(f"slice_kernels._C is not loaded: {load_error()}")
+    report = kernel_report(device_type)
+    missing = [op for op, ok in report.items() if not ok]
+    if not report or missing:
         how = "with CUDA torch and nvcc" if device_type == "cuda" else "python setup.py build_ext --inplace"
-        raise RuntimeError(f"no {device_type} kernel for {missing or 'any operator'}: rebuild the extension ({how})")
+        raise ExtensionError(f"no {device_type} kernel for {missing or 'any operator'}: rebuild the extension ({how})")
+    return report

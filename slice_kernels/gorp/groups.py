@@ -12,48 +12,13 @@ wrapper on that module.
 """
 from __future__ import annotations
 
-import re
 from typing import Sequence
 
 from torch import nn
 
-from .gorp import GorpAdamW, GorpGroupError
-
-_LORA_A = re.compile(r"^(?P<module>.*)\.lora_A\.[^.]+\.weight$")
-
-
-def _linear_kinds():
-    kinds = [nn.Linear]
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        kinds.append(Conv1D)
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
-    return tuple(kinds)
-
-
-def _matches(pattern: str, name: str) -> bool:
-    """PEFT's ``target_modules`` convention: the whole name, a dotted suffix, or a regex matching the whole name."""
-    if name == pattern or name.endswith("." + pattern):
-        return True
-    try:
-        return re.fullmatch(pattern, name) is not None
-    except re.error:
-        return False
-
-
-def _base_linears(model: nn.Module) -> dict[str, nn.Module]:
-    """{logical module name: linear module} for the model's own linears (LoRA's internals excluded)."""
-    out = {}
-    kinds = _linear_kinds()
-    for name, mod in model.named_modules():
-        if not isinstance(mod, kinds) or re.search(r"(^|\.)lora_[A-Za-z_]+(\.|$)", name):
-            continue
-        logical = name[: -len(".base_layer")] if name.endswith(".base_layer") else name
-        out[logical] = mod
-    return out
-
+from ..errors import GorpGroupError
+from ..modules import base_linears, lora_layers, matches
+from .optimizer import GorpAdamW
 
 def gorp_param_groups(
     model: nn.Module,
@@ -83,10 +48,10 @@ def gorp_param_groups(
     rank = int(rank)
     if rank < 1:
         raise GorpGroupError(f"rank must be ≥ 1, got {rank}")
-    linears = _base_linears(model)
+    linears = base_linears(model)
     chosen: dict[str, nn.Module] = {}
     for pat in full_rank:
-        hits = [n for n in linears if _matches(pat, n)]
+        hits = [n for n in linears if matches(pat, n)]
         if not hits:
             sample = ", ".join(sorted(linears)[:6])
             raise GorpGroupError(
@@ -103,17 +68,17 @@ def gorp_param_groups(
             )
 
     lora_a: list[tuple[str, nn.Parameter]] = []
-    lora_names = {}
-    for pname, p in model.named_parameters():
-        m = _LORA_A.match(pname)
-        if m and p.requires_grad:
-            lora_names[pname] = m.group("module")
+    lora_names = {}  # id(A) -> (LoRA module name, A) for every trainable LoRA A
+    for name, mod, ad in lora_layers(model):
+        p = mod.lora_A[ad].weight
+        if p.requires_grad:
+            lora_names[id(p)] = (name, p)
     if lora_modules is not None:
         for pat in lora_modules:
-            if not any(_matches(pat, mod) for mod in lora_names.values()):
+            if not any(matches(pat, mod) for mod, _ in lora_names.values()):
                 raise GorpGroupError(
                     f"LoRA pattern {pat!r} matches no module with a trainable LoRA A "
-                    f"(have: {sorted(set(lora_names.values()))[:6]}); check the adapter's target_modules"
+                    f"(have: {sorted({mod for mod, _ in lora_names.values()})[:6]}); check the adapter's target_modules"
                 )
     full_ids = {id(mod.weight) for mod in chosen.values()}
 
@@ -123,12 +88,10 @@ def gorp_param_groups(
             mod.weight.requires_grad_(True)
     lowrank = [(f"{n}.weight", mod.weight) for n, mod in chosen.items()]
     seen = set(full_ids)
-    for pname, p in model.named_parameters():
-        if pname in lora_names and id(p) not in seen:
-            mod = lora_names[pname]
-            if lora_modules is None or any(_matches(pat, mod) for pat in lora_modules):
-                lora_a.append((f"{mod}.lora_A", p))
-                seen.add(id(p))
+    for pid, (mod, p) in lora_names.items():
+        if pid not in seen and (lora_modules is None or any(matches(pat, mod) for pat in lora_modules)):
+            lora_a.append((f"{mod}.lora_A", p))
+            seen.add(pid)
     rest = []
     for pname, p in model.named_parameters():
         if p.requires_grad and id(p) not in seen:

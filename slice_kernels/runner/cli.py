@@ -22,7 +22,7 @@ def _csv(s: str) -> list[str]:
 def _profile_default(field: str) -> str:
     """The default of a run option, read from runner.profiles so the help cannot drift from the presets:
     "default 0" when every profile agrees, else "default: the profile's (8 for default, 64 for paper)"."""
-    from .runner.profiles import PROFILES, RunConfig
+    from .profiles import PROFILES, RunConfig
 
     base = getattr(RunConfig(), field)  # the default profile is RunConfig's own values
     fmt = lambda v: f"{v:g}" if isinstance(v, float) else str(v)
@@ -89,7 +89,7 @@ def _init_distributed(device: str | None) -> None:
 
 
 def _key_values(items: list[str]) -> dict:
-    from .runner.tasks import json_or_str
+    from .tasks import json_or_str
 
     out = {}
     for item in items:
@@ -101,8 +101,8 @@ def _key_values(items: list[str]) -> dict:
 
 
 def cmd_run(a) -> int:
-    from .runner import make_config, run
-    from .runner.tasks import expand_task_list
+    from . import make_config, run
+    from .tasks import expand_task_list
 
     over = dict(
         model=a.model, rank=a.rank, alpha=a.alpha, steps=a.steps, lr=a.lr, batch_size=a.batch_size,
@@ -127,7 +127,7 @@ def cmd_run(a) -> int:
 
 
 def cmd_mine(a) -> int:
-    from .runner.mining import mine_cli
+    from .mining import mine_cli
 
     mine_cli(a)
     return 0
@@ -145,9 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("tasks", help="list reasoning-gym task names")
     sub.add_parser("methods", help="list registered methods")
     a = parser.parse_args(argv)
-    from .runner.checkpoint import ResumeError
-    from .runner.model import ModelError
-    from .runner.tasks import TaskError
+    from ..errors import SliceKernelsError
 
     try:
         if a.cmd == "run":
@@ -155,15 +153,15 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "mine":
             return cmd_mine(a)
         if a.cmd == "tasks":
-            from .runner.tasks import reasoning_gym_names
+            from .tasks import reasoning_gym_names
 
             print("\n".join(reasoning_gym_names()))
             return 0
-        from .runner.methods import available
+        from .methods import available
 
         print("\n".join(available()))
         return 0
-    except (TaskError, ModelError, ResumeError, ValueError) as e:
+    except (SliceKernelsError, ValueError) as e:  # every refusal of the runner and the library
         print(f"slice-kernels {a.cmd}: error: {e}", file=sys.stderr)
         return 2
 

@@ -5,8 +5,8 @@
 * ``"factors"``: the exact low-rank factors ``Bh`` (m×R) and ``Ah`` (R×n), each earlier task's scaling
   folded into its columns of ``Bh`` (so ``H = Bh @ Ah``);
 * ``"dense"``: the m×n matrix itself;
-* ``"bits"``: one sign bit per entry, packed little-endian along each row into uint8 (``m × ceil(n/8)``),
-  plus the scalar ``rms(H)``: 32× smaller than float32, the hard-sign limit of the tanh loss.
+* ``"bits"``: one sign bit per entry (``ops.sign_bits``: packed little-endian along each row into uint8,
+  ``m × ceil(n/8)``), plus the scalar ``rms(H)``: 32× smaller than float32, the hard-sign limit of the tanh loss.
 
 ``rms(H)`` is computed once per form (from factors by the Gram identity ``‖BA‖² = tr((BᵀB)(AAᵀ))``, so
 no m×n matrix) and carried as a Python float: the kernels take ``α_ℓ = α / rms(H)`` as a scalar.
@@ -23,6 +23,10 @@ from typing import Iterable
 
 import torch
 
+from ..errors import HistoryError
+from ..modules import lora_factors, lora_layers
+from ..ops.sign_bits import pack_sign_bits, unpack_sign_bits
+
 KINDS = ("factors", "dense", "bits")
 
 # Row blocks used when a form must be converted without holding an m×n matrix; at 8192 columns this is
@@ -34,31 +38,6 @@ def gram_sq_norm(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """‖B @ A‖_F² without forming B @ A: tr((BᵀB)(AAᵀ)), in float64."""
     Bd, Ad = B.double(), A.double()
     return ((Bd.T @ Bd) * (Ad @ Ad.T)).sum()
-
-
-def pack_sign_bits(H: torch.Tensor) -> torch.Tensor:
-    """One bit per entry of a 2-D tensor: bit j%8 of byte j//8 of row i is 1 when ``H[i, j] >= 0``.
-
-    Exact zeros pack as +1: the bit form has no third state (documented departure from sign(0) = 0)."""
-    m, n = H.shape
-    nb = (n + 7) // 8
-    pos = (H >= 0).to(torch.uint8)
-    pad = nb * 8 - n
-    if pad:
-        pos = torch.nn.functional.pad(pos, (0, pad))
-    pos = pos.view(m, nb, 8)
-    out = pos[..., 0].clone()
-    for k in range(1, 8):  # eight strided shifts/ors: far cheaper than a weighted sum over a size-8 dim
-        out |= pos[..., k] << k
-    return out
-
-
-def unpack_sign_bits(bits: torch.Tensor, n: int, dtype=torch.float32) -> torch.Tensor:
-    """±1 matrix (m×n) from ``pack_sign_bits``'s output."""
-    shifts = torch.arange(8, device=bits.device, dtype=torch.int32)
-    b = (bits.to(torch.int32).unsqueeze(-1) >> shifts) & 1
-    b = b.reshape(bits.shape[0], -1)[:, :n]
-    return (b.to(dtype) * 2 - 1)
 
 
 @dataclass
@@ -89,14 +68,14 @@ class History:
             scalings = [float(scalings)] * len(Bs)
         scalings = [float(s) for s in scalings]
         if not (len(Bs) == len(As) == len(scalings)) or not Bs:
-            raise ValueError(
+            raise HistoryError(
                 f"History.from_factors needs as many B factors as A factors and scalings, at least one "
                 f"(got {len(Bs)} B, {len(As)} A, {len(scalings)} scalings)"
             )
         m, n = Bs[0].shape[0], As[0].shape[1]
         for i, (B, A) in enumerate(zip(Bs, As)):
             if B.dim() != 2 or A.dim() != 2 or B.shape[0] != m or A.shape[1] != n or B.shape[1] != A.shape[0]:
-                raise ValueError(
+                raise HistoryError(
                     f"History.from_factors: task {i} has B {tuple(B.shape)} and A {tuple(A.shape)}; expected "
                     f"B (m={m}, r) and A (r, n={n}) with the same r"
                 )
@@ -109,7 +88,7 @@ class History:
     @classmethod
     def from_dense(cls, H: torch.Tensor) -> "History":
         if H.dim() != 2:
-            raise ValueError(f"History.from_dense needs a 2-D (out, in) matrix, got shape {tuple(H.shape)}")
+            raise HistoryError(f"History.from_dense needs a 2-D (out, in) matrix, got shape {tuple(H.shape)}")
         H = H.detach().contiguous()
         rms = math.sqrt(float(H.double().pow(2).sum()) / H.numel())
         return cls("dense", tuple(H.shape), rms, dense=H)
@@ -117,7 +96,7 @@ class History:
     @classmethod
     def from_bits(cls, bits: torch.Tensor, n: int, rms: float) -> "History":
         if bits.dtype != torch.uint8 or bits.dim() != 2 or bits.shape[1] != (n + 7) // 8:
-            raise ValueError(f"sign bits must be uint8 of shape (m, ceil(n/8)) = (m, {(n + 7) // 8}), got "
+            raise HistoryError(f"sign bits must be uint8 of shape (m, ceil(n/8)) = (m, {(n + 7) // 8}), got "
                              f"{bits.dtype} {tuple(bits.shape)}")
         m = bits.shape[0]
         return cls("bits", (m, n), float(rms), bits=bits.contiguous())
@@ -162,6 +141,14 @@ class History:
             out[r0:r1] = blk
         return out
 
+    def operands(self, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(H1, H2) as the fused sign-loss op takes them: (Bh, Ah), (dense, None) or (bits, None)."""
+        if self.kind == "factors":
+            return self.Bh.to(device), self.Ah.to(device)
+        if self.kind == "dense":
+            return self.dense.to(device), None
+        return self.bits.to(device), None
+
     def to(self, device) -> "History":
         mv = lambda t: None if t is None else t.to(device)
         return History(self.kind, self.shape, self.rms, mv(self.Bh), mv(self.Ah), mv(self.dense), mv(self.bits),
@@ -176,7 +163,7 @@ class History:
         the factor form and call ``to_sign_bits()`` after each task for the exact bit form)."""
         m, n = self.shape
         if B.dim() != 2 or A.dim() != 2 or B.shape[0] != m or A.shape[1] != n or B.shape[1] != A.shape[0]:
-            raise ValueError(f"History.append: B {tuple(B.shape)} and A {tuple(A.shape)} do not make an "
+            raise HistoryError(f"History.append: B {tuple(B.shape)} and A {tuple(A.shape)} do not make an "
                              f"update of shape {self.shape}")
         B, A = B.detach().to(self.device), A.detach().to(self.device)
         if self.kind == "factors":
@@ -213,34 +200,9 @@ class History:
     @classmethod
     def from_state_dict(cls, d: dict, device="cpu") -> "History":
         if d.get("kind") not in KINDS:
-            raise ValueError(f"not a History state dict (kind={d.get('kind')!r}; expected one of {KINDS})")
+            raise HistoryError(f"not a History state dict (kind={d.get('kind')!r}; expected one of {KINDS})")
         mv = lambda k: None if d.get(k) is None else d[k].to(device)
         return cls(d["kind"], tuple(d["shape"]), float(d["rms"]), mv("Bh"), mv("Ah"), mv("dense"), mv("bits"))
-
-
-def lora_layers(model) -> Iterable[tuple[str, torch.nn.Module, str]]:
-    """(name, module, adapter) for every PEFT LoRA layer of ``model`` with an active adapter; the name is
-    the one from ``model.named_modules()``."""
-    for name, mod in model.named_modules():
-        lora_A = getattr(mod, "lora_A", None)
-        if not isinstance(lora_A, torch.nn.ModuleDict):
-            continue
-        active = getattr(mod, "active_adapters", None) or [getattr(mod, "active_adapter", "default")]
-        if isinstance(active, str):
-            active = [active]
-        for ad in active:
-            if ad in lora_A:
-                yield name, mod, ad
-
-
-def lora_factors(mod, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(B m×r, A r×n, scaling) of one PEFT LoRA layer in (out, in) orientation.
-
-    PEFT stores lora_A as (r, in_features) and lora_B as (out_features, r) for every base layer, Conv1D
-    included (``fan_in_fan_out`` only transposes B·A into Conv1D's storage), so B·A is already (out, in)."""
-    A = mod.lora_A[adapter].weight
-    B = mod.lora_B[adapter].weight
-    return B, A, float(mod.scaling[adapter])
 
 
 class HistoryStore:
@@ -248,7 +210,7 @@ class HistoryStore:
 
     def __init__(self, kind: str = "factors", layers: dict[str, History] | None = None, tasks: int = 0):
         if kind not in KINDS:
-            raise ValueError(f"unknown history form {kind!r}; choose one of {KINDS}")
+            raise HistoryError(f"unknown history form {kind!r}; choose one of {KINDS}")
         self.kind = kind
         self.layers: dict[str, History] = dict(layers or {})
         self.tasks = tasks
@@ -269,7 +231,7 @@ class HistoryStore:
         is folded in (bits: see ``History.append``; the first task's bits are exact)."""
         found = [(name, *lora_factors(mod, ad)) for name, mod, ad in lora_layers(model)]
         if not found:
-            raise ValueError("HistoryStore.record_task: the model has no active PEFT LoRA layer; pass the "
+            raise HistoryError("HistoryStore.record_task: the model has no active PEFT LoRA layer; pass the "
                              "PeftModel (before merge_and_unload)")
         new = {}
         for name, B, A, s in found:
@@ -305,11 +267,26 @@ class HistoryStore:
         except OSError:  # missing or unreadable: the OS's own message names the path
             raise
         except Exception as exc:  # not a torch file (a text file fails with KeyError, an empty one with EOFError)
-            raise ValueError(f"{what}; torch.load failed: {type(exc).__name__}: {exc})") from exc
+            raise HistoryError(f"{what}; torch.load failed: {type(exc).__name__}: {exc})") from exc
         if not (isinstance(d, dict) and {"kind", "tasks", "layers"} <= set(d) and isinstance(d["layers"], dict)):
             found = f"a dict with keys {sorted(map(str, d))[:8]}" if isinstance(d, dict) else f"a {type(d).__name__}"
-            raise ValueError(f"{what}, a dict with 'kind', 'tasks' and 'layers'; found {found})")
+            raise HistoryError(f"{what}, a dict with 'kind', 'tasks' and 'layers'; found {found})")
         try:
             return cls.from_state_dict(d, device)
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{what}; its contents do not form one: {type(exc).__name__}: {exc})") from exc
+            raise HistoryError(f"{what}; its contents do not form one: {type(exc).__name__}: {exc})") from exc
+
+
+def history_from_updates(updates: dict, kind: str = "factors") -> HistoryStore:
+    """``{layer: [{"B", "A", "s"}, ...]}`` (task order) → a ``HistoryStore`` of the requested form."""
+    layers = {}
+    for name, ups in updates.items():
+        if not ups:
+            continue
+        h = History.from_factors([u["B"] for u in ups], [u["A"] for u in ups], [u["s"] for u in ups])
+        if kind == "dense":
+            h = History.from_dense(h.to_dense())
+        elif kind == "bits":
+            h = h.to_sign_bits()
+        layers[name] = h
+    return HistoryStore(kind, layers, tasks=max((len(u) for u in updates.values()), default=0))

@@ -22,11 +22,14 @@ import os
 import torch
 from torch import nn
 
-from . import distributed
-from .collect import _Stream, collect_streams, replay_streams, unsupported_reason, weight_out_in
+from .. import distributed
+from ..errors import SliceInitError
+from ..modules import resolve_targets, weight_out_in
+from .collect import BatchStream, collect_streams, replay_streams
 from .config import SliceConfig
-from .errors import SliceInitError
-from .init import InitReport, _phase, absorb_, init_from_gradients, validate_ranks
+from .factors import absorb_
+from .init import init_from_gradients, validate_ranks
+from .report import InitReport, InitResult, timed_phase
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -47,40 +50,6 @@ def _check_lora_config(lora_config):
     r = lora_config.r
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise SliceInitError(f"LoraConfig.r={r!r} must be a positive integer")
-
-
-def peft_targets(model: nn.Module, lora_config) -> dict[str, nn.Module]:
-    """The modules PEFT will wrap for ``lora_config`` (same matching rules: list suffixes, regex, "all-linear",
-    the per-architecture default when ``target_modules`` is None), each checked to be a layer SLICE handles."""
-    from peft.tuners.lora import LoraModel
-    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
-
-    cfg = copy.deepcopy(lora_config)
-    if cfg.target_modules is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        default = LoraModel.target_module_mapping.get(model_type)
-        if default is None:
-            raise SliceInitError(f"LoraConfig.target_modules is None and PEFT has no default targets for model type "
-                                 f"{model_type!r}; set target_modules, e.g. ['q_proj', 'v_proj']")
-        cfg.target_modules = set(default)
-    cfg = _maybe_include_all_linear_layers(cfg, model)
-    found = {n: m for n, m in model.named_modules() if n and LoraModel._check_target_module_exists(cfg, n)}
-    if not found:
-        raise SliceInitError(f"LoraConfig.target_modules={lora_config.target_modules!r} matches no module of "
-                             f"{type(model).__name__}; list the names with model.named_modules()")
-    if isinstance(cfg.target_modules, (list, set, tuple)):
-        names = list(found)
-        missing = sorted(k for k in cfg.target_modules if not any(n == k or n.endswith("." + k) for n in names))
-        if missing:
-            raise SliceInitError(f"target module(s) {missing} match no module of {type(model).__name__} (others "
-                                 f"matched); fix or drop them so every listed target gets an adapter")
-    bad = {n: unsupported_reason(m) for n, m in found.items()}
-    bad = {n: w for n, w in bad.items() if w}
-    if bad:
-        first = next(iter(bad))
-        raise SliceInitError(f"{len(bad)} target layer(s) cannot be initialized, e.g. {first!r}: {bad[first]}. "
-                             f"Remove {sorted(bad)[:5]}{'…' if len(bad) > 5 else ''} from target_modules.")
-    return found
 
 
 def _refuse_shared_weights(model: nn.Module, targets: dict) -> None:
@@ -151,7 +120,6 @@ def get_slice_model(
     Raises:
         SliceInitError (and subclasses) with the model unmodified.
     """
-    from peft import get_peft_model
     from peft.tuners.lora import LoraLayer
 
     slice_config = slice_config if slice_config is not None else SliceConfig()
@@ -165,7 +133,7 @@ def get_slice_model(
     cfg = copy.deepcopy(lora_config)
     cfg.init_lora_weights = True
     r = cfg.r
-    targets = peft_targets(model, cfg)
+    targets = resolve_targets(model, cfg)  # PEFT's own matching rules
     weights = {n: weight_out_in(m).detach() for n, m in targets.items()}
     validate_ranks(weights, r, slice_config)
     if slice_config.method != "lora":  # every other method absorbs an offset into W
@@ -180,15 +148,15 @@ def get_slice_model(
     if slice_config.uses_gradients:
         if current is None:
             raise SliceInitError(f"method {slice_config.method!r} needs the current task's batches (current=...)")
-        streams = [_Stream(current, slice_config.current_steps, 1.0, "current-task batches")]
+        streams = [BatchStream(current, slice_config.current_steps, 1.0, "current-task batches")]
         rstreams = None
         if slice_config.uses_replay and replay is not None:
             rstreams = replay_streams(replay, slice_config.replay_steps, slice_config.replay_mode)  # validate early
         device = next(iter(targets.values())).weight.device
-        with _phase(collected, "collect_current", device):
+        with timed_phase(collected, "collect_current", device):
             g_cur = collect_streams(model, targets, streams, loss_fn, source="current-task gradient", **kw)
         if rstreams:
-            with _phase(collected, "collect_replay", device):
+            with timed_phase(collected, "collect_replay", device):
                 g_prev = collect_streams(model, targets, rstreams, loss_fn, source="replay gradient", **kw)
 
     res = init_from_gradients(
@@ -202,17 +170,31 @@ def get_slice_model(
     distributed.make_identical_([res.A[n] for n in names] + [res.B[n] for n in names])
 
     # ---- everything is validated and computed: from here on the model is modified ----
-    peft_model = get_peft_model(model, cfg, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+    return install_init(model, cfg, targets, res, adapter_name=adapter_name,
+                        autocast_adapter_dtype=autocast_adapter_dtype)
+
+
+def install_init(model: nn.Module, lora_config, targets: dict, result: InitResult, *, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True):
+    """The one path from an ``InitResult`` into a PEFT model: wrap ``model`` with ``lora_config`` and write each
+    target's A and B and, where the init has an offset, W − s·B·A in place. ``targets`` are the modules the
+    result was computed for (``resolve_targets``); call it only after everything is validated."""
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    with torch.random.fork_rng(devices=[]):  # PEFT draws its own init from the global RNG; it is overwritten
+        peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name,
+                                    autocast_adapter_dtype=autocast_adapter_dtype)
     by_base = {id(m.get_base_layer()): m for m in peft_model.modules() if isinstance(m, LoraLayer)}
     for n, base in targets.items():
         layer = by_base[id(base)]
         dev = base.weight.device
         with torch.no_grad():
-            layer.lora_A[adapter_name].weight.data = res.A[n].to(dev).contiguous()
-            layer.lora_B[adapter_name].weight.data = res.B[n].to(dev).contiguous()
-            if res.report.layers[n].get("offset", False):
-                absorb_(weight_out_in(base), res.B[n].to(dev), res.A[n].to(dev), res.scaling)
-    peft_model.slice_init_report = res.report
+            layer.lora_A[adapter_name].weight.data = result.A[n].to(dev).contiguous()
+            layer.lora_B[adapter_name].weight.data = result.B[n].to(dev).contiguous()
+            if result.report.layers[n].get("offset", False):
+                absorb_(weight_out_in(base), result.B[n].to(dev), result.A[n].to(dev), result.scaling)
+    peft_model.slice_init_report = result.report
     return peft_model
 
 

@@ -21,82 +21,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import NonFiniteGradientError, SliceInitError, all_finite
-from .ops.grad_accum import accumulator
+from .. import distributed
+from ..errors import NonFiniteGradientError, SliceInitError
+from ..modules import is_conv1d, resolve_targets
+from ..ops.grad_accum import accumulator
+from .finite import all_finite
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
-
-
-def _conv1d_type():
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except Exception:  # transformers missing: no Conv1D layers can exist
-        return None
-    return Conv1D
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    c = _conv1d_type()
-    return c is not None and isinstance(module, c)
-
-
-def unsupported_reason(module: nn.Module) -> str | None:
-    """Why a module cannot be a SLICE target, or None when it can (a dense floating-point Linear/Conv1D)."""
-    kind = type(module).__name__
-    if isinstance(module, nn.Embedding) or "Embedding" in kind:
-        return f"{kind} is an embedding; SLICE initializes linear maps only (nn.Linear, transformers Conv1D)"
-    if not (isinstance(module, nn.Linear) or is_conv1d(module)):
-        return f"{kind} is not nn.Linear or transformers Conv1D"
-    w = getattr(module, "weight", None)
-    if not isinstance(w, torch.Tensor) or w.dim() != 2:
-        return f"{kind} has no 2-D weight"
-    if not w.is_floating_point() or hasattr(w, "quant_state") or type(w) not in (nn.Parameter, torch.Tensor):
-        return (f"{kind} holds a quantized weight ({type(w).__name__}, {w.dtype}); SLICE needs full-precision "
-                f"gradients and writes the absorbed weight back: load the model unquantized")
-    return None
-
-
-def resolve_targets(model: nn.Module, target_modules) -> dict[str, nn.Module]:
-    """Module name -> module for ``target_modules``: a list of names (exact, or a suffix after a dot, as
-    PEFT matches them), a regex string (full match, as PEFT), or a dict/iterable of modules keyed by name.
-
-    Raises ``SliceInitError`` when nothing matches, when a listed name matches nothing, or when a matched
-    layer cannot be handled (embeddings, quantized, non-Linear/Conv1D).
-    """
-    import re
-
-    if target_modules is None or (not isinstance(target_modules, str) and len(list(target_modules)) == 0):
-        raise SliceInitError("target_modules is empty: name the linear layers to initialize, e.g. ['q_proj', 'v_proj']")
-    named = dict(model.named_modules())
-    found: dict[str, nn.Module] = {}
-    if isinstance(target_modules, str):
-        found = {n: m for n, m in named.items() if n and re.fullmatch(target_modules, n)}
-        if not found:
-            raise SliceInitError(f"target_modules regex {target_modules!r} matches no module of "
-                                 f"{type(model).__name__}; list the module names with model.named_modules()")
-    else:
-        keys = list(target_modules)
-        for key in keys:
-            hits = {n: m for n, m in named.items() if n == key or n.endswith("." + key)}
-            if not hits:
-                some = [n for n, m in named.items() if isinstance(m, nn.Linear) or is_conv1d(m)][:6]
-                raise SliceInitError(
-                    f"target module {key!r} matches no module of {type(model).__name__}. Linear layers there "
-                    f"include {some}; fix the name (exact or dotted suffix) or drop it.")
-            found.update(hits)
-    bad = {n: unsupported_reason(m) for n, m in found.items()}
-    bad = {n: why for n, why in bad.items() if why}
-    if bad:
-        first = next(iter(bad))
-        raise SliceInitError(
-            f"{len(bad)} target layer(s) cannot be initialized, e.g. {first!r}: {bad[first]}. Remove "
-            f"{sorted(bad)[:5]}{'…' if len(bad) > 5 else ''} from target_modules.")
-    return dict(sorted(found.items(), key=lambda kv: list(named).index(kv[0])))
-
-
-def weight_out_in(module: nn.Module) -> torch.Tensor:
-    """The weight in (out, in) orientation (a view; Conv1D stores (in, out))."""
-    return module.weight.T if is_conv1d(module) else module.weight
 
 
 def _model_device(targets: Mapping[str, nn.Module]) -> torch.device:
@@ -127,7 +58,7 @@ def default_loss(model: nn.Module, batch) -> torch.Tensor:
     return loss
 
 
-class _Stream:
+class BatchStream:
     """One source of batches: ``steps`` batches, each weighted ``weight`` (its share of the average)."""
 
     def __init__(self, batches: Iterable, steps: int, weight: float, label: str):
@@ -167,7 +98,7 @@ def _gradient_context(model: nn.Module, targets: Mapping[str, nn.Module], train_
 def collect_streams(
     model: nn.Module,
     targets: Mapping[str, nn.Module],
-    streams: list[_Stream],
+    streams: list[BatchStream],
     loss_fn: LossFn | None = None,
     *,
     offload: bool = False,
@@ -177,8 +108,6 @@ def collect_streams(
 ) -> dict[str, torch.Tensor]:
     """Σ over streams of weight · Σ_s ∇L(batch_s), one float32 accumulator per target, keyed by name in
     (out, in) orientation. Averaged across ranks when torch.distributed is initialized."""
-    from . import distributed
-
     loss_fn = loss_fn or default_loss
     device = _model_device(targets)
     acc_device = torch.device("cpu") if offload else device
@@ -291,8 +220,8 @@ def collect_gradients(
         on the model's device, or on CPU with ``offload``. With torch.distributed initialized, the average
         over all ranks' batches.
     """
-    targets = target_modules if _is_resolved(target_modules) else resolve_targets(model, target_modules)
-    stream = _Stream(batches, steps, 1.0, "batches")
+    targets = resolve_targets(model, target_modules)
+    stream = BatchStream(batches, steps, 1.0, "batches")
     return collect_streams(model, targets, [stream], loss_fn, offload=offload, progress=progress,
                            train_mode=train_mode, source="current-task gradient")
 
@@ -315,7 +244,7 @@ def collect_replay_gradients(
     mixed), averaged over ``steps`` batches. ``replay=None`` or an empty list (task 1) gives None."""
     if replay is None:
         return None
-    targets = target_modules if _is_resolved(target_modules) else resolve_targets(model, target_modules)
+    targets = resolve_targets(model, target_modules)
     streams = replay_streams(replay, steps, mode)
     if not streams:
         return None
@@ -323,7 +252,7 @@ def collect_replay_gradients(
                            train_mode=train_mode, source="replay gradient")
 
 
-def replay_streams(replay, steps: int, mode: str) -> list[_Stream]:
+def replay_streams(replay, steps: int, mode: str) -> list[BatchStream]:
     """Validate ``replay`` against ``mode`` and split it into weighted streams (no batch is consumed)."""
     if isinstance(replay, Mapping) or not isinstance(replay, Iterable):
         raise SliceInitError(f"replay must be a list of iterables (one per earlier task) or, with "
@@ -338,7 +267,7 @@ def replay_streams(replay, steps: int, mode: str) -> list[_Stream]:
                 f"replay_mode='pooled' takes ONE iterable of batches (all earlier tasks mixed), but replay is a "
                 f"list of {len(replay)} iterables; chain/shuffle them into one stream, or use "
                 f"replay_mode='per_task' to weight the tasks equally")
-        return [_Stream(replay, steps, 1.0, "pooled replay")]
+        return [BatchStream(replay, steps, 1.0, "pooled replay")]
     if not isinstance(replay, (list, tuple)):
         raise SliceInitError("replay_mode='per_task' needs a list with one iterable of batches per earlier task; "
                              f"got {type(replay).__name__} (for one mixed stream use replay_mode='pooled')")
@@ -347,7 +276,7 @@ def replay_streams(replay, steps: int, mode: str) -> list[_Stream]:
             "replay_mode='per_task' needs a list of per-task iterables, but its items look like batches; wrap "
             "one task's batches as [batches], or use replay_mode='pooled' for one mixed stream")
     k = len(replay)
-    return [_Stream(x, steps, 1.0 / k, f"replay task {i}") for i, x in enumerate(replay)]
+    return [BatchStream(x, steps, 1.0 / k, f"replay task {i}") for i, x in enumerate(replay)]
 
 
 def _is_batch_source(x) -> bool:
@@ -355,7 +284,3 @@ def _is_batch_source(x) -> bool:
     if isinstance(x, tuple) and len(x) > 0 and all(isinstance(v, torch.Tensor) for v in x):
         return False
     return isinstance(x, Iterable) and not isinstance(x, (Mapping, str, bytes, torch.Tensor))
-
-
-def _is_resolved(t) -> bool:
-    return isinstance(t, Mapping) and all(isinstance(m, nn.Module) for m in t.values())

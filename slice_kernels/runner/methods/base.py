@@ -1,4 +1,4 @@
-"""Registry of continual-learning methods the runner can compare side by side.
+"""The method interface of the runner, its registry, and the options a run passes to its methods.
 
 A method is a small object (subclass ``Method``) with five hooks, called by the runner at every stage t:
 
@@ -16,15 +16,24 @@ A method is a small object (subclass ``Method``) with five hooks, called by the 
 
 State that must survive between stages (and a ``--resume``) goes in ``ctx.state``, a dict owned by the
 method: the runner saves it in every checkpoint with ``torch.save`` (tensors, numbers, strings, lists, dicts
-only) and hands the same dict back at the next stage. Methods must draw random numbers from generators
-seeded by ``ctx.seed`` and ``ctx.stage``, never the global RNG, so a resumed run equals an uninterrupted one.
+only) and hands the same dict back at the next stage. Methods draw random numbers from generators seeded by
+``ctx.seed`` and ``ctx.stage``, never the global RNG, so a resumed run equals an uninterrupted one.
 
-Registering a method (engineers C and D do this from their own modules)::
+Options. A method declares the run options it reads, with their defaults, in its class attribute
+``options = {"my_lambda": Option(1.0, float, "what it does")}`` and reads them with ``self.option(ctx, name)``.
+A run may set any declared option of a registered method, or any ``SliceConfig`` field
+(``--method-option KEY=VALUE``); anything else is refused before the run starts.
 
-    from slice_kernels.runner.methods import Method, register
+Registering a method::
+
+    from slice_kernels.runner.methods import Method, Option, register
 
     class MyMethod(Method):
-        def extra_loss(self, ctx, peft_model, batch): ...
+        options = {"my_lambda": Option(1.0, float, "weight of my extra loss")}
+
+        def init_adapter(self, ctx): ...
+        def extra_loss(self, ctx, peft_model, batch):
+            return self.option(ctx, "my_lambda") * ...
 
     register("my_method", MyMethod)        # a factory: called with no arguments, once per run
 
@@ -35,39 +44,19 @@ the replay batches of every earlier task, ``ctx.lora`` the rank/alpha/targets.
 from __future__ import annotations
 
 import abc
-
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from ...slice_init.config import SliceConfig
+from ..errors import RunnerError
+
 _REGISTRY: dict[str, Callable[[], "Method"]] = {}
 
-# Modules that register methods on import; imported lazily so a missing or broken one does not take the
-# runner down (its methods are then simply not listed, and the import error is shown when asked for).
-_PLUGIN_MODULES = ("slice_kernels.stability", "slice_kernels.gorp")
-_PLUGIN_ERRORS: dict[str, str] = {}
-
-# Options a run may pass to its methods (``RunConfig.method_options``, CLI ``--method-option KEY=VALUE``),
-# beside every ``SliceConfig`` field (read by the init methods). A name outside this table is an error, so
-# a typo never silently leaves a method on its default.
-METHOD_OPTIONS = {
-    "ps_lambda": "PS-LoRA: λ, weight of the stability loss (1.0)",
-    "ps_alpha": "PS-LoRA: α, tanh sharpness α/rms(H) (1.0)",
-    "ps_beta": "PS-LoRA: β, weight of the magnitude term (0.1)",
-    "ps_mode": "PS-LoRA: 'tanh' (default) or 'hinge'",
-    "ps_history": "PS-LoRA: history form 'factors' (default), 'dense' or 'bits'",
-    "gorp_full_rank": "GORP: module patterns trained full-rank (default the first of gate_proj/c_fc/fc1)",
-    "gorp_rank": "GORP: projection rank (default the LoRA rank)",
-    "gorp_scale": "GORP: update scale of the full-rank weights (0.25)",
-    "gorp_gap": "GORP: projector refresh period T in steps (10)",
-    "gorp_energy": "GORP: explained energy kept when a shared space grows (0.9)",
-}
-
-
-# SliceConfig fields the runner sets itself at every stage: passing them as method options would clash
-# (a TypeError deep in the run), so they are refused up front with the run option to use instead.
+# SliceConfig fields the runner sets itself at every stage: passing them as method options would clash, so
+# they are refused up front with the run option to use instead.
 RUNNER_SET_FIELDS = {
     "method": "--methods (the init method is the method's name)",
     "seed": "--seed (the init seed is derived from it and the stage)",
@@ -76,19 +65,14 @@ RUNNER_SET_FIELDS = {
 }
 
 
-def check_method_options(options: dict) -> None:
-    """Refuse unknown keys, keys the runner sets itself, and bad SliceConfig values, before any work."""
-    from ..config import SliceConfig
+@dataclass(frozen=True)
+class Option:
+    """A run option a method reads: its default (None: the method computes one), how a given value is
+    converted, and a line of help."""
 
-    known = set(METHOD_OPTIONS) | set(SliceConfig.__dataclass_fields__)
-    bad = sorted(set(options) - known)
-    if bad:
-        raise ValueError(f"unknown method option(s) {bad}; known: {sorted(known - set(RUNNER_SET_FIELDS))}")
-    owned = sorted(set(options) & set(RUNNER_SET_FIELDS))
-    if owned:
-        raise ValueError(f"method option(s) {owned} are set by the runner; use "
-                         + "; ".join(f"{k}: {RUNNER_SET_FIELDS[k]}" for k in owned))
-    SliceConfig(**{k: v for k, v in options.items() if k in SliceConfig.__dataclass_fields__})  # names a bad value
+    default: Any
+    convert: Callable[[Any], Any] = lambda v: v
+    help: str = ""
 
 
 @dataclass
@@ -97,9 +81,6 @@ class LoraSettings:
     alpha: float
     use_rslora: bool
     target_modules: list[str]
-
-    def scaling(self) -> float:
-        return self.alpha / self.rank**0.5 if self.use_rslora else self.alpha / self.rank
 
 
 @dataclass
@@ -119,6 +100,7 @@ class StageContext:
     options: dict = field(default_factory=dict)  # method options from the run config (e.g. svd, scope)
     world_size: int = 1
     rank: int = 0
+    progress: bool = False  # show progress bars (gradient collection) on this rank
 
 
 class Method(abc.ABC):
@@ -126,10 +108,17 @@ class Method(abc.ABC):
     which a method must define (a subclass without it cannot be instantiated)."""
 
     name = "method"
+    options: dict[str, Option] = {}
 
     @abc.abstractmethod
     def init_adapter(self, ctx: StageContext):
         """Wrap ``ctx.model`` with an initialized adapter: return ``(peft_model, report_dict)``."""
+
+    def option(self, ctx: StageContext, name: str):
+        """The value of this method's option ``name`` in this run (its declared default when unset)."""
+        opt = self.options[name]
+        value = ctx.options.get(name, opt.default)
+        return value if value is None else opt.convert(value)
 
     def extra_loss(self, ctx: StageContext, peft_model, batch) -> torch.Tensor | None:
         return None
@@ -146,42 +135,41 @@ class Method(abc.ABC):
 
 def register(name: str, factory: Callable[[], Method], *, overwrite: bool = False) -> None:
     if not isinstance(name, str) or not name or "," in name:
-        raise ValueError(f"method name {name!r} must be a non-empty string without commas")
+        raise RunnerError(f"method name {name!r} must be a non-empty string without commas")
     if name in _REGISTRY and not overwrite:
-        raise ValueError(f"method {name!r} is already registered; pass overwrite=True to replace it")
+        raise RunnerError(f"method {name!r} is already registered; pass overwrite=True to replace it")
     _REGISTRY[name] = factory
 
 
-def _load_plugins() -> None:
-    import importlib
-
-    for mod in _PLUGIN_MODULES:
-        if mod in _PLUGIN_ERRORS:
-            continue
-        try:
-            importlib.import_module(mod)
-            _PLUGIN_ERRORS[mod] = ""
-        except ModuleNotFoundError as e:
-            _PLUGIN_ERRORS[mod] = "" if e.name == mod else f"{type(e).__name__}: {e}"
-        except Exception as e:  # a plugin bug must not hide the built-in methods
-            _PLUGIN_ERRORS[mod] = f"{type(e).__name__}: {e}"
-
-
 def available() -> list[str]:
-    _load_plugins()
     return sorted(_REGISTRY)
 
 
 def get(name: str) -> Method:
-    _load_plugins()
     if name not in _REGISTRY:
-        broken = {m: e for m, e in _PLUGIN_ERRORS.items() if e}
-        hint = f" (plugin modules that failed to import: {broken})" if broken else ""
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}{hint}")
+        raise RunnerError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
     m = _REGISTRY[name]()
     m.name = name
     return m
 
 
-# Built-in methods (SPEC §1 baselines and SLICE) are defined in init_methods.py and registered here.
-from . import init_methods as _init_methods  # noqa: E402,F401
+def declared_options() -> dict[str, Option]:
+    """Every option a registered method declares (a factory that is not a ``Method`` class may carry an
+    ``options`` attribute of its own)."""
+    out: dict[str, Option] = {}
+    for factory in _REGISTRY.values():
+        out.update(getattr(factory, "options", {}) or {})
+    return out
+
+
+def check_method_options(options: dict) -> None:
+    """Refuse unknown keys, keys the runner sets itself, and bad SliceConfig values, before any work."""
+    known = set(declared_options()) | set(SliceConfig.__dataclass_fields__)
+    bad = sorted(set(options) - known)
+    if bad:
+        raise RunnerError(f"unknown method option(s) {bad}; known: {sorted(known - set(RUNNER_SET_FIELDS))}")
+    owned = sorted(set(options) & set(RUNNER_SET_FIELDS))
+    if owned:
+        raise RunnerError(f"method option(s) {owned} are set by the runner; use "
+                          + "; ".join(f"{k}: {RUNNER_SET_FIELDS[k]}" for k in owned))
+    SliceConfig(**{k: v for k, v in options.items() if k in SliceConfig.__dataclass_fields__})  # names a bad value

@@ -46,17 +46,14 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .ops import rsvd as _rsvd
-from .ops.gorp_update import gorp_update_
+from ..errors import GorpGroupError, NotFoundError, UnsupportedInputError
+from ..ops import rsvd
+from ..ops.gorp_update import gorp_update_
 
 KINDS = ("lowrank", "lora_a", "adamw")
 # Relative slack in the energy rule, so a spectrum that reaches the threshold exactly (up to SVD rounding)
 # is not pushed to one extra vector.
 _ENERGY_SLACK = 1e-10
-
-
-class GorpGroupError(ValueError):
-    """A parameter group cannot be trained by GorpAdamW as given; the message names the parameter."""
 
 
 def _space_side(kind: str, shape: torch.Size) -> int:
@@ -186,7 +183,7 @@ class GorpAdamW(torch.optim.Optimizer):
         for group, p, _ in self._named_params():
             if p is param:
                 return self.state[p].get("shared") if group["kind"] != "adamw" else None
-        raise KeyError("shared_space: this tensor is not a parameter of the optimizer")
+        raise NotFoundError("shared_space: this tensor is not a parameter of the optimizer")
 
     def shared_spaces(self) -> dict[str, torch.Tensor]:
         """{parameter name: S} for every parameter that has a space (clones; pass to a new optimizer)."""
@@ -228,7 +225,7 @@ class GorpAdamW(torch.optim.Optimizer):
         todo = [(group, p, name) for group, p, name in self._named_params() if p.grad is not None]
         for _, p, name in todo:  # checked before any parameter moves, so an error leaves the model as it was
             if p.grad.is_sparse:
-                raise RuntimeError(f"{name}: GorpAdamW does not support sparse gradients; use a dense gradient "
+                raise UnsupportedInputError(f"{name}: GorpAdamW does not support sparse gradients; use a dense gradient "
                                    f"(e.g. nn.Embedding(sparse=False)) or another optimizer for this parameter")
         for group, p, name in todo:
             self._step_param(group, p, name)
@@ -286,9 +283,9 @@ class GorpAdamW(torch.optim.Optimizer):
         r = int(group["rank"])
         over = r if group["oversample"] is None else int(group["oversample"])
         q = min(r + over, min(m, n))
-        seed = _rsvd.layer_seed(int(group["seed"]), f"{name}#refresh{index}")
-        omega = _rsvd.sketch([seed], n, q, G.device, dtype=G.dtype)
-        U, _, V = _rsvd.randomized_svd(G.unsqueeze(0), omega, r, int(group["power_iters"]))
+        seed = rsvd.layer_seed(int(group["seed"]), f"{name}#refresh{index}")
+        omega = rsvd.sketch([seed], n, q, G.device, dtype=G.dtype)
+        U, _, V = rsvd.randomized_svd(G.unsqueeze(0), omega, r, int(group["power_iters"]))
         return V[0].T.contiguous() if m >= n else U[0].contiguous()
 
     # ------------------------------------------------------------------ end of task
@@ -377,67 +374,3 @@ def grow_space(S: torch.Tensor | None, M: torch.Tensor, side: int, energy: float
     new, _ = torch.linalg.qr(new)
     out = new if S64 is None else torch.cat([S64, new], dim=1)
     return out.to(dtype=M.dtype if S is None else S.dtype).contiguous()
-
-
-# ---------------------------------------------------------------------------------------------- runner
-def _register_runner_method():
-    """The runner's ``gorp`` method: vanilla LoRA on the run's targets, GorpAdamW as the optimizer (LoRA A
-    orthogonalized, full-rank MLP weights in a low-rank gradient subspace), spaces grown at the end of each
-    task and kept in the run's method state (so checkpoints and resumes carry them).
-
-    Options (``ctx.options``): ``gorp_full_rank`` (module patterns; default the first of gate_proj / c_fc /
-    fc1 the model has), ``gorp_rank`` (default the LoRA rank, capped by the matched weights), ``gorp_scale``
-    (default 0.25, GaLore's, for the full-rank weights), ``gorp_gap`` (T, default 10), ``gorp_energy`` (0.9).
-    """
-    from .runner.init_methods import InitMethod
-    from .runner.methods import register
-
-    class GorpMethod(InitMethod):
-        init = "lora"
-
-        def _full_rank(self, ctx, peft_model):
-            from .gorp_groups import _base_linears, _matches
-
-            linears = _base_linears(peft_model)
-            patterns = ctx.options.get("gorp_full_rank")
-            if patterns is None:
-                patterns = next(([p] for p in ("gate_proj", "c_fc", "fc1") if any(_matches(p, n) for n in linears)), [])
-            return list(patterns), [m for n, m in linears.items() if any(_matches(p, n) for p in patterns)]
-
-        def init_adapter(self, ctx):
-            peft_model, report = super().init_adapter(ctx)
-            # unfreeze the full-rank weights now, so the runner counts them as trainable (it all-reduces the
-            # gradients of what is trainable when training starts)
-            for mod in self._full_rank(ctx, peft_model)[1]:
-                mod.weight.requires_grad_(True)
-            return peft_model, report
-
-        def make_optimizer(self, ctx, peft_model, params, lr):
-            from .gorp_groups import build_gorp_optimizer
-
-            o = ctx.options
-            patterns, mods = self._full_rank(ctx, peft_model)
-            rank = int(o.get("gorp_rank", min([ctx.lora.rank] + [min(m.weight.shape) for m in mods])))
-            spaces = {k: v for k, v in ctx.state.get("spaces", {}).items()}
-            self.opt = build_gorp_optimizer(
-                peft_model, full_rank=patterns, rank=rank, shared_spaces=spaces, lr=lr, weight_decay=0.0,
-                update_proj_gap=int(o.get("gorp_gap", 10)), energy=float(o.get("gorp_energy", 0.9)),
-                seed=int(ctx.seed) * 1000003 + int(ctx.stage), lowrank_options={"scale": float(o.get("gorp_scale", 0.25))},
-            )
-            return self.opt
-
-        def end_of_task(self, ctx, peft_model):
-            self.opt.end_task()
-            ctx.state["spaces"] = {k: v.cpu() for k, v in self.opt.shared_spaces().items()}
-            self.opt = None  # the next stage builds a fresh optimizer around the new adapter
-
-    register("gorp", GorpMethod, overwrite=True)
-
-
-try:
-    _register_runner_method()
-except Exception as exc:  # noqa: BLE001 - a missing or broken runner must not take the optimizer down
-    import logging
-
-    logging.getLogger("slice_kernels").warning("slice_kernels.gorp: runner method 'gorp' not registered (%s: %s)",
-                                               type(exc).__name__, exc)

@@ -1,0 +1,55 @@
+"""The built-in methods ``lora``, ``lora_ga``, ``slice``, ``loram`` (SPEC §1): each stage's adapter comes from
+the library's ``get_slice_model``, so the runner compares exactly the package's initializers, with every
+check of the API."""
+from __future__ import annotations
+
+from peft import LoraConfig
+
+from ...modules import is_conv1d, resolve_targets
+from ...slice_init import SliceConfig, get_slice_model
+from ..train import rank_share, world_and_rank
+from .base import Method, StageContext, register
+
+
+class InitMethod(Method):
+    """Initialize with ``get_slice_model(config=SliceConfig(method=self.init))`` and train plain LoRA."""
+
+    init = "lora"
+
+    def slice_config(self, ctx: StageContext, current: list, replay: list) -> SliceConfig:
+        return SliceConfig(
+            method=self.init,
+            seed=(ctx.seed * 1000003 + ctx.stage) % (2**63 - 1),  # fresh random init per stage, reproducible
+            current_steps=max(1, len(current)),
+            replay_steps=max(1, max((len(r) for r in replay), default=1)),
+            **{k: v for k, v in ctx.options.items() if k in SliceConfig.__dataclass_fields__},
+        )
+
+    def init_adapter(self, ctx: StageContext):
+        targets = resolve_targets(ctx.model, list(ctx.lora.target_modules))
+        lora_config = LoraConfig(
+            r=ctx.lora.rank, lora_alpha=ctx.lora.alpha, use_rslora=ctx.lora.use_rslora, target_modules=list(targets),
+            lora_dropout=0.0, fan_in_fan_out=any(is_conv1d(m) for m in targets.values()), bias="none",
+        )
+        current = rank_share(ctx.current)
+        replay = [rank_share(b) for b in ctx.replay]
+        cfg = self.slice_config(ctx, current, replay)
+        _, rank = world_and_rank()
+        peft_model = get_slice_model(ctx.model, lora_config, cfg, current=current, replay=replay or None,
+                                     loss_fn=ctx.loss_fn, progress=getattr(ctx, "progress", False) and rank == 0)
+        rep = peft_model.slice_init_report
+        report = {
+            "method": self.name, "init": self.init, "gamma": rep.gamma, "cos": rep.cos,
+            "D": rep.D, "Np": rep.Np, "Nc": rep.Nc,
+            "phases_seconds": {k: v["seconds"] for k, v in rep.phases.items()},
+        }
+        return peft_model, report
+
+
+def init_method(init_name: str) -> type[InitMethod]:
+    """The ``InitMethod`` subclass whose init is ``init_name`` (a ``SliceConfig.method``)."""
+    return type(f"InitMethod_{init_name}", (InitMethod,), {"init": init_name, "__module__": __name__})
+
+
+for _name in ("lora", "lora_ga", "slice", "loram"):
+    register(_name, init_method(_name))

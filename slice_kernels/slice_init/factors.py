@@ -1,0 +1,146 @@
+"""The adapter factors of each init method from one layer's inputs (SPEC §1 steps 6–7, §1 baselines), and the
+absorb of step 8.
+
+``FACTORS[method](layer) -> (A, B, info)``: A (r×n) and B (m×r) in ``layer.dtype``, and the figures the report
+keeps for the layer (``offset``: whether s·B·A is absorbed into W; ``beta``; ``zero_gradient``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .config import SliceConfig
+
+PEFT_STABLE_GAMMA = 16.0  # PEFT's LoRA-GA preset: B·diag(S)·m^¼/√16
+
+
+@dataclass
+class LayerInput:
+    """What a factor rule sees of one layer."""
+
+    W: torch.Tensor  # (m, n), the weight at W^(t-1)
+    r: int
+    seed: int  # the layer's own seed (config seed mixed with its name)
+    dtype: torch.dtype  # the adapter dtype
+    config: SliceConfig
+    svd: tuple | None = None  # (U (m, 2r), S (2r,), V (n, 2r)) of G̃ for the gradient methods
+
+
+def kaiming_A(r: int, n: int, seed: int, device, dtype=torch.float32) -> torch.Tensor:
+    # PEFT's default: kaiming_uniform_(a=√5) on (r, n), i.e. U(−1/√n, 1/√n); drawn from a per-layer generator.
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed)
+    bound = 1.0 / math.sqrt(n)
+    return (torch.rand(r, n, generator=gen, dtype=torch.float64) * 2 - 1).mul_(bound).to(device, dtype)
+
+
+def dst_basis(size: int, r: int, dtype=torch.float64) -> torch.Tensor:
+    """First r DST-I basis vectors of length ``size`` as columns (size, r): √(2/(size+1))·sin((i+1)(k+1)π/(size+1))."""
+    i = torch.arange(1, size + 1, dtype=torch.float64).unsqueeze(1)
+    k = torch.arange(1, r + 1, dtype=torch.float64).unsqueeze(0)
+    return (math.sqrt(2.0 / (size + 1)) * torch.sin(i * k * math.pi / (size + 1))).to(dtype)
+
+
+def unbiased_var(x: torch.Tensor) -> float:
+    """Unbiased variance of all entries, in float64, in one fused pass over a float64 copy (torch's Welford
+    kernel): the scale phase reads every target weight through it."""
+    if x.numel() < 2:
+        return 0.0
+    return float(torch.var(x.double(), correction=1))
+
+
+def product_var(B: torch.Tensor, A: torch.Tensor) -> float:
+    """Unbiased variance of the entries of B·A without forming it: Σ(BA)² = tr((BᵀB)(AAᵀ)), Σ BA = (1ᵀB)(A1)."""
+    B, A = B.double(), A.double()
+    n_el = B.shape[0] * A.shape[1]
+    sq = float(((B.T @ B) * (A @ A.T)).sum())
+    tot = float(B.sum(0) @ A.sum(1))
+    return (sq - tot * tot / n_el) / max(n_el - 1, 1)
+
+
+def variance_beta(W: torch.Tensor, B0: torch.Tensor, A0: torch.Tensor, r: int) -> float:
+    """β with Var(βB₀·βA₀) = ρ·Var(W), ρ = ln(max(2, r)) / ln(max(2, min(m, n)))."""
+    m, n = W.shape
+    rho = math.log(max(2, r)) / math.log(max(2, min(m, n)))
+    vw, vba = unbiased_var(W), product_var(B0, A0)
+    if vba <= 0.0 or vw <= 0.0:
+        return 1.0  # nothing to match (constant W, or degenerate factors): keep the unit scale
+    return (rho * vw / vba) ** 0.25
+
+
+def svd_slices(U, S, V, r: int, direction: str):
+    """(B₀, A₀, S_B) for one layer from the top-2r triplets (SPEC §1 step 6)."""
+    if direction == "A2rBr":
+        return U[:, :r], V[:, r : 2 * r].T, S[:r]
+    return U[:, r : 2 * r], V[:, :r].T, S[r : 2 * r]
+
+
+def _vanilla(layer: LayerInput):
+    """PEFT's default LoRA init: Kaiming-uniform A, B = 0, nothing absorbed."""
+    m, n = layer.W.shape
+    A = kaiming_A(layer.r, n, layer.seed, layer.W.device, layer.dtype)
+    return A, torch.zeros(m, layer.r, device=layer.W.device, dtype=layer.dtype), {"offset": False}
+
+
+def _loram(layer: LayerInput):
+    W, r = layer.W, layer.r
+    m, n = W.shape
+    B0 = dst_basis(m, r).to(W.device)
+    A0 = dst_basis(n, r).T.contiguous().to(W.device)
+    beta = variance_beta(W, B0, A0, r)
+    return (beta * A0).to(layer.dtype), (beta * B0).to(layer.dtype), {"beta": beta, "offset": True}
+
+
+def _peft_preset(layer: LayerInput, U, S, V):
+    m = layer.W.shape[0]
+    B0, A0, S_B = svd_slices(U, S, V, layer.r, "ArB2r")
+    B0 = B0 @ torch.diag(S_B) * (m**0.25 / math.sqrt(PEFT_STABLE_GAMMA))
+    return A0.to(layer.dtype), B0.to(layer.dtype), {}
+
+
+def _scaled_slices(layer: LayerInput, U, S, V):
+    cfg = layer.config
+    B0, A0, _ = svd_slices(U, S, V, layer.r, cfg.direction)
+    if cfg.scale == "variance":
+        beta = variance_beta(layer.W, B0, A0, layer.r)
+    elif cfg.scale == "stable":
+        beta = layer.W.shape[0] ** 0.25 / math.sqrt(cfg.stable_gamma)
+    else:
+        beta = 1.0
+    return (beta * A0).to(layer.dtype), (beta * B0).to(layer.dtype), {"beta": beta}
+
+
+def _from_gradient(rule: Callable):
+    """A gradient method's factor rule; a layer whose G̃ is exactly zero gets the vanilla init (SPEC §1 step 9)."""
+
+    def factors(layer: LayerInput):
+        # the SVD ran on the first weight's device: factors go to this layer's (a model split over GPUs)
+        U, S, V = (t.to(layer.W.device) for t in layer.svd)
+        if float(S[0]) == 0.0:
+            A, B, info = _vanilla(layer)
+            return A, B, {"zero_gradient": True, **info}
+        A, B, info = rule(layer, U, S, V)
+        return A, B, {**info, "zero_gradient": False, "offset": True}
+
+    return factors
+
+
+FACTORS: dict[str, Callable[[LayerInput], tuple]] = {
+    "lora": _vanilla,
+    "loram": _loram,
+    "lora_ga": _from_gradient(_scaled_slices),
+    "slice": _from_gradient(_scaled_slices),
+    "lora_ga_peft": _from_gradient(_peft_preset),
+}
+
+
+@torch.no_grad()
+def absorb_(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, s: float) -> None:
+    """In place: W ← W − s·B·A (SPEC §1 step 8), the product in float32 from A and B as stored in the adapter
+    dtype (so it cancels exactly what the adapter's forward adds back), written in W's dtype. ``W`` may be a
+    transposed view (Conv1D)."""
+    off = (B.float() @ A.float()).mul_(s)
+    W.copy_((W.float() - off).to(W.dtype))

@@ -1,0 +1,38 @@
+"""The truncated SVD of every G̃ (SPEC §1 step 5), batched over layers of one shape."""
+from __future__ import annotations
+
+import torch
+
+from ..ops import rsvd
+from .config import SliceConfig
+from .report import InitReport, timed_phase
+
+# Layers stacked per randomized-SVD call are capped so the batch holds at most this many float32 elements.
+SVD_BATCH_ELEMENTS = 1 << 28
+
+
+def top_triplets(names, grads, r: int, config: SliceConfig, report: InitReport, device) -> dict:
+    """{name: (U (m, 2r), S (2r,), V (n, 2r))} of each layer's G̃, on ``device``; sketches seeded per layer."""
+    out: dict = {}
+    with timed_phase(report, "svd", device):
+        k = 2 * r
+        groups: dict = {}
+        for i, n in enumerate(names):
+            groups.setdefault(tuple(grads[i].shape), []).append(i)
+        for (m, n_), idxs in groups.items():
+            q = max(min(config.svd_sketch or 4 * r, min(m, n_)), k)
+            per = max(1, SVD_BATCH_ELEMENTS // (m * n_))
+            for j in range(0, len(idxs), per):
+                chunk = idxs[j : j + per]
+                G = torch.stack([grads[i].to(device, torch.float32) for i in chunk])
+                if config.svd == "exact":
+                    U, S, V = rsvd.exact_svd(G, k)
+                else:
+                    seeds = [rsvd.layer_seed(config.seed, names[i]) for i in chunk]
+                    omega = rsvd.sketch(seeds, n_, q, G.device)
+                    report.backends["randomized_svd"] = rsvd.RANDOMIZED_SVD.select(G.device)[0]
+                    U, S, V = rsvd.randomized_svd(G, omega, k, config.svd_niter)
+                del G
+                for b, i in enumerate(chunk):
+                    out[names[i]] = (U[b], S[b], V[b])
+    return out
