@@ -92,8 +92,8 @@ __attribute__((always_inline)) inline T lane_sum(const T* f, int64_t len) {
 
 // The elementwise work of one tile row, in one pass: with kLoss the loss summands f[j] at ΔW = s·d[j], H = h[j]
 // (h is ±1 in bit form: tanh(α_ℓ H) becomes sign(H)) into f, returning their sum (see lane_sum); with kGrad
-// g[j] ← gscale·∂f/∂ΔW over d in place. The training path used to run a summand pass and a derivative pass,
-// evaluating both tanh twice per entry; it is now one pass with one pair.
+// g[j] ← gscale·∂f/∂ΔW over d in place. One pass for both, so the training path evaluates each tanh pair once
+// per entry.
 // d, h and f never overlap (f is a row buffer of its own: were it d, GCC's runtime overlap check would send the
 // forward to the scalar copy of the loop).
 // An AVX2 copy beside the baseline one (cpu_clones.h): the tanh_k arithmetic is most of the kernel's time at

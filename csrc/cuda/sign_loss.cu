@@ -10,8 +10,8 @@
 //   refused for lack of shared memory;
 // G = ∂L/∂ΔW lives only in shared memory, one tile at a time: no m×n buffer, no atomics.
 //
-// Segments (why): a block used to walk the whole other dimension, so the grid was m/32 (or n/32) blocks: 128
-// at 4096, about one 256-thread block per H100 SM, and a long serial loop each. The walked tiles are now cut into
+// Segments (why): with the primary blocks alone the grid is m/32 (or n/32) blocks: 128 at 4096, about one
+// 256-thread block per H100 SM, and a long serial loop each. So the walked tiles are cut into
 // S contiguous segments of whole tiles (sk_sign_loss_plan picks S for about 2 blocks per SM, at least 4 tiles
 // per segment, S = 1 when the primary grid is already that large). The forward writes one partial per (row
 // block, segment); with S > 1 each dB (dA) segment writes its own m×r (r×n) slice of a float32 workspace
@@ -299,7 +299,7 @@ __global__ void __launch_bounds__(NT) dA_kernel(SkSignLossArgs a, const float* g
         sm.L[kk][ii] = (ii < nrow && kk < nk) ? Bb[ii * a.r + kk] : 0.f;
       }
       __syncthreads();
-      // entry (rank kb + ty + 8q, column tx) += Σ_ii B[ii][k]·G[ii][tx]: the ii order of the old kernel, zeros
+      // entry (rank kb + ty + 8q, column tx) += Σ_ii B[ii][k]·G[ii][tx] in ascending ii (the scalar loop's order), zeros
       // past m add nothing
       contract_any(&sm.L[0][0], &sm.G[0][0], accA, kb, nk, tx, ty);
       __syncthreads();

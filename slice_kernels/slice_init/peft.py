@@ -25,7 +25,7 @@ from torch import nn
 from .. import distributed
 from ..errors import SliceInitError
 from ..modules import resolve_targets, weight_out_in
-from .collect import BatchStream, collect_streams, replay_streams
+from .collect import BatchStream, collect_gradients, collect_replay_gradients, replay_streams
 from .config import SliceConfig
 from .factors import absorb_
 from .init import init_from_gradients, validate_ranks
@@ -148,16 +148,18 @@ def get_slice_model(
     if slice_config.uses_gradients:
         if current is None:
             raise SliceInitError(f"method {slice_config.method!r} needs the current task's batches (current=...)")
-        streams = [BatchStream(current, slice_config.current_steps, 1.0, "current-task batches")]
-        rstreams = None
-        if slice_config.uses_replay and replay is not None:
-            rstreams = replay_streams(replay, slice_config.replay_steps, slice_config.replay_mode)  # validate early
+        # both sources are validated before any forward pass (no batch is consumed)
+        BatchStream(current, slice_config.current_steps, 1.0, "current-task batches")
+        replay_given = slice_config.uses_replay and replay is not None
+        if replay_given:
+            replay_given = bool(replay_streams(replay, slice_config.replay_steps, slice_config.replay_mode))
         device = next(iter(targets.values())).weight.device
         with timed_phase(collected, "collect_current", device):
-            g_cur = collect_streams(model, targets, streams, loss_fn, source="current-task gradient", **kw)
-        if rstreams:
+            g_cur = collect_gradients(model, targets, current, slice_config.current_steps, loss_fn, **kw)
+        if replay_given:
             with timed_phase(collected, "collect_replay", device):
-                g_prev = collect_streams(model, targets, rstreams, loss_fn, source="replay gradient", **kw)
+                g_prev = collect_replay_gradients(model, targets, replay, slice_config.replay_steps,
+                                                  slice_config.replay_mode, loss_fn, **kw)
 
     res = init_from_gradients(
         weights, g_cur, g_prev, r=r, lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, config=slice_config,
