@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..errors import HistoryError
-from ..modules import canonical_name, lora_layers
+from ..modules import canonical_name, lora_layers, weight_out_in
 from ..ops.magnitude_merge import magnitude_merge
 
 
@@ -16,13 +16,12 @@ def merge_magnitude_into_base(peft_model, updates: dict) -> nn.Module:
     is removed by merging the negated earlier updates into W (|−x| = |x|, same winners), then the merge of all
     t updates is added. Both steps run in place, tile by tile from factors: no m×n buffer."""
     plan = []  # every layer is checked before any weight is written, so an error leaves the model as it was
-    for name, mod, ad in lora_layers(peft_model):
+    for name, mod, _ in lora_layers(peft_model):
         ups = updates.get(canonical_name(name))
         if not ups:
             raise HistoryError(f"merge_magnitude_into_base: no recorded update for layer {name!r}; call "
                              f"end_of_task before merge")
-        W = mod.get_base_layer().weight
-        Wv = W.data.T if getattr(mod, "fan_in_fan_out", False) else W.data  # (out, in) view
+        Wv = weight_out_in(mod.get_base_layer()).data
         for k, u in enumerate(ups):
             if (u["B"].shape[0], u["A"].shape[1]) != tuple(Wv.shape):
                 raise HistoryError(f"merge_magnitude_into_base: layer {name!r}: task {k}'s update is "
