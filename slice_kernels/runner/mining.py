@@ -14,7 +14,6 @@ followed by single-swap local search until no swap improves; the result says whi
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 import zlib

@@ -17,8 +17,8 @@ def top_triplets(names, grads, r: int, config: SliceConfig, report: InitReport, 
     with timed_phase(report, "svd", device):
         k = 2 * r
         groups: dict = {}
-        for i, n in enumerate(names):
-            groups.setdefault(tuple(grads[i].shape), []).append(i)
+        for i, g in enumerate(grads):
+            groups.setdefault(tuple(g.shape), []).append(i)
         for (m, n_), idxs in groups.items():
             q = max(min(config.svd_sketch or 4 * r, min(m, n_)), k)
             per = max(1, SVD_BATCH_ELEMENTS // (m * n_))
