@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # No --use_fast_math: it turns tanhf into tanh.approx.f32 (relative error up to 2^-11 ≈ 5e-4), which breaks the
 # float32 ≤ 1e-5 contract of the sign-consistency loss and its gradients, and flushes denormals to zero.
-# tests/test_gpu_paths.py compiles a kernel with these flags and checks the PTX.
+# tests/backends/test_gpu_paths.py compiles a kernel with these flags and checks the PTX.
 NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo"]
 
 

@@ -5,7 +5,7 @@ FLOPs, and TF32 tensor cores would run them about 8× faster than float32 CUDA c
 but its arithmetic can be emulated: each float32 operand of a product is rounded to 10 mantissa bits
 (round to nearest, as cuBLAS's conversion does) and the product is accumulated in float32. This script runs
 the fused backends' algorithm (``_rsvd_cholqr``, through the cpp backend) and ``torch.svd_lowrank(q=4r,
-niter=4)`` on the real SmolLM2 gradient fixtures of ``tests/test_ops_rsvd.py`` in three precisions:
+niter=4)`` on the real SmolLM2 gradient fixtures of ``tests/ops/test_rsvd.py`` in three precisions:
 
 * ``fp32``: every product in float32 (torch's default, ``float32_matmul_precision="highest"``);
 * ``tf32``: every float32 product emulated TF32 (what ``torch.set_float32_matmul_precision("high")`` does);

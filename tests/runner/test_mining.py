@@ -1,0 +1,149 @@
+"""Adversarial sequence mining: CountSketch accuracy against exact inner products, and the planted most
+conflicting subset recovered by the exhaustive and the greedy+swap searches."""
+import math
+
+import pytest
+import torch
+
+from slice_kernels.runner.mining import EXHAUSTIVE_LIMIT, choose_subset, cosine_matrix, countsketch
+
+SHAPES = {"layers.0.q": (37, 29), "layers.0.mlp": (53, 41), "layers.1.q": (37, 29)}
+
+
+def _grads(vec):
+    out, i = {}, 0
+    for name, (m, n) in SHAPES.items():
+        out[name] = vec[i : i + m * n].reshape(m, n).float()
+        i += m * n
+    return out
+
+
+DIM = sum(m * n for m, n in SHAPES.values())
+
+
+def test_sketch_inner_products_within_the_stated_error():
+    """⟨sk_a, sk_b⟩ is unbiased with std √((‖a‖²‖b‖² + ⟨a,b⟩²)/k); every pair lies within 5 std (the inputs
+    are seeded, so this is a fixed check; 5 std is exceeded with probability < 1e-6 per pair)."""
+    g = torch.Generator().manual_seed(0)
+    k = 2000
+    base = torch.randn(DIM, generator=g, dtype=torch.float64)
+    vecs = [base * w + torch.randn(DIM, generator=g, dtype=torch.float64) for w in (0.0, 0.5, 1.0, -1.0, 2.0)]
+    sks = [countsketch(_grads(v), k, seed=7) for v in vecs]
+    for i in range(len(vecs)):
+        for j in range(i + 1, len(vecs)):
+            a, b = vecs[i].float().double(), vecs[j].float().double()
+            exact = float(a @ b)
+            std = math.sqrt((float(a @ a) * float(b @ b) + exact**2) / k)
+            est = float(sks[i][0] @ sks[j][0])
+            assert abs(est - exact) <= 5 * std, (i, j, est, exact, std)
+    # norms are exact, not sketched
+    assert sks[2][1] == pytest.approx(float(vecs[2].float().double().square().sum()), rel=1e-12)
+
+
+def test_sketch_hashes_agree_across_tasks_and_depend_on_layer_names():
+    v = torch.randn(DIM, dtype=torch.float64)
+    s1, _ = countsketch(_grads(v), 500, seed=1)
+    s2, _ = countsketch(_grads(v), 500, seed=1)
+    assert torch.equal(s1, s2)
+    renamed = {f"x.{k}": t for k, t in _grads(v).items()}
+    assert not torch.equal(countsketch(renamed, 500, seed=1)[0], s1)
+    with pytest.raises(ValueError, match="k ≥ 1"):
+        countsketch(_grads(v), 0)
+
+
+def _planted_pool(n, planted, seed):
+    """n task gradients: all share a positive common direction, except the planted ones, which point in
+    mutually opposing directions (a regular simplex) and so have the lowest mean pairwise cosine."""
+    g = torch.Generator().manual_seed(seed)
+    common = torch.randn(DIM, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(DIM, len(planted), generator=g, dtype=torch.float64))
+    simplex = q - q.mean(1, keepdim=True)  # columns sum to zero: pairwise cos = -1/(s-1)
+    vecs = []
+    for t in range(n):
+        noise = 0.3 * torch.randn(DIM, generator=g, dtype=torch.float64) / math.sqrt(DIM)
+        if t in planted:
+            v = simplex[:, planted.index(t)] / simplex[:, planted.index(t)].norm() + noise
+        else:
+            v = common / common.norm() + 0.7 * torch.randn(DIM, generator=g, dtype=torch.float64) / math.sqrt(DIM)
+        vecs.append(v)
+    return vecs
+
+
+def _mine(vecs, size, k=20000):
+    sk = [countsketch(_grads(v), k, seed=0) for v in vecs]
+    C = cosine_matrix([s for s, _ in sk], [q for _, q in sk])
+    return choose_subset(C, size)
+
+
+def test_planted_subset_exhaustive():
+    planted = [1, 4, 6]
+    idx, val, search = _mine(_planted_pool(8, planted, seed=0), 3)
+    assert search == "exhaustive" and idx == planted and val < -0.3
+
+
+def test_planted_subset_greedy_when_exhaustive_is_too_costly():
+    planted = [2, 5, 11, 17, 23, 29]
+    n = 30
+    assert math.comb(n, len(planted)) > EXHAUSTIVE_LIMIT
+    idx, val, search = _mine(_planted_pool(n, planted, seed=1), len(planted), k=4000)
+    assert search == "greedy+swap" and idx == planted
+
+
+def test_choose_subset_bad_size():
+    C = [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+    for size in (4, 1, 0):  # a single task has no pair to score
+        with pytest.raises(ValueError, match="between 2 and 3"):
+            choose_subset(C, size)
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--buckets", "0"], "--buckets must be at least 1, got 0"),
+    (["--batches", "0"], "--batches must be at least 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--size", "1"], "--size 1 must be between 2 and the pool size 3"),
+    (["--size", "4"], "--size 4 must be between 2 and the pool size 3"),
+])
+def test_mine_cli_refuses_bad_values_before_loading_the_model(tmp_path, monkeypatch, capsys, args, msg):
+    from tests.helpers.runner_tiny import write_jsonl
+    from slice_kernels.runner.cli import main
+    from slice_kernels.runner import model as model_mod
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(model_mod, "load_model", no_load)
+    pool = ",".join(write_jsonl(str(tmp_path / f"{t}.jsonl"), [{"prompt": "p", "answer": "a"}]) for t in "abc")
+    out = tmp_path / "mined"
+    assert main(["mine", "--pool", pool, "--out", str(out), *args]) == 2
+    assert msg in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.reasoning_gym
+def test_mine_cli_on_a_tiny_model(tmp_path, capsys):
+    """The command end to end: prints the matrix and the sequence, saves mined.json (readable by
+    ``run --tasks @mined.json``) and the heatmap."""
+    import json
+
+    from tests.helpers.runner_tiny import save_tiny_llama, write_jsonl
+    from slice_kernels.runner.cli import main
+    from slice_kernels.runner.tasks import expand_task_list
+
+    model = save_tiny_llama(str(tmp_path / "tiny"))
+    jl = write_jsonl(str(tmp_path / "echo.jsonl"), [{"prompt": f"say {w}", "answer": w} for w in "abcdefgh"])
+    out = tmp_path / "mined"
+    rc = main(["mine", "--pool", f"basic_arithmetic,chain_sum,{jl}", "--size", "2", "--model", model, "--targets",
+               "q_proj,v_proj", "--buckets", "3000", "--batches", "1", "--batch-size", "2", "--out", str(out),
+               "--no-progress"])
+    assert rc == 0
+    res = json.load(open(out / "mined.json"))
+    assert res["pool"] == ["basic_arithmetic", "chain_sum", "echo"] and res["search"] == "exhaustive"
+    C = res["cosines"]
+    assert len(res["sequence"]) == 2 and all(C[i][i] == 1.0 for i in range(3))
+    pairs = {(0, 1): C[0][1], (0, 2): C[0][2], (1, 2): C[1][2]}
+    best = min(pairs, key=pairs.get)
+    names = ["basic_arithmetic", "chain_sum", jl]
+    assert expand_task_list(f"@{out / 'mined.json'}") == [names[best[0]], names[best[1]]]
+    assert (out / "cosines.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert ",".join(res["sequence"]) in printed and "chain_sum" in printed

@@ -1,0 +1,84 @@
+"""Small pieces of the runner pinned against hand-computed values: the SPEC §2 metrics on a 3×3 R, the
+answer-only label mask, and the seeded replay buffer."""
+import pytest
+
+from tests.helpers.runner_tiny import char_tokenizer
+from slice_kernels.runner.data import encode, replay_sample
+from slice_kernels.runner.metrics import continual_metrics
+from slice_kernels.runner.tasks import Example
+
+
+def test_metrics_on_a_3x3_matrix_by_hand():
+    # R[i][j]: score on task j after stage i (0-based); None above the diagonal
+    R = [[0.9, None, None],
+         [0.5, 0.8, None],
+         [0.3, 0.6, 0.7]]
+    m = continual_metrics(R)
+    assert m["AP"] == pytest.approx((0.9 + 0.8 + 0.7) / 3)  # diagonal
+    assert m["FP"] == pytest.approx((0.3 + 0.6 + 0.7) / 3)  # last row
+    assert m["Forgetting"] == pytest.approx(0.8 - 1.6 / 3)
+    assert m["BWT"] == pytest.approx(((0.3 - 0.9) + (0.6 - 0.8)) / 2)  # j < T only, over T - 1
+    with pytest.raises(ValueError, match="missing score"):
+        continual_metrics([[0.9, None], [None, 0.8]])
+    with pytest.raises(ValueError, match="square"):
+        continual_metrics([[0.9, None]])
+    assert continual_metrics([[0.4]]) == {"AP": 0.4, "FP": 0.4, "Forgetting": 0.0, "BWT": 0.0}
+
+
+def test_answer_only_labels_and_prompt_plus_answer():
+    tok = char_tokenizer()
+    ex = Example("2+3", "5")
+    e = encode(tok, ex, max_len=64)
+    prompt_ids = tok("Question: 2+3\nAnswer:", add_special_tokens=True)["input_ids"]
+    n = len(prompt_ids)
+    assert e["input_ids"][:n] == prompt_ids
+    assert e["labels"][:n] == [-100] * n  # no loss on the prompt
+    answer = tok(" 5", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert e["labels"][n:] == answer and e["input_ids"][n:] == answer  # loss on " 5" and the eos
+    full = encode(tok, ex, max_len=64, train_on="prompt+answer")
+    assert full["labels"] == full["input_ids"] == e["input_ids"]
+    # an over-long prompt is cut from the left; the answer keeps its labels
+    long = encode(tok, Example("x" * 200, "42"), max_len=32)
+    assert len(long["input_ids"]) == 32
+    assert [t for t in long["labels"] if t != -100] == tok(" 42", add_special_tokens=False)["input_ids"] + [2]
+
+
+def test_replay_buffer_is_a_fixed_seeded_sample():
+    data = [Example(f"q{i}", str(i)) for i in range(50)]
+    a, b = replay_sample(data, 16, seed=7), replay_sample(data, 16, seed=7)
+    assert a == b and len(a) == 16 and len({x.prompt for x in a}) == 16  # no repeats
+    assert replay_sample(data, 16, seed=8) != a
+    assert replay_sample(data[:5], 16, seed=7) and len(replay_sample(data[:5], 16, seed=7)) == 5
+
+
+@pytest.mark.reasoning_gym
+def test_evaluation_questions_never_occur_in_training():
+    # two one-digit terms: only 200 distinct chain_sum questions, so 256 training draws repeat many of them
+    from slice_kernels.runner.tasks import load_task
+
+    t = load_task("chain_sum?min_terms=2&max_terms=2&max_digits=1", n_train=256, n_eval=24, seed=0)
+    train = {ex.prompt for ex in t.train}
+    evals = [ex.prompt for ex in t.eval]
+    assert len(t.train) == 256 and len(evals) == 24
+    assert not train & set(evals) and len(set(evals)) == len(evals)
+
+
+@pytest.mark.reasoning_gym
+def test_too_small_a_question_space_is_a_clear_error():
+    from slice_kernels.runner.tasks import TaskError, load_task
+
+    # 2000 training draws cover all 200 questions of this space: no unseen question is left for evaluation
+    with pytest.raises(TaskError, match="evaluation questions that do not occur"):
+        load_task("chain_sum?min_terms=2&max_terms=2&max_digits=1", n_train=2000, n_eval=150, seed=0)
+
+
+def test_jsonl_duplicate_lines_do_not_leak_into_training(tmp_path):
+    import json
+
+    from slice_kernels.runner.tasks import load_task
+
+    rows = [{"prompt": f"q{i % 5}", "answer": str(i % 5)} for i in range(40)]  # every prompt 8 times
+    p = tmp_path / "dup.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    t = load_task(str(p), n_train=0, n_eval=4, seed=0)
+    assert not {ex.prompt for ex in t.train} & {ex.prompt for ex in t.eval}
