@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from common import copy_bandwidth, machine  # noqa: E402  (benches/common.py, shared timing helpers)
+
 from slice_kernels import GorpAdamW, dispatch  # noqa: E402
 from slice_kernels.ops import rsvd  # noqa: E402
 from slice_kernels.ops.gorp_update import gorp_update_, gorp_update_torch  # noqa: E402

@@ -37,8 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import StreamTable, copy_bandwidth, fmt_time, machine, matmul_rate, median_time, sync  # noqa: E402
 
 from slice_kernels import SliceConfig, dispatch, init_from_gradients  # noqa: E402
-from slice_kernels.slice_init import absorb_  # noqa: E402
 from slice_kernels.ops import conflict, rsvd  # noqa: E402
+from slice_kernels.slice_init import absorb_  # noqa: E402
 
 LLAMA3_8B_BLOCK = {  # (out, in) of each target linear in one decoder block
     "q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096), "o_proj": (4096, 4096),
@@ -145,8 +145,8 @@ def bench_rsvd(device, ranks, batch, shapes, bw, rate, niter=4):
                        "vs svd_lowrank": f"{t_loop / t_fused:.2f}×", "vs linalg.svd": f"{t_full / t_fused:.1f}×",
                        "floor": fmt_time(floor), "rel. err fused": f"{e_fused:.4e}",
                        "rel. err svd_lowrank": f"{e_loop:.4e}"})
-            del omega, U, S, V, lr
-        del G
+            omega = U = S = V = lr = None  # free the device memory before the next rank
+        G = None
 
 
 def bench_init(device, blocks, r=16):

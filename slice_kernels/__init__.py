@@ -10,15 +10,28 @@ import importlib
 
 from . import _compat, dispatch
 from .errors import (
-    BackendUnavailableError, GorpGroupError, HistoryError, NonFiniteGradientError, SliceConfigError, SliceInitError,
+    BackendUnavailableError,
+    GorpGroupError,
+    HistoryError,
+    NonFiniteGradientError,
+    SliceConfigError,
+    SliceInitError,
     SliceKernelsError,
 )
 from .gorp import GorpAdamW, build_gorp_optimizer, gorp_param_groups
 from .ops.magnitude_merge import magnitude_merge
 from .ps_lora import History, HistoryStore, ParameterStabilityLoss, StabilityLossMixin, sign_consistency_loss
 from .slice_init import (
-    InitReport, InitResult, SliceConfig, collect_gradients, collect_replay_gradients, get_slice_model,
-    init_from_gradients, lora_scaling, save_as_lora, save_initial_adapter,
+    InitReport,
+    InitResult,
+    SliceConfig,
+    collect_gradients,
+    collect_replay_gradients,
+    get_slice_model,
+    init_from_gradients,
+    lora_scaling,
+    save_as_lora,
+    save_initial_adapter,
 )
 
 __version__ = "0.1.0"

@@ -28,7 +28,7 @@
 // load instead of 0.8. For that each contraction's summed index runs along shared rows of KP = 36 floats: dB
 // reads the staged A[k][j] and G[i][j]; dA stages B transposed (B[i][k] as [k][i]) and g_tile writes G
 // transposed. The order of every sum is unchanged, so the outputs are bit for bit
-// those of the scalar loops (tests/test_cuda_emulated.py builds both and compares the bits).
+// those of the scalar loops (tests/backends/test_cuda_emulated.py builds both and compares the bits).
 #include "cuda/sign_loss.cuh"
 #include "cuda/sign_loss_tiles.cuh"
 

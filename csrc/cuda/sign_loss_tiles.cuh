@@ -16,7 +16,7 @@
 // a multiple of 4 ends with one float4 step that adds only the 1 to 3 products below kn (dot_head): adding the
 // staged zeros instead would keep every value but not every bit, since on the GPU an FFMA whose exact result is
 // a negative number below half the smallest subnormal rounds to -0, and -0 + 0·0 = +0.
-// SK_TILES_SCALAR_ORDER (defined by tests/test_cuda_emulated.py only) compiles the scalar loops instead, over
+// SK_TILES_SCALAR_ORDER (defined by tests/backends/test_cuda_emulated.py only) compiles the scalar loops instead, over
 // the same shared layout and ranks: the emulator compares both builds bit for bit.
 #pragma once
 #include <cuda_runtime.h>

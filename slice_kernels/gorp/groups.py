@@ -20,6 +20,7 @@ from ..errors import GorpGroupError
 from ..modules import base_linears, lora_layers, matches
 from .optimizer import GorpAdamW
 
+
 def gorp_param_groups(
     model: nn.Module,
     *,

@@ -210,7 +210,7 @@ def _dA_kernel(A, B, H1, H2, grad, dA, m, n, r, R, sh1, scaling, alpha_l, inv_rm
 
 
 # Tiles (BM, BN) and warps of each kernel on a GPU, the largest that do not spill in the sm_90 cubins (the fp32
-# dots lower to unrolled FMAs; the figures are in benches/RESULTS.md, tests/test_triton_compile.py checks them).
+# dots lower to unrolled FMAs; the figures are in benches/RESULTS.md, tests/backends/test_triton_compile.py checks them).
 # The walked side is the one to shrink: the primary side (rows of fwd/dB, columns of dA) sets the grid, and
 # segments make up for a smaller one; the gradient accumulators grow with the rank, hence narrower tiles there.
 _TILES = {"fwd": (64, 32), "dB": (64, 32), "dA": (32, 32)}
@@ -222,9 +222,9 @@ _WARPS = 8
 # checked with. "tf32x3": each dot as three TF32 tensor-core products (hi·hi + hi·lo + lo·hi), near-fp32
 # accuracy on the tensor cores: an opt-in experiment for a GPU run (SLICE_KERNELS_TRITON_DOT=tf32x3). The
 # interpreter ignores the precision, so its accuracy is tested only on a GPU
-# (tests/test_sign_loss.py::test_triton_tf32x3_dots_keep_the_contract, marked gpu), its speed by
+# (tests/ops/test_sign_loss.py::test_triton_tf32x3_dots_keep_the_contract, marked gpu), its speed by
 # benches/bench_ps_lora.py (a "fused[triton,tf32x3]" column), and its registers and spills on sm_90 by
-# tests/test_triton_compile.py. Plain "tf32" is not offered: 10-bit mantissas cannot keep 1e-5.
+# tests/backends/test_triton_compile.py. Plain "tf32" is not offered: 10-bit mantissas cannot keep 1e-5.
 DOT_PRECISION_ENV = "SLICE_KERNELS_TRITON_DOT"
 DOT_PRECISIONS = ("ieee", "tf32x3")
 
@@ -250,7 +250,7 @@ def _tiles(kernel: str, r: int) -> tuple[int, int]:
 _MIN_TILES_PER_SEGMENT = 4  # a segment re-loads its program's B rows / A columns: amortize that over its tiles
 _MAX_GRID_AXIS1 = 65535  # CUDA's limit on grid axis 1
 # SM count where no CUDA device can be asked: under the interpreter, and for meta tensors (the sm_90 compile of
-# tests/test_triton_compile.py, which must see the launches an H100 gets). 132 = an H100 SXM's SMs.
+# tests/backends/test_triton_compile.py, which must see the launches an H100 gets). 132 = an H100 SXM's SMs.
 _DEFAULT_SMS = 132
 
 

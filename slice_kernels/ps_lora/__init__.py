@@ -2,7 +2,11 @@
 one layer and of a whole PEFT model, its Trainer integration, and magnitude merging of the task updates."""
 from .history import KINDS, History, HistoryStore, gram_sq_norm, history_from_updates
 from .loss import (
-    DEFAULT_BETA, ParameterStabilityLoss, effective_factors, reference_sign_consistency_loss, sign_consistency_loss,
+    DEFAULT_BETA,
+    ParameterStabilityLoss,
+    effective_factors,
+    reference_sign_consistency_loss,
+    sign_consistency_loss,
 )
 from .merge import merge_magnitude_into_base
 from .trainer import StabilityLossMixin

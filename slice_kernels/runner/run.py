@@ -20,8 +20,8 @@ from . import checkpoint as ckpt
 from . import methods as methods_mod
 from .data import TRAIN_ON, collate, encode, make_batches, pad_id, replay_sample
 from .evaluate import evaluate_task
-from .metrics import continual_metrics
 from .methods import LoraSettings, StageContext
+from .metrics import continual_metrics
 from .model import check_model_dir, load_model
 from .profiles import RunConfig
 from .tasks import Example, check_spec, load_task, task_name, train_count

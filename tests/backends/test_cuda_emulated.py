@@ -351,9 +351,8 @@ def test_sign_loss_launchers_refuse_a_foreign_plan(emu):
 
 # ---------------------------------------------------------------- magnitude merge
 def _merge_operands(m, n, K, seed):
-    from tests.backends.test_gpu_paths import _integer_updates
-
     from slice_kernels.ops.magnitude_merge import reference_magnitude_merge
+    from tests.backends.test_gpu_paths import _integer_updates
 
     ups = _integer_updates(m, n, K, seed=seed)
     Bc = torch.cat([u[0] for u in ups], 1).contiguous()
@@ -442,13 +441,13 @@ def _table(cur, prev, keep=None):
     """The chunk table as csrc/cuda_glue/conflict.cpp builds it: rows, their count, each row's layer, and first[l]
     (layer l owns rows first[l] .. first[l+1]-1; an empty layer owns none)."""
     rows, owner, first = [], [], []
-    for l, (c, p) in enumerate(zip(cur, prev)):
+    for layer, (c, p) in enumerate(zip(cur, prev)):
         first.append(len(rows))
-        if keep is not None and not keep(l):
+        if keep is not None and not keep(layer):
             continue
         for st in range(0, c.numel(), K_CHUNK):
             rows.append((c.data_ptr(), p.data_ptr() if p is not None else 0, st, min(c.numel(), st + K_CHUNK)))
-            owner.append(l)
+            owner.append(layer)
     first.append(len(rows))
     table = (_Chunk * max(len(rows), 1))(*[_Chunk(*x) for x in rows])
     return table, len(rows), owner, torch.tensor(first, dtype=torch.int64)
@@ -477,7 +476,7 @@ def test_surgery_exact(emu, aligned):
     gam = torch.tensor([0.7, 0.0, -1.3, 2.5, 0.1], dtype=torch.float64)
     expected = [c.clone() for c in cur]
     _nat("surgery_")(expected, prev, gam)
-    table, nc, owner, _ = _table(cur, prev, keep=lambda l: gam[l] != 0)
+    table, nc, owner, _ = _table(cur, prev, keep=lambda layer: gam[layer] != 0)
     layer_of = torch.tensor(owner, dtype=torch.int64)
     assert emu.emu_surgery(ctypes.addressof(table), _p(layer_of), nc, _p(gam)) == 0
     for c, e in zip(cur, expected):

@@ -39,9 +39,8 @@ def _cases(full: bool = False):
     """case id -> a call of one launcher as the GPU path makes it. Shapes are real layer shapes (Llama-3-8B MLP
     14336×4096, ranks up to 64, histories up to R = 640) or chosen to cross a limit (2³¹ elements)."""
     from slice_kernels.ops import _magnitude_merge_triton as mm
-    from slice_kernels.ops import _sign_loss_triton as sl
     from slice_kernels.ops import _rsvd_triton, conflict, gorp_update, grad_accum, rsvd  # noqa: F401
-
+    from slice_kernels.ops import _sign_loss_triton as sl
     from slice_kernels.ops.sign_loss import KIND
 
     f32, f64, bf16, f16, u8 = torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.uint8
@@ -181,9 +180,10 @@ def _package_kernels():
     import inspect
     import pkgutil
 
-    import slice_kernels
     from triton.runtime.autotuner import Autotuner, Heuristics
     from triton.runtime.jit import JITFunction
+
+    import slice_kernels
 
     found = {}
     for info in pkgutil.walk_packages(slice_kernels.__path__, "slice_kernels."):

@@ -3,8 +3,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from tests.helpers import lm_batches, tiny_gpt2, tiny_llama
 from slice_kernels import GorpAdamW, GorpGroupError, build_gorp_optimizer, gorp_param_groups
+from tests.helpers import lm_batches, tiny_gpt2, tiny_llama
 
 
 def _peft_llama(adapter="default"):

@@ -1,5 +1,4 @@
 """GorpAdamW (SPEC §4): AdamW equivalence, orthogonality to stored spaces, the energy rule, exact resume."""
-import copy
 import io
 
 import pytest

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from tests.helpers import backends_for
 from slice_kernels import dispatch
 from slice_kernels.ops import conflict
+from tests.helpers import backends_for
 
 # Not multiples of any block or chunk; m ≠ n; a 1×1 layer; one layer spanning several Triton chunks.
 SHAPES = [(37, 53), (300, 7), (1, 1), (129, 65)]

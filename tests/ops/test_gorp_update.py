@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from tests.helpers import backends_for
 from slice_kernels import dispatch
-from slice_kernels.ops.gorp_update import GORP_UPDATE as OP, gorp_update_, gorp_update_torch
+from slice_kernels.ops.gorp_update import GORP_UPDATE as OP
+from slice_kernels.ops.gorp_update import gorp_update_, gorp_update_torch
+from tests.helpers import backends_for
 
 # awkward sizes: not block multiples, m ≠ n, a single element, a vector (biases and norms go through here)
 SHAPES = [(37, 5), (5, 37), (1, 1), (129, 3), (1100,)]

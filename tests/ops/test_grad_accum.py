@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from tests.helpers import backends_for
 from slice_kernels import dispatch
 from slice_kernels.ops import grad_accum
+from tests.helpers import backends_for
 
 
 @pytest.mark.parametrize("backend", backends_for("grad_accumulate"))

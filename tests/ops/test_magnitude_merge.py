@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from tests.helpers import backends_for, tiny_gpt2, tiny_llama
 from slice_kernels import dispatch, magnitude_merge
 from slice_kernels.ops.magnitude_merge import reference_magnitude_merge
+from tests.helpers import backends_for
 
 SHAPES = [(37, 53, [1, 3]), (70, 45, [8, 8, 2]), (65, 64, [64, 1])]  # awkward; r = 1 and r = n (its max)
 
@@ -109,46 +109,6 @@ def test_bad_inputs_are_refused():
     assert torch.equal(W, torch.zeros(10, 12))  # validated before anything was written
 
 
-@pytest.mark.parametrize("model_fn,targets", [(tiny_llama, ["q_proj", "up_proj"]), (tiny_gpt2, ["c_attn"])],
-                         ids=["llama", "gpt2-conv1d"])
-def test_runner_merge_gives_base_plus_merged_updates(model_fn, targets):
-    """The ps_lora merge hook: after stage t the weights are W_0 + merge(ΔW_1..ΔW_t), not a running sum."""
-    from peft import LoraConfig, get_peft_model
-
-    from slice_kernels.modules import lora_factors, lora_layers
-    from slice_kernels.modules import canonical_name as _canonical
-    from slice_kernels.ps_lora import merge_magnitude_into_base
-
-    model = model_fn()
-    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    updates, all_factors = {}, []
-    for stage in range(3):
-        torch.manual_seed(10 + stage)
-        pm = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False))
-        names = []
-        for name, mod, ad in lora_layers(pm):
-            B, A, s = lora_factors(mod, ad)
-            updates.setdefault(_canonical(name), []).append({"B": B.detach().clone(), "A": A.detach().clone(), "s": s})
-            names.append(name)
-        model = merge_magnitude_into_base(pm, updates)
-    conv1d = model_fn is tiny_gpt2
-    for name, ups in updates.items():
-        pname = name.replace("base_model.model.", "", 1) + ".weight"
-        merged = reference_magnitude_merge([(u["B"], u["A"], u["s"]) for u in ups])
-        W = dict(model.named_parameters())[pname].detach()
-        got = (W.T if conv1d else W).double() - (w0[pname].T if conv1d else w0[pname]).double()
-        torch.testing.assert_close(got, merged, rtol=1e-4, atol=1e-5)
-    assert len(updates) > 0
-
-
-def test_runner_methods_are_registered():
-    from slice_kernels.runner import methods
-
-    names = methods.available()
-    assert "ps_lora" in names and "slice+ps" in names
-    assert methods.get("ps_lora").magnitude and not methods.get("slice+ps").magnitude
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
@@ -182,29 +142,6 @@ def test_float64_factors_into_a_lower_precision_w(backend, wdtype):
         magnitude_merge(ups_k, into=W)
     tol = 1e-6 if wdtype == torch.float32 else 2 ** -8  # one rounding into W's dtype
     torch.testing.assert_close(W.double(), expect, rtol=tol, atol=tol * float(expect.abs().max()))
-
-
-def test_runner_merge_checks_every_layer_before_writing():
-    """A missing update for one layer is an error that leaves every weight as it was (no half-merged model)."""
-    from peft import LoraConfig, get_peft_model
-
-    from slice_kernels.modules import lora_factors, lora_layers
-    from slice_kernels.modules import canonical_name as _canonical
-    from slice_kernels.ps_lora import merge_magnitude_into_base
-
-    torch.manual_seed(0)
-    pm = get_peft_model(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False))
-    layers = list(lora_layers(pm))
-    updates = {}
-    for name, mod, ad in layers:
-        B, A, s = lora_factors(mod, ad)
-        updates[_canonical(name)] = [{"B": B.detach().clone(), "A": A.detach().clone(), "s": s}]
-    before = {n: p.detach().clone() for n, p in pm.named_parameters()}
-    del updates[_canonical(layers[-1][0])]  # the last layer has no recorded update
-    with pytest.raises(ValueError, match="no recorded update for layer"):
-        merge_magnitude_into_base(pm, updates)
-    for n, p in pm.named_parameters():
-        assert torch.equal(p, before[n]), n
 
 
 @pytest.mark.parametrize("backend", backends_for("magnitude_merge_factors"))

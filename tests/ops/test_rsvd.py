@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-from tests.helpers import backends_for, tiny_llama
 from slice_kernels import SliceConfig, dispatch, init_from_gradients
 from slice_kernels.ops import _rsvd_triton, rsvd
+from tests.helpers import backends_for, tiny_llama
 
 FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "rsvd_smollm2_grads.pt")
 FUSED = [p for p in backends_for("randomized_svd") if p.values[0] != "torch"]

@@ -1,14 +1,13 @@
 """Bad input to the runner: each a clear error naming the thing at fault, raised before anything is written."""
 import json
-import os
 import sys
 
 import pytest
 
-from tests.helpers.runner_tiny import save_not_causal, write_jsonl
 from slice_kernels.runner.cli import main
 from slice_kernels.runner.model import ModelError, check_model_dir
 from slice_kernels.runner.tasks import TaskError, check_spec, expand_task_list, load_task
+from tests.helpers.runner_tiny import save_not_causal, write_jsonl
 
 
 @pytest.mark.reasoning_gym
@@ -146,9 +145,9 @@ def test_training_set_smaller_than_a_batch_is_refused_not_a_hang(tmp_path):
 def test_train_stream_raises_instead_of_looping_forever(tmp_path):
     import signal
 
-    from tests.helpers.runner_tiny import char_tokenizer
     from slice_kernels.runner import make_config
     from slice_kernels.runner.run import _train_stream
+    from tests.helpers.runner_tiny import char_tokenizer
 
     task = load_task("chain_sum", n_train=3, n_eval=1, seed=0)
     cfg = make_config("default", tasks=["chain_sum"], heldout=[], batch_size=4, max_len=48)
@@ -226,9 +225,9 @@ def test_a_fresh_run_failing_before_its_first_checkpoint_leaves_the_directory_re
     """Errors that need the model (a target matching no layer, a rank too large for a layer, a bad method option
     value) come after run.json is written; it used to stay, so the corrected rerun in the same --out was refused
     ("already holds a run") and so was --resume ("different configuration")."""
-    from tests.helpers.runner_tiny import save_tiny_llama
     from slice_kernels.runner import make_config, run
     from slice_kernels.runner.checkpoint import discard_unstarted
+    from tests.helpers.runner_tiny import save_tiny_llama
 
     model = save_tiny_llama(str(tmp_path / "tiny"))
     tasks = [write_jsonl(str(tmp_path / f"t{k}.jsonl"), [{"prompt": f"{i}+{k}", "answer": str(i + k)} for i in range(12)])

@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from tests.helpers.runner_tiny import save_tiny_llama
 from slice_kernels.runner import make_config, methods, run
+from tests.helpers.runner_tiny import save_tiny_llama
 
 pytestmark = pytest.mark.slow
 

@@ -104,9 +104,9 @@ def test_choose_subset_bad_size():
     (["--size", "4"], "--size 4 must be between 2 and the pool size 3"),
 ])
 def test_mine_cli_refuses_bad_values_before_loading_the_model(tmp_path, monkeypatch, capsys, args, msg):
-    from tests.helpers.runner_tiny import write_jsonl
-    from slice_kernels.runner.cli import main
     from slice_kernels.runner import model as model_mod
+    from slice_kernels.runner.cli import main
+    from tests.helpers.runner_tiny import write_jsonl
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the arguments were checked")
@@ -125,9 +125,9 @@ def test_mine_cli_on_a_tiny_model(tmp_path, capsys):
     ``run --tasks @mined.json``) and the heatmap."""
     import json
 
-    from tests.helpers.runner_tiny import save_tiny_llama, write_jsonl
     from slice_kernels.runner.cli import main
     from slice_kernels.runner.tasks import expand_task_list
+    from tests.helpers.runner_tiny import save_tiny_llama, write_jsonl
 
     model = save_tiny_llama(str(tmp_path / "tiny"))
     jl = write_jsonl(str(tmp_path / "echo.jsonl"), [{"prompt": f"say {w}", "answer": w} for w in "abcdefgh"])

@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from tests.helpers.runner_tiny import save_tiny_llama
 from slice_kernels.runner import make_config, run
+from tests.helpers.runner_tiny import save_tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -47,3 +47,11 @@ def test_history_travels_in_the_method_state(tiny_dir, tmp_path):
     assert len(ups) == 4 and all(len(v) == 1 for v in ups.values())
     # SLICE absorbed s·B₀·A₀ into W, so the recorded update is [B, −B₀]·[A; A₀]: rank 2r = 4
     assert all(v[0]["B"].shape[1] == 4 and v[0]["A"].shape[0] == 4 for v in ups.values())
+
+
+def test_runner_methods_are_registered():
+    from slice_kernels.runner import methods
+
+    names = methods.available()
+    assert "ps_lora" in names and "slice+ps" in names
+    assert methods.get("ps_lora").magnitude and not methods.get("slice+ps").magnitude

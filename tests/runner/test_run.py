@@ -6,11 +6,10 @@ import os
 
 import pytest
 
-from tests.helpers.runner_tiny import save_tiny_llama
 from slice_kernels.runner import make_config, run
 from slice_kernels.runner.checkpoint import ResumeError
-from slice_kernels.runner.methods import InitMethod
-from slice_kernels.runner.methods import register
+from slice_kernels.runner.methods import InitMethod, register
+from tests.helpers.runner_tiny import save_tiny_llama
 
 pytestmark = pytest.mark.slow
 

@@ -2,10 +2,10 @@
 answer-only label mask, and the seeded replay buffer."""
 import pytest
 
-from tests.helpers.runner_tiny import char_tokenizer
 from slice_kernels.runner.data import encode, replay_sample
 from slice_kernels.runner.metrics import continual_metrics
 from slice_kernels.runner.tasks import Example
+from tests.helpers.runner_tiny import char_tokenizer
 
 
 def test_metrics_on_a_3x3_matrix_by_hand():

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import slice_kernels.slice_init.collect as collect_mod
-from tests.helpers import lm_batches, tiny_gpt2, tiny_llama
 from slice_kernels import SliceInitError, collect_gradients, collect_replay_gradients
+from tests.helpers import lm_batches, tiny_gpt2, tiny_llama
 
 LLAMA_T = ["q_proj", "v_proj", "down_proj"]
 GPT2_T = ["c_attn", "c_fc"]

@@ -14,8 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from slice_kernels import dispatch
-from slice_kernels import NonFiniteGradientError, SliceConfig, SliceInitError, init_from_gradients, lora_scaling
+from slice_kernels import (
+    NonFiniteGradientError,
+    SliceConfig,
+    SliceInitError,
+    dispatch,
+    init_from_gradients,
+    lora_scaling,
+)
 
 EPS32 = float(torch.finfo(torch.float32).eps)
 

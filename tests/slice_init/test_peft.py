@@ -7,12 +7,17 @@ import torch
 from peft import LoraConfig, LoraGAConfig, PeftModel, get_peft_model, preprocess_loraga
 from peft.tuners.lora import LoraLayer
 
-from tests.helpers import lm_batches, tiny_gpt2, tiny_llama
 from slice_kernels import (
-    NonFiniteGradientError, SliceConfig, SliceInitError, collect_gradients, get_slice_model, save_as_lora,
+    NonFiniteGradientError,
+    SliceConfig,
+    SliceInitError,
+    collect_gradients,
+    get_slice_model,
+    save_as_lora,
     save_initial_adapter,
 )
 from slice_kernels.slice_init.config import METHODS
+from tests.helpers import lm_batches, tiny_gpt2, tiny_llama
 
 TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],

@@ -4,9 +4,9 @@ on matrices with a spectral gap and on real gradients of a tiny Llama."""
 import pytest
 import torch
 
-from tests.helpers import lm_batches, tiny_llama
 from slice_kernels import SliceConfig, collect_gradients, dispatch, init_from_gradients
 from slice_kernels.ops import rsvd
+from tests.helpers import lm_batches, tiny_llama
 
 
 def with_gap(m, n, k, gap, seed):

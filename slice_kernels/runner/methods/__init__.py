@@ -3,8 +3,16 @@
 ``gorp`` (``gorp``)."""
 from . import gorp, init_methods, ps_lora  # noqa: F401  (importing registers the built-in methods)
 from .base import (
-    RUNNER_SET_FIELDS, LoraSettings, Method, Option, StageContext, available, check_method_options, declared_options,
-    get, register,
+    RUNNER_SET_FIELDS,
+    LoraSettings,
+    Method,
+    Option,
+    StageContext,
+    available,
+    check_method_options,
+    declared_options,
+    get,
+    register,
 )
 from .init_methods import InitMethod
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from ...modules import canonical_name, lora_factors, lora_layers
 from ...ps_lora import (
-    DEFAULT_BETA, ParameterStabilityLoss, effective_factors, history_from_updates, merge_magnitude_into_base,
+    DEFAULT_BETA,
+    ParameterStabilityLoss,
+    effective_factors,
+    history_from_updates,
+    merge_magnitude_into_base,
 )
 from .base import Option, register
 from .init_methods import InitMethod
