@@ -11,6 +11,7 @@ Switches (flash-attention / torchao style):
 A failed build of the extension is an error of `pip install`; at import a missing or incompatible
 extension only logs a fallback to the Python backends.
 """
+
 import glob
 import os
 
@@ -25,12 +26,12 @@ NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo"]
 
 
 def _torch_arch_list(archs: str) -> str:
-    """"90;80,90a" → "9.0;8.0;9.0a" (TORCH_CUDA_ARCH_LIST's spelling); "8.6" and "+PTX" pass unchanged."""
+    """ "90;80,90a" → "9.0;8.0;9.0a" (TORCH_CUDA_ARCH_LIST's spelling); "8.6" and "+PTX" pass unchanged."""
     out = []
     for a in archs.replace(",", ";").split(";"):
         a = a.strip()
         digits = a.rstrip("abf")
-        out.append(f"{digits[:-1]}.{digits[-1]}{a[len(digits):]}" if len(digits) >= 2 and digits.isdigit() else a)
+        out.append(f"{digits[:-1]}.{digits[-1]}{a[len(digits) :]}" if len(digits) >= 2 and digits.isdigit() else a)
     return ";".join(x for x in out if x)
 
 
@@ -43,8 +44,10 @@ def _skip_ext() -> bool:
         return True
     if value in ("0", "false", "no", "off", ""):
         return False
-    raise SystemExit(f"SLICE_KERNELS_SKIP_EXT={raw!r} is not recognised: use 1/true/yes/on to build no extension, "
-                     f"0/false/no/off/empty to build it (case-insensitive)")
+    raise SystemExit(
+        f"SLICE_KERNELS_SKIP_EXT={raw!r} is not recognised: use 1/true/yes/on to build no extension, "
+        f"0/false/no/off/empty to build it (case-insensitive)"
+    )
 
 
 def _extensions():
@@ -59,9 +62,7 @@ def _extensions():
     # libm call that stops a loop from vectorizing (csrc/cpu/gorp_update.cpp).
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
     with_cuda = (
-        torch.version.cuda is not None
-        and CUDA_HOME is not None
-        and os.environ.get("SLICE_KERNELS_FORCE_CPU") != "1"
+        torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("SLICE_KERNELS_FORCE_CPU") != "1"
     )
     if with_cuda:
         archs = os.environ.get("SLICE_KERNELS_CUDA_ARCHS")

@@ -17,6 +17,7 @@ Then the two parts in isolation: the refresh (``torch.linalg.svd`` vs the random
 (eager torch vs the fused op), with the epilogue's memory floor: bytes it must move over the bandwidth of
 a large ``copy_`` measured here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -99,8 +100,9 @@ def bench_shape(m, n, rank, gap, device, repeats):
     p = param()
     steppers["galore_ref"] = GaloreRef(p, rank, gap).step
     p = param()
-    steppers["gorp"] = GorpAdamW([{"params": [p], "kind": "lowrank", "names": ["w"]}], lr=1e-3, rank=rank,
-                                 update_proj_gap=gap).step
+    steppers["gorp"] = GorpAdamW(
+        [{"params": [p], "kind": "lowrank", "names": ["w"]}], lr=1e-3, rank=rank, update_proj_gap=gap
+    ).step
     p = param()
     opt = GorpAdamW([{"params": [p], "kind": "lowrank", "names": ["w"]}], lr=1e-3, rank=rank, update_proj_gap=gap)
     d = m if m >= n else n
@@ -112,14 +114,23 @@ def bench_shape(m, n, rank, gap, device, repeats):
     # parts in isolation
     q = min(2 * rank, min(m, n))
     omega = rsvd.sketch([1], n, q, device)
-    parts = interleaved({
-        "refresh: torch.linalg.svd": lambda: torch.linalg.svd(G, full_matrices=False),
-        "refresh: randomized_svd (q=2r, 2 power its)": lambda: rsvd.randomized_svd(G[None], omega, rank, 2),
-    }, device, repeats, inner=1)
+    parts = interleaved(
+        {
+            "refresh: torch.linalg.svd": lambda: torch.linalg.svd(G, full_matrices=False),
+            "refresh: randomized_svd (q=2r, 2 power its)": lambda: rsvd.randomized_svd(G[None], omega, rank, 2),
+        },
+        device,
+        repeats,
+        inner=1,
+    )
     gshape = (m, rank) if m >= n else (rank, n)
     gg = torch.randn(gshape, device=device, generator=gen)
     pr = 0.1 * torch.randn(gshape, device=device, generator=gen)
-    mm, vv, out = torch.zeros(gshape, device=device), torch.zeros(gshape, device=device), torch.empty(gshape, device=device)
+    mm, vv, out = (
+        torch.zeros(gshape, device=device),
+        torch.zeros(gshape, device=device),
+        torch.empty(gshape, device=device),
+    )
     hp = dict(beta1=0.9, beta2=0.999, eps=1e-8, bc1=0.1, bc2=0.001)
 
     def eager():
@@ -131,12 +142,20 @@ def bench_shape(m, n, rank, gap, device, repeats):
         out.copy_((m2 / 0.1) / ((v2 / 0.001).sqrt() + 1e-8))
 
     backend = dispatch.select("gorp_update", device)[0]
-    parts.update(interleaved({
-        "epilogue: eager torch": eager,
-        "epilogue: torch reference (in place)": lambda: gorp_update_torch(
-            gg, pr, mm, vv, None, out, 0.9, 0.999, 1e-8, 0.1, 0.001, 0.0, 1.0),
-        f"epilogue: fused gorp_update ({backend})": lambda: gorp_update_(gg, pr, mm, vv, out=out, **hp),
-    }, device, repeats, inner=20))
+    parts.update(
+        interleaved(
+            {
+                "epilogue: eager torch": eager,
+                "epilogue: torch reference (in place)": lambda: gorp_update_torch(
+                    gg, pr, mm, vv, None, out, 0.9, 0.999, 1e-8, 0.1, 0.001, 0.0, 1.0
+                ),
+                f"epilogue: fused gorp_update ({backend})": lambda: gorp_update_(gg, pr, mm, vv, out=out, **hp),
+            },
+            device,
+            repeats,
+            inner=20,
+        )
+    )
     return rows, parts, gg.numel()
 
 
@@ -147,25 +166,34 @@ def main():
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--gap", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 gives steadier "
-                    "figures on a machine shared with other jobs")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0: torch's default); 1 gives steadier figures on a machine shared with other jobs",
+    )
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
-    print(f"{machine(device)}; torch threads {torch.get_num_threads()}; rank {a.rank}, gap {a.gap}, median of "
-          f"{a.repeats}")
+    print(
+        f"{machine(device)}; torch threads {torch.get_num_threads()}; rank {a.rank}, gap {a.gap}, median of {a.repeats}"
+    )
     bw = copy_bandwidth(device)
     print(f"measured copy bandwidth: {bw / 1e9:.1f} GB/s\n")
-    print("| shape | adamw ms/step | galore_ref ms/step | gorp ms/step | gorp+space ms/step | galore_ref / gorp | gorp / adamw |")
+    print(
+        "| shape | adamw ms/step | galore_ref ms/step | gorp ms/step | gorp+space ms/step | galore_ref / gorp | gorp / adamw |"
+    )
     print("|---|---|---|---|---|---|---|")
     all_parts = []
     for s in a.shapes.split(","):
         m, n = (int(x) for x in s.split("x"))
         rows, parts, numel = bench_shape(m, n, a.rank, a.gap, device, a.repeats)
         ms = {k: 1e3 * v for k, v in rows.items()}
-        print(f"| {m}×{n} | {ms['adamw']:.3f} | {ms['galore_ref']:.3f} | {ms['gorp']:.3f} | {ms['gorp+space']:.3f} | "
-              f"{rows['galore_ref'] / rows['gorp']:.2f}× | {rows['gorp'] / rows['adamw']:.2f}× |")
+        print(
+            f"| {m}×{n} | {ms['adamw']:.3f} | {ms['galore_ref']:.3f} | {ms['gorp']:.3f} | {ms['gorp+space']:.3f} | "
+            f"{rows['galore_ref'] / rows['gorp']:.2f}× | {rows['gorp'] / rows['adamw']:.2f}× |"
+        )
         all_parts.append((m, n, parts, numel))
     print("\n| shape | part | ms | note |")
     print("|---|---|---|---|")

@@ -12,6 +12,7 @@ Measured, in one run, on a Llama-shaped model built from a config (no download):
     python benches/bench_init_collect.py                 # CPU, small model
     python benches/bench_init_collect.py --hidden 1024 --layers 8 --device cuda
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,15 @@ def build(hidden, layers, dtype, device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 8 * 8,
-                      num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
-                      num_key_value_heads=max(1, hidden // 128), max_position_embeddings=256)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 8 / 3) // 8 * 8,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 128),
+        max_position_embeddings=256,
+    )
     return LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
 
 
@@ -111,8 +118,13 @@ def main(argv=None):
         ("PEFT LoRA-GA pattern (.grad kept)", lambda: peft_style(model, names, data)[0]),
     ]
     if cuda:
-        methods.insert(1, ("slice_kernels.collect_gradients(offload=True)",
-                           lambda: collect_gradients(model, targets, data, args.steps, offload=True)))
+        methods.insert(
+            1,
+            (
+                "slice_kernels.collect_gradients(offload=True)",
+                lambda: collect_gradients(model, targets, data, args.steps, offload=True),
+            ),
+        )
     # interleaved repeats, so a change in machine load hits both methods alike
     times = {label: [] for label, _ in methods}
     for _ in range(args.repeats):
@@ -138,25 +150,35 @@ def main(argv=None):
         # float32 accumulators: on the model's device unless offloaded; the PEFT pattern sums into .grad itself
         acc_bytes = sum(v.numel() * v.element_size() for v in res.values()) if label.startswith("slice_kernels") else 0
         acc_where = "cpu" if "offload" in label else args.device
-        row = {"method": label, "median_s": f"{t:.4f}", "peak_grad_MiB": f"{peak_grad / 2**20:.2f}",
-               "accumulators_MiB": f"{acc_bytes / 2**20:.2f} ({acc_where})" if acc_bytes else "0",
-               "target_weights_MiB": f"{target_bytes / 2**20:.2f}"}
+        row = {
+            "method": label,
+            "median_s": f"{t:.4f}",
+            "peak_grad_MiB": f"{peak_grad / 2**20:.2f}",
+            "accumulators_MiB": f"{acc_bytes / 2**20:.2f} ({acc_where})" if acc_bytes else "0",
+            "target_weights_MiB": f"{target_bytes / 2**20:.2f}",
+        }
         if cuda:
             torch.cuda.synchronize()
             row["cuda_peak_over_start_MiB"] = f"{(torch.cuda.max_memory_allocated() - base) / 2**20:.1f}"
         rows.append((row, res))
     diff = max(float((rows[0][1][n] - rows[-1][1][n].to(rows[0][1][n].device)).abs().max()) for n in names)
     print(f"# gradient collection: {machine(args.device)}")
-    print(f"# model: Llama hidden={args.hidden} layers={args.layers} dtype={args.dtype}, {len(names)} target "
-          f"weights, {args.steps} batches of 4x{args.seq}; max |difference of averages| = {diff:.2e}")
-    cols = ["method", "median_s", "peak_grad_MiB", "accumulators_MiB", "target_weights_MiB"] + (["cuda_peak_over_start_MiB"] if cuda else [])
+    print(
+        f"# model: Llama hidden={args.hidden} layers={args.layers} dtype={args.dtype}, {len(names)} target "
+        f"weights, {args.steps} batches of 4x{args.seq}; max |difference of averages| = {diff:.2e}"
+    )
+    cols = ["method", "median_s", "peak_grad_MiB", "accumulators_MiB", "target_weights_MiB"] + (
+        ["cuda_peak_over_start_MiB"] if cuda else []
+    )
     print_table([r for r, _ in rows], cols)
     t0, t1 = float(rows[0][0]["median_s"]), float(rows[-1][0]["median_s"])
     # Each repeat times both methods back to back, so the ratio within a repeat cancels slow drifts of this
     # machine's load that the ratio of the two medians keeps.
     paired = statistics.median(a / b for a, b in zip(times[methods[0][0]], times[methods[-1][0]]))
-    print(f"time ratio collect_gradients / PEFT pattern = {t0 / t1:.2f} (ratio of medians), {paired:.2f} (median of "
-          f"per-repeat ratios)")
+    print(
+        f"time ratio collect_gradients / PEFT pattern = {t0 / t1:.2f} (ratio of medians), {paired:.2f} (median of "
+        f"per-repeat ratios)"
+    )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ Prints Markdown tables; every figure is a median measured in this run (benches/c
    against everything forced to torch. 224 layers of Llama-3-8B are ``--init-blocks 32``: about 70 GB of
    weights and both gradient sets; a device that runs out of memory is retried with half the blocks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,13 @@ from slice_kernels.ops import conflict, rsvd  # noqa: E402
 from slice_kernels.slice_init import absorb_  # noqa: E402
 
 LLAMA3_8B_BLOCK = {  # (out, in) of each target linear in one decoder block
-    "q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096), "o_proj": (4096, 4096),
-    "gate_proj": (14336, 4096), "up_proj": (14336, 4096), "down_proj": (4096, 14336),
+    "q_proj": (4096, 4096),
+    "k_proj": (1024, 4096),
+    "v_proj": (1024, 4096),
+    "o_proj": (4096, 4096),
+    "gate_proj": (14336, 4096),
+    "up_proj": (14336, 4096),
+    "down_proj": (4096, 14336),
 }
 SVD_SHAPES_GPU = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 
@@ -65,13 +71,22 @@ def bench_conflict(device, blocks, bw, accuracy):
     n = sum(c.numel() for c in cur)
     fused = dispatch.select("conflict_stats", device)[0]
     # every fused backend this device takes (cuda and triton on a GPU), each against the same torch figure
-    backends = [b for b in ("cuda", "triton", "cpp") if dispatch.refusal("conflict_stats", b, torch.device(device))
-                is None and dispatch.refusal("surgery", b, torch.device(device)) is None]
+    backends = [
+        b
+        for b in ("cuda", "triton", "cpp")
+        if dispatch.refusal("conflict_stats", b, torch.device(device)) is None
+        and dispatch.refusal("surgery", b, torch.device(device)) is None
+    ]
     gam = torch.full((len(cur),), 1e-3, dtype=torch.float64)
     print(f"\n### conflict statistics and surgery ({device}, default fused backend = {fused})\n", flush=True)
     table = StreamTable()
     for what, bytes_per, ref, op in [
-        ("conflict_stats", 8, lambda: conflict.conflict_stats_torch(cur, prev), lambda: conflict.conflict_stats(cur, prev)),
+        (
+            "conflict_stats",
+            8,
+            lambda: conflict.conflict_stats_torch(cur, prev),
+            lambda: conflict.conflict_stats(cur, prev),
+        ),
         ("surgery_", 12, lambda: conflict.surgery_torch(cur, prev, gam), lambda: conflict.surgery_(cur, prev, gam)),
     ]:
         t_ref = median_time(ref, device)
@@ -79,17 +94,28 @@ def bench_conflict(device, blocks, bw, accuracy):
         for b in backends:
             with dispatch.use_backend(b):
                 t_b = median_time(op, device)
-            table.add({"op": what, "backend": b, "layers": len(cur), "elements": f"{n / 1e6:.1f}M",
-                       "torch (unfused)": fmt_time(t_ref), "fused": fmt_time(t_b),
-                       "speed-up": f"{t_ref / t_b:.2f}×", "floor": fmt_time(floor),
-                       "% of bandwidth": f"{100 * floor / t_b:.0f}%"})
+            table.add(
+                {
+                    "op": what,
+                    "backend": b,
+                    "layers": len(cur),
+                    "elements": f"{n / 1e6:.1f}M",
+                    "torch (unfused)": fmt_time(t_ref),
+                    "fused": fmt_time(t_b),
+                    "speed-up": f"{t_ref / t_b:.2f}×",
+                    "floor": fmt_time(floor),
+                    "% of bandwidth": f"{100 * floor / t_b:.0f}%",
+                }
+            )
     if accuracy:
         big = 100_000_000 if device == "cuda" else 8_000_000
         c, p = _grads([(big,)], device, seed=1)
         got = conflict.conflict_stats(c, p).cpu().sum(0)
         ref = conflict.conflict_stats_torch([c[0].double()], [p[0].double()]).cpu().sum(0)
-        print(f"\n{big / 1e6:.0f}M-element pair, {fused} vs float64 reference: max relative error "
-              f"{((got - ref).abs() / ref.abs()).max().item():.2e}")
+        print(
+            f"\n{big / 1e6:.0f}M-element pair, {fused} vs float64 reference: max relative error "
+            f"{((got - ref).abs() / ref.abs()).max().item():.2e}"
+        )
 
 
 def lowrank_test_matrices(b, m, n, device, seed=0):
@@ -112,14 +138,14 @@ def bench_rsvd(device, ranks, batch, shapes, bw, rate, niter=4):
     fused = next((b for b in order if dispatch.refusal("randomized_svd", b, torch.device(device)) is None), "torch")
     print(f"\n### batched randomized SVD, niter={niter}, q = 4r ({device}, fused backend = {fused})\n", flush=True)
     table = StreamTable()  # row by row: a step cut off by its time limit keeps the shapes it finished
-    for (m, n) in shapes:
+    for m, n in shapes:
         G = lowrank_test_matrices(batch, m, n, device)
         # one full SVD per shape (it does not depend on r), timed on one layer, times the batch
-        t_full = batch * median_time(lambda: torch.linalg.svd(G[0], full_matrices=False), device, warmup=0,
-                                     repeats=1)
+        t_full = batch * median_time(lambda: torch.linalg.svd(G[0], full_matrices=False), device, warmup=0, repeats=1)
         for r in ranks:
             k, q = 2 * r, min(4 * r, m, n)
             omega = rsvd.sketch(list(range(batch)), n, q, device)
+
             def run_fused():
                 with dispatch.use_backend(fused):
                     return rsvd.randomized_svd(G, omega, k, niter)
@@ -137,14 +163,30 @@ def bench_rsvd(device, ranks, batch, shapes, bw, rate, niter=4):
             e_fused = _rel_err(G, U, S, V)
             torch.manual_seed(0)
             lr = loop()
-            e_loop = sum(_rel_err(G[i:i + 1], u[None, :, :k], s[None, :k], v[None, :, :k]) ** 2
-                         for i, (u, s, v) in enumerate(lr)) ** 0.5 / batch**0.5
-            table.add({"shape": f"{batch}×{m}×{n}", "r": r, fused: fmt_time(t_fused),
-                       "torch ref (Householder)": fmt_time(t_ref), "svd_lowrank loop": fmt_time(t_loop),
-                       "linalg.svd": fmt_time(t_full), "vs ref": f"{t_ref / t_fused:.2f}×",
-                       "vs svd_lowrank": f"{t_loop / t_fused:.2f}×", "vs linalg.svd": f"{t_full / t_fused:.1f}×",
-                       "floor": fmt_time(floor), "rel. err fused": f"{e_fused:.4e}",
-                       "rel. err svd_lowrank": f"{e_loop:.4e}"})
+            e_loop = (
+                sum(
+                    _rel_err(G[i : i + 1], u[None, :, :k], s[None, :k], v[None, :, :k]) ** 2
+                    for i, (u, s, v) in enumerate(lr)
+                )
+                ** 0.5
+                / batch**0.5
+            )
+            table.add(
+                {
+                    "shape": f"{batch}×{m}×{n}",
+                    "r": r,
+                    fused: fmt_time(t_fused),
+                    "torch ref (Householder)": fmt_time(t_ref),
+                    "svd_lowrank loop": fmt_time(t_loop),
+                    "linalg.svd": fmt_time(t_full),
+                    "vs ref": f"{t_ref / t_fused:.2f}×",
+                    "vs svd_lowrank": f"{t_loop / t_fused:.2f}×",
+                    "vs linalg.svd": f"{t_full / t_fused:.1f}×",
+                    "floor": fmt_time(floor),
+                    "rel. err fused": f"{e_fused:.4e}",
+                    "rel. err svd_lowrank": f"{e_loop:.4e}",
+                }
+            )
             omega = U = S = V = lr = None  # free the device memory before the next rank
         G = None
 
@@ -161,8 +203,11 @@ def bench_init(device, blocks, r=16):
             msg = str(exc).splitlines()[0]
         # outside the except clause: the traceback's frames (and their tensors) are gone before the retry
         torch.cuda.empty_cache()
-        print(f"\nwhole init over {blocks} blocks ({7 * blocks} layers) ran out of device memory ({msg}); "
-              f"retrying with {blocks // 2} blocks", flush=True)
+        print(
+            f"\nwhole init over {blocks} blocks ({7 * blocks} layers) ran out of device memory ({msg}); "
+            f"retrying with {blocks // 2} blocks",
+            flush=True,
+        )
         blocks //= 2
 
 
@@ -181,8 +226,9 @@ def _bench_init(device, blocks, r, repeats=3):
     cfg = SliceConfig()
 
     def init():
-        res = init_from_gradients(weights, g_cur, g_prev, r=r, lora_alpha=2.0, config=cfg, inplace_gradients=True,
-                                  absorb=False)
+        res = init_from_gradients(
+            weights, g_cur, g_prev, r=r, lora_alpha=2.0, config=cfg, inplace_gradients=True, absorb=False
+        )
         for n in names:
             if res.report.layers[n].get("offset", False):
                 absorb_(weights[n], res.B[n], res.A[n], res.scaling)
@@ -199,10 +245,12 @@ def _bench_init(device, blocks, r, repeats=3):
         return time.perf_counter() - t0, res
 
     t = {}
-    print(f"\n### whole init after collection: init_from_gradients, then absorb_ in place ({device})\n\n"
-          f"median: the init and the in-place absorb together; phases: the init's own report (its absorb phase is "
-          f"empty there: absorb=False)\n",
-          flush=True)
+    print(
+        f"\n### whole init after collection: init_from_gradients, then absorb_ in place ({device})\n\n"
+        f"median: the init and the in-place absorb together; phases: the init's own report (its absorb phase is "
+        f"empty there: absorb=False)\n",
+        flush=True,
+    )
     table = StreamTable()
     # the default backends first: the figure the issue's target is about survives a step cut off by its limit
     for label, forced in [("default backends", None), ("torch (reference ops)", "torch")]:
@@ -211,10 +259,18 @@ def _bench_init(device, blocks, r, repeats=3):
         t[label] = statistics.median(dt for dt, _ in runs)
         rep = runs[-1][1].report
         peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device == "cuda" else "–"
-        table.add({"ops": label, "backends": ", ".join(f"{k}={v}" for k, v in rep.backends.items()),
-                   "layers": len(names), "r": r, "γ": f"{rep.gamma:.3f}", "median": fmt_time(t[label]),
-                   "device peak": peak,
-                   "phases": ", ".join(f"{p} {fmt_time(v['seconds'])}" for p, v in rep.phases.items())})
+        table.add(
+            {
+                "ops": label,
+                "backends": ", ".join(f"{k}={v}" for k, v in rep.backends.items()),
+                "layers": len(names),
+                "r": r,
+                "γ": f"{rep.gamma:.3f}",
+                "median": fmt_time(t[label]),
+                "device peak": peak,
+                "phases": ", ".join(f"{p} {fmt_time(v['seconds'])}" for p, v in rep.phases.items()),
+            }
+        )
     print(f"\nspeed-up of the default backends: {t['torch (reference ops)'] / t['default backends']:.2f}×")
 
 
@@ -224,12 +280,20 @@ def main(argv=None):
     ap.add_argument("--ranks", default=None, help="comma-separated r (default 16,64 on GPU, 16 on CPU)")
     ap.add_argument("--batch", type=int, default=None, help="layers per SVD batch (default 32 GPU, 4 CPU)")
     ap.add_argument("--blocks", type=int, default=None, help="decoder blocks for stats/surgery/init (4 GPU, 2 CPU)")
-    ap.add_argument("--init-blocks", type=int, default=None,
-                    help="blocks for the whole init (default 32 = the 224 layers of the target on GPU, --blocks on CPU)")
+    ap.add_argument(
+        "--init-blocks",
+        type=int,
+        default=None,
+        help="blocks for the whole init (default 32 = the 224 layers of the target on GPU, --blocks on CPU)",
+    )
     ap.add_argument("--accuracy", action="store_true", help="also check a 100M-element pair (8M on CPU)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: conflict,rsvd,init")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (1 gives stable figures on an oversubscribed machine)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (1 gives stable figures on an oversubscribed machine)",
+    )
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -268,8 +332,13 @@ def _suite_shapes(device):
 
 def _bench_backends(op, device):
     # the interpreted Triton kernels are not timed on the CPU: the interpreter measures Python, not the kernel
-    return [b for b in ("torch", "cpp", "cuda", "triton") if b in dispatch.implementations(op)
-            and dispatch.refusal(op, b, torch.device(device)) is None and not (b == "triton" and device == "cpu")]
+    return [
+        b
+        for b in ("torch", "cpp", "cuda", "triton")
+        if b in dispatch.implementations(op)
+        and dispatch.refusal(op, b, torch.device(device)) is None
+        and not (b == "triton" and device == "cpu")
+    ]
 
 
 def _synced(fn, device):
@@ -321,8 +390,13 @@ try:
         # one layer (the full SVD does not depend on r); the tables multiply it by the batch
         m, n = _suite_shapes(device)[shape_index]
         G = lowrank_test_matrices(1, m, n, device)[0]
-        benchmark.pedantic(_synced(torch.linalg.svd, device), args=(G,), kwargs={"full_matrices": False},
-                           rounds=3, warmup_rounds=1 if device == "cuda" else 0)
+        benchmark.pedantic(
+            _synced(torch.linalg.svd, device),
+            args=(G,),
+            kwargs={"full_matrices": False},
+            rounds=3,
+            warmup_rounds=1 if device == "cuda" else 0,
+        )
 except ImportError:  # pragma: no cover - pytest is only needed for the suite
     pass
 

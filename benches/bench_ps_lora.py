@@ -12,6 +12,7 @@ figure is a lower bound there when freed pages are reused). The floor is the FLO
 Defaults follow issue 5: 4096×4096, 4096×14336, 14336×4096, r ∈ {16, 64} on GPU; on CPU the shapes are divided
 by 4 (1024×1024, 1024×3584, 3584×1024) so two cores finish in minutes — the table says which were used.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,7 +64,7 @@ def eager_loss(A, B, Bh, Ah, s: float, alpha_l: float, rms: float, beta: float):
     dW = s * (B @ A)
     H = Bh @ Ah
     l_dir = (1 - torch.tanh(alpha_l * dW) * torch.tanh(alpha_l * H)).mean()
-    return l_dir + beta * (dW * dW).mean() / rms ** 2
+    return l_dir + beta * (dW * dW).mean() / rms**2
 
 
 @contextlib.contextmanager
@@ -85,12 +86,14 @@ def triton_dots(prec: str):
 
 def bench_loss(dev, shapes, ranks, repeat, compile_too, R=16):
     """Yields ((m, n, r, R), {variant: (seconds, extra bytes)}) per shape and rank, as each is measured."""
-    for (m, n) in shapes:
+    for m, n in shapes:
         for r in ranks:
             g = torch.Generator(device="cpu").manual_seed(0)
-            A = (torch.randn(r, n, generator=g) / n ** 0.5).to(dev).requires_grad_(True)
+            A = (torch.randn(r, n, generator=g) / n**0.5).to(dev).requires_grad_(True)
             B = torch.randn(m, r, generator=g).to(dev).requires_grad_(True)
-            h = History.from_factors([torch.randn(m, R, generator=g)], [torch.randn(R, n, generator=g) / n ** 0.5]).to(dev)
+            h = History.from_factors([torch.randn(m, R, generator=g)], [torch.randn(R, n, generator=g) / n**0.5]).to(
+                dev
+            )
             s, beta = 0.5, 0.1
             alpha_l = 1.0 / h.rms
 
@@ -104,14 +107,18 @@ def bench_loss(dev, shapes, ranks, repeat, compile_too, R=16):
             if dev.type == "cuda":
                 for b in ("triton", "cuda"):
                     if dispatch.refusal("sign_loss_fwd", b, dev) is None:
+
                         def forced(b=b):
                             with dispatch.use_backend(b), triton_dots("ieee"):
                                 sign_consistency_loss(A, B, h, scaling=s, beta=beta).backward()
+
                         variants[f"fused[{b}]"] = forced
                 if dispatch.refusal("sign_loss_fwd", "triton", dev) is None:
+
                     def tf32x3():  # the opt-in tensor-core dots of ops/_sign_loss_triton.py
                         with dispatch.use_backend("triton"), triton_dots("tf32x3"):
                             sign_consistency_loss(A, B, h, scaling=s, beta=beta).backward()
+
                     variants["fused[triton,tf32x3]"] = tf32x3
             if compile_too:
                 torch._dynamo.reset()
@@ -138,15 +145,23 @@ def eager_merge(ups):
 
 def bench_merge(dev, shapes, ranks, repeat, K=3):
     """Yields ((m, n, r, K), {variant: (seconds, extra bytes)}) per shape and rank, as each is measured."""
-    for (m, n) in shapes:
+    for m, n in shapes:
         for r in ranks:
             g = torch.Generator(device="cpu").manual_seed(1)
-            ups = [(torch.randn(m, r, generator=g).to(dev), torch.randn(r, n, generator=g).to(dev), 0.5) for _ in range(K)]
+            ups = [
+                (torch.randn(m, r, generator=g).to(dev), torch.randn(r, n, generator=g).to(dev), 0.5) for _ in range(K)
+            ]
             W = torch.zeros(m, n, device=dev)
-            variants = {"eager (W += merged)": lambda: W.add_(eager_merge(ups)),
-                        f"fused into=W [{dispatch.select('magnitude_merge_factors', dev)[0]}]":
-                            lambda: magnitude_merge(ups, into=W)}
-            res = {name: (median_time(fn, dev, warmup=1, repeats=repeat), extra_peak(fn, dev)) for name, fn in variants.items()}
+            variants = {
+                "eager (W += merged)": lambda: W.add_(eager_merge(ups)),
+                f"fused into=W [{dispatch.select('magnitude_merge_factors', dev)[0]}]": lambda: magnitude_merge(
+                    ups, into=W
+                ),
+            }
+            res = {
+                name: (median_time(fn, dev, warmup=1, repeats=repeat), extra_peak(fn, dev))
+                for name, fn in variants.items()
+            }
             yield (m, n, r, K), res
 
 
@@ -162,7 +177,7 @@ def table(title, key_names, rows, floor=None):
         cells = dict(zip(key_names, map(str, key)))
         for n in names:
             t, mem = res[n]
-            cells[f"{n} ms"], cells[f"{n} extra MiB"] = f"{t * 1e3:.1f}", f"{mem / 2 ** 20:.1f}"
+            cells[f"{n} ms"], cells[f"{n} extra MiB"] = f"{t * 1e3:.1f}", f"{mem / 2**20:.1f}"
         cells.update({f"{n} / {fused}": f"{res[n][0] / res[fused][0]:.2f}×" for n in names if n != fused})
         if floor:
             cells["floor ms"] = f"{floor(key) * 1e3:.2f}"
@@ -185,19 +200,35 @@ def main(argv=None):
     default = "4096x4096,4096x14336,14336x4096" if dev.type == "cuda" else "1024x1024,1024x3584,3584x1024"
     shapes = [tuple(int(x) for x in s.split("x")) for s in (args.shapes or default).split(",")]
     ranks = [int(r) for r in args.ranks.split(",")]
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    name = (
+        torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    )
     rate = matmul_rate(dev)
-    head = (f"Device: {name}; torch {torch.__version__}; {datetime.date.today().isoformat()}; "
-            f"measured matmul rate {rate / 1e9:.1f} GFLOP/s; median of {args.repeat}.\n"
-            f"Command: python benches/bench_ps_lora.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    head = (
+        f"Device: {name}; torch {torch.__version__}; {datetime.date.today().isoformat()}; "
+        f"measured matmul rate {rate / 1e9:.1f} GFLOP/s; median of {args.repeat}.\n"
+        f"Command: python benches/bench_ps_lora.py {' '.join(argv if argv is not None else sys.argv[1:])}"
+    )
     print(head + "\n", flush=True)
     out = [head]
-    out.append(table("sign-consistency loss, forward + backward (history: factors, R = 16; tanh, β = 0.1)",
-                     ["m", "n", "r", "R"], bench_loss(dev, shapes, ranks, args.repeat, not args.no_compile),
-                     floor=lambda k: 2 * k[0] * k[1] * (3 * k[2] + k[3]) / rate))
+    out.append(
+        table(
+            "sign-consistency loss, forward + backward (history: factors, R = 16; tanh, β = 0.1)",
+            ["m", "n", "r", "R"],
+            bench_loss(dev, shapes, ranks, args.repeat, not args.no_compile),
+            floor=lambda k: 2 * k[0] * k[1] * (3 * k[2] + k[3]) / rate,
+        )
+    )
     if not args.no_merge:
-        out.append(table("magnitude merge of K = 3 factor updates into W", ["m", "n", "r", "K"],
-                         bench_merge(dev, shapes, ranks, args.repeat)))
+        out.append(
+            table(
+                "magnitude merge of K = 3 factor updates into W",
+                ["m", "n", "r", "K"],
+                bench_merge(dev, shapes, ranks, args.repeat),
+            )
+        )
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n\n".join(out) + "\n")

@@ -12,6 +12,7 @@
 Import from a bench script run as ``python benches/bench_x.py``: ``sys.path`` holds ``benches/`` then, so
 ``from common import median_time`` works (pytest-benchmark suites do the same through rootdir/benches).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -29,8 +30,9 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_time(fn: Callable[[], object], device="cpu", *, warmup: int = 2, repeats: int = 7,
-                min_seconds: float = 0.0) -> float:
+def median_time(
+    fn: Callable[[], object], device="cpu", *, warmup: int = 2, repeats: int = 7, min_seconds: float = 0.0
+) -> float:
     """Median seconds per call of ``fn`` over ``repeats`` timed calls after ``warmup`` untimed ones (at least
     until ``min_seconds`` have been spent timing, for very short calls)."""
     for _ in range(warmup):
@@ -71,8 +73,9 @@ def matmul_rate(device="cpu", n: int | None = None, dtype=torch.float32) -> floa
     return 2 * n**3 / t
 
 
-def floor_seconds(bytes_moved: float = 0.0, flops: float = 0.0, bandwidth: float = float("inf"),
-                  rate: float = float("inf")) -> float:
+def floor_seconds(
+    bytes_moved: float = 0.0, flops: float = 0.0, bandwidth: float = float("inf"), rate: float = float("inf")
+) -> float:
     """The roofline floor: no implementation can beat max(bytes / bandwidth, flops / rate)."""
     return max(bytes_moved / bandwidth if bandwidth else 0.0, flops / rate if rate else 0.0)
 
@@ -99,6 +102,7 @@ def print_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     for r in rows:
         table.add(r)
     return table.text()
+
 
 class StreamTable:
     """A Markdown table printed (and flushed) one row at a time; the header comes with the first row, its

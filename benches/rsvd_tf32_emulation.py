@@ -17,6 +17,7 @@ It prints the captured top-2r subspace error ‖(I − UUᵀ)U_kΣ_k‖/‖Σ_k�
 
     python benches/rsvd_tf32_emulation.py
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,6 +60,7 @@ def emulated_tf32(first: int | None = None):
                 if first is None or count[0] <= first:
                     return fn(round_tf32(a), round_tf32(b), **kw)
             return fn(a, b, **kw)
+
         return mm
 
     torch.Tensor.__matmul__ = wrap(_matmul)
@@ -96,8 +98,10 @@ def main(argv=None) -> int:
         "svd_lowrank fp32": ("lowrank", contextlib.nullcontext),
         "svd_lowrank tf32": ("lowrank", emulated_tf32),
     }
-    print(f"emulated TF32, niter = {args.niter}, mean of {args.seeds} sketches; "
-          "each cell: subspace error / reconstruction error (relative)\n")
+    print(
+        f"emulated TF32, niter = {args.niter}, mean of {args.seeds} sketches; "
+        "each cell: subspace error / reconstruction error (relative)\n"
+    )
     print("| layer | r | " + " | ".join(variants) + " |")
     print("|---|---|" + "---|" * len(variants))
     for name, G in layers.items():

@@ -10,6 +10,7 @@ registered in ``slice_kernels.runner.methods`` (here: SLICE init at half project
 might want to compare); ``run`` writing results.json, summary.md and plots into --out, then reading R back.
 The same run from the shell: ``slice-kernels run --tasks chain_sum,basic_arithmetic,capitals.jsonl ...``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,9 +20,20 @@ import os
 from slice_kernels.runner import make_config, run
 from slice_kernels.runner.methods import InitMethod, register
 
-CAPITALS = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Germany", "Berlin"),
-            ("Japan", "Tokyo"), ("Egypt", "Cairo"), ("Peru", "Lima"), ("Kenya", "Nairobi"),
-            ("Norway", "Oslo"), ("Chile", "Santiago"), ("Cuba", "Havana"), ("Greece", "Athens")]
+CAPITALS = [
+    ("France", "Paris"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Germany", "Berlin"),
+    ("Japan", "Tokyo"),
+    ("Egypt", "Cairo"),
+    ("Peru", "Lima"),
+    ("Kenya", "Nairobi"),
+    ("Norway", "Oslo"),
+    ("Chile", "Santiago"),
+    ("Cuba", "Havana"),
+    ("Greece", "Athens"),
+]
 
 
 class HalfSlice(InitMethod):
@@ -40,7 +52,9 @@ register("slice_c0.5", HalfSlice, overwrite=True)
 def write_capitals(path: str) -> str:
     with open(path, "w") as f:
         for country, city in CAPITALS:
-            f.write(json.dumps({"prompt": f"What is the capital of {country}?", "answer": city, "metric": "exact"}) + "\n")
+            f.write(
+                json.dumps({"prompt": f"What is the capital of {country}?", "answer": city, "metric": "exact"}) + "\n"
+            )
     return path
 
 
@@ -58,10 +72,24 @@ def main(argv=None) -> dict:
     os.makedirs(a.out, exist_ok=True)
     capitals = write_capitals(os.path.join(a.out, "capitals.jsonl"))
     cfg = make_config(
-        "default", model=a.model, tasks=["chain_sum", "basic_arithmetic", capitals], heldout=["letter_counting"],
-        methods=a.methods.split(","), steps=a.steps, rank=a.rank, targets=a.targets.split(","),
-        n_train=64, n_eval=a.n_eval, n_heldout=4, ip_shots=2, grad_batches=2, replay_batches=2,
-        grad_batch_size=4, batch_size=4, max_len=48, max_new_tokens=6,
+        "default",
+        model=a.model,
+        tasks=["chain_sum", "basic_arithmetic", capitals],
+        heldout=["letter_counting"],
+        methods=a.methods.split(","),
+        steps=a.steps,
+        rank=a.rank,
+        targets=a.targets.split(","),
+        n_train=64,
+        n_eval=a.n_eval,
+        n_heldout=4,
+        ip_shots=2,
+        grad_batches=2,
+        replay_batches=2,
+        grad_batch_size=4,
+        batch_size=4,
+        max_len=48,
+        max_new_tokens=6,
     )
     results = run(cfg, a.out, resume=a.resume)
     for m, r in results["methods"].items():

@@ -11,6 +11,7 @@ two adapters are combined by SPEC §3's magnitude merge instead of summed. The t
 recipe needs no download: token sequences that step by +1 (task 1) or by +3 (task 2) modulo the vocabulary.
 Copy this file and replace ``make_task``/``tiny_model`` with your data and model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,16 @@ def tiny_model(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -66,12 +74,22 @@ def train_stage(model, train_ds, *, steps, lr, seed, history=None, lam=0.0, beta
     from slice_kernels import ParameterStabilityLoss, PSLoRATrainer
 
     torch.manual_seed(seed)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj",
-                                                                                       "down_proj"]))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+    )
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=16, learning_rate=lr,
-                                 logging_steps=max(1, steps // 4), report_to=[], save_strategy="no", seed=seed,
-                                 use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+        args = TrainingArguments(
+            output_dir=out,
+            max_steps=steps,
+            per_device_train_batch_size=16,
+            learning_rate=lr,
+            logging_steps=max(1, steps // 4),
+            report_to=[],
+            save_strategy="no",
+            seed=seed,
+            use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=True,
+        )
         trainer = PSLoRATrainer(model=peft_model, args=args, train_dataset=train_ds)
         if history is not None and lam > 0:
             trainer.stability_loss = ParameterStabilityLoss(history, lam=lam, beta=beta, mode=mode)
@@ -100,13 +118,27 @@ def run(lam: float, args) -> dict:
     model = merge_magnitude_into_base(pm, updates) if args.merge == "magnitude" else pm.merge_and_unload()
     after1 = eval_loss(model, t1_eval)
 
-    pm = train_stage(model, t2_train, steps=args.steps, lr=args.lr, seed=args.seed + 1, history=history, lam=lam,
-                     beta=args.beta, mode=args.mode)
+    pm = train_stage(
+        model,
+        t2_train,
+        steps=args.steps,
+        lr=args.lr,
+        seed=args.seed + 1,
+        history=history,
+        lam=lam,
+        beta=args.beta,
+        mode=args.mode,
+    )
     stability = float(ParameterStabilityLoss(history, lam=1.0, beta=args.beta, mode=args.mode)(pm).detach())
     record(pm)
     model = merge_magnitude_into_base(pm, updates) if args.merge == "magnitude" else pm.merge_and_unload()
-    return {"lambda": lam, "task1_loss_after_task1": after1, "task1_loss_after_task2": eval_loss(model, t1_eval),
-            "task2_loss_after_task2": eval_loss(model, t2_eval), "stability_term_at_end": stability}
+    return {
+        "lambda": lam,
+        "task1_loss_after_task1": after1,
+        "task1_loss_after_task2": eval_loss(model, t1_eval),
+        "task2_loss_after_task2": eval_loss(model, t2_eval),
+        "stability_term_at_end": stability,
+    }
 
 
 def main(argv=None):
@@ -122,10 +154,14 @@ def main(argv=None):
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     results = [run(0.0, args), run(args.lam, args)]
-    print(f"{'run':<6} {'λ':>5} {'task1 after t1':>15} {'task1 after t2':>15} {'task2 after t2':>15} {'L_s at end':>11}")
+    print(
+        f"{'run':<6} {'λ':>5} {'task1 after t1':>15} {'task1 after t2':>15} {'task2 after t2':>15} {'L_s at end':>11}"
+    )
     for name, r in zip(("off", "on"), results):
-        print(f"{name:<6} {r['lambda']:>5.2f} {r['task1_loss_after_task1']:>15.4f} {r['task1_loss_after_task2']:>15.4f} "
-              f"{r['task2_loss_after_task2']:>15.4f} {r['stability_term_at_end']:>11.4f}")
+        print(
+            f"{name:<6} {r['lambda']:>5.2f} {r['task1_loss_after_task1']:>15.4f} {r['task1_loss_after_task2']:>15.4f} "
+            f"{r['task2_loss_after_task2']:>15.4f} {r['stability_term_at_end']:>11.4f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

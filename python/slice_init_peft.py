@@ -14,6 +14,7 @@ earlier task's replay buffer give G_prev, SLICE removes the conflicting part and
 Outputs at initialization equal the base model's; after training the adapter is saved twice: as a plain LoRA of
 rank 2r that loads on the untouched base model, and merged into the weights (the base for stage t + 1).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,15 @@ def load_model(path):
     if path:
         return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -67,9 +75,13 @@ def main(argv=None):
     current = toy_batches(args.steps + args.train_steps, vocab, seed=3, shift=3)
     replay = [toy_batches(args.steps, vocab, seed=1, shift=1), toy_batches(args.steps, vocab, seed=2, shift=2)]
 
-    lora_config = LoraConfig(r=args.rank, lora_alpha=args.alpha, use_rslora=True, lora_dropout=0.0,
-                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                             "down_proj"])
+    lora_config = LoraConfig(
+        r=args.rank,
+        lora_alpha=args.alpha,
+        use_rslora=True,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     slice_config = sk.SliceConfig(method=args.method, current_steps=args.steps, replay_steps=args.steps)
 
     probe = current[-1]["input_ids"]
@@ -79,8 +91,10 @@ def main(argv=None):
     with torch.no_grad():
         at_init = peft_model(input_ids=probe).logits
     rep = peft_model.slice_init_report
-    print(f"init {args.method}: gamma={rep.gamma} cos={rep.cos} "
-          f"max|Δlogits| at init={(at_init - before).abs().max().item():.2e}")
+    print(
+        f"init {args.method}: gamma={rep.gamma} cos={rep.cos} "
+        f"max|Δlogits| at init={(at_init - before).abs().max().item():.2e}"
+    )
 
     out = args.out or tempfile.mkdtemp(prefix="slice_init_")
     init_dir = os.path.join(out, "slice_init")
@@ -108,8 +122,14 @@ def main(argv=None):
     merged = peft_model.merge_and_unload()  # the weights for stage t + 1
     with torch.no_grad():
         diff_merge = (merged(input_ids=probe).logits - trained).abs().max().item()
-    summary = {"method": args.method, "gamma": rep.gamma, "cos": rep.cos, "out": out,
-               "max_abs_diff_reloaded": diff_reload, "max_abs_diff_merged": diff_merge}
+    summary = {
+        "method": args.method,
+        "gamma": rep.gamma,
+        "cos": rep.cos,
+        "out": out,
+        "max_abs_diff_reloaded": diff_reload,
+        "max_abs_diff_merged": diff_merge,
+    }
     print(json.dumps(summary))
     return summary
 

@@ -4,6 +4,7 @@ Layout: ``slice_init/`` (SLICE and its baselines), ``ps_lora/`` (stability loss,
 (the optimizer), ``ops/`` (the fused kernels, one module per op), ``runner/`` (the continual-learning
 application, which imports the library and never the reverse); at the top the shared infrastructure.
 """
+
 from __future__ import annotations
 
 import importlib

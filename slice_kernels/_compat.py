@@ -4,6 +4,7 @@
 ``MOVED`` is the whole list. A finder on ``sys.meta_path`` answers an old path with the new module itself (the
 same object, so ``isinstance`` checks and monkeypatching see one module).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -39,8 +40,12 @@ def _stacklevel() -> int:
 
 
 def warn_moved(old: str) -> None:
-    warnings.warn(f"{old} moved to {MOVED[old]} in slice-kernels 0.2; the old path goes in 0.3: import "
-                  f"{MOVED[old]} (or the name from slice_kernels)", DeprecationWarning, stacklevel=_stacklevel())
+    warnings.warn(
+        f"{old} moved to {MOVED[old]} in slice-kernels 0.2; the old path goes in 0.3: import "
+        f"{MOVED[old]} (or the name from slice_kernels)",
+        DeprecationWarning,
+        stacklevel=_stacklevel(),
+    )
 
 
 class _Alias(importlib.abc.Loader):

@@ -21,6 +21,7 @@ Default choice: CUDA tensors → cuda, else triton, else torch; CPU tensors → 
 forced backend that cannot run raises ``BackendUnavailableError`` listing why every backend was refused,
 never a silent fallback.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -7,6 +7,7 @@ deterministic function of (weights, gradients, seed), the sketches being seeded 
 factors are checked again after the init (``same_on_all_ranks``) and broadcast from rank 0 on a mismatch.
 Everything here is a no-op when torch.distributed is not initialized or has one rank.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -15,7 +16,11 @@ import torch
 
 
 def active() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
 
 
 def _comm_device(t: torch.Tensor) -> torch.device:

@@ -3,6 +3,7 @@ this package refused") and from the builtin a caller would expect (``ValueError`
 ``TypeError`` for a wrong kind of argument), so code written against the builtins keeps working. Each
 message names the thing at fault and the next step; nothing has been modified when one is raised.
 """
+
 from __future__ import annotations
 
 

@@ -4,6 +4,7 @@ The extension registers its kernels as torch operators in the ``slice_kernels_C`
 (``torch.ops.slice_kernels_C.<op>``), with a CPU kernel, a CUDA kernel, or both. A missing or broken
 extension is logged once and the package carries on with the Python backends: it is never an import error.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,9 +36,12 @@ def skip_requested() -> bool:
     if value in _TRUE:
         return True
     if value not in _FALSE:
-        warnings.warn(f"{SKIP_ENV}={raw!r} is not recognised; use one of {'/'.join(_TRUE)} to skip the native "
-                      f"extension or {'/'.join(_FALSE[:-1])}/empty to load it (case-insensitive); loading it",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"{SKIP_ENV}={raw!r} is not recognised; use one of {'/'.join(_TRUE)} to skip the native "
+            f"extension or {'/'.join(_FALSE[:-1])}/empty to load it (case-insensitive); loading it",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return False
 
 
@@ -87,7 +91,7 @@ def declared_ops() -> list[str]:
     if load() is None:
         return []
     prefix = f"{NAMESPACE}::"
-    return sorted(n[len(prefix):] for n in torch._C._dispatch_get_all_op_names() if n.startswith(prefix))
+    return sorted(n[len(prefix) :] for n in torch._C._dispatch_get_all_op_names() if n.startswith(prefix))
 
 
 def kernel_report(device_type: str) -> dict[str, bool]:

@@ -4,6 +4,7 @@ orientation, target resolution by PEFT's matching rules, and discovery of PEFT L
 Orientation: transformers' ``Conv1D`` (GPT-2) stores Wᵀ, (in, out); everything in this package works on
 (out, in) matrices, so ``weight_out_in`` hands out a transposed view for it.
 """
+
 from __future__ import annotations
 
 import copy
@@ -45,7 +46,7 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
 def canonical_name(name: str) -> str:
     """A module name without the wrappers DDP/DataParallel put in front ("module.")."""
     while name.startswith("module."):
-        name = name[len("module."):]
+        name = name[len("module.") :]
     return name
 
 
@@ -73,8 +74,10 @@ def unsupported_reason(module: nn.Module) -> str | None:
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
         return f"{kind} has no 2-D weight"
     if not w.is_floating_point() or hasattr(w, "quant_state") or type(w) not in (nn.Parameter, torch.Tensor):
-        return (f"{kind} holds a quantized weight ({type(w).__name__}, {w.dtype}); SLICE needs full-precision "
-                f"gradients and writes the absorbed weight back: load the model unquantized")
+        return (
+            f"{kind} holds a quantized weight ({type(w).__name__}, {w.dtype}); SLICE needs full-precision "
+            f"gradients and writes the absorbed weight back: load the model unquantized"
+        )
     return None
 
 
@@ -84,7 +87,8 @@ def _refuse_unsupported(found: Mapping[str, nn.Module]) -> None:
         first = next(iter(bad))
         raise SliceInitError(
             f"{len(bad)} target layer(s) cannot be initialized, e.g. {first!r}: {bad[first]}. Remove "
-            f"{sorted(bad)[:5]}{'…' if len(bad) > 5 else ''} from target_modules.")
+            f"{sorted(bad)[:5]}{'…' if len(bad) > 5 else ''} from target_modules."
+        )
 
 
 def _is_resolved(t) -> bool:
@@ -102,19 +106,25 @@ def _lora_config_targets(model: nn.Module, lora_config) -> dict[str, nn.Module]:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         default = LoraModel.target_module_mapping.get(model_type)
         if default is None:
-            raise SliceInitError(f"LoraConfig.target_modules is None and PEFT has no default targets for model type "
-                                 f"{model_type!r}; set target_modules, e.g. ['q_proj', 'v_proj']")
+            raise SliceInitError(
+                f"LoraConfig.target_modules is None and PEFT has no default targets for model type "
+                f"{model_type!r}; set target_modules, e.g. ['q_proj', 'v_proj']"
+            )
         cfg.target_modules = set(default)
     cfg = _maybe_include_all_linear_layers(cfg, model)
     found = {n: m for n, m in model.named_modules() if n and LoraModel._check_target_module_exists(cfg, n)}
     if not found:
-        raise SliceInitError(f"LoraConfig.target_modules={lora_config.target_modules!r} matches no module of "
-                             f"{type(model).__name__}; list the names with model.named_modules()")
+        raise SliceInitError(
+            f"LoraConfig.target_modules={lora_config.target_modules!r} matches no module of "
+            f"{type(model).__name__}; list the names with model.named_modules()"
+        )
     if isinstance(cfg.target_modules, (list, set, tuple)):
         missing = sorted(k for k in cfg.target_modules if not any(matches(k, n, regex=False) for n in found))
         if missing:
-            raise SliceInitError(f"target module(s) {missing} match no module of {type(model).__name__} (others "
-                                 f"matched); fix or drop them so every listed target gets an adapter")
+            raise SliceInitError(
+                f"target module(s) {missing} match no module of {type(model).__name__} (others "
+                f"matched); fix or drop them so every listed target gets an adapter"
+            )
     return found
 
 
@@ -143,8 +153,10 @@ def resolve_targets(model: nn.Module, target_modules) -> dict[str, nn.Module]:
     if isinstance(target_modules, str):
         found = {n: m for n, m in named.items() if n and re.fullmatch(target_modules, n)}
         if not found:
-            raise SliceInitError(f"target_modules regex {target_modules!r} matches no module of "
-                                 f"{type(model).__name__}; list the module names with model.named_modules()")
+            raise SliceInitError(
+                f"target_modules regex {target_modules!r} matches no module of "
+                f"{type(model).__name__}; list the module names with model.named_modules()"
+            )
     else:
         for key in list(target_modules):
             hits = {n: m for n, m in named.items() if matches(key, n, regex=False)}
@@ -153,7 +165,8 @@ def resolve_targets(model: nn.Module, target_modules) -> dict[str, nn.Module]:
                 raise SliceInitError(
                     f"target module {key!r} matches no module of {type(model).__name__}; its linear layers are "
                     f"named {leaves[:12]}: fix the name (the whole module name or a dotted suffix, e.g. "
-                    f"{','.join(leaves[:2])}) or drop it")
+                    f"{','.join(leaves[:2])}) or drop it"
+                )
             found.update(hits)
     _refuse_unsupported(found)
     order = {n: i for i, n in enumerate(named)}

@@ -4,6 +4,7 @@ Triton kernels run on CPU tensors only in the interpreter, and the interpreter i
 decorated, so TRITON_INTERPRET must be set before slice_kernels (or triton) is imported: this file is the
 first thing pytest imports, before any test module and before tests/helpers.
 """
+
 import os
 
 import torch

@@ -1,6 +1,7 @@
 """The layering of docs/architecture.md, read from the source: the import graph of slice_kernels has no circle,
 the library never imports the runner, an op knows no method, PEFT or runner, and no module imports another
 module's private names (an op's own ``_<op>_triton`` sibling excepted)."""
+
 from __future__ import annotations
 
 import ast
@@ -126,8 +127,16 @@ def test_the_library_never_imports_the_runner():
     assert _arrows(library, "slice_kernels.runner") == []
 
 
-@pytest.mark.parametrize("layer", ["slice_kernels.slice_init", "slice_kernels.ps_lora", "slice_kernels.gorp",
-                                   "slice_kernels.modules", "slice_kernels.runner"])
+@pytest.mark.parametrize(
+    "layer",
+    [
+        "slice_kernels.slice_init",
+        "slice_kernels.ps_lora",
+        "slice_kernels.gorp",
+        "slice_kernels.modules",
+        "slice_kernels.runner",
+    ],
+)
 def test_ops_know_no_method_peft_or_runner(layer):
     assert _arrows([m for m in MODULES if _inside(m, "slice_kernels.ops")], layer) == []
 
@@ -137,16 +146,24 @@ def test_ops_import_no_peft_or_transformers():
     for m, path in MODULES.items():
         if m.startswith("slice_kernels.ops"):
             for node in ast.walk(ast.parse(path.read_text())):
-                names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                    [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else ([node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                )
                 bad += [f"{m}: {n}" for n in names if n.split(".")[0] in ("peft", "transformers")]
     assert bad == []
 
 
 def test_the_methods_do_not_import_each_other():
-    for a, b in [("slice_kernels.slice_init", "slice_kernels.ps_lora"), ("slice_kernels.slice_init", "slice_kernels.gorp"),
-                 ("slice_kernels.ps_lora", "slice_kernels.slice_init"), ("slice_kernels.ps_lora", "slice_kernels.gorp"),
-                 ("slice_kernels.gorp", "slice_kernels.slice_init"), ("slice_kernels.gorp", "slice_kernels.ps_lora")]:
+    for a, b in [
+        ("slice_kernels.slice_init", "slice_kernels.ps_lora"),
+        ("slice_kernels.slice_init", "slice_kernels.gorp"),
+        ("slice_kernels.ps_lora", "slice_kernels.slice_init"),
+        ("slice_kernels.ps_lora", "slice_kernels.gorp"),
+        ("slice_kernels.gorp", "slice_kernels.slice_init"),
+        ("slice_kernels.gorp", "slice_kernels.ps_lora"),
+    ]:
         assert _arrows([m for m in MODULES if _inside(m, a)], b) == [], (a, b)
 
 
@@ -164,6 +181,11 @@ def test_no_private_names_cross_modules():
             if private:
                 bad.append(f"{m}:{line} imports {private} from {target}")
             leaf = target.rpartition(".")[2]
-            if target in MODULES and leaf.startswith("_") and not leaf.startswith("__") and not _allowed_private(m, target):
+            if (
+                target in MODULES
+                and leaf.startswith("_")
+                and not leaf.startswith("__")
+                and not _allowed_private(m, target)
+            ):
                 bad.append(f"{m}:{line} imports the private module {target}")
     assert bad == []

@@ -1,5 +1,6 @@
 """The import paths of 0.1 that moved in the layout redesign still work for this release, each with a
 DeprecationWarning naming the new path, and give the very module that now holds the code."""
+
 import importlib
 import sys
 import warnings
@@ -19,16 +20,22 @@ def test_an_old_path_warns_and_is_the_new_module(old, new, monkeypatch):
     assert mod.__spec__.name == new  # the real module keeps its own spec
 
 
-@pytest.mark.parametrize("stmt,name", [
-    ("from slice_kernels.init import init_from_gradients, dst_basis, absorb_", "init_from_gradients"),
-    ("from slice_kernels.collect import collect_gradients, resolve_targets, is_conv1d", "collect_gradients"),
-    ("from slice_kernels.config import SliceConfig, SliceConfigError", "SliceConfig"),
-    ("from slice_kernels.history import History, HistoryStore, lora_layers, pack_sign_bits", "History"),
-    ("from slice_kernels.stability import ParameterStabilityLoss, merge_magnitude_into_base", "ParameterStabilityLoss"),
-    ("from slice_kernels.peft_integration import get_slice_model, save_as_lora", "get_slice_model"),
-    ("from slice_kernels.gorp_groups import gorp_param_groups, build_gorp_optimizer", "gorp_param_groups"),
-    ("from slice_kernels.gorp import GorpAdamW, GorpGroupError, grow_space, energy_count", "GorpAdamW"),
-])
+@pytest.mark.parametrize(
+    "stmt,name",
+    [
+        ("from slice_kernels.init import init_from_gradients, dst_basis, absorb_", "init_from_gradients"),
+        ("from slice_kernels.collect import collect_gradients, resolve_targets, is_conv1d", "collect_gradients"),
+        ("from slice_kernels.config import SliceConfig, SliceConfigError", "SliceConfig"),
+        ("from slice_kernels.history import History, HistoryStore, lora_layers, pack_sign_bits", "History"),
+        (
+            "from slice_kernels.stability import ParameterStabilityLoss, merge_magnitude_into_base",
+            "ParameterStabilityLoss",
+        ),
+        ("from slice_kernels.peft_integration import get_slice_model, save_as_lora", "get_slice_model"),
+        ("from slice_kernels.gorp_groups import gorp_param_groups, build_gorp_optimizer", "gorp_param_groups"),
+        ("from slice_kernels.gorp import GorpAdamW, GorpGroupError, grow_space, energy_count", "GorpAdamW"),
+    ],
+)
 def test_names_users_imported_from_the_old_paths_still_import(stmt, name, monkeypatch):
     old = stmt.split()[1]
     monkeypatch.delitem(sys.modules, old, raising=False)

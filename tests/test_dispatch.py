@@ -67,6 +67,9 @@ def test_skip_ext_false_spellings_do_not_skip(monkeypatch, value):
 
 def test_skip_ext_unrecognised_value_warns_and_loads(monkeypatch):
     monkeypatch.setenv(extension.SKIP_ENV, "skip")
-    with pytest.warns(RuntimeWarning, match=r"SLICE_KERNELS_SKIP_EXT='skip' is not recognised; use one of "
-                                            r"1/true/yes/on .* 0/false/no/off/empty"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"SLICE_KERNELS_SKIP_EXT='skip' is not recognised; use one of "
+        r"1/true/yes/on .* 0/false/no/off/empty",
+    ):
         assert not extension.skip_requested()

@@ -1,8 +1,16 @@
 """GORP (SPEC §4): AdamW in a low-rank gradient subspace kept orthogonal to earlier tasks' shared spaces, and
 the parameter groups it takes from a (PEFT) model."""
+
 from ..errors import GorpGroupError
 from .groups import build_gorp_optimizer, gorp_param_groups
 from .optimizer import KINDS, GorpAdamW, energy_count, grow_space
 
-__all__ = ["GorpAdamW", "GorpGroupError", "KINDS", "energy_count", "grow_space", "gorp_param_groups",
-           "build_gorp_optimizer"]
+__all__ = [
+    "GorpAdamW",
+    "GorpGroupError",
+    "KINDS",
+    "energy_count",
+    "grow_space",
+    "gorp_param_groups",
+    "build_gorp_optimizer",
+]

@@ -10,6 +10,7 @@ per task (``task1``, ``task2``, …) still finds the space of the earlier tasks.
 ``<module>.weight`` with PEFT's ``.base_layer`` removed, so it is the same name with or without a LoRA
 wrapper on that module.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -112,14 +113,28 @@ def gorp_param_groups(
     return groups
 
 
-def build_gorp_optimizer(model: nn.Module, *, full_rank=("gate_proj",), lora_modules=None, rank: int = 8,
-                         shared_spaces=None, lowrank_options=None, lora_a_options=None, adamw_options=None,
-                         **defaults) -> GorpAdamW:
+def build_gorp_optimizer(
+    model: nn.Module,
+    *,
+    full_rank=("gate_proj",),
+    lora_modules=None,
+    rank: int = 8,
+    shared_spaces=None,
+    lowrank_options=None,
+    lora_a_options=None,
+    adamw_options=None,
+    **defaults,
+) -> GorpAdamW:
     """``GorpAdamW(gorp_param_groups(model, ...), **defaults)``; ``shared_spaces`` from an earlier task's optimizer."""
     frozen = [p for p in model.parameters() if not p.requires_grad]
     groups = gorp_param_groups(
-        model, full_rank=full_rank, lora_modules=lora_modules, rank=rank, lowrank_options=lowrank_options,
-        lora_a_options=lora_a_options, adamw_options=adamw_options,
+        model,
+        full_rank=full_rank,
+        lora_modules=lora_modules,
+        rank=rank,
+        lowrank_options=lowrank_options,
+        lora_a_options=lora_a_options,
+        adamw_options=adamw_options,
     )
     try:
         return GorpAdamW(groups, rank=rank, shared_spaces=shared_spaces, **defaults)

@@ -39,6 +39,7 @@ vectors are re-orthogonalized against S (two Gram–Schmidt passes) and among th
 The hot elementwise part of every step is ``slice_kernels.ops.gorp_update`` (one fused kernel per backend);
 the skinny GEMMs stay with BLAS / cuBLAS, and the lift-back with the parameter update is one ``addmm``.
 """
+
 from __future__ import annotations
 
 import math
@@ -100,9 +101,18 @@ class GorpAdamW(torch.optim.Optimizer):
         shared_spaces: Mapping[str, torch.Tensor] | None = None,
     ):
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
-            update_proj_gap=update_proj_gap, scale=scale, energy=energy, seed=seed, oversample=oversample,
-            power_iters=power_iters, kind="adamw",
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            rank=rank,
+            update_proj_gap=update_proj_gap,
+            scale=scale,
+            energy=energy,
+            seed=seed,
+            oversample=oversample,
+            power_iters=power_iters,
+            kind="adamw",
         )
         self._check_hparams(defaults, "defaults")
         super().__init__(params, defaults)
@@ -142,7 +152,9 @@ class GorpAdamW(torch.optim.Optimizer):
         taken = {n for g in self.param_groups for n in g["names"]}
         dup = sorted((taken & set(names)) | {n for n in names if names.count(n) > 1})
         if dup:
-            raise GorpGroupError(f"group {idx}: parameter names must be unique (they key spaces and sketches): {dup[:5]}")
+            raise GorpGroupError(
+                f"group {idx}: parameter names must be unique (they key spaces and sketches): {dup[:5]}"
+            )
         # torch keeps any extra key of a group without a word: a misspelt option (lowrank_options={"scael": 0.25})
         # would train with the default silently ("initial_lr" is the LR schedulers' own key)
         unknown = sorted(set(group) - set(self.defaults) - {"params", "names", "initial_lr"})
@@ -225,8 +237,10 @@ class GorpAdamW(torch.optim.Optimizer):
         todo = [(group, p, name) for group, p, name in self._named_params() if p.grad is not None]
         for _, p, name in todo:  # checked before any parameter moves, so an error leaves the model as it was
             if p.grad.is_sparse:
-                raise UnsupportedInputError(f"{name}: GorpAdamW does not support sparse gradients; use a dense gradient "
-                                   f"(e.g. nn.Embedding(sparse=False)) or another optimizer for this parameter")
+                raise UnsupportedInputError(
+                    f"{name}: GorpAdamW does not support sparse gradients; use a dense gradient "
+                    f"(e.g. nn.Embedding(sparse=False)) or another optimizer for this parameter"
+                )
         for group, p, name in todo:
             self._step_param(group, p, name)
         return loss
@@ -259,7 +273,9 @@ class GorpAdamW(torch.optim.Optimizer):
         proj = None if S is None else _project(S, g, side)
         hp = dict(beta1=b1, beta2=b2, eps=group["eps"], bc1=1.0 - b1**t, bc2=1.0 - b2**t)
         if not lowrank and S is None and p.is_contiguous():
-            gorp_update_(g, None, state["exp_avg"], state["exp_avg_sq"], param=p, step_size=step_size, decay=decay, **hp)
+            gorp_update_(
+                g, None, state["exp_avg"], state["exp_avg_sq"], param=p, step_size=step_size, decay=decay, **hp
+            )
             return
         u = torch.empty_like(g)
         gorp_update_(g, proj, state["exp_avg"], state["exp_avg_sq"], out=u, **hp)
@@ -304,7 +320,9 @@ class GorpAdamW(torch.optim.Optimizer):
                 continue  # never stepped: no moment to learn a space from
             side = _space_side(group["kind"], p.shape)
             new = grow_space(state.get("shared"), state["exp_avg"], side, float(group["energy"]))
-            added[name] = 0 if new is None else new.shape[1] - (0 if "shared" not in state else state["shared"].shape[1])
+            added[name] = (
+                0 if new is None else new.shape[1] - (0 if "shared" not in state else state["shared"].shape[1])
+            )
             if new is not None:
                 updates.append((state, new))
         for state, S in updates:

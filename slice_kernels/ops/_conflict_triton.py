@@ -6,6 +6,7 @@ load-balance within a single launch. Table rows are [cur address, prev address, 
 float64 partials are then reduced per layer in chunk order, so the result does not depend on scheduling (no
 atomics). Inputs are float32 and contiguous (the caller converts).
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,9 @@ def work_table(cur, prev, chunk: int, skip=None):
     """(table (n, 4) int64, layer of each row (n,), first row of each layer (L + 1,), n) on cur's device.
     Built with tensor ops, not a Python loop: 224 Llama-3-8B layers make ~100K rows."""
     L = len(cur)
-    sizes = torch.tensor([0 if (skip is not None and skip[i]) else c.numel() for i, c in enumerate(cur)],
-                         dtype=torch.int64)
+    sizes = torch.tensor(
+        [0 if (skip is not None and skip[i]) else c.numel() for i, c in enumerate(cur)], dtype=torch.int64
+    )
     counts = (sizes + chunk - 1) // chunk
     first = torch.zeros(L + 1, dtype=torch.int64)
     torch.cumsum(counts, 0, out=first[1:])
@@ -35,7 +37,6 @@ def work_table(cur, prev, chunk: int, skip=None):
     nb = dev.type == "cuda"
     layer = layer if n else torch.zeros(1, dtype=torch.int64)
     return tab.to(dev, non_blocking=nb), layer.to(dev, non_blocking=nb), first.to(dev, non_blocking=nb), n
-
 
 
 def _chunking() -> tuple[int, int]:
@@ -67,6 +68,7 @@ def _stats_chunk_kernel(tab, partial, HAS_PREV: tl.constexpr, BLOCK: tl.constexp
     tl.store(partial + 3 * pid, tl.sum(d, 0))
     tl.store(partial + 3 * pid + 1, tl.sum(np_, 0))
     tl.store(partial + 3 * pid + 2, tl.sum(nc, 0))
+
 
 @triton.jit
 def _stats_reduce_kernel(partial, bounds, out, BLOCK: tl.constexpr):
@@ -100,7 +102,6 @@ def _surgery_chunk_kernel(tab, layer_of, gammas, BLOCK: tl.constexpr):
         y = tl.load(p_ptr + o, mask=m, other=0.0).to(tl.float64)
         # one rounding of the float64 result: never less accurate than torch's float32 add_(alpha=γ)
         tl.store(c_ptr + o, (x + g * y).to(tl.float32), mask=m)
-
 
 
 def conflict_stats(cur: list[torch.Tensor], prev: list[torch.Tensor] | None) -> torch.Tensor:

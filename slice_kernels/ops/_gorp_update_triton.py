@@ -1,4 +1,5 @@
 """Triton kernel of the GORP step epilogue (``gorp_update.py`` registers it)."""
+
 from __future__ import annotations
 
 import torch
@@ -10,10 +11,29 @@ from .. import dispatch
 
 @triton.jit
 def _gorp_update_kernel(
-    g_ptr, proj_ptr, m_ptr, v_ptr, p_ptr, out_ptr, numel,
-    beta1, omb1, beta2, omb2, eps, bc1, bc2, step_size, decay, sc_ptr,
-    HAS_PROJ: tl.constexpr, HAS_PARAM: tl.constexpr, HAS_OUT: tl.constexpr, BF16_BY_HAND: tl.constexpr,
-    SCALARS_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr,
+    g_ptr,
+    proj_ptr,
+    m_ptr,
+    v_ptr,
+    p_ptr,
+    out_ptr,
+    numel,
+    beta1,
+    omb1,
+    beta2,
+    omb2,
+    eps,
+    bc1,
+    bc2,
+    step_size,
+    decay,
+    sc_ptr,
+    HAS_PROJ: tl.constexpr,
+    HAS_PARAM: tl.constexpr,
+    HAS_OUT: tl.constexpr,
+    BF16_BY_HAND: tl.constexpr,
+    SCALARS_FROM_PTR: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     if SCALARS_FROM_PTR:
         # float64 state: Triton passes Python floats as float32, which would round β, eps and the bias
@@ -61,16 +81,36 @@ def gorp_update(g, proj, exp_avg, exp_avg_sq, param, out, beta1, beta2, eps, bc1
     block = 1024
     grid = (triton.cdiv(n, block),)
     # 1 - beta on the host in double: in float32, 1 - 0.999 is off by 5e-5 relative
-    scalars = [float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), float(eps), float(bc1),
-               float(bc2), float(step_size), float(decay)]
+    scalars = [
+        float(beta1),
+        1.0 - float(beta1),
+        float(beta2),
+        1.0 - float(beta2),
+        float(eps),
+        float(bc1),
+        float(bc2),
+        float(step_size),
+        float(decay),
+    ]
     from_ptr = g.dtype == torch.float64
     sc = torch.tensor(scalars, dtype=torch.float64, device=g.device) if from_ptr else g
     _gorp_update_kernel[grid](
-        g, proj if proj is not None else g, exp_avg, exp_avg_sq,
-        param if param is not None else g, out if out is not None else g, n, *scalars, sc,
+        g,
+        proj if proj is not None else g,
+        exp_avg,
+        exp_avg_sq,
+        param if param is not None else g,
+        out if out is not None else g,
+        n,
+        *scalars,
+        sc,
         SCALARS_FROM_PTR=from_ptr,
-        HAS_PROJ=proj is not None, HAS_PARAM=param is not None, HAS_OUT=out is not None,
-        BF16_BY_HAND=param is not None and param.dtype == torch.bfloat16 and g.dtype == torch.float32
+        HAS_PROJ=proj is not None,
+        HAS_PARAM=param is not None,
+        HAS_OUT=out is not None,
+        BF16_BY_HAND=param is not None
+        and param.dtype == torch.bfloat16
+        and g.dtype == torch.float32
         and dispatch.interpreting(),
         BLOCK=block,
     )

@@ -1,4 +1,5 @@
 """Triton kernel of the gradient accumulation ``acc += alpha · grad`` (``grad_accum.py`` registers it)."""
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ One program per output tile: for each task k it forms s_k·B_k·A_k on the tile 
 padded to the largest task's, the unused columns masked), keeps the entry of strictly larger magnitude (ties
 to the earliest task), then writes or adds the tile into ``out``. Arithmetic in float32.
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,9 @@ from .. import dispatch
 
 
 @triton.jit
-def _merge_kernel(B, A, offs, scal, out, m, n, Rt, K, ldo,
-                  ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr):
+def _merge_kernel(
+    B, A, offs, scal, out, m, n, Rt, K, ldo, ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr
+):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -54,5 +56,6 @@ def merge_factors_triton(B, A, offsets, scalings, out, accumulate):
     scal = torch.tensor(scalings, dtype=torch.float32, device=B.device)
     BM, BN = (32, 32) if dispatch.interpreting() else (64, 64)
     grid = (triton.cdiv(m, BM), triton.cdiv(n, BN))
-    _merge_kernel[grid](Bf, Af, offs, scal, out, m, n, Rt, len(scalings), out.stride(0),
-                        ACC=bool(accumulate), BM=BM, BN=BN, RP=RP)
+    _merge_kernel[grid](
+        Bf, Af, offs, scal, out, m, n, Rt, len(scalings), out.stride(0), ACC=bool(accumulate), BM=BM, BN=BN, RP=RP
+    )

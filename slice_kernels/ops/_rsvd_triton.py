@@ -1,4 +1,5 @@
 """Triton kernel of the randomized SVD's floored, shifted batched Cholesky (``rsvd.py`` registers it)."""
+
 from __future__ import annotations
 
 import torch

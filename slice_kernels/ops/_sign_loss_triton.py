@@ -21,6 +21,7 @@ reassociation only. The launchers take ``segments=`` to force S (tests).
 
 Tiles, history-rank chunks and warps come from the registers and spills of the sm_90 cubins (``_TILES``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -43,8 +44,22 @@ def _tanh(x):
 
 
 @triton.jit
-def _h_tile(H1, H2, rows, cols, rmask, cmask, n, R, sh1,
-            KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, RHP: tl.constexpr, PREC: tl.constexpr):
+def _h_tile(
+    H1,
+    H2,
+    rows,
+    cols,
+    rmask,
+    cmask,
+    n,
+    R,
+    sh1,
+    KIND: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    RHP: tl.constexpr,
+    PREC: tl.constexpr,
+):
     if KIND == 0:
         # H = Bh·Ah walked over the history rank R in chunks of RHP: R grows with every task (2r per task on
         # the slice+ps path), and one (BM, R) × (R, BN) dot would exceed registers and shared memory on a GPU
@@ -53,17 +68,20 @@ def _h_tile(H1, H2, rows, cols, rmask, cmask, n, R, sh1,
         for k0 in range(0, R, RHP):
             kh = k0 + tl.arange(0, RHP)
             km = kh < R
-            bh = tl.load(H1 + rows[:, None] * R + kh[None, :], mask=rmask[:, None] & km[None, :],
-                         other=0.0).to(tl.float32)
+            bh = tl.load(H1 + rows[:, None] * R + kh[None, :], mask=rmask[:, None] & km[None, :], other=0.0).to(
+                tl.float32
+            )
             ah = tl.load(H2 + kh[:, None] * n + cols[None, :], mask=km[:, None] & cmask[None, :], other=0.0)
             h += tl.dot(bh, ah.to(tl.float32), input_precision=PREC)
     elif KIND == 1:
         # 64-bit row offsets here only: the dense H (m·n) and its bits are the operands that can pass 2³¹
-        h = tl.load(H1 + rows[:, None].to(tl.int64) * sh1 + cols[None, :], mask=rmask[:, None] & cmask[None, :],
-                    other=0.0).to(tl.float32)
+        h = tl.load(
+            H1 + rows[:, None].to(tl.int64) * sh1 + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0
+        ).to(tl.float32)
     else:
-        byte = tl.load(H1 + rows[:, None].to(tl.int64) * sh1 + (cols // 8)[None, :],
-                       mask=rmask[:, None] & cmask[None, :], other=0).to(tl.int32)
+        byte = tl.load(
+            H1 + rows[:, None].to(tl.int64) * sh1 + (cols // 8)[None, :], mask=rmask[:, None] & cmask[None, :], other=0
+        ).to(tl.int32)
         bit = (byte >> (cols % 8)[None, :]) & 1
         h = bit.to(tl.float32) * 2.0 - 1.0
     return h
@@ -114,19 +132,43 @@ def _segment(tiles, SEG):
 @triton.jit
 def _b_rows(B, rows, rmask, kr, r):
     """Rows ``rows`` of B (m×r, row-major), the rank padded to len(kr) with zeros, in float32."""
-    return tl.load(B + rows[:, None] * r + kr[None, :], mask=rmask[:, None] & (kr[None, :] < r), other=0.0).to(tl.float32)
+    return tl.load(B + rows[:, None] * r + kr[None, :], mask=rmask[:, None] & (kr[None, :] < r), other=0.0).to(
+        tl.float32
+    )
 
 
 @triton.jit
 def _a_cols(A, cols, cmask, kr, n, r):
     """Columns ``cols`` of A (r×n, row-major), the rank padded to len(kr) with zeros, in float32."""
-    return tl.load(A + kr[:, None] * n + cols[None, :], mask=(kr[:, None] < r) & cmask[None, :], other=0.0).to(tl.float32)
+    return tl.load(A + kr[:, None] * n + cols[None, :], mask=(kr[:, None] < r) & cmask[None, :], other=0.0).to(
+        tl.float32
+    )
 
 
 @triton.jit
-def _fwd_kernel(A, B, H1, H2, partial, m, n, r, R, sh1, scaling, alpha_l, inv_rms, SEG,
-                KIND: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                RP: tl.constexpr, RHP: tl.constexpr, PREC: tl.constexpr):
+def _fwd_kernel(
+    A,
+    B,
+    H1,
+    H2,
+    partial,
+    m,
+    n,
+    r,
+    R,
+    sh1,
+    scaling,
+    alpha_l,
+    inv_rms,
+    SEG,
+    KIND: tl.constexpr,
+    MODE: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    RP: tl.constexpr,
+    RHP: tl.constexpr,
+    PREC: tl.constexpr,
+):
     # grid (row blocks, SEG): each program walks one segment of the column tiles; partial[row block·SEG + segment]
     pid = tl.program_id(0)
     t0, t1 = _segment(tl.cdiv(n, BN), SEG)
@@ -147,9 +189,33 @@ def _fwd_kernel(A, B, H1, H2, partial, m, n, r, R, sh1, scaling, alpha_l, inv_rm
 
 
 @triton.jit
-def _dB_kernel(A, B, H1, H2, grad, dB, partial, m, n, r, R, sh1, scaling, alpha_l, inv_rms, inv_mn, SEG,
-               KIND: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-               RP: tl.constexpr, RHP: tl.constexpr, PREC: tl.constexpr, LOSS: tl.constexpr):
+def _dB_kernel(
+    A,
+    B,
+    H1,
+    H2,
+    grad,
+    dB,
+    partial,
+    m,
+    n,
+    r,
+    R,
+    sh1,
+    scaling,
+    alpha_l,
+    inv_rms,
+    inv_mn,
+    SEG,
+    KIND: tl.constexpr,
+    MODE: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    RP: tl.constexpr,
+    RHP: tl.constexpr,
+    PREC: tl.constexpr,
+    LOSS: tl.constexpr,
+):
     # grid (row blocks, SEG). dB: the gradient itself when SEG = 1, else the (SEG, m, r) workspace, segment s
     # writing dB + s·m·r. LOSS: also reduce the loss summand of this (row block, segment) into
     # partial[row block·SEG + segment] (the one-pass training path).
@@ -182,9 +248,31 @@ def _dB_kernel(A, B, H1, H2, grad, dB, partial, m, n, r, R, sh1, scaling, alpha_
 
 
 @triton.jit
-def _dA_kernel(A, B, H1, H2, grad, dA, m, n, r, R, sh1, scaling, alpha_l, inv_rms, inv_mn, SEG,
-               KIND: tl.constexpr, MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-               RP: tl.constexpr, RHP: tl.constexpr, PREC: tl.constexpr):
+def _dA_kernel(
+    A,
+    B,
+    H1,
+    H2,
+    grad,
+    dA,
+    m,
+    n,
+    r,
+    R,
+    sh1,
+    scaling,
+    alpha_l,
+    inv_rms,
+    inv_mn,
+    SEG,
+    KIND: tl.constexpr,
+    MODE: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    RP: tl.constexpr,
+    RHP: tl.constexpr,
+    PREC: tl.constexpr,
+):
     # grid (column blocks, SEG), each program walking one segment of the row tiles. dA: the gradient itself
     # when SEG = 1, else the (SEG, r, n) workspace, segment s writing dA + s·r·n.
     pid = tl.program_id(0)
@@ -232,8 +320,10 @@ DOT_PRECISIONS = ("ieee", "tf32x3")
 def _dot_precision() -> str:
     prec = os.environ.get(DOT_PRECISION_ENV, "ieee")
     if prec not in DOT_PRECISIONS:
-        raise InvalidArgumentError(f"sign loss, triton backend: {DOT_PRECISION_ENV}={prec!r} is not one of {DOT_PRECISIONS}; "
-                         f"unset it for the default (ieee)")
+        raise InvalidArgumentError(
+            f"sign loss, triton backend: {DOT_PRECISION_ENV}={prec!r} is not one of {DOT_PRECISIONS}; "
+            f"unset it for the default (ieee)"
+        )
     return prec
 
 
@@ -281,8 +371,9 @@ def _segments(primary: int, tiles: int, sms: int, forced: int | None = None) -> 
 
 def _check_segments(segments) -> None:
     if segments is not None and (isinstance(segments, bool) or not isinstance(segments, int) or segments < 1):
-        raise InvalidArgumentError(f"sign loss, triton backend: segments must be a positive int or None (the heuristic), "
-                         f"got {segments!r}")
+        raise InvalidArgumentError(
+            f"sign loss, triton backend: segments must be a positive int or None (the heuristic), got {segments!r}"
+        )
 
 
 def _pad(x: int) -> int:
@@ -313,9 +404,11 @@ def _prep(A, B, H1, H2, kind):
     r = B.shape[1]
     if not fits_gpu(r, kind):
         form = {0: "factor", 1: "dense", 2: "bit"}[kind]
-        raise InvalidArgumentError(f"sign loss, triton backend: rank r={r} with a {form} history needs more shared memory "
-                         f"than a GPU block has (at most r={_max_gpu_rank(kind)}); use the cuda backend (the "
-                         f"default on CUDA tensors when slice_kernels._C is built) or SLICE_KERNELS_BACKEND=torch")
+        raise InvalidArgumentError(
+            f"sign loss, triton backend: rank r={r} with a {form} history needs more shared memory "
+            f"than a GPU block has (at most r={_max_gpu_rank(kind)}); use the cuda backend (the "
+            f"default on CUDA tensors when slice_kernels._C is built) or SLICE_KERNELS_BACKEND=torch"
+        )
     A, B = A.float().contiguous(), B.float().contiguous()
     if kind == 0:
         H1, H2 = H1.float().contiguous(), H2.float().contiguous()
@@ -339,9 +432,30 @@ def sign_loss_fwd_triton(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms, *,
     rows = triton.cdiv(m, BM)
     S = _segments(rows, triton.cdiv(n, BN), _sm_count(A.device), segments)
     partial = torch.empty(rows * S, dtype=torch.float32, device=A.device)
-    _fwd_kernel[(rows, S)](A_, B_, H1, H2, partial, m, n, r, R, H1.stride(0), float(scaling), float(alpha_l),
-                           float(inv_rms), S, KIND=kind, MODE=mode, BM=BM, BN=BN, RP=_pad(r), RHP=_rank_chunk(R),
-                           PREC=prec, num_warps=_WARPS)
+    _fwd_kernel[(rows, S)](
+        A_,
+        B_,
+        H1,
+        H2,
+        partial,
+        m,
+        n,
+        r,
+        R,
+        H1.stride(0),
+        float(scaling),
+        float(alpha_l),
+        float(inv_rms),
+        S,
+        KIND=kind,
+        MODE=mode,
+        BM=BM,
+        BN=BN,
+        RP=_pad(r),
+        RHP=_rank_chunk(R),
+        PREC=prec,
+        num_warps=_WARPS,
+    )
     return (partial.double().sum() / (m * n)).to(out_dtype)
 
 
@@ -362,8 +476,9 @@ def _gradients(A_, B_, H1, H2, R, g, kind, mode, scaling, alpha_l, inv_rms, segm
     partial = torch.empty(rows_b * s_dB, dtype=torch.float32, device=A_.device) if loss else None
     common = dict(KIND=kind, MODE=mode, RP=_pad(r), RHP=_rank_chunk(R), PREC=prec, num_warps=_WARPS)
     args = (m, n, r, R, H1.stride(0), float(scaling), float(alpha_l), float(inv_rms), 1.0 / (m * n))
-    _dB_kernel[(rows_b, s_dB)](A_, B_, H1, H2, g, dB, partial if loss else dB, *args, s_dB, LOSS=loss, BM=BM_b,
-                               BN=BN_b, **common)
+    _dB_kernel[(rows_b, s_dB)](
+        A_, B_, H1, H2, g, dB, partial if loss else dB, *args, s_dB, LOSS=loss, BM=BM_b, BN=BN_b, **common
+    )
     _dA_kernel[(cols_a, s_dA)](A_, B_, H1, H2, g, dA, *args, s_dA, BM=BM_a, BN=BN_a, **common)
     return (dA.sum(0) if s_dA > 1 else dA), (dB.sum(0) if s_dB > 1 else dB), partial
 
@@ -386,7 +501,6 @@ def sign_loss_fwd_bwd_triton(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms
     A_, B_, H1, H2, R = _prep(A, B, H1, H2, kind)
     m, n = B_.shape[0], A_.shape[1]
     g = torch.ones(1, dtype=torch.float32, device=A.device)
-    dA, dB, partial = _gradients(A_, B_, H1, H2, R, g, kind, mode, scaling, alpha_l, inv_rms, segments, prec,
-                                 loss=True)
+    dA, dB, partial = _gradients(A_, B_, H1, H2, R, g, kind, mode, scaling, alpha_l, inv_rms, segments, prec, loss=True)
     loss = (partial.double().sum() / (m * n)).to(out_dtype)
     return loss, dA.to(A.dtype), dB.to(B.dtype)

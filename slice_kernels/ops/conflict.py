@@ -6,6 +6,7 @@ The global figures are the column sums; per-module surgery uses the rows.
 
 ``surgery_(cur, prev, gammas)`` → in place: G_cur,ℓ += γ_ℓ · G_prev,ℓ.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -34,15 +35,21 @@ def _check_pairs(cur: Sequence[torch.Tensor], prev: Sequence[torch.Tensor] | Non
     for what, ts in (("current", cur), ("replay", prev or [])):
         for i, t in enumerate(ts):
             if t.device != dev:
-                raise InvalidArgumentError(f"conflict ops: {what} gradient {i} is on {t.device} but current gradient 0 is on "
-                                 f"{dev}; move every gradient to one device first (e.g. .to('{dev}'))")
+                raise InvalidArgumentError(
+                    f"conflict ops: {what} gradient {i} is on {t.device} but current gradient 0 is on "
+                    f"{dev}; move every gradient to one device first (e.g. .to('{dev}'))"
+                )
     if prev is None:
         return
     if len(cur) != len(prev):
-        raise InvalidArgumentError(f"conflict ops need as many replay tensors as current ones ({len(prev)} vs {len(cur)})")
+        raise InvalidArgumentError(
+            f"conflict ops need as many replay tensors as current ones ({len(prev)} vs {len(cur)})"
+        )
     for i, (c, p) in enumerate(zip(cur, prev)):
         if c.shape != p.shape:
-            raise InvalidArgumentError(f"tensor {i}: current gradient shape {tuple(c.shape)} != replay {tuple(p.shape)}")
+            raise InvalidArgumentError(
+                f"tensor {i}: current gradient shape {tuple(c.shape)} != replay {tuple(p.shape)}"
+            )
 
 
 @CONFLICT_STATS.register("torch")
@@ -116,8 +123,7 @@ def conflict_stats_native(cur: Sequence[torch.Tensor], prev: Sequence[torch.Tens
 @SURGERY.register("cpp", native_op="surgery_", auto=False)
 @SURGERY.register("cuda", native_op="surgery_")
 def surgery_native(cur: Sequence[torch.Tensor], prev: Sequence[torch.Tensor], gammas: torch.Tensor) -> None:
-    _surgery_in_f32(cur, prev, gammas.detach().to("cpu", torch.float64).contiguous(),
-                    extension.native("surgery_"))
+    _surgery_in_f32(cur, prev, gammas.detach().to("cpu", torch.float64).contiguous(), extension.native("surgery_"))
 
 
 def _has_float64(*lists) -> bool:

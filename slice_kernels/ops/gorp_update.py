@@ -21,6 +21,7 @@ Dtypes: g, proj, exp_avg, exp_avg_sq and out share one floating dtype (float32 i
 tests); param has that dtype or is bfloat16 with float32 state (loaded, upcast, updated in float32, rounded
 on store). Other combinations run on the torch reference (``gorp_update_`` routes them there).
 """
+
 from __future__ import annotations
 
 import torch
@@ -59,19 +60,28 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 @GORP_UPDATE.register("cuda", native_op="gorp_update")
 def gorp_update_native(g, proj, exp_avg, exp_avg_sq, param, out, beta1, beta2, eps, bc1, bc2, step_size, decay):
     extension.native("gorp_update")(
-        g, proj, exp_avg, exp_avg_sq, param, out,
-        float(beta1), float(beta2), float(eps), float(bc1), float(bc2), float(step_size), float(decay),
+        g,
+        proj,
+        exp_avg,
+        exp_avg_sq,
+        param,
+        out,
+        float(beta1),
+        float(beta2),
+        float(eps),
+        float(bc1),
+        float(bc2),
+        float(step_size),
+        float(decay),
     )
-
-
 
 
 # ---------------------------------------------------------------- public entry
 def _kernel_dtypes_ok(state_dtype: torch.dtype, param: torch.Tensor | None) -> bool:
     if state_dtype not in (torch.float32, torch.float64):
         return False
-    return param is None or param.dtype == state_dtype or (
-        param.dtype == torch.bfloat16 and state_dtype == torch.float32
+    return (
+        param is None or param.dtype == state_dtype or (param.dtype == torch.bfloat16 and state_dtype == torch.float32)
     )
 
 
@@ -104,7 +114,9 @@ def gorp_update_(
         if not t.is_contiguous():
             raise InvalidArgumentError(f"gorp_update_: {name} must be contiguous (call .contiguous() on it)")
         if name != "param" and t.dtype != dt:
-            raise InvalidArgumentError(f"gorp_update_: {name} is {t.dtype} but the gradient is {dt}; state shares one dtype")
+            raise InvalidArgumentError(
+                f"gorp_update_: {name} is {t.dtype} but the gradient is {dt}; state shares one dtype"
+            )
     if not g.is_contiguous():
         raise InvalidArgumentError("gorp_update_: the gradient must be contiguous (call .contiguous() on it)")
     if param is None and out is None:

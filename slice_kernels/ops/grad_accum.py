@@ -8,6 +8,7 @@ accumulators to pinned CPU memory on a side stream, for pipelines of your own; `
 does not use it: it keeps the accumulators in (pinned) CPU memory from the start and adds each layer's
 gradient into them as soon as autograd produces it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,7 +54,9 @@ def accumulate_(acc: torch.Tensor, grad: torch.Tensor, alpha: float = 1.0) -> No
     if acc.shape != grad.shape:
         raise InvalidArgumentError(f"accumulator shape {tuple(acc.shape)} != gradient shape {tuple(grad.shape)}")
     if acc.device != grad.device:
-        raise InvalidArgumentError(f"accumulator on {acc.device} but gradient on {grad.device}; offload after accumulating")
+        raise InvalidArgumentError(
+            f"accumulator on {acc.device} but gradient on {grad.device}; offload after accumulating"
+        )
     GRAD_ACCUMULATE(grad.device, acc, grad, float(alpha))
 
 

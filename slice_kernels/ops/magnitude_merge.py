@@ -10,6 +10,7 @@ magnitude (a later task wins only when strictly larger): no m×n buffer besides 
 Backends of ``magnitude_merge_factors``: ``torch`` (row blocks), ``cpp`` (tiled, OpenMP), ``triton`` and
 ``cuda`` (float32 arithmetic).
 """
+
 from __future__ import annotations
 
 from typing import Sequence, Union
@@ -34,7 +35,7 @@ def merge_factors_torch(B, A, offsets, scalings, out, accumulate):
         r1 = min(m, r0 + _ROW_BLOCK)
         best = None
         for k, s in enumerate(scalings):
-            cur = s * (B[r0:r1, offsets[k]:offsets[k + 1]] @ A[offsets[k]:offsets[k + 1]])
+            cur = s * (B[r0:r1, offsets[k] : offsets[k + 1]] @ A[offsets[k] : offsets[k + 1]])
             best = cur if best is None else torch.where(cur.abs() > best.abs(), cur, best)
         if accumulate:
             out[r0:r1] += best.to(out.dtype)
@@ -47,8 +48,9 @@ def merge_factors_torch(B, A, offsets, scalings, out, accumulate):
 def merge_factors_native(B, A, offsets, scalings, out, accumulate):
     if B.device.type == "cuda":  # the CUDA kernel computes in float32 (mirroring Triton)
         B, A = B.float(), A.float()
-    extension.native("magnitude_merge_factors")(B.contiguous(), A.contiguous(), list(offsets), list(scalings), out,
-                                                bool(accumulate))
+    extension.native("magnitude_merge_factors")(
+        B.contiguous(), A.contiguous(), list(offsets), list(scalings), out, bool(accumulate)
+    )
 
 
 try:
@@ -62,40 +64,52 @@ except ImportError:  # no triton: the dispatcher says so when it is forced
 def _normalize(updates: Sequence[Update]):
     """[(kind, payload)] with kind 'factors' → (B, A, s) or 'dense' → H; and the common (m, n)."""
     if isinstance(updates, torch.Tensor) or not len(updates):
-        raise InvalidArgumentError("magnitude_merge: pass a non-empty list of updates, each a dense m×n tensor or a "
-                         "(B, A) / (B, A, scaling) tuple")
+        raise InvalidArgumentError(
+            "magnitude_merge: pass a non-empty list of updates, each a dense m×n tensor or a "
+            "(B, A) / (B, A, scaling) tuple"
+        )
     items, shape = [], None
-    form = ("each update must be a (B, A, scaling) factor tuple (B (m, r) and A (r, n) tensors, scaling a number; "
-            "(B, A) means scaling 1) or a dense m×n tensor")
+    form = (
+        "each update must be a (B, A, scaling) factor tuple (B (m, r) and A (r, n) tensors, scaling a number; "
+        "(B, A) means scaling 1) or a dense m×n tensor"
+    )
     for k, u in enumerate(updates):
         if isinstance(u, torch.Tensor):
             if u.dim() != 2:
-                raise InvalidArgumentError(f"magnitude_merge: update {k} is a tensor of shape {tuple(u.shape)}; dense "
-                                 f"updates must be m×n")
+                raise InvalidArgumentError(
+                    f"magnitude_merge: update {k} is a tensor of shape {tuple(u.shape)}; dense updates must be m×n"
+                )
             items.append(("dense", u))
             sh = tuple(u.shape)
         elif isinstance(u, (tuple, list)) and len(u) in (2, 3):
             B, A = u[0], u[1]
             if not (isinstance(B, torch.Tensor) and isinstance(A, torch.Tensor)):
-                raise InvalidTypeError(f"magnitude_merge: update {k} is a {type(u).__name__} of {type(B).__name__} and "
-                                f"{type(A).__name__}; {form}")
+                raise InvalidTypeError(
+                    f"magnitude_merge: update {k} is a {type(u).__name__} of {type(B).__name__} and "
+                    f"{type(A).__name__}; {form}"
+                )
             try:
                 s = float(u[2]) if len(u) == 3 else 1.0
             except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor scaling with several elements
                 raise InvalidTypeError(f"magnitude_merge: update {k} has scaling {u[2]!r}; {form}") from None
             if B.dim() != 2 or A.dim() != 2 or B.shape[1] != A.shape[0]:
-                raise InvalidArgumentError(f"magnitude_merge: update {k} has B {tuple(B.shape)} and A {tuple(A.shape)}; "
-                                 f"expected B (m, r) and A (r, n)")
+                raise InvalidArgumentError(
+                    f"magnitude_merge: update {k} has B {tuple(B.shape)} and A {tuple(A.shape)}; "
+                    f"expected B (m, r) and A (r, n)"
+                )
             items.append(("factors", (B, A, s)))
             sh = (B.shape[0], A.shape[1])
         else:
-            raise InvalidTypeError(f"magnitude_merge: update {k} is a {type(u).__name__}"
-                            f"{f' of length {len(u)}' if isinstance(u, (tuple, list)) else ''}; {form}")
+            raise InvalidTypeError(
+                f"magnitude_merge: update {k} is a {type(u).__name__}"
+                f"{f' of length {len(u)}' if isinstance(u, (tuple, list)) else ''}; {form}"
+            )
         if shape is None:
             shape = sh
         elif sh != shape:
-            raise InvalidArgumentError(f"magnitude_merge: update {k} is {sh[0]}×{sh[1]} but update 0 is "
-                             f"{shape[0]}×{shape[1]}")
+            raise InvalidArgumentError(
+                f"magnitude_merge: update {k} is {sh[0]}×{sh[1]} but update 0 is {shape[0]}×{shape[1]}"
+            )
     return items, shape
 
 
@@ -108,8 +122,10 @@ def magnitude_merge(updates: Sequence[Update], *, into: torch.Tensor | None = No
     returns W. From factors no m×n buffer is allocated besides the result (none with ``into``)."""
     items, (m, n) = _normalize(updates)
     if into is not None and tuple(into.shape) != (m, n):
-        raise InvalidArgumentError(f"magnitude_merge: into has shape {tuple(into.shape)} but the updates are {m}×{n}; "
-                         f"for a transformers Conv1D weight pass weight.T")
+        raise InvalidArgumentError(
+            f"magnitude_merge: into has shape {tuple(into.shape)} but the updates are {m}×{n}; "
+            f"for a transformers Conv1D weight pass weight.T"
+        )
     tensors = [p for kind, p in items if kind == "dense"] + [t for kind, p in items if kind == "factors" for t in p[:2]]
     device = (into if into is not None else tensors[0]).device
     if any(t.device != device for t in tensors):

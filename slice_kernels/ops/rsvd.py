@@ -12,6 +12,7 @@ a shift fallback (the backend's kernel), one triangular solve — and only the l
 orthonormal (shifted Cholesky-QR3, with a Householder fallback for a matrix whose check fails); the wide
 q×n matrix QᵀG is reduced to q×q the same way before the small SVD. See docs/init_kernels.md.
 """
+
 from __future__ import annotations
 
 import hashlib

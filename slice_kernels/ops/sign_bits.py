@@ -1,5 +1,6 @@
 """The one-bit form of a sign matrix (PS-LoRA's bit history): one bit per entry, packed little-endian along
 each row into uint8 (``m × ceil(n/8)``)."""
+
 from __future__ import annotations
 
 import torch
@@ -27,4 +28,4 @@ def unpack_sign_bits(bits: torch.Tensor, n: int, dtype=torch.float32) -> torch.T
     shifts = torch.arange(8, device=bits.device, dtype=torch.int32)
     b = (bits.to(torch.int32).unsqueeze(-1) >> shifts) & 1
     b = b.reshape(bits.shape[0], -1)[:, :n]
-    return (b.to(dtype) * 2 - 1)
+    return b.to(dtype) * 2 - 1

@@ -24,6 +24,7 @@ The autograd wrappers are ``torch.library`` custom ops with fake kernels and ``r
 ``slice_kernels::sign_loss_dir_train``, which returns the loss and the gradients from one pass (the backward
 only scales them).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -150,7 +151,9 @@ def sign_loss_fwd_native(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms):
         Ac, Bc = Ac.float(), Bc.float()
         H1 = H1.float() if kind != 2 else H1
         H2 = H2.float() if H2 is not None else None
-    return extension.native("sign_loss_fwd")(Ac, Bc, H1, H2, kind, mode, scaling, alpha_l, inv_rms).to(_compute_dtype(A))
+    return extension.native("sign_loss_fwd")(Ac, Bc, H1, H2, kind, mode, scaling, alpha_l, inv_rms).to(
+        _compute_dtype(A)
+    )
 
 
 @SIGN_LOSS_BWD.register("cpp", native_op="sign_loss_bwd")
@@ -161,8 +164,9 @@ def sign_loss_bwd_native(grad, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_r
         Ac, Bc = Ac.float(), Bc.float()
         H1 = H1.float() if kind != 2 else H1
         H2 = H2.float() if H2 is not None else None
-    dA, dB = extension.native("sign_loss_bwd")(grad.to(Ac.dtype).reshape(()), Ac, Bc, H1, H2, kind, mode, scaling,
-                                          alpha_l, inv_rms)
+    dA, dB = extension.native("sign_loss_bwd")(
+        grad.to(Ac.dtype).reshape(()), Ac, Bc, H1, H2, kind, mode, scaling, alpha_l, inv_rms
+    )
     return dA.to(A.dtype), dB.to(B.dtype)
 
 
@@ -206,11 +210,20 @@ def _run(op: dispatch.Op, backend: str, device, r: int, kind: int, *args):
 
 
 @torch.library.custom_op("slice_kernels::sign_loss_dir", mutates_args=())
-def sign_loss_dir(A: torch.Tensor, B: torch.Tensor, H1: torch.Tensor, H2: Optional[torch.Tensor], kind: int,
-                  mode: int, scaling: float, alpha_l: float, inv_rms: float, backend: str) -> torch.Tensor:
+def sign_loss_dir(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    H1: torch.Tensor,
+    H2: Optional[torch.Tensor],
+    kind: int,
+    mode: int,
+    scaling: float,
+    alpha_l: float,
+    inv_rms: float,
+    backend: str,
+) -> torch.Tensor:
     """L_dir of one layer (mean over its m·n entries); see the module doc. ``backend`` "" = dispatcher's choice."""
-    return _run(SIGN_LOSS_FWD, backend, A.device, B.shape[1], kind,
-                A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms)
+    return _run(SIGN_LOSS_FWD, backend, A.device, B.shape[1], kind, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms)
 
 
 @sign_loss_dir.register_fake
@@ -219,11 +232,22 @@ def _(A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms, backend):
 
 
 @torch.library.custom_op("slice_kernels::sign_loss_dir_bwd", mutates_args=())
-def sign_loss_dir_bwd(grad: torch.Tensor, A: torch.Tensor, B: torch.Tensor, H1: torch.Tensor,
-                      H2: Optional[torch.Tensor], kind: int, mode: int, scaling: float, alpha_l: float,
-                      inv_rms: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _run(SIGN_LOSS_BWD, backend, A.device, B.shape[1], kind,
-                grad, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms)
+def sign_loss_dir_bwd(
+    grad: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    H1: torch.Tensor,
+    H2: Optional[torch.Tensor],
+    kind: int,
+    mode: int,
+    scaling: float,
+    alpha_l: float,
+    inv_rms: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _run(
+        SIGN_LOSS_BWD, backend, A.device, B.shape[1], kind, grad, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms
+    )
 
 
 @sign_loss_dir_bwd.register_fake
@@ -247,14 +271,24 @@ sign_loss_dir.register_autograd(_backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op("slice_kernels::sign_loss_dir_train", mutates_args=())
-def sign_loss_dir_train(A: torch.Tensor, B: torch.Tensor, H1: torch.Tensor, H2: Optional[torch.Tensor], kind: int,
-                        mode: int, scaling: float, alpha_l: float, inv_rms: float,
-                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sign_loss_dir_train(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    H1: torch.Tensor,
+    H2: Optional[torch.Tensor],
+    kind: int,
+    mode: int,
+    scaling: float,
+    alpha_l: float,
+    inv_rms: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The training form of ``sign_loss_dir``: (L_dir, ∂L_dir/∂A, ∂L_dir/∂B) from one pass over the tiles; its
     autograd backward only scales the saved gradients (O((m+n)·r) memory), so forward + backward cost one pass
     instead of two. Use the first output; the other two are the unit-upstream gradients."""
-    return _run(SIGN_LOSS_FWD_BWD, backend, A.device, B.shape[1], kind,
-                A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms)
+    return _run(
+        SIGN_LOSS_FWD_BWD, backend, A.device, B.shape[1], kind, A, B, H1, H2, kind, mode, scaling, alpha_l, inv_rms
+    )
 
 
 @sign_loss_dir_train.register_fake
@@ -279,21 +313,35 @@ def _check(A, B, shape, mode: str):
     if mode not in MODES:
         raise InvalidArgumentError(f"sign_consistency_loss: mode must be one of {tuple(MODES)}, got {mode!r}")
     if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
-        raise InvalidArgumentError(f"sign_consistency_loss: A must be (r, n) and B (m, r); got A {tuple(A.shape)}, "
-                                   f"B {tuple(B.shape)}")
+        raise InvalidArgumentError(
+            f"sign_consistency_loss: A must be (r, n) and B (m, r); got A {tuple(A.shape)}, B {tuple(B.shape)}"
+        )
     if (B.shape[0], A.shape[1]) != tuple(shape):
         raise InvalidArgumentError(
             f"sign_consistency_loss: the update B·A is {B.shape[0]}×{A.shape[1]} but the history is "
             f"{shape[0]}×{shape[1]}; was the history recorded for another layer (Conv1D layers are (out, in) "
-            f"here: pass the factors transposed)?")
+            f"here: pass the factors transposed)?"
+        )
     if A.dtype != B.dtype or A.device != B.device:
-        raise InvalidArgumentError(f"sign_consistency_loss: A and B differ in dtype/device ({A.dtype}/{A.device} vs "
-                                   f"{B.dtype}/{B.device})")
+        raise InvalidArgumentError(
+            f"sign_consistency_loss: A and B differ in dtype/device ({A.dtype}/{A.device} vs {B.dtype}/{B.device})"
+        )
 
 
-def sign_consistency(A: torch.Tensor, B: torch.Tensor, H1: torch.Tensor, H2: torch.Tensor | None, *, kind: str,
-                     shape: tuple[int, int], rms: float, scaling: float, alpha: float, beta: float,
-                     mode: str = "tanh") -> torch.Tensor:
+def sign_consistency(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    H1: torch.Tensor,
+    H2: torch.Tensor | None,
+    *,
+    kind: str,
+    shape: tuple[int, int],
+    rms: float,
+    scaling: float,
+    alpha: float,
+    beta: float,
+    mode: str = "tanh",
+) -> torch.Tensor:
     """L_dir + β·L_mag of one layer with ΔW = s·B·A against a history H ≠ 0 given by its operands, differentiable
     in A and B, with no m×n tensor. ``kind`` "factors" (H = H1·H2), "dense" (H = H1) or "bits" (H1 the packed
     signs); ``shape`` = (m, n); ``rms`` = rms(H) > 0."""
@@ -314,5 +362,5 @@ def sign_consistency(A: torch.Tensor, B: torch.Tensor, H1: torch.Tensor, H2: tor
     m, n = shape
     dt = _compute_dtype(A)
     Ad, Bd = A.to(dt), B.to(dt)
-    sq = (scaling ** 2) * ((Bd.T @ Bd) * (Ad @ Ad.T)).sum()
-    return l_dir + beta * sq / (m * n * rms ** 2)
+    sq = (scaling**2) * ((Bd.T @ Bd) * (Ad @ Ad.T)).sum()
+    return l_dir + beta * sq / (m * n * rms**2)

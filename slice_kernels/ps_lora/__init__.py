@@ -1,5 +1,6 @@
 """PS-LoRA (SPEC §3): the history of earlier task updates, the sign-consistency (parameter stability) loss of
 one layer and of a whole PEFT model, its Trainer integration, and magnitude merging of the task updates."""
+
 from .history import KINDS, History, HistoryStore, gram_sq_norm, history_from_updates
 from .loss import (
     DEFAULT_BETA,
@@ -21,7 +22,17 @@ def __getattr__(name):
 
 
 __all__ = [
-    "KINDS", "History", "HistoryStore", "gram_sq_norm", "history_from_updates", "DEFAULT_BETA",
-    "ParameterStabilityLoss", "effective_factors", "sign_consistency_loss", "reference_sign_consistency_loss",
-    "merge_magnitude_into_base", "StabilityLossMixin", "PSLoRATrainer",
+    "KINDS",
+    "History",
+    "HistoryStore",
+    "gram_sq_norm",
+    "history_from_updates",
+    "DEFAULT_BETA",
+    "ParameterStabilityLoss",
+    "effective_factors",
+    "sign_consistency_loss",
+    "reference_sign_consistency_loss",
+    "merge_magnitude_into_base",
+    "StabilityLossMixin",
+    "PSLoRATrainer",
 ]

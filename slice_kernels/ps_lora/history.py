@@ -14,6 +14,7 @@ no m×n matrix) and carried as a Python float: the kernels take ``α_ℓ = α / 
 ``HistoryStore`` keeps one ``History`` per layer name, is updated after each task from a PEFT model's
 LoRA factors, and saves/loads with the run.
 """
+
 from __future__ import annotations
 
 import math
@@ -95,8 +96,10 @@ class History:
     @classmethod
     def from_bits(cls, bits: torch.Tensor, n: int, rms: float) -> "History":
         if bits.dtype != torch.uint8 or bits.dim() != 2 or bits.shape[1] != (n + 7) // 8:
-            raise HistoryError(f"sign bits must be uint8 of shape (m, ceil(n/8)) = (m, {(n + 7) // 8}), got "
-                             f"{bits.dtype} {tuple(bits.shape)}")
+            raise HistoryError(
+                f"sign bits must be uint8 of shape (m, ceil(n/8)) = (m, {(n + 7) // 8}), got "
+                f"{bits.dtype} {tuple(bits.shape)}"
+            )
         m = bits.shape[0]
         return cls("bits", (m, n), float(rms), bits=bits.contiguous())
 
@@ -150,8 +153,9 @@ class History:
 
     def to(self, device) -> "History":
         mv = lambda t: None if t is None else t.to(device)
-        return History(self.kind, self.shape, self.rms, mv(self.Bh), mv(self.Ah), mv(self.dense), mv(self.bits),
-                       dict(self.meta))
+        return History(
+            self.kind, self.shape, self.rms, mv(self.Bh), mv(self.Ah), mv(self.dense), mv(self.bits), dict(self.meta)
+        )
 
     # ------------------------------------------------------------------ update after a task
     def append(self, B: torch.Tensor, A: torch.Tensor, scaling: float = 1.0) -> "History":
@@ -162,8 +166,9 @@ class History:
         the factor form and call ``to_sign_bits()`` after each task for the exact bit form)."""
         m, n = self.shape
         if B.dim() != 2 or A.dim() != 2 or B.shape[0] != m or A.shape[1] != n or B.shape[1] != A.shape[0]:
-            raise HistoryError(f"History.append: B {tuple(B.shape)} and A {tuple(A.shape)} do not make an "
-                             f"update of shape {self.shape}")
+            raise HistoryError(
+                f"History.append: B {tuple(B.shape)} and A {tuple(A.shape)} do not make an update of shape {self.shape}"
+            )
         B, A = B.detach().to(self.device), A.detach().to(self.device)
         if self.kind == "factors":
             Bh = torch.cat([self.Bh, (scaling * B.double()).float()], dim=1).contiguous()
@@ -230,8 +235,10 @@ class HistoryStore:
         is folded in (bits: see ``History.append``; the first task's bits are exact)."""
         found = [(name, *lora_factors(mod, ad)) for name, mod, ad in lora_layers(model)]
         if not found:
-            raise HistoryError("HistoryStore.record_task: the model has no active PEFT LoRA layer; pass the "
-                             "PeftModel (before merge_and_unload)")
+            raise HistoryError(
+                "HistoryStore.record_task: the model has no active PEFT LoRA layer; pass the "
+                "PeftModel (before merge_and_unload)"
+            )
         new = {}
         for name, B, A, s in found:
             prev = self.layers.get(name)
@@ -259,8 +266,10 @@ class HistoryStore:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device="cpu") -> "HistoryStore":
-        what = (f"HistoryStore.load: {os.fspath(path)!r} is not a saved history (expected a file written by "
-                f"HistoryStore.save")
+        what = (
+            f"HistoryStore.load: {os.fspath(path)!r} is not a saved history (expected a file written by "
+            f"HistoryStore.save"
+        )
         try:
             d = torch.load(path, map_location="cpu", weights_only=True)
         except OSError:  # missing or unreadable: the OS's own message names the path

@@ -11,6 +11,7 @@ An adapter initialized with a non-zero product (SLICE absorbs s·B₀·A₀ into
 s·(B·A − B₀·A₀), not s·B·A: pass ``init_offsets={name: (B₀, A₀)}`` and the loss penalizes that update,
 as the rank-2r factors [B, −B₀]·[A; A₀] (still no m×n tensor).
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,8 +35,16 @@ def _compute_dtype(A: torch.Tensor) -> torch.dtype:
     return torch.float64 if A.dtype == torch.float64 else torch.float32
 
 
-def sign_consistency_loss(A: torch.Tensor, B: torch.Tensor, history: History | None, *, scaling: float,
-                          alpha: float = 1.0, beta: float = DEFAULT_BETA, mode: str = "tanh") -> torch.Tensor:
+def sign_consistency_loss(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    history: History | None,
+    *,
+    scaling: float,
+    alpha: float = 1.0,
+    beta: float = DEFAULT_BETA,
+    mode: str = "tanh",
+) -> torch.Tensor:
     """L_dir + β·L_mag of one layer (SPEC §3), differentiable in A and B, with no m×n tensor.
 
     ``A`` (r×n) and ``B`` (m×r) are the new LoRA factors in (out, in) orientation, ``scaling`` the LoRA scale
@@ -46,27 +55,42 @@ def sign_consistency_loss(A: torch.Tensor, B: torch.Tensor, history: History | N
     # checked before the t = 1 shortcut so a bad call fails at the first task, not silently until the second;
     # a negative alpha would flip tanh's sign and reward disagreeing with H (ParameterStabilityLoss refuses it too)
     if not (math.isfinite(float(alpha)) and float(alpha) > 0 and math.isfinite(float(beta)) and float(beta) >= 0):
-        raise HistoryError(f"sign_consistency_loss: need alpha > 0 and beta ≥ 0, both finite (got alpha={alpha}, "
-                           f"beta={beta})")
+        raise HistoryError(
+            f"sign_consistency_loss: need alpha > 0 and beta ≥ 0, both finite (got alpha={alpha}, beta={beta})"
+        )
     if history is not None and not isinstance(history, History):
-        raise InvalidTypeError(f"sign_consistency_loss: history must be a slice_kernels.History or None, got "
-                               f"{type(history).__name__}; wrap a dense H as History.from_dense(H), or factors as "
-                               f"History.from_factors(Bs, As, scalings)")
+        raise InvalidTypeError(
+            f"sign_consistency_loss: history must be a slice_kernels.History or None, got "
+            f"{type(history).__name__}; wrap a dense H as History.from_dense(H), or factors as "
+            f"History.from_factors(Bs, As, scalings)"
+        )
     for name, t in (("A", A), ("B", B)):
         # integer factors cannot carry a gradient (and with no history would give 0 without complaint)
         if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
             kind = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
-            raise InvalidTypeError(f"sign_consistency_loss: {name} must be a floating-point tensor (the LoRA "
-                                   f"factor), got {kind}; pass e.g. lora_{name}.weight, or convert with .float()")
+            raise InvalidTypeError(
+                f"sign_consistency_loss: {name} must be a floating-point tensor (the LoRA "
+                f"factor), got {kind}; pass e.g. lora_{name}.weight, or convert with .float()"
+            )
     if history is None or history.rms == 0.0:
         return (A.sum() + B.sum()) * 0.0  # zero, but connected to A and B so backward() works at t = 1
     H1, H2 = history.operands(A.device)
-    return sign_consistency(A, B, H1, H2, kind=history.kind, shape=history.shape, rms=history.rms,
-                            scaling=scaling, alpha=alpha, beta=beta, mode=mode)
+    return sign_consistency(
+        A,
+        B,
+        H1,
+        H2,
+        kind=history.kind,
+        shape=history.shape,
+        rms=history.rms,
+        scaling=scaling,
+        alpha=alpha,
+        beta=beta,
+        mode=mode,
+    )
 
 
-def reference_sign_consistency_loss(A, B, history: History, *, scaling, alpha=1.0, beta=DEFAULT_BETA,
-                                    mode="tanh"):
+def reference_sign_consistency_loss(A, B, history: History, *, scaling, alpha=1.0, beta=DEFAULT_BETA, mode="tanh"):
     """The oracle: materialize ΔW and H, then SPEC §3's formula term by term (tests only)."""
     if history is None or history.rms == 0.0:
         return (A.sum() + B.sum()) * 0.0
@@ -83,7 +107,7 @@ def reference_sign_consistency_loss(A, B, history: History, *, scaling, alpha=1.
         l_dir = (1 - torch.tanh(alpha / rms * dW) * t).mean()
     else:
         l_dir = torch.relu(-s * dW).mean() / rms
-    return l_dir + beta * (dW ** 2).mean() / rms ** 2
+    return l_dir + beta * (dW**2).mean() / rms**2
 
 
 def effective_factors(B, A, offset=None):
@@ -103,14 +127,23 @@ class ParameterStabilityLoss(nn.Module):
     ``mode`` "tanh" | "hinge". ``init_offsets``: ``{name: (B₀, A₀)}`` of inits absorbed into W (see module doc).
     """
 
-    def __init__(self, history: HistoryStore | dict | None, *, lam: float = 1.0, alpha: float = 1.0,
-                 beta: float = DEFAULT_BETA, mode: str = "tanh", init_offsets: dict | None = None):
+    def __init__(
+        self,
+        history: HistoryStore | dict | None,
+        *,
+        lam: float = 1.0,
+        alpha: float = 1.0,
+        beta: float = DEFAULT_BETA,
+        mode: str = "tanh",
+        init_offsets: dict | None = None,
+    ):
         super().__init__()
         if mode not in MODES:
             raise HistoryError(f"ParameterStabilityLoss: mode must be one of {tuple(MODES)}, got {mode!r}")
         if lam < 0 or beta < 0 or alpha <= 0:
-            raise HistoryError(f"ParameterStabilityLoss: need lam ≥ 0, beta ≥ 0, alpha > 0 (got lam={lam}, "
-                             f"beta={beta}, alpha={alpha})")
+            raise HistoryError(
+                f"ParameterStabilityLoss: need lam ≥ 0, beta ≥ 0, alpha > 0 (got lam={lam}, beta={beta}, alpha={alpha})"
+            )
         layers = history.layers if isinstance(history, HistoryStore) else dict(history or {})
         self.layers: dict[str, History] = {canonical_name(k): v for k, v in layers.items()}
         self.offsets = {canonical_name(k): v for k, v in (init_offsets or {}).items()}
@@ -133,8 +166,11 @@ class ParameterStabilityLoss(nn.Module):
                     f"history from a PEFT model wrapped the same way (HistoryStore.record_task(peft_model))."
                 )
             if missing:
-                log.warning("ParameterStabilityLoss: %d history layers are not LoRA layers of the model "
-                            "(ignored), e.g. %s", len(missing), missing[0])
+                log.warning(
+                    "ParameterStabilityLoss: %d history layers are not LoRA layers of the model (ignored), e.g. %s",
+                    len(missing),
+                    missing[0],
+                )
             self._checked = True
         total = None
         for name, mod, ad in found:
@@ -145,9 +181,11 @@ class ParameterStabilityLoss(nn.Module):
             if h.device != A.device:
                 h = self.layers[name] = h.to(A.device)
             if (B.shape[0], A.shape[1]) != tuple(h.shape):  # name the layer: the op itself cannot
-                raise HistoryError(f"ParameterStabilityLoss: layer {name!r} makes a {B.shape[0]}×{A.shape[1]} update "
-                                 f"but its history is {h.shape[0]}×{h.shape[1]}: the history was recorded from "
-                                 f"another model")
+                raise HistoryError(
+                    f"ParameterStabilityLoss: layer {name!r} makes a {B.shape[0]}×{A.shape[1]} update "
+                    f"but its history is {h.shape[0]}×{h.shape[1]}: the history was recorded from "
+                    f"another model"
+                )
             B, A = effective_factors(B, A, self.offsets.get(name))
             term = sign_consistency_loss(A, B, h, scaling=s, alpha=self.alpha, beta=self.beta, mode=self.mode)
             total = term if total is None else total + term

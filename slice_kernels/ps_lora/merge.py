@@ -1,4 +1,5 @@
 """Magnitude merging of the sequential task updates into a PEFT model's base weights (SPEC §3)."""
+
 from __future__ import annotations
 
 import torch
@@ -19,14 +20,17 @@ def merge_magnitude_into_base(peft_model, updates: dict) -> nn.Module:
     for name, mod, _ in lora_layers(peft_model):
         ups = updates.get(canonical_name(name))
         if not ups:
-            raise HistoryError(f"merge_magnitude_into_base: no recorded update for layer {name!r}; call "
-                             f"end_of_task before merge")
+            raise HistoryError(
+                f"merge_magnitude_into_base: no recorded update for layer {name!r}; call end_of_task before merge"
+            )
         Wv = weight_out_in(mod.get_base_layer()).data
         for k, u in enumerate(ups):
             if (u["B"].shape[0], u["A"].shape[1]) != tuple(Wv.shape):
-                raise HistoryError(f"merge_magnitude_into_base: layer {name!r}: task {k}'s update is "
-                                 f"{u['B'].shape[0]}×{u['A'].shape[1]} but the weight is {Wv.shape[0]}×{Wv.shape[1]} "
-                                 f"(out, in); were the updates recorded from another model?")
+                raise HistoryError(
+                    f"merge_magnitude_into_base: layer {name!r}: task {k}'s update is "
+                    f"{u['B'].shape[0]}×{u['A'].shape[1]} but the weight is {Wv.shape[0]}×{Wv.shape[1]} "
+                    f"(out, in); were the updates recorded from another model?"
+                )
         plan.append((Wv, ups))
     for Wv, ups in plan:
         with torch.no_grad():

@@ -3,6 +3,7 @@ is added by a ``compute_loss`` mixin. ``class MyTrainer(StabilityLossMixin, Trai
 ``trainer.stability_loss = ParameterStabilityLoss(...)``; ``PSLoRATrainer`` is that class over
 ``transformers.Trainer`` (built on first use, so importing this module does not import the Trainer).
 """
+
 from __future__ import annotations
 
 from .loss import ParameterStabilityLoss
@@ -15,8 +16,7 @@ class StabilityLossMixin:
     stability_loss: ParameterStabilityLoss | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                   num_items_in_batch=num_items_in_batch)
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if self.stability_loss is None:
             return out
         share = self._stability_share(model, num_items_in_batch)
@@ -36,13 +36,15 @@ class StabilityLossMixin:
             return 1.0  # evaluation: L_s once per batch
         scaled = getattr(self, "loss_is_scaled_for_ga", None)
         if scaled is None:
-            scaled = (bool(getattr(self, "model_accepts_loss_kwargs", False)) and num_items_in_batch is not None) \
-                or getattr(self, "compute_loss_func", None) is not None
+            scaled = (
+                bool(getattr(self, "model_accepts_loss_kwargs", False)) and num_items_in_batch is not None
+            ) or getattr(self, "compute_loss_func", None) is not None
         if not scaled:
             return 1.0  # the Trainer divides the whole loss, L_s included
         args = getattr(self, "args", None)
         steps = getattr(self, "current_gradient_accumulation_steps", None) or getattr(
-            args, "gradient_accumulation_steps", 1)
+            args, "gradient_accumulation_steps", 1
+        )
         return 1.0 / max(1, int(steps))
 
 
@@ -50,10 +52,14 @@ def __getattr__(name):
     if name == "PSLoRATrainer":  # built on first use so importing this module does not import Trainer
         from transformers import Trainer
 
-        cls = type("PSLoRATrainer", (StabilityLossMixin, Trainer), {
-            "__doc__": "transformers.Trainer with the PS-LoRA stability loss: set ``trainer.stability_loss``.",
-            "__module__": __name__,
-        })
+        cls = type(
+            "PSLoRATrainer",
+            (StabilityLossMixin, Trainer),
+            {
+                "__doc__": "transformers.Trainer with the PS-LoRA stability loss: set ``trainer.stability_loss``.",
+                "__module__": __name__,
+            },
+        )
         globals()["PSLoRATrainer"] = cls
         return cls
     raise AttributeError(name)

@@ -6,6 +6,7 @@ written to a temporary name in the same directory, flushed, fsynced and renamed 
 at any moment leaves either the old or the new checkpoint, never a torn one. The previous ``ckpt_*.pt`` is
 deleted only after ``latest.json`` points at its successor.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,7 +55,9 @@ def prepare(out: str, fingerprint: dict, resume: bool) -> dict | None:
         atomic_json(run_json, fingerprint)
         return None
     if not exists:
-        raise ResumeError(f"--resume: {out!r} holds no run to resume ({run_json} is missing); drop --resume to start one")
+        raise ResumeError(
+            f"--resume: {out!r} holds no run to resume ({run_json} is missing); drop --resume to start one"
+        )
     with open(run_json) as f:
         old = json.load(f)
     diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))

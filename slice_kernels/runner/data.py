@@ -8,6 +8,7 @@ Format (plain text, the same for every tokenizer so runs compare across models):
 k-shot prompts prepend k solved examples separated by blank lines. Training labels cover the answer tokens
 (and the eos) only, unless ``train_on="prompt+answer"``; prompts are cut from the left to fit ``max_len``.
 """
+
 from __future__ import annotations
 
 import random
@@ -32,7 +33,7 @@ def encode(tok, ex: Example, max_len: int, train_on: str = "answer") -> dict:
     a = a[: max_len // 2]  # an over-long answer keeps its start; the prompt keeps at least half the window
     p = p[-(max_len - len(a)) :]
     ids = p + a
-    labels = (ids[:] if train_on == "prompt+answer" else [-100] * len(p) + a)
+    labels = ids[:] if train_on == "prompt+answer" else [-100] * len(p) + a
     return {"input_ids": ids, "labels": labels}
 
 
@@ -49,8 +50,9 @@ def collate(items: list[dict], pad_id: int) -> dict:
     return {"input_ids": ids, "attention_mask": att, "labels": lab}
 
 
-def make_batches(tok, examples: list[Example], n_batches: int, batch_size: int, max_len: int, seed: int,
-                 train_on: str = "answer") -> list[dict]:
+def make_batches(
+    tok, examples: list[Example], n_batches: int, batch_size: int, max_len: int, seed: int, train_on: str = "answer"
+) -> list[dict]:
     """``n_batches`` seeded batches drawn without replacement (cycling when the data is short)."""
     rng = random.Random(seed)
     order: list[int] = []
@@ -60,7 +62,9 @@ def make_batches(tok, examples: list[Example], n_batches: int, batch_size: int, 
         order += perm
     pad = pad_id(tok)
     return [
-        collate([encode(tok, examples[j], max_len, train_on) for j in order[b * batch_size : (b + 1) * batch_size]], pad)
+        collate(
+            [encode(tok, examples[j], max_len, train_on) for j in order[b * batch_size : (b + 1) * batch_size]], pad
+        )
         for b in range(n_batches)
     ]
 

@@ -1,5 +1,6 @@
 """Errors of the continual-learning runner. Each is a ``SliceKernelsError`` and a ``ValueError``; the CLI prints
 their message and exits with status 2."""
+
 from __future__ import annotations
 
 from ..errors import SliceKernelsError

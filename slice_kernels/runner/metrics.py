@@ -1,5 +1,6 @@
 """Continual-learning metrics of SPEC §2 from the score matrix R (R[i][j]: task j after stage i, 0-based;
 entries above the diagonal, tasks not seen yet, are None)."""
+
 from __future__ import annotations
 
 

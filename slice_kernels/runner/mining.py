@@ -11,6 +11,7 @@ Subset choice: the size-s subset with the lowest mean pairwise cosine. Exhaustiv
 otherwise a greedy start (the most conflicting pair, then repeatedly the task that lowers the mean most)
 followed by single-swap local search until no swap improves; the result says which search ran.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -92,16 +93,31 @@ def check_mine_args(pool_size: int, *, size: int, buckets: int, batches: int, ba
     if pool_size < 2:
         raise ValueError(f"mining needs a pool of at least 2 tasks, got {pool_size} (--pool a,b,...)")
     if not 2 <= size <= pool_size:
-        raise ValueError(f"--size {size} must be between 2 and the pool size {pool_size}: the search scores "
-                         f"pairs of tasks (add tasks to --pool for a longer sequence)")
+        raise ValueError(
+            f"--size {size} must be between 2 and the pool size {pool_size}: the search scores "
+            f"pairs of tasks (add tasks to --pool for a longer sequence)"
+        )
     for opt, v in (("--buckets", buckets), ("--batches", batches), ("--batch-size", batch_size)):
         if v < 1:
-            raise ValueError(f"{opt} must be at least 1, got {v} (defaults: --buckets 200000, --batches 2, "
-                             f"--batch-size 8)")
+            raise ValueError(
+                f"{opt} must be at least 1, got {v} (defaults: --buckets 200000, --batches 2, --batch-size 8)"
+            )
 
 
-def mine(model, tok, tasks, *, size: int, buckets: int = 200_000, batches: int = 2, batch_size: int = 8,
-         max_len: int = 64, targets=None, seed: int = 0, progress: bool = True) -> dict:
+def mine(
+    model,
+    tok,
+    tasks,
+    *,
+    size: int,
+    buckets: int = 200_000,
+    batches: int = 2,
+    batch_size: int = 8,
+    max_len: int = 64,
+    targets=None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
     from .data import make_batches
     from .train import collect_gradients
 
@@ -118,9 +134,14 @@ def mine(model, tok, tasks, *, size: int, buckets: int = 200_000, batches: int =
     idx, val, search = choose_subset(C, size)
     names = [t.name for t in tasks]
     return {
-        "pool": names, "cosines": C, "norms": [math.sqrt(s) for s in sqs],
+        "pool": names,
+        "cosines": C,
+        "norms": [math.sqrt(s) for s in sqs],
         "sequence": [tasks[i].source if tasks[i].source != "reasoning_gym" else tasks[i].name for i in idx],
-        "mean_cosine": val, "search": search, "buckets": buckets, "seed": seed,
+        "mean_cosine": val,
+        "search": search,
+        "buckets": buckets,
+        "seed": seed,
         "cosine_error_std": math.sqrt(2.0 / buckets),
     }
 
@@ -166,16 +187,30 @@ def mine_cli(a) -> dict:
         check_spec(s)
     model, tok = load_model(a.model, a.device)
     tasks = [load_task(s, a.batches * a.batch_size, 0, a.seed) for s in pool]
-    res = mine(model, tok, tasks, size=a.size, buckets=a.buckets, batches=a.batches, batch_size=a.batch_size,
-               max_len=a.max_len, targets=[t for t in a.targets.split(",") if t], seed=a.seed,
-               progress=not a.no_progress)
+    res = mine(
+        model,
+        tok,
+        tasks,
+        size=a.size,
+        buckets=a.buckets,
+        batches=a.batches,
+        batch_size=a.batch_size,
+        max_len=a.max_len,
+        targets=[t for t in a.targets.split(",") if t],
+        seed=a.seed,
+        progress=not a.no_progress,
+    )
     os.makedirs(a.out, exist_ok=True)
     atomic_json(os.path.join(a.out, "mined.json"), res)
     plot_cosines(res, os.path.join(a.out, "cosines.png"))
     print(format_matrix(res))
-    print(f"\nmost conflicting sequence ({res['search']} search, mean pairwise cosine {res['mean_cosine']:.4f}, "
-          f"cosine error std ≈ {res['cosine_error_std']:.4f}):")
+    print(
+        f"\nmost conflicting sequence ({res['search']} search, mean pairwise cosine {res['mean_cosine']:.4f}, "
+        f"cosine error std ≈ {res['cosine_error_std']:.4f}):"
+    )
     print(",".join(res["sequence"]))
-    print(f"saved {os.path.join(a.out, 'mined.json')} and cosines.png; run it with: slice-kernels run --tasks "
-          f"@{os.path.join(a.out, 'mined.json')}")
+    print(
+        f"saved {os.path.join(a.out, 'mined.json')} and cosines.png; run it with: slice-kernels run --tasks "
+        f"@{os.path.join(a.out, 'mined.json')}"
+    )
     return res

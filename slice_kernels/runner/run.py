@@ -5,6 +5,7 @@ method, train it, merge it, evaluate every task seen so far (row t of R); at the
 tasks. A checkpoint is written after every stage; ``resume=True`` continues from the newest one and ends
 with the same results as an uninterrupted run (every random draw is seeded per stage).
 """
+
 from __future__ import annotations
 
 import os
@@ -41,11 +42,15 @@ def validate(cfg: RunConfig) -> None:
     short = [task_name(s) for s in list(cfg.tasks) + list(cfg.heldout)]
     dupes = sorted({n for n in short if short.count(n) > 1})
     if dupes:
-        raise ValueError(f"task name(s) {dupes} appear twice among --tasks/--heldout (JSONL tasks are named after "
-                         f"the file name without .jsonl): rename one of the files")
+        raise ValueError(
+            f"task name(s) {dupes} appear twice among --tasks/--heldout (JSONL tasks are named after "
+            f"the file name without .jsonl): rename one of the files"
+        )
     overlap = sorted(set(cfg.tasks) & set(cfg.heldout))
     if overlap:
-        raise ValueError(f"held-out task(s) {overlap} are also in the sequence; GP/IP need tasks outside it (--heldout)")
+        raise ValueError(
+            f"held-out task(s) {overlap} are also in the sequence; GP/IP need tasks outside it (--heldout)"
+        )
     for m in cfg.methods:
         methods_mod.get(m)
     # the init options exactly as the methods receive them (--tau, --strength, --svd, --method-option):
@@ -55,8 +60,19 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"--methods lists a method twice: {cfg.methods}")
     if cfg.train_on not in TRAIN_ON:
         raise ValueError(f"train_on={cfg.train_on!r} must be one of {TRAIN_ON}")
-    for k in ("rank", "batch_size", "grad_accum", "max_len", "n_train", "n_eval", "grad_batches",
-              "replay_batches", "grad_batch_size", "max_new_tokens", "eval_batch_size"):
+    for k in (
+        "rank",
+        "batch_size",
+        "grad_accum",
+        "max_len",
+        "n_train",
+        "n_eval",
+        "grad_batches",
+        "replay_batches",
+        "grad_batch_size",
+        "max_new_tokens",
+        "eval_batch_size",
+    ):
         v = getattr(cfg, k)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{k}={v!r} must be a positive integer")
@@ -65,15 +81,19 @@ def validate(cfg: RunConfig) -> None:
     world, _ = world_and_rank()
     for k in ("grad_batches", "replay_batches"):
         if getattr(cfg, k) % world:
-            raise ValueError(f"{k}={getattr(cfg, k)} must be a multiple of the {world} data-parallel processes "
-                             f"(each process averages an equal share of the gradient batches)")
+            raise ValueError(
+                f"{k}={getattr(cfg, k)} must be a multiple of the {world} data-parallel processes "
+                f"(each process averages an equal share of the gradient batches)"
+            )
     if cfg.batch_size % world:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {world} data-parallel processes")
     for spec in cfg.tasks:  # a training set smaller than one batch yields no batch at all (training would hang)
         n = train_count(spec, cfg.n_train, cfg.n_eval)
         if n < cfg.batch_size:
-            raise ValueError(f"task {task_name(spec)!r} has {n} training example(s), fewer than one batch "
-                             f"(batch_size={cfg.batch_size}): lower --batch-size, raise --n-train, or add examples")
+            raise ValueError(
+                f"task {task_name(spec)!r} has {n} training example(s), fewer than one batch "
+                f"(batch_size={cfg.batch_size}): lower --batch-size, raise --n-train, or add examples"
+            )
     _check_device_and_dtype(cfg)
     check_model_dir(cfg.model)
 
@@ -87,9 +107,11 @@ def _check_device_and_dtype(cfg: RunConfig) -> None:
         raise ValueError(f"device={cfg.device!r} is not a torch device; pass --device cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device={cfg.device!r} but this torch ({torch.__version__}) sees no CUDA device"
-                             f"{' (the paper profile defaults to cuda)' if cfg.profile == 'paper' else ''}; "
-                             f"pass --device cpu or run on a GPU machine")
+            raise ValueError(
+                f"device={cfg.device!r} but this torch ({torch.__version__}) sees no CUDA device"
+                f"{' (the paper profile defaults to cuda)' if cfg.profile == 'paper' else ''}; "
+                f"pass --device cpu or run on a GPU machine"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device={cfg.device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
     if cfg.dtype not in ("float32", "bfloat16", "float16"):
@@ -99,12 +121,15 @@ def _check_device_and_dtype(cfg: RunConfig) -> None:
 def _train_stream(tok, task, cfg: RunConfig, stage: int, world: int, rank: int):
     """This rank's micro-batches, epoch after epoch, from a DistributedSampler seeded per stage."""
     enc = [encode(tok, ex, cfg.max_len, cfg.train_on) for ex in task.train]
-    sampler = DistributedSampler(enc, num_replicas=world, rank=rank, shuffle=True, seed=_seed(cfg.seed, stage, "train"),
-                                 drop_last=True)
+    sampler = DistributedSampler(
+        enc, num_replicas=world, rank=rank, shuffle=True, seed=_seed(cfg.seed, stage, "train"), drop_last=True
+    )
     per_rank = cfg.batch_size // world
     if len(sampler) < per_rank:  # validate() checks this; without it the loop below would never yield
-        raise ValueError(f"task {task.name!r} has {len(enc)} training example(s), fewer than one batch "
-                         f"(batch_size={cfg.batch_size}): lower --batch-size or raise --n-train")
+        raise ValueError(
+            f"task {task.name!r} has {len(enc)} training example(s), fewer than one batch "
+            f"(batch_size={cfg.batch_size}): lower --batch-size or raise --n-train"
+        )
     pad = pad_id(tok)
     epoch = 0
     while True:
@@ -122,8 +147,12 @@ def _steps(cfg: RunConfig, n_train: int) -> int:
 
 
 def _heldout_scores(model, tok, heldout, cfg, progress) -> dict:
-    kw = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, max_len=cfg.max_len * (cfg.ip_shots + 1),
-              progress=progress)
+    kw = dict(
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.eval_batch_size,
+        max_len=cfg.max_len * (cfg.ip_shots + 1),
+        progress=progress,
+    )
     gp = {t.name: evaluate_task(model, tok, t, shots=0, **kw)[0] for t in heldout}
     ip = {t.name: evaluate_task(model, tok, t, shots=cfg.ip_shots, **kw)[0] for t in heldout}
     mean = lambda d: sum(d.values()) / len(d) if d else None  # noqa: E731
@@ -139,8 +168,9 @@ def _broadcast(obj):
     return box[0]
 
 
-def run(cfg: RunConfig, out: str, *, resume: bool = False, progress: bool = True, log=print,
-        stop_after: int | None = None) -> dict:
+def run(
+    cfg: RunConfig, out: str, *, resume: bool = False, progress: bool = True, log=print, stop_after: int | None = None
+) -> dict:
     """Run (or resume) a continual experiment and write results.json, summary.md and plots into ``out``.
 
     ``stop_after`` (tests): return after that many stages have been checkpointed, as if the run was killed.
@@ -177,16 +207,28 @@ class _Progress:
     def from_checkpoint(cls, state: dict | None) -> "_Progress":
         if state is None:
             return cls()
-        return cls(state["finished"], state["base_eval"],
-                   {k: [Example(**e) for e in v] for k, v in state["replay"].items()}, state.get("current"),
-                   state["index"], state["timings"], state["predictions"], state["rng"])
+        return cls(
+            state["finished"],
+            state["base_eval"],
+            {k: [Example(**e) for e in v] for k, v in state["replay"].items()},
+            state.get("current"),
+            state["index"],
+            state["timings"],
+            state["predictions"],
+            state["rng"],
+        )
 
     def payload(self, current: dict | None) -> dict:
         return {
-            "index": self.index, "finished": self.finished, "base_eval": self.base_eval, "current": current,
-            "timings": self.timings, "predictions": self.predictions,
+            "index": self.index,
+            "finished": self.finished,
+            "base_eval": self.base_eval,
+            "current": current,
+            "timings": self.timings,
+            "predictions": self.predictions,
             "replay": {k: [e.to_dict() for e in v] for k, v in self.replay.items()},
-            "method": current["method"] if current else None, "stage": current["stage"] if current else None,
+            "method": current["method"] if current else None,
+            "stage": current["stage"] if current else None,
         }
 
 
@@ -224,10 +266,12 @@ class _Run:
         self.model, self.tok = load_model(cfg.model, device, cfg.dtype)
         self.lora = LoraSettings(cfg.rank, cfg.alpha, cfg.use_rslora, list(cfg.targets))
         self.base = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self.log(f"[runner] model {cfg.model} loaded in {time.perf_counter() - t0:.1f}s; tasks "
-                 f"{[t.name for t in self.tasks]}; methods {cfg.methods}; training on "
-                 f"{'answer tokens only' if cfg.train_on == 'answer' else 'prompt and answer tokens'}; "
-                 f"{self.world} process(es)")
+        self.log(
+            f"[runner] model {cfg.model} loaded in {time.perf_counter() - t0:.1f}s; tasks "
+            f"{[t.name for t in self.tasks]}; methods {cfg.methods}; training on "
+            f"{'answer tokens only' if cfg.train_on == 'answer' else 'prompt and answer tokens'}; "
+            f"{self.world} process(es)"
+        )
 
     def _save(self, current: dict | None) -> bool:
         """Checkpoint after a stage; True when the caller asked to stop here (``stop_after``)."""
@@ -245,8 +289,10 @@ class _Run:
             ckpt.set_rng_state(st.rng)
         if st.current is not None:
             cur = st.current
-            self.log(f"[runner] resuming after checkpoint {st.index} (methods done: {list(st.finished)}; "
-                     f"{cur['method']} at stage {cur['stage']})")
+            self.log(
+                f"[runner] resuming after checkpoint {st.index} (methods done: {list(st.finished)}; "
+                f"{cur['method']} at stage {cur['stage']})"
+            )
         elif st.index:
             self.log(f"[runner] resuming after checkpoint {st.index} (methods done: {list(st.finished)})")
         if st.base_eval is None:
@@ -255,10 +301,14 @@ class _Run:
             if mname not in st.finished and self._run_method(mname):
                 return {"stopped_after": st.index}
         results = {
-            "config": cfg.to_dict(), "tasks": [t.name for t in self.tasks], "heldout": [t.name for t in self.heldout],
+            "config": cfg.to_dict(),
+            "tasks": [t.name for t in self.tasks],
+            "heldout": [t.name for t in self.heldout],
             "scorers": {t.name: t.scorer_name for t in self.tasks + self.heldout},
-            "train_on": cfg.train_on, "world_size": self.world,
-            "base": st.base_eval, "methods": {m: st.finished[m] for m in cfg.methods},
+            "train_on": cfg.train_on,
+            "world_size": self.world,
+            "base": st.base_eval,
+            "methods": {m: st.finished[m] for m in cfg.methods},
         }
         if self.rank == 0:
             from .report import write_outputs
@@ -274,8 +324,14 @@ class _Run:
         st, T = self.state, len(self.tasks)
         method = methods_mod.get(mname)
         self.model.load_state_dict(self.base)
-        mrun = {"R": [[None] * T for _ in self.tasks], "reports": [], "losses": [], "state": {}, "stage": 0,
-                "predictions": []}
+        mrun = {
+            "R": [[None] * T for _ in self.tasks],
+            "reports": [],
+            "losses": [],
+            "state": {},
+            "stage": 0,
+            "predictions": [],
+        }
         if st.current is not None and st.current["method"] == mname:
             with torch.no_grad():
                 sd = self.model.state_dict()
@@ -287,7 +343,9 @@ class _Run:
             self._run_stage(method, mname, t, mrun)
             mrun["stage"] = t
             # weights that differ from the base are the whole model state a resume needs (exact copies)
-            delta = {k: v.detach().clone() for k, v in self.model.state_dict().items() if not torch.equal(v, self.base[k])}
+            delta = {
+                k: v.detach().clone() for k, v in self.model.state_dict().items() if not torch.equal(v, self.base[k])
+            }
             payload = {"method": mname, "delta": delta, **mrun}
             if t == T:
                 res = dict(R=mrun["R"], **continual_metrics(mrun["R"]))
@@ -307,50 +365,102 @@ class _Run:
         names = [x.name for x in self.tasks]
         task = self.tasks[t - 1]
         torch.manual_seed(_seed(cfg.seed, mname, t))  # anything drawing from the global RNG is seeded per stage
-        current = make_batches(tok, task.train, cfg.grad_batches, cfg.grad_batch_size, cfg.max_len,
-                               _seed(cfg.seed, t, "grad"), cfg.train_on)
-        replay_b = [make_batches(tok, st.replay[n], cfg.replay_batches, cfg.grad_batch_size, cfg.max_len,
-                                 _seed(cfg.seed, t, "replay", n), cfg.train_on) for n in names[: t - 1]]
+        current = make_batches(
+            tok,
+            task.train,
+            cfg.grad_batches,
+            cfg.grad_batch_size,
+            cfg.max_len,
+            _seed(cfg.seed, t, "grad"),
+            cfg.train_on,
+        )
+        replay_b = [
+            make_batches(
+                tok,
+                st.replay[n],
+                cfg.replay_batches,
+                cfg.grad_batch_size,
+                cfg.max_len,
+                _seed(cfg.seed, t, "replay", n),
+                cfg.train_on,
+            )
+            for n in names[: t - 1]
+        ]
         model = self.model
         ctx = StageContext(
-            model=model, stage=t, task_name=task.name, current=current, replay=replay_b, lora=self.lora,
-            seed=cfg.seed, state=mrun["state"],
+            model=model,
+            stage=t,
+            task_name=task.name,
+            current=current,
+            replay=replay_b,
+            lora=self.lora,
+            seed=cfg.seed,
+            state=mrun["state"],
             collect_gradients=lambda b: collect_gradients(model, self.lora.target_modules, b, progress=self.progress),
-            loss_fn=default_loss, options=_method_options(cfg), world_size=self.world, rank=self.rank,
+            loss_fn=default_loss,
+            options=_method_options(cfg),
+            world_size=self.world,
+            rank=self.rank,
             progress=self.progress,
         )
         ts = time.perf_counter()
         peft_model, rep = method.init_adapter(ctx)
         stream = _train_stream(tok, task, cfg, t, self.world, self.rank)
-        ls = train_adapter(peft_model, method, ctx, stream, steps=_steps(cfg, len(task.train)), lr=cfg.lr,
-                           grad_accum=cfg.grad_accum, progress=self.progress, desc=f"{mname} t{t} {task.name} train")
+        ls = train_adapter(
+            peft_model,
+            method,
+            ctx,
+            stream,
+            steps=_steps(cfg, len(task.train)),
+            lr=cfg.lr,
+            grad_accum=cfg.grad_accum,
+            progress=self.progress,
+            desc=f"{mname} t{t} {task.name} train",
+        )
         method.end_of_task(ctx, peft_model)
         self.model = method.merge(ctx, peft_model)
         row = None
         if self.rank == 0:
-            evals = [evaluate_task(self.model, tok, self.tasks[j], max_new_tokens=cfg.max_new_tokens,
-                                   batch_size=cfg.eval_batch_size, max_len=cfg.max_len, progress=self.progress)
-                     for j in range(t)]
+            evals = [
+                evaluate_task(
+                    self.model,
+                    tok,
+                    self.tasks[j],
+                    max_new_tokens=cfg.max_new_tokens,
+                    batch_size=cfg.eval_batch_size,
+                    max_len=cfg.max_len,
+                    progress=self.progress,
+                )
+                for j in range(t)
+            ]
             row = [e[0] for e in evals]
             mrun["predictions"].append({self.tasks[j].name: evals[j][1] for j in range(t)})
         row = _broadcast(row)
         mrun["R"][t - 1][:t] = row
         seconds = time.perf_counter() - ts
         # timings vary run to run: they go to timings.json, so results.json of a resumed run is identical
-        st.timings.append({"method": mname, "stage": t, "seconds": seconds,
-                           "init_phases": rep.pop("phases_seconds", {})})
+        st.timings.append(
+            {"method": mname, "stage": t, "seconds": seconds, "init_phases": rep.pop("phases_seconds", {})}
+        )
         rep = dict(rep, stage=t, task=task.name)
         mrun["reports"].append(rep)
         mrun["losses"].append(ls)
         if task.name not in st.replay:
-            st.replay[task.name] = replay_sample(task.train, cfg.replay_batches * cfg.grad_batch_size,
-                                                 _seed(cfg.seed, "replay_buffer", task.name))
-        self.log(f"[runner] {mname} stage {t}/{len(self.tasks)} ({task.name}): loss {ls[0]:.3f} -> {ls[-1]:.3f}, "
-                 f"R row {[round(x, 3) for x in row]}, gamma {rep.get('gamma')}, cos {rep.get('cos')}, "
-                 f"{seconds:.1f}s")
+            st.replay[task.name] = replay_sample(
+                task.train, cfg.replay_batches * cfg.grad_batch_size, _seed(cfg.seed, "replay_buffer", task.name)
+            )
+        self.log(
+            f"[runner] {mname} stage {t}/{len(self.tasks)} ({task.name}): loss {ls[0]:.3f} -> {ls[-1]:.3f}, "
+            f"R row {[round(x, 3) for x in row]}, gamma {rep.get('gamma')}, cos {rep.get('cos')}, "
+            f"{seconds:.1f}s"
+        )
 
 
 def _method_options(cfg: RunConfig) -> dict:
     """The options the methods receive: SLICE's own run options and every --method-option."""
-    return {"svd": cfg.svd, "conflict_threshold": cfg.conflict_threshold,
-            "projection_strength": cfg.projection_strength, **cfg.method_options}
+    return {
+        "svd": cfg.svd,
+        "conflict_threshold": cfg.conflict_threshold,
+        "projection_strength": cfg.projection_strength,
+        **cfg.method_options,
+    }

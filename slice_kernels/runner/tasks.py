@@ -6,6 +6,7 @@ JSONL file whose lines are ``{"prompt": str, "answer": str}`` with an optional
 ``"metric": "exact" | "rouge_l"`` (default exact).
 Every task is split into a training part and a held-out evaluation part, both fixed by the run's seed.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -194,7 +195,10 @@ def load_task(spec: str, n_train: int, n_eval: int, seed: int) -> Task:
         eval_prompts = {r.prompt for r in rows[:k]}
         train = [r for r in rows[k:] if r.prompt not in eval_prompts]  # a duplicated line must not leak
         return Task(
-            name=name, source=spec, train=train[:n_train] if n_train else train, eval=rows[:k],
+            name=name,
+            source=spec,
+            train=train[:n_train] if n_train else train,
+            eval=rows[:k],
             scorer_name="/".join(metrics),
             _score=lambda p, ex: rouge_l(p, ex.answer) if ex.metric == "rouge_l" else exact_match(p, ex.answer),
         )
@@ -208,11 +212,16 @@ def load_task(spec: str, n_train: int, n_eval: int, seed: int) -> Task:
         ds = rg.create_dataset(name, size=size, seed=_task_seed(seed, spec), **opts)
         train = [Example(e["question"], str(e["answer"]), e) for e in (ds[i] for i in range(n_train))]
     except Exception as e:
-        raise TaskError(f"task {spec!r}: reasoning-gym cannot build {name} with options {opts} "
-                        f"({type(e).__name__}: {e}); fix the option values") from e
+        raise TaskError(
+            f"task {spec!r}: reasoning-gym cannot build {name} with options {opts} "
+            f"({type(e).__name__}: {e}); fix the option values"
+        ) from e
     eval_rows = _unseen_eval_items(ds, n_train, size, n_eval, {ex.prompt for ex in train}, spec)
     return Task(
-        name=spec, source="reasoning_gym", train=train, eval=eval_rows,
+        name=spec,
+        source="reasoning_gym",
+        train=train,
+        eval=eval_rows,
         scorer_name=f"reasoning_gym.{type(ds).__name__}.score_answer",  # the dataset's own scorer
         _score=lambda p, ex: ds.score_answer(p, ex.entry) or 0.0,
     )

@@ -1,4 +1,5 @@
 """Gradient collection for the initializers and the adapter's training loop (data-parallel aware)."""
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,10 @@ def rank_share(batches: list) -> list:
     process."""
     world, rank = world_and_rank()
     if len(batches) % world:
-        raise ValueError(f"{len(batches)} gradient batches cannot be split evenly over {world} processes; use a "
-                         f"multiple of {world} (grad_batches / replay_batches)")
+        raise ValueError(
+            f"{len(batches)} gradient batches cannot be split evenly over {world} processes; use a "
+            f"multiple of {world} (grad_batches / replay_batches)"
+        )
     return batches[rank::world]
 
 
@@ -40,8 +43,19 @@ def collect_gradients(model, targets, batches, loss_fn=default_loss, progress=Tr
     return _collect(model, list(targets), mine, len(mine), loss_fn, progress=progress and rank == 0)
 
 
-def train_adapter(peft_model, method, ctx, examples_batches, *, steps, lr, grad_accum, loss_fn=default_loss,
-                  progress=True, desc="train") -> list[float]:
+def train_adapter(
+    peft_model,
+    method,
+    ctx,
+    examples_batches,
+    *,
+    steps,
+    lr,
+    grad_accum,
+    loss_fn=default_loss,
+    progress=True,
+    desc="train",
+) -> list[float]:
     """``steps`` optimizer steps, each over ``grad_accum`` micro-batches taken in order from
     ``examples_batches`` (the caller has sharded them per rank); returns the loss per step (this rank's)."""
     world, rank = world_and_rank()

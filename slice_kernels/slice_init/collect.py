@@ -12,6 +12,7 @@ runs reproducible, lets distributed ranks and backends agree, and estimates the 
 without dropout's extra noise. ``train_mode=True`` (``SliceConfig.collect_train_mode``) gives PEFT's
 behaviour.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -46,11 +47,15 @@ def _to_device(batch, device):
 
 def default_loss(model: nn.Module, batch) -> torch.Tensor:
     if not isinstance(batch, Mapping):
-        raise SliceInitError(f"a batch must be a dict accepted by model(**batch) (got {type(batch).__name__}); "
-                             f"or pass loss_fn(model, batch) -> loss")
+        raise SliceInitError(
+            f"a batch must be a dict accepted by model(**batch) (got {type(batch).__name__}); "
+            f"or pass loss_fn(model, batch) -> loss"
+        )
     if "labels" not in batch:
-        raise SliceInitError(f"batch has no 'labels' (keys {sorted(batch)}); add labels so model(**batch) returns "
-                             f"a loss, or pass loss_fn(model, batch) -> loss")
+        raise SliceInitError(
+            f"batch has no 'labels' (keys {sorted(batch)}); add labels so model(**batch) returns "
+            f"a loss, or pass loss_fn(model, batch) -> loss"
+        )
     out = model(**batch)
     loss = out["loss"] if isinstance(out, Mapping) else getattr(out, "loss", None)
     if loss is None:
@@ -63,8 +68,10 @@ class BatchStream:
 
     def __init__(self, batches: Iterable, steps: int, weight: float, label: str):
         if isinstance(batches, Mapping) or isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
-            raise SliceInitError(f"{label}: expected an iterable of batches (a list, a DataLoader, a generator), "
-                                 f"got {type(batches).__name__}")
+            raise SliceInitError(
+                f"{label}: expected an iterable of batches (a list, a DataLoader, a generator), "
+                f"got {type(batches).__name__}"
+            )
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise SliceInitError(f"{label}: steps={steps!r} must be a positive integer")
         try:
@@ -73,8 +80,10 @@ class BatchStream:
             n = None
         if n is not None:
             if n < steps:
-                raise SliceInitError(f"{label}: needs {steps} batches but has only {n}; pass more batches or "
-                                     f"lower the steps (SliceConfig.current_steps / replay_steps)")
+                raise SliceInitError(
+                    f"{label}: needs {steps} batches but has only {n}; pass more batches or "
+                    f"lower the steps (SliceConfig.current_steps / replay_steps)"
+                )
         self.batches, self.steps, self.weight, self.label = batches, steps, weight, label
 
 
@@ -113,8 +122,10 @@ def collect_streams(
     acc_device = torch.device("cpu") if offload else device
     pin = offload and device.type == "cuda"
     # Accumulate in the parameter's own layout (no transposed add for Conv1D); transposed once at the end.
-    acc = {n: torch.zeros(m.weight.shape, dtype=torch.float32, device=acc_device, pin_memory=pin)
-           for n, m in targets.items()}
+    acc = {
+        n: torch.zeros(m.weight.shape, dtype=torch.float32, device=acc_device, pin_memory=pin)
+        for n, m in targets.items()
+    }
     alpha = {"value": 0.0}
     # The backend is chosen here, once, in the caller's thread: per call it cost more than the kernel (see
     # ``accumulator``), and on CUDA the hooks run in autograd's device thread, which does not see a
@@ -157,19 +168,25 @@ def collect_streams(
                 with torch.enable_grad():
                     loss = loss_fn(model, _to_device(batch, device))
                     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                        raise SliceInitError(f"{st.label}: the loss must be a scalar tensor, got "
-                                             f"{type(loss).__name__} {tuple(getattr(loss, 'shape', ()))}")
+                        raise SliceInitError(
+                            f"{st.label}: the loss must be a scalar tensor, got "
+                            f"{type(loss).__name__} {tuple(getattr(loss, 'shape', ()))}"
+                        )
                     if not loss.requires_grad:
-                        raise SliceInitError(f"{st.label}: the loss does not depend on the target weights "
-                                             f"(no grad); check target_modules and loss_fn (with reentrant "
-                                             f"gradient checkpointing, call model.enable_input_require_grads())")
+                        raise SliceInitError(
+                            f"{st.label}: the loss does not depend on the target weights "
+                            f"(no grad); check target_modules and loss_fn (with reentrant "
+                            f"gradient checkpointing, call model.enable_input_require_grads())"
+                        )
                     loss.backward()
                 got += 1
                 if bar is not None:
                     bar.update(1)
             if got < st.steps:
-                raise SliceInitError(f"{st.label}: needs {st.steps} batches but the iterable gave only {got}; "
-                                     f"pass more batches or lower the steps")
+                raise SliceInitError(
+                    f"{st.label}: needs {st.steps} batches but the iterable gave only {got}; "
+                    f"pass more batches or lower the steps"
+                )
         if bar is not None:
             bar.close()
     finally:
@@ -222,8 +239,16 @@ def collect_gradients(
     """
     targets = resolve_targets(model, target_modules)
     stream = BatchStream(batches, steps, 1.0, "batches")
-    return collect_streams(model, targets, [stream], loss_fn, offload=offload, progress=progress,
-                           train_mode=train_mode, source="current-task gradient")
+    return collect_streams(
+        model,
+        targets,
+        [stream],
+        loss_fn,
+        offload=offload,
+        progress=progress,
+        train_mode=train_mode,
+        source="current-task gradient",
+    )
 
 
 def collect_replay_gradients(
@@ -248,15 +273,25 @@ def collect_replay_gradients(
     streams = replay_streams(replay, steps, mode)
     if not streams:
         return None
-    return collect_streams(model, targets, streams, loss_fn, offload=offload, progress=progress,
-                           train_mode=train_mode, source="replay gradient")
+    return collect_streams(
+        model,
+        targets,
+        streams,
+        loss_fn,
+        offload=offload,
+        progress=progress,
+        train_mode=train_mode,
+        source="replay gradient",
+    )
 
 
 def replay_streams(replay, steps: int, mode: str) -> list[BatchStream]:
     """Validate ``replay`` against ``mode`` and split it into weighted streams (no batch is consumed)."""
     if isinstance(replay, Mapping) or not isinstance(replay, Iterable):
-        raise SliceInitError(f"replay must be a list of iterables (one per earlier task) or, with "
-                             f"replay_mode='pooled', one iterable of batches; got {type(replay).__name__}")
+        raise SliceInitError(
+            f"replay must be a list of iterables (one per earlier task) or, with "
+            f"replay_mode='pooled', one iterable of batches; got {type(replay).__name__}"
+        )
     if mode not in ("per_task", "pooled"):
         raise SliceInitError(f"replay_mode={mode!r} is not 'per_task' or 'pooled'")
     if isinstance(replay, (list, tuple)) and len(replay) == 0:
@@ -266,15 +301,19 @@ def replay_streams(replay, steps: int, mode: str) -> list[BatchStream]:
             raise SliceInitError(
                 f"replay_mode='pooled' takes ONE iterable of batches (all earlier tasks mixed), but replay is a "
                 f"list of {len(replay)} iterables; chain/shuffle them into one stream, or use "
-                f"replay_mode='per_task' to weight the tasks equally")
+                f"replay_mode='per_task' to weight the tasks equally"
+            )
         return [BatchStream(replay, steps, 1.0, "pooled replay")]
     if not isinstance(replay, (list, tuple)):
-        raise SliceInitError("replay_mode='per_task' needs a list with one iterable of batches per earlier task; "
-                             f"got {type(replay).__name__} (for one mixed stream use replay_mode='pooled')")
+        raise SliceInitError(
+            "replay_mode='per_task' needs a list with one iterable of batches per earlier task; "
+            f"got {type(replay).__name__} (for one mixed stream use replay_mode='pooled')"
+        )
     if replay and not all(_is_batch_source(x) for x in replay):
         raise SliceInitError(
             "replay_mode='per_task' needs a list of per-task iterables, but its items look like batches; wrap "
-            "one task's batches as [batches], or use replay_mode='pooled' for one mixed stream")
+            "one task's batches as [batches], or use replay_mode='pooled' for one mixed stream"
+        )
     k = len(replay)
     return [BatchStream(x, steps, 1.0 / k, f"replay task {i}") for i, x in enumerate(replay)]
 

@@ -1,4 +1,5 @@
 """``SliceConfig``: every choice of SPEC §1, validated on construction."""
+
 from __future__ import annotations
 
 import math

@@ -4,6 +4,7 @@ absorb of step 8.
 ``FACTORS[method](layer) -> (A, B, info)``: A (r×n) and B (m×r) in ``layer.dtype``, and the figures the report
 keeps for the layer (``offset``: whether s·B·A is absorbed into W; ``beta``; ``zero_gradient``).
 """
+
 from __future__ import annotations
 
 import math

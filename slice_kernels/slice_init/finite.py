@@ -1,4 +1,5 @@
 """The NaN/Inf check of the gradients that the collection and the init refuse."""
+
 from __future__ import annotations
 
 import math

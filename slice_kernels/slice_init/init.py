@@ -5,6 +5,7 @@ returns the adapter factors and the absorbed weights. It validates everything be
 computes everything before it returns: the inputs are never modified (unless ``inplace_gradients=True``,
 which lets the surgery reuse the current-gradient buffers).
 """
+
 from __future__ import annotations
 
 import math
@@ -62,15 +63,19 @@ def _validate(weights, g_cur, g_prev, r, lora_alpha, config: SliceConfig):
                 )
             # offloaded gradients (CPU) with weights elsewhere are fine: the SVD moves them one group at a time
             if g.device != weights[name].device and g.device.type != "cpu":
-                raise SliceInitError(f"layer {name!r}: {what} on {g.device} but the weight is on {weights[name].device}")
+                raise SliceInitError(
+                    f"layer {name!r}: {what} on {g.device} but the weight is on {weights[name].device}"
+                )
 
     same_layers(g_cur, "current-task gradients (g_cur)")
     if g_prev is not None and config.uses_replay:
         same_layers(g_prev, "replay gradients (g_prev)")
         for name in weights:
             if g_prev[name].device != g_cur[name].device:
-                raise SliceInitError(f"layer {name!r}: g_prev on {g_prev[name].device} but g_cur on "
-                                     f"{g_cur[name].device}; keep both on one device (offload both or neither)")
+                raise SliceInitError(
+                    f"layer {name!r}: g_prev on {g_prev[name].device} but g_cur on "
+                    f"{g_cur[name].device}; keep both on one device (offload both or neither)"
+                )
 
 
 def validate_ranks(weights: Mapping[str, torch.Tensor], r: int, config: SliceConfig) -> None:
@@ -141,8 +146,7 @@ def init_from_gradients(
     svd_out: dict = {}
     if config.uses_gradients:
         prev = [g_prev[n] for n in names] if (g_prev is not None and config.uses_replay) else None
-        g_tilde = reconcile(names, [g_cur[n] for n in names], prev, config, report, device,
-                            inplace=inplace_gradients)
+        g_tilde = reconcile(names, [g_cur[n] for n in names], prev, config, report, device, inplace=inplace_gradients)
         svd_out = top_triplets(names, g_tilde, r, config, report, device)
         del g_tilde
 
@@ -152,9 +156,14 @@ def init_from_gradients(
     with timed_phase(report, "scale", device):
         for n in names:
             W = weights[n]
-            layer = LayerInput(W=W, r=r, seed=rsvd.layer_seed(config.seed, n),
-                               dtype=_adapter_dtype(adapter_dtype, n, W, config.method), config=config,
-                               svd=svd_out.get(n))
+            layer = LayerInput(
+                W=W,
+                r=r,
+                seed=rsvd.layer_seed(config.seed, n),
+                dtype=_adapter_dtype(adapter_dtype, n, W, config.method),
+                config=config,
+                svd=svd_out.get(n),
+            )
             A[n], B[n], info = rule(layer)
             report.layers.setdefault(n, {"shape": list(W.shape)}).update(info)
     zero_layers = [n for n in names if report.layers[n].get("zero_gradient")]

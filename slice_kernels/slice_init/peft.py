@@ -14,6 +14,7 @@ trained adapter alone does not fit the original model):
   ``PeftModel.from_pretrained`` on the original, untouched base model;
 * or ``peft_model.merge_and_unload()``: the absorbed W plus s·B·A, i.e. the original W plus the update.
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,11 +41,15 @@ def _check_lora_config(lora_config):
     if not isinstance(lora_config, LoraConfig):
         raise SliceInitError(f"lora_config must be a peft.LoraConfig, got {type(lora_config).__name__}")
     if getattr(lora_config, "use_dora", False):
-        raise SliceInitError("LoraConfig.use_dora=True is not supported: DoRA's magnitude is computed from W, which "
-                             "the SLICE init changes; use plain LoRA (use_dora=False)")
+        raise SliceInitError(
+            "LoraConfig.use_dora=True is not supported: DoRA's magnitude is computed from W, which "
+            "the SLICE init changes; use plain LoRA (use_dora=False)"
+        )
     if getattr(lora_config, "rank_pattern", None) or getattr(lora_config, "alpha_pattern", None):
-        raise SliceInitError("LoraConfig.rank_pattern/alpha_pattern are not supported: SLICE uses one rank and "
-                             "alpha for every target; drop the patterns (or init the groups in separate calls)")
+        raise SliceInitError(
+            "LoraConfig.rank_pattern/alpha_pattern are not supported: SLICE uses one rank and "
+            "alpha for every target; drop the patterns (or init the groups in separate calls)"
+        )
     if getattr(lora_config, "target_parameters", None):
         raise SliceInitError("LoraConfig.target_parameters is not supported; target modules (Linear/Conv1D) only")
     r = lora_config.r
@@ -66,7 +71,8 @@ def _refuse_shared_weights(model: nn.Module, targets: dict) -> None:
             raise SliceInitError(
                 f"target layer {n!r} shares its weight tensor with {others[:3]} (tied weights): the init absorbs "
                 f"W − s·B·A into that shared tensor, which would change the outputs of the other module(s). Drop "
-                f"{n!r} from target_modules (or untie the weights), or use method='lora' (no offset)")
+                f"{n!r} from target_modules (or untie the weights), or use method='lora' (no offset)"
+            )
 
 
 def _adapter_dtypes(weights, method: str, autocast_adapter_dtype: bool) -> dict:
@@ -128,8 +134,10 @@ def get_slice_model(
     slice_config.validate()
     _check_lora_config(lora_config)
     if any(isinstance(m, LoraLayer) for m in model.modules()):
-        raise SliceInitError("the model already has LoRA layers: merge them first (merge_and_unload()) so the "
-                             "model is at W^(t-1), or pass the base model")
+        raise SliceInitError(
+            "the model already has LoRA layers: merge them first (merge_and_unload()) so the "
+            "model is at W^(t-1), or pass the base model"
+        )
     cfg = copy.deepcopy(lora_config)
     cfg.init_lora_weights = True
     r = cfg.r
@@ -139,8 +147,10 @@ def get_slice_model(
     if slice_config.method != "lora":  # every other method absorbs an offset into W
         _refuse_shared_weights(model, targets)
     if not distributed.same_on_all_ranks(list(weights.values())):  # collective; same answer on every rank
-        raise SliceInitError("the ranks hold different weights for the target layers: every rank must start from "
-                             "the same W^(t-1) (load the same checkpoint, merge the same adapters) before the init")
+        raise SliceInitError(
+            "the ranks hold different weights for the target layers: every rank must start from "
+            "the same W^(t-1) (load the same checkpoint, merge the same adapters) before the init"
+        )
 
     g_cur = g_prev = None
     collected = InitReport(method=slice_config.method)  # holds the collection phases until the init's report
@@ -158,13 +168,21 @@ def get_slice_model(
             g_cur = collect_gradients(model, targets, current, slice_config.current_steps, loss_fn, **kw)
         if replay_given:
             with timed_phase(collected, "collect_replay", device):
-                g_prev = collect_replay_gradients(model, targets, replay, slice_config.replay_steps,
-                                                  slice_config.replay_mode, loss_fn, **kw)
+                g_prev = collect_replay_gradients(
+                    model, targets, replay, slice_config.replay_steps, slice_config.replay_mode, loss_fn, **kw
+                )
 
     res = init_from_gradients(
-        weights, g_cur, g_prev, r=r, lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora, config=slice_config,
+        weights,
+        g_cur,
+        g_prev,
+        r=r,
+        lora_alpha=cfg.lora_alpha,
+        use_rslora=cfg.use_rslora,
+        config=slice_config,
         adapter_dtype=_adapter_dtypes(weights, slice_config.method, autocast_adapter_dtype),
-        inplace_gradients=True, absorb=False,
+        inplace_gradients=True,
+        absorb=False,
     )
     del g_cur, g_prev
     res.report.phases = {**collected.phases, **res.report.phases}
@@ -172,12 +190,20 @@ def get_slice_model(
     distributed.make_identical_([res.A[n] for n in names] + [res.B[n] for n in names])
 
     # ---- everything is validated and computed: from here on the model is modified ----
-    return install_init(model, cfg, targets, res, adapter_name=adapter_name,
-                        autocast_adapter_dtype=autocast_adapter_dtype)
+    return install_init(
+        model, cfg, targets, res, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype
+    )
 
 
-def install_init(model: nn.Module, lora_config, targets: dict, result: InitResult, *, adapter_name: str = "default",
-                 autocast_adapter_dtype: bool = True):
+def install_init(
+    model: nn.Module,
+    lora_config,
+    targets: dict,
+    result: InitResult,
+    *,
+    adapter_name: str = "default",
+    autocast_adapter_dtype: bool = True,
+):
     """The one path from an ``InitResult`` into a PEFT model: wrap ``model`` with ``lora_config`` and write each
     target's A and B and, where the init has an offset, W − s·B·A in place. ``targets`` are the modules the
     result was computed for (``resolve_targets``); call it only after everything is validated."""
@@ -185,8 +211,9 @@ def install_init(model: nn.Module, lora_config, targets: dict, result: InitResul
     from peft.tuners.lora import LoraLayer
 
     with torch.random.fork_rng(devices=[]):  # PEFT draws its own init from the global RNG; it is overwritten
-        peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name,
-                                    autocast_adapter_dtype=autocast_adapter_dtype)
+        peft_model = get_peft_model(
+            model, lora_config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype
+        )
     by_base = {id(m.get_base_layer()): m for m in peft_model.modules() if isinstance(m, LoraLayer)}
     for n, base in targets.items():
         layer = by_base[id(base)]
@@ -206,13 +233,17 @@ def _check_save_names(peft_model, initial_path: str, adapter_name: str) -> None:
     if adapter_name not in peft_model.peft_config:
         raise SliceInitError(f"no adapter named {adapter_name!r}; adapters: {sorted(peft_model.peft_config)}")
     if adapter_name != "default":
-        raise SliceInitError(f"saving with conversion supports the adapter named 'default' (got {adapter_name!r}); "
-                             f"create the model with get_slice_model(..., adapter_name='default')")
+        raise SliceInitError(
+            f"saving with conversion supports the adapter named 'default' (got {adapter_name!r}); "
+            f"create the model with get_slice_model(..., adapter_name='default')"
+        )
     base = os.path.basename(os.path.normpath(initial_path))
     if not base or base in peft_model.peft_config:
-        raise SliceInitError(f"initial adapter path {initial_path!r}: its last component {base!r} is used by PEFT "
-                             f"as a temporary adapter name and must not be empty or an existing adapter's name; "
-                             f"use e.g. '<run>/slice_init'")
+        raise SliceInitError(
+            f"initial adapter path {initial_path!r}: its last component {base!r} is used by PEFT "
+            f"as a temporary adapter name and must not be empty or an existing adapter's name; "
+            f"use e.g. '<run>/slice_init'"
+        )
 
 
 def save_initial_adapter(peft_model, path: str, adapter_name: str = "default") -> None:
@@ -221,8 +252,10 @@ def save_initial_adapter(peft_model, path: str, adapter_name: str = "default") -
     _check_save_names(peft_model, path, adapter_name)
     cfg = peft_model.peft_config[adapter_name]
     if cfg.init_lora_weights is not True:
-        raise SliceInitError(f"adapter {adapter_name!r} has init_lora_weights={cfg.init_lora_weights!r}; the "
-                             f"initial adapter must be saved with True (get_slice_model sets it)")
+        raise SliceInitError(
+            f"adapter {adapter_name!r} has init_lora_weights={cfg.init_lora_weights!r}; the "
+            f"initial adapter must be saved with True (get_slice_model sets it)"
+        )
     peft_model.save_pretrained(path, selected_adapters=[adapter_name])
 
 
@@ -232,7 +265,10 @@ def save_as_lora(peft_model, out_dir: str, initial_path: str, adapter_name: str 
     wrote."""
     _check_save_names(peft_model, initial_path, adapter_name)
     if not os.path.isdir(initial_path):
-        raise SliceInitError(f"initial adapter {initial_path!r} not found; call save_initial_adapter(peft_model, "
-                             f"path) right after get_slice_model, before training")
-    peft_model.save_pretrained(out_dir, selected_adapters=[adapter_name],
-                               path_initial_model_for_weight_conversion=initial_path, **kwargs)
+        raise SliceInitError(
+            f"initial adapter {initial_path!r} not found; call save_initial_adapter(peft_model, "
+            f"path) right after get_slice_model, before training"
+        )
+    peft_model.save_pretrained(
+        out_dir, selected_adapters=[adapter_name], path_initial_model_for_weight_conversion=initial_path, **kwargs
+    )

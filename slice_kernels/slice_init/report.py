@@ -1,5 +1,6 @@
 """What an initializer returns and reports (SPEC §1: γ, cos, D, N_p, N_c, per-layer ‖G̃‖, time and peak memory
 of each phase)."""
+
 from __future__ import annotations
 
 import math

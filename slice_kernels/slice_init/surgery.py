@@ -1,4 +1,5 @@
 """Conflict statistics and the conflict-gated projection of SPEC §1 steps 3–4, over every target layer."""
+
 from __future__ import annotations
 
 import math
@@ -63,8 +64,10 @@ def reconcile(names, cur, prev, config: SliceConfig, report: InitReport, device,
         for i, n in enumerate(names):
             if not abs(float(gammas[i])) < fmax:
                 raise NonFiniteGradientError(
-                    n, f"surgery result G̃ = G_cur + γ·G_prev (γ = {float(gammas[i]):.3e} overflows "
-                       f"{cur[i].dtype}; N_p = {float(stats[i, 1]):.3e}: raise SliceConfig.eps)")
+                    n,
+                    f"surgery result G̃ = G_cur + γ·G_prev (γ = {float(gammas[i]):.3e} overflows "
+                    f"{cur[i].dtype}; N_p = {float(stats[i, 1]):.3e}: raise SliceConfig.eps)",
+                )
     with timed_phase(report, "surgery", device):
         if has_prev and bool((gammas != 0).any()):
             if not inplace:
@@ -75,15 +78,19 @@ def reconcile(names, cur, prev, config: SliceConfig, report: InitReport, device,
             for i, n in enumerate(names):
                 if float(gammas[i]) != 0.0 and not all_finite(cur[i]):
                     raise NonFiniteGradientError(
-                        n, f"surgery result G̃ = G_cur + γ·G_prev (γ = {float(gammas[i]):.3e}; N_p of the replay "
-                           f"gradient is {float(stats[i, 1]):.3e}, raise SliceConfig.eps)")
+                        n,
+                        f"surgery result G̃ = G_cur + γ·G_prev (γ = {float(gammas[i]):.3e}; N_p of the replay "
+                        f"gradient is {float(stats[i, 1]):.3e}, raise SliceConfig.eps)",
+                    )
     for i, n in enumerate(names):
         D, Np, Nc = (float(v) for v in stats[i])
         g = float(gammas[i])
         denom = math.sqrt(Np * Nc)
         report.layers[n] = {
             "shape": list(cur[i].shape),
-            "D": D, "Np": Np, "Nc": Nc,
+            "D": D,
+            "Np": Np,
+            "Nc": Nc,
             "cos": D / denom if denom > 0 else 0.0,
             "gamma": g,
             # ‖G̃‖² = N_c + 2γD + γ²N_p: no extra pass over the gradient

@@ -1,4 +1,5 @@
 """The truncated SVD of every G̃ (SPEC §1 step 5), batched over layers of one shape."""
+
 from __future__ import annotations
 
 import torch

@@ -9,6 +9,7 @@ the GPU memory model, FMA contraction, the real register/shared-memory limits or
 fake/cuda_runtime.h).
 Shapes are small (a block is 256 OS threads) but not multiples of the tiles.
 """
+
 import ctypes
 import importlib.util
 import os
@@ -55,17 +56,26 @@ def _cxx():
 
 
 def _flags(defines=()):
-    return ["-std=c++20", "-O2", "-pthread", "-fPIC", f"-I{EMU / 'fake'}", f"-I{ROOT / 'csrc'}",
-            *(f"-D{d}" for d in defines)]
+    return [
+        "-std=c++20",
+        "-O2",
+        "-pthread",
+        "-fPIC",
+        f"-I{EMU / 'fake'}",
+        f"-I{ROOT / 'csrc'}",
+        *(f"-D{d}" for d in defines),
+    ]
 
 
 def _compile_all(cxx, jobs, workdir, defines=()):
     """jobs: [(source_path, object_path)]; raises with the compiler's output on the first failure. defines: macro
     names defined for every job."""
+
     def one(job):
         src, obj = job
-        return subprocess.run([cxx, *_flags(defines), "-c", str(src), "-o", str(obj)], capture_output=True,
-                              text=True, cwd=workdir)
+        return subprocess.run(
+            [cxx, *_flags(defines), "-c", str(src), "-o", str(obj)], capture_output=True, text=True, cwd=workdir
+        )
 
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
         for (src, _), res in zip(jobs, pool.map(one, jobs)):
@@ -74,8 +84,9 @@ def _compile_all(cxx, jobs, workdir, defines=()):
 
 
 def _link(cxx, objects, lib, workdir):
-    res = subprocess.run([cxx, "-shared", "-pthread", "-o", str(lib), *map(str, objects)], capture_output=True,
-                         text=True, cwd=workdir)
+    res = subprocess.run(
+        [cxx, "-shared", "-pthread", "-o", str(lib), *map(str, objects)], capture_output=True, text=True, cwd=workdir
+    )
     if res.returncode != 0:
         pytest.fail(f"linking the emulated CUDA kernels failed:\n{res.stderr[-4000:]}")
     return ctypes.CDLL(str(lib))
@@ -92,8 +103,10 @@ def build(tmp_path_factory):
     from slice_kernels import extension
 
     if extension.load() is None:
-        pytest.skip(f"the native CPU extension is not built (the reference kernels): {extension.load_error()}; "
-                    "run `python setup.py build_ext --inplace`")
+        pytest.skip(
+            f"the native CPU extension is not built (the reference kernels): {extension.load_error()}; "
+            "run `python setup.py build_ext --inplace`"
+        )
     cxx = _cxx()
     if cxx is None:
         where = f"$CXX={os.environ['CXX']} not found" if os.environ.get("CXX") else "neither g++ nor c++ on PATH"
@@ -101,13 +114,17 @@ def build(tmp_path_factory):
     work = tmp_path_factory.mktemp("cuda_emu")
     probe = work / "barrier_probe.cpp"
     # what the fake headers need beyond C++17: <barrier> (g++ >= 11, clang >= 15) and _Float16 (g++ >= 12 on x86)
-    probe.write_text("#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); "
-                     "volatile _Float16 h = 1.5f; return float(h) == 1.5f ? 0 : 1; }\n")
-    res = subprocess.run([cxx, "-std=c++20", "-pthread", str(probe), "-o", str(work / "probe")], capture_output=True,
-                         text=True)
+    probe.write_text(
+        "#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); "
+        "volatile _Float16 h = 1.5f; return float(h) == 1.5f ? 0 : 1; }\n"
+    )
+    res = subprocess.run(
+        [cxx, "-std=c++20", "-pthread", str(probe), "-o", str(work / "probe")], capture_output=True, text=True
+    )
     if res.returncode != 0:
-        pytest.skip(f"{cxx} cannot compile C++20 <barrier> with _Float16 (needs g++ >= 12 or clang >= 15): "
-                    f"{res.stderr[-300:]}")
+        pytest.skip(
+            f"{cxx} cannot compile C++20 <barrier> with _Float16 (needs g++ >= 12 or clang >= 15): {res.stderr[-300:]}"
+        )
     rw = _rewrite_module()
     jobs = [(_rewrite_to(rw, f, work / f"{f.stem}.emu.cpp"), work / f"{f.stem}.o") for f in CU_FILES]
     jobs.append((_rewrite_to(rw, EMU / "probe.cu", work / "probe.emu.cpp"), work / "probe.o"))
@@ -124,8 +141,29 @@ def emu(build):
 
 
 def _declare(lib):
-    lib.emu_sign_loss.argtypes = [INT, PTR, PTR, PTR, PTR, PTR, I64, I64, I64, I64, INT, INT, F32, F32, F32, PTR, PTR,
-                                  PTR, PTR, PTR, PTR]
+    lib.emu_sign_loss.argtypes = [
+        INT,
+        PTR,
+        PTR,
+        PTR,
+        PTR,
+        PTR,
+        I64,
+        I64,
+        I64,
+        I64,
+        INT,
+        INT,
+        F32,
+        F32,
+        F32,
+        PTR,
+        PTR,
+        PTR,
+        PTR,
+        PTR,
+        PTR,
+    ]
     lib.emu_sign_loss_plan.argtypes = [I64, I64, I64, INT, I64, PTR]
     lib.emu_sign_loss_plan.restype = None
     lib.emu_magnitude_merge.argtypes = [PTR, PTR, PTR, PTR, I64, I64, I64, I64, I64, INT, PTR, INT]
@@ -160,8 +198,11 @@ def test_rewrite_refuses_what_it_does_not_know():
     # __launch_bounds__(max threads, min blocks): the launch is bounded by the first only
     two = rw.rewrite("__global__ void __launch_bounds__(128, 4) k(int* o) {}\nvoid f() { k<<<1, 2>>>(x); }\n", "t.cu")
     assert "sk_launch(128, 1, 2, 0, nullptr, [&] { k(x); });" in two
-    for bad in ("void f() {\n  __shared__ const float x[4];\n}", "void f() {\n  k<<<1, 2>>>(x), g();\n}",
-                "void f() {\n  k<<<1>>>(x);\n}"):
+    for bad in (
+        "void f() {\n  __shared__ const float x[4];\n}",
+        "void f() {\n  k<<<1, 2>>>(x), g();\n}",
+        "void f() {\n  k<<<1>>>(x);\n}",
+    ):
         with pytest.raises(rw.RewriteError, match=r"t\.cu:2:"):
             rw.rewrite(bad, "t.cu")
 
@@ -210,10 +251,31 @@ def _run_sign_loss(lib, which, A, B, H1, H2, form, mode, s, al, ir, grad=2.5, se
     g = torch.tensor([grad], dtype=torch.float32)
     bits = H1 if form == "bits" else None
     pl = torch.tensor([plan[f] for f in PLAN_FIELDS], dtype=torch.int64)
-    rc = lib.emu_sign_loss(which, _p(A), _p(B), None if form == "bits" else _p(H1), _p(H2), _p(bits), m, n, r, R,
-                           KIND[form], mode, s, al, ir, _p(pl), _p(g), _p(part), _p(dA), _p(dB), _p(ws))
+    rc = lib.emu_sign_loss(
+        which,
+        _p(A),
+        _p(B),
+        None if form == "bits" else _p(H1),
+        _p(H2),
+        _p(bits),
+        m,
+        n,
+        r,
+        R,
+        KIND[form],
+        mode,
+        s,
+        al,
+        ir,
+        _p(pl),
+        _p(g),
+        _p(part),
+        _p(dA),
+        _p(dB),
+        _p(ws),
+    )
     assert rc == 0, f"sign-loss launch {which} returned cudaError {rc}"
-    assert ws[plan["workspace"]:].isnan().all(), "the launcher wrote past the workspace sk_sign_loss_plan sized"
+    assert ws[plan["workspace"] :].isnan().all(), "the launcher wrote past the workspace sk_sign_loss_plan sized"
     return (part if raw else part.double().sum() / (m * n)), dA, dB
 
 
@@ -221,10 +283,8 @@ def _sign_loss_operands(m, n, r, form):
     # the GPU tests' own cases, so the emulator and the GPU see the same inputs
     from tests.backends.test_gpu_paths import _sign_loss_case
 
-
     A, B, h = _sign_loss_case(m, n, r, form, seed=r + m)
-    H1, H2 = (None if t is None else (t.double() if t.is_floating_point() else t)
-              for t in h.operands("cpu"))
+    H1, H2 = (None if t is None else (t.double() if t.is_floating_point() else t) for t in h.operands("cpu"))
     return A, B, H1, H2, h
 
 
@@ -260,8 +320,12 @@ def _sign_loss_errors(lib, m, n, r, form, mode, segments=0):
     loss2, dA2, dB2 = _run_sign_loss(lib, 2, *ops, segments=segments)
     for t in (dA1, dB1, dA2, dB2):
         assert not t.isnan().any(), "an entry of dA/dB was never written"
-    return [_rel(loss0, ref), _rel(loss2, ref)], [_rel(dA1, rdA), _rel(dB1, rdB), _rel(dA2, rdA / 2.5),
-                                                  _rel(dB2, rdB / 2.5)]
+    return [_rel(loss0, ref), _rel(loss2, ref)], [
+        _rel(dA1, rdA),
+        _rel(dB1, rdB),
+        _rel(dA2, rdA / 2.5),
+        _rel(dB2, rdB / 2.5),
+    ]
 
 
 @pytest.mark.parametrize("m,n,r,form,mode", SIGN_LOSS_CASES)
@@ -277,10 +341,14 @@ def test_sign_loss_launchers_match_cpu(emu, m, n, r, form, mode):
 # 4 tiles 1+1+2; S = 99 is clamped to the tile count (5 segments for fwd/dB, 4 for dA). r = 257 puts two rank
 # chunks (gridDim.y) beside the segments (gridDim.z); every form and both modes appear.
 SEGMENT_CASES = [
-    (1, 1, "bits", 1), (1, 257, "factors", 0),
-    (2, 1, "dense", 0), (2, 257, "bits", 1),
-    (3, 1, "factors", 1), (3, 257, "dense", 1),
-    (99, 1, "factors", 0), (99, 257, "bits", 0),
+    (1, 1, "bits", 1),
+    (1, 257, "factors", 0),
+    (2, 1, "dense", 0),
+    (2, 257, "bits", 1),
+    (3, 1, "factors", 1),
+    (3, 257, "dense", 1),
+    (99, 1, "factors", 0),
+    (99, 257, "bits", 0),
 ]
 
 
@@ -296,29 +364,32 @@ def test_forced_segments_match_cpu(emu, S, r, form, mode):
     assert max(loss_errs) <= 1e-5 and max(grad_errs) <= 1e-5, (loss_errs, grad_errs)
 
 
-@pytest.mark.parametrize("m,n,r,sms,segments,expected", [
-    # the benchmark shapes on an H100: 128 row (column) blocks -> S = ceil(264/128) = 3; 448 blocks -> S = 1
-    (4096, 4096, 16, 132, 0, (3, 3, 3, 384, 384, 3 * 4096 * 16 * 2)),
-    (4096, 14336, 64, 132, 0, (3, 3, 1, 384, 384, 3 * 4096 * 64)),
-    (14336, 4096, 16, 132, 0, (1, 1, 3, 448, 448, 3 * 16 * 4096)),
-    # the GPU test's shapes: 7 row blocks -> 38 segments of the 157 column tiles; the dA side stays at 1 (7 tiles)
-    (200, 5000, 16, 132, 0, (38, 38, 1, 7 * 38, 7 * 38, 38 * 200 * 16)),
-    (5000, 200, 16, 132, 0, (1, 1, 38, 157, 157, 38 * 16 * 200)),
-    # 3 rank chunks triple the dB/dA grid, which then needs no split; the forward still does
-    (4096, 4096, 600, 132, 0, (3, 1, 1, 384, 128, 0)),
-    # at least 4 tiles per segment: 4 tiles stay whole, 8 split in two
-    (32, 128, 1, 132, 0, (1, 1, 1, 1, 1, 0)),
-    (32, 256, 1, 132, 0, (2, 2, 1, 2, 2, 2 * 32 * 1)),
-    # forced S: kept even below 4 tiles per segment, clamped to the tiles (to 1 with none) and to 65535; an empty
-    # side sizes no partials or workspace
-    (100, 135, 257, 132, 3, (3, 3, 3, 12, 12, 3 * 100 * 257 + 3 * 257 * 135)),
-    (100, 135, 257, 132, 99, (5, 5, 4, 20, 20, 5 * 100 * 257 + 4 * 257 * 135)),
-    (0, 45, 3, 132, 7, (2, 2, 1, 0, 0, 0)),
-    (70, 0, 3, 132, 7, (1, 1, 3, 3, 3, 0)),
-    (32, 32 * 70000, 1, 132, 70000, (65535, 65535, 1, 65535, 65535, 65535 * 32)),
-    # no SM count (0) counts as one SM: 2 blocks are the target
-    (64, 4096, 16, 0, 0, (1, 1, 1, 2, 2, 0)),
-])
+@pytest.mark.parametrize(
+    "m,n,r,sms,segments,expected",
+    [
+        # the benchmark shapes on an H100: 128 row (column) blocks -> S = ceil(264/128) = 3; 448 blocks -> S = 1
+        (4096, 4096, 16, 132, 0, (3, 3, 3, 384, 384, 3 * 4096 * 16 * 2)),
+        (4096, 14336, 64, 132, 0, (3, 3, 1, 384, 384, 3 * 4096 * 64)),
+        (14336, 4096, 16, 132, 0, (1, 1, 3, 448, 448, 3 * 16 * 4096)),
+        # the GPU test's shapes: 7 row blocks -> 38 segments of the 157 column tiles; the dA side stays at 1 (7 tiles)
+        (200, 5000, 16, 132, 0, (38, 38, 1, 7 * 38, 7 * 38, 38 * 200 * 16)),
+        (5000, 200, 16, 132, 0, (1, 1, 38, 157, 157, 38 * 16 * 200)),
+        # 3 rank chunks triple the dB/dA grid, which then needs no split; the forward still does
+        (4096, 4096, 600, 132, 0, (3, 1, 1, 384, 128, 0)),
+        # at least 4 tiles per segment: 4 tiles stay whole, 8 split in two
+        (32, 128, 1, 132, 0, (1, 1, 1, 1, 1, 0)),
+        (32, 256, 1, 132, 0, (2, 2, 1, 2, 2, 2 * 32 * 1)),
+        # forced S: kept even below 4 tiles per segment, clamped to the tiles (to 1 with none) and to 65535; an empty
+        # side sizes no partials or workspace
+        (100, 135, 257, 132, 3, (3, 3, 3, 12, 12, 3 * 100 * 257 + 3 * 257 * 135)),
+        (100, 135, 257, 132, 99, (5, 5, 4, 20, 20, 5 * 100 * 257 + 4 * 257 * 135)),
+        (0, 45, 3, 132, 7, (2, 2, 1, 0, 0, 0)),
+        (70, 0, 3, 132, 7, (1, 1, 3, 3, 3, 0)),
+        (32, 32 * 70000, 1, 132, 70000, (65535, 65535, 1, 65535, 65535, 65535 * 32)),
+        # no SM count (0) counts as one SM: 2 blocks are the target
+        (64, 4096, 16, 0, 0, (1, 1, 1, 2, 2, 0)),
+    ],
+)
 def test_sign_loss_plan(emu, m, n, r, sms, segments, expected):
     """sk_sign_loss_plan, the pure host function that picks S (about 2 blocks per SM, at least 4 tiles per
     segment, S = 1 once the primary grid reaches the target) and sizes the partials and the workspace."""
@@ -337,9 +408,11 @@ def test_sign_loss_launchers_refuse_a_foreign_plan(emu):
     ws = torch.full((4096,), float("nan"))
     g = torch.tensor([1.0])
     good = _plan(emu, 40, 70, 3, segments=2)
-    bad = [dict(good, seg_dA=3),  # 3 segments of 2 row tiles
-           dict(good, partials_fwd=good["partials_fwd"] + 1),
-           _plan(emu, 40, 71, 3, segments=2)]  # another n: another workspace size
+    bad = [
+        dict(good, seg_dA=3),  # 3 segments of 2 row tiles
+        dict(good, partials_fwd=good["partials_fwd"] + 1),
+        _plan(emu, 40, 71, 3, segments=2),
+    ]  # another n: another workspace size
     for plan in bad:
         pl = torch.tensor([plan[f] for f in PLAN_FIELDS], dtype=torch.int64)
         for which in (0, 1, 2):
@@ -360,8 +433,13 @@ def _merge_operands(m, n, K, seed):
     off = [0]
     for u in ups:
         off.append(off[-1] + u[0].shape[1])
-    return (Bc, Ac, torch.tensor(off, dtype=torch.int64), torch.tensor([u[2] for u in ups], dtype=torch.float32),
-            reference_magnitude_merge(ups))
+    return (
+        Bc,
+        Ac,
+        torch.tensor(off, dtype=torch.int64),
+        torch.tensor([u[2] for u in ups], dtype=torch.float32),
+        reference_magnitude_merge(ups),
+    )
 
 
 def _run_merge(lib, m, n, K, dtype, accumulate, seed=5):
@@ -370,17 +448,19 @@ def _run_merge(lib, m, n, K, dtype, accumulate, seed=5):
     code = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[dtype]
     big = torch.randint(-8, 9, (m, n + 7), generator=torch.Generator().manual_seed(2)).to(dtype)
     W0 = big.clone()
-    view = big[:, 3:3 + n]
-    rc = lib.emu_magnitude_merge(_p(Bc), _p(Ac), _p(off), _p(sc), m, n, Bc.shape[1], big.stride(0), K, accumulate,
-                                 _p(view), code)
+    view = big[:, 3 : 3 + n]
+    rc = lib.emu_magnitude_merge(
+        _p(Bc), _p(Ac), _p(off), _p(sc), m, n, Bc.shape[1], big.stride(0), K, accumulate, _p(view), code
+    )
     assert rc == 0, f"merge launch returned cudaError {rc}"
-    expected = (W0[:, 3:3 + n].double() if accumulate else 0) + ref
-    margins = torch.equal(big[:, :3], W0[:, :3]) and torch.equal(big[:, 3 + n:], W0[:, 3 + n:])
+    expected = (W0[:, 3 : 3 + n].double() if accumulate else 0) + ref
+    margins = torch.equal(big[:, :3], W0[:, :3]) and torch.equal(big[:, 3 + n :], W0[:, 3 + n :])
     return view.double(), expected, margins
 
 
-@pytest.mark.parametrize("m,n,K,dtype", [(37, 45, 70, torch.float32), (37, 45, 70, torch.bfloat16),
-                                         (65, 33, 3, torch.float16)])
+@pytest.mark.parametrize(
+    "m,n,K,dtype", [(37, 45, 70, torch.float32), (37, 45, 70, torch.bfloat16), (65, 33, 3, torch.float16)]
+)
 @pytest.mark.parametrize("accumulate", [0, 1])
 def test_magnitude_merge_exact_with_ties(emu, m, n, K, dtype, accumulate):
     """Integer updates with power-of-two scalings: every product and the merged values (|·| ≤ 62) are exact in
@@ -431,7 +511,7 @@ def _layers(aligned, seed=0):
     cur, o = [], 0 if aligned else 1
     for s in SHAPES:
         nel = torch.Size(s).numel()
-        cur.append(base[o:o + nel].view(s))
+        cur.append(base[o : o + nel].view(s))
         o += nel
     prev = [torch.randn(s, generator=g) for s in SHAPES]
     return cur, prev
@@ -462,8 +542,10 @@ def test_conflict_stats_multi_layer_table(emu, aligned, has_prev):
     table, nc, _, first_t = _table(cur, prev if has_prev else [None] * len(cur))
     part = torch.full((max(nc, 1), 3), float("nan"), dtype=torch.float64)
     out = torch.full((len(cur), 3), float("nan"), dtype=torch.float64)
-    assert emu.emu_conflict_stats(ctypes.addressof(table), nc, _p(first_t), len(cur), int(has_prev), _p(part),
-                                  _p(out)) == 0
+    assert (
+        emu.emu_conflict_stats(ctypes.addressof(table), nc, _p(first_t), len(cur), int(has_prev), _p(part), _p(out))
+        == 0
+    )
     ref = _nat("conflict_stats")([c.contiguous() for c in cur], prev if has_prev else [])
     torch.testing.assert_close(out, ref.double(), rtol=1e-12, atol=1e-300)
 
@@ -550,16 +632,23 @@ def test_emulator_refuses_bad_launches(emu):
 def test_emulator_aborts_on_a_deadlocked_block(build):
     """A __syncthreads that one thread never reaches ends the process with the block named, instead of hanging
     the test run (the kernel runs in a child process here, with a 2 s limit)."""
-    src = ("#include <cuda_runtime.h>\n"
-           "__global__ void k(int* o) { if (threadIdx.x == 5) return; __syncthreads(); o[0] = 1; }\n"
-           "int main() { int o = 0; k<<<3, 64>>>(&o); return o == 1 ? 0 : 1; }\n")
+    src = (
+        "#include <cuda_runtime.h>\n"
+        "__global__ void k(int* o) { if (threadIdx.x == 5) return; __syncthreads(); o[0] = 1; }\n"
+        "int main() { int o = 0; k<<<3, 64>>>(&o); return o == 1 ? 0 : 1; }\n"
+    )
     work, cxx = build["work"], build["cxx"]
     cpp = work / "deadlock.emu.cpp"
     cpp.write_text(build["rw"].rewrite(src, "deadlock.cu"))
     res = subprocess.run([cxx, *_flags(), str(cpp), "-o", str(work / "deadlock")], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
-    res = subprocess.run([str(work / "deadlock")], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "SK_EMU_BLOCK_TIMEOUT_S": "2"})
+    res = subprocess.run(
+        [str(work / "deadlock")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "SK_EMU_BLOCK_TIMEOUT_S": "2"},
+    )
     assert res.returncode != 0 and "block (0, 0, 0) did not finish" in res.stderr, (res.returncode, res.stderr)
 
 
@@ -665,8 +754,12 @@ def scalar_order(build):
     """sign_loss.cu and magnitude_merge.cu built with SK_TILES_SCALAR_ORDER: the scalar rank loops (one shared load
     per operand per rank step, the order of the kernels before the float4 loads) over the same shared layout."""
     names = ("sign_loss.cu", "magnitude_merge.cu")
-    return _lib_with_sources(build, {n: (ROOT / "csrc" / "cuda" / n).read_text() for n in names}, "scalar_order",
-                             defines=["SK_TILES_SCALAR_ORDER"])
+    return _lib_with_sources(
+        build,
+        {n: (ROOT / "csrc" / "cuda" / n).read_text() for n in names},
+        "scalar_order",
+        defines=["SK_TILES_SCALAR_ORDER"],
+    )
 
 
 def _same_bits(x, y):
@@ -694,7 +787,7 @@ def test_float4_loads_keep_the_scalar_order_bit_for_bit(emu, scalar_order, r, R,
     g = torch.Generator().manual_seed(100 + r)
     A = torch.randn(r, n, generator=g) / (n * r) ** 0.5
     B = torch.randn(m, r, generator=g)
-    H1, H2 = torch.randn(m, R, generator=g), torch.randn(R, n, generator=g) / n ** 0.5
+    H1, H2 = torch.randn(m, R, generator=g), torch.randn(R, n, generator=g) / n**0.5
     rms = float((H1.double() @ H2.double()).square().mean().sqrt())
     ops = (A, B, H1, H2, "factors", mode, 0.7, 1.3 / rms, 1.0 / rms)
     for which in (0, 1, 2):
@@ -720,7 +813,11 @@ def test_float4_loads_keep_the_merge_bit_for_bit(emu, scalar_order):
         outs = []
         for lib in (emu, scalar_order):
             out = torch.full((m, n), float("nan"), dtype=dtype)
-            assert lib.emu_magnitude_merge(_p(Bc), _p(Ac), _p(off), _p(sc), m, n, Bc.shape[1], n, len(widths), 0,
-                                           _p(out), code) == 0
+            assert (
+                lib.emu_magnitude_merge(
+                    _p(Bc), _p(Ac), _p(off), _p(sc), m, n, Bc.shape[1], n, len(widths), 0, _p(out), code
+                )
+                == 0
+            )
             outs.append(out)
         assert not outs[0].isnan().any() and _same_bits(*outs), dtype

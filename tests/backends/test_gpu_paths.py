@@ -3,6 +3,7 @@
 No GPU in CI: what can be checked without one is the build configuration in setup.py and, where nvcc is
 installed, the PTX it produces for the kernels.
 """
+
 import ast
 import os
 import shutil
@@ -62,8 +63,16 @@ def test_sign_loss_ptx_has_no_approximate_tanh(tmp_path):
     """Compile csrc/cuda/sign_loss.cu with setup.py's own nvcc flags: the PTX must use the accurate tanhf
     (no tanh.approx.f32, which the build emitted before NVCC_FLAGS dropped --use_fast_math)."""
     ptx = tmp_path / "sign_loss.ptx"
-    cmd = ["nvcc", *_setup_py()["NVCC_FLAGS"], "-arch=sm_90", "-I" + os.path.join(ROOT, "csrc"), "-ptx",
-           os.path.join(ROOT, "csrc", "cuda", "sign_loss.cu"), "-o", str(ptx)]
+    cmd = [
+        "nvcc",
+        *_setup_py()["NVCC_FLAGS"],
+        "-arch=sm_90",
+        "-I" + os.path.join(ROOT, "csrc"),
+        "-ptx",
+        os.path.join(ROOT, "csrc", "cuda", "sign_loss.cu"),
+        "-o",
+        str(ptx),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     text = ptx.read_text()
     assert "tanh.approx" not in text
@@ -79,8 +88,14 @@ def test_cuda_float64_merge_keeps_float64():
 
     m, n = 70, 45
     g = torch.Generator().manual_seed(9)
-    ups = [(torch.randn(m, r, generator=g, dtype=torch.float64).cuda(),
-            torch.randn(r, n, generator=g, dtype=torch.float64).cuda(), 0.5 + k) for k, r in enumerate([8, 1, 3])]
+    ups = [
+        (
+            torch.randn(m, r, generator=g, dtype=torch.float64).cuda(),
+            torch.randn(r, n, generator=g, dtype=torch.float64).cuda(),
+            0.5 + k,
+        )
+        for k, r in enumerate([8, 1, 3])
+    ]
     ref = reference_magnitude_merge(ups)
     W = torch.randn(m, n, device="cuda", dtype=torch.float64)
     expect = W + ref
@@ -246,8 +261,10 @@ def _check_cuda_sign_loss(m, n, r, form, seed, twice=False):
     bits (deterministic reductions)."""
     from slice_kernels.ops.sign_loss import KIND
 
-    ops = {op: (_native_or_skip(op, "cpu"), _native_or_skip(op, "cuda"))
-           for op in ("sign_loss_fwd", "sign_loss_bwd", "sign_loss_fwd_bwd")}
+    ops = {
+        op: (_native_or_skip(op, "cpu"), _native_or_skip(op, "cuda"))
+        for op in ("sign_loss_fwd", "sign_loss_bwd", "sign_loss_fwd_bwd")
+    }
     A, B, h = _sign_loss_case(m, n, r, form, seed=seed)
     # the History may keep its tensors in float32; the CPU reference runs in float64 throughout
     H1, H2 = (None if t is None else (t.double() if t.is_floating_point() else t) for t in h.operands("cpu"))

@@ -12,6 +12,7 @@ The compiles run in one child process without TRITON_INTERPRET (conftest sets it
 kernel decorated under it is an interpreter object that cannot be compiled), with an empty Triton cache so
 nothing is reused across runs. Run the file as a script to print the table of every launch.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,27 +50,42 @@ def _cases(full: bool = False):
 
     for dt in (f32, bf16, f16, f64):
         cases[f"grad_accum-{dt}"] = lambda dt=dt: grad_accum.grad_accumulate_triton(
-            _meta(m, n), _meta(m, n, dtype=dt), 0.5)
+            _meta(m, n), _meta(m, n, dtype=dt), 0.5
+        )
     big = (1 << 31) + 4096  # n no longer fits int32: Triton passes it as i64
     cases["grad_accum-2^31+"] = lambda: grad_accum.grad_accumulate_triton(_meta(big), _meta(big, dtype=bf16), 1.0)
 
     layers = [(m, n), (1024, n), (n, n)]
     cases["conflict_stats-prev"] = lambda: conflict.conflict_stats_triton(
-        [_meta(*s) for s in layers], [_meta(*s) for s in layers])
+        [_meta(*s) for s in layers], [_meta(*s) for s in layers]
+    )
     cases["conflict_stats-noprev"] = lambda: conflict.conflict_stats_triton([_meta(*s) for s in layers], None)
     cases["surgery"] = lambda: conflict.surgery_triton(
-        [_meta(*s) for s in layers], [_meta(*s) for s in layers], torch.tensor([0.5, 0.0, -1.0], dtype=f64))
+        [_meta(*s) for s in layers], [_meta(*s) for s in layers], torch.tensor([0.5, 0.0, -1.0], dtype=f64)
+    )
 
     for q in (16, 40, 128, 256, 512):  # q = r + oversample; 256 at r = 64 with the default oversample = r
         cases[f"rsvd_cholesky-q{q}"] = lambda q=q: _rsvd_triton.cholesky_shifted(
-            _meta(7, q, q, dtype=f64), 1e-12, 1e-13)
+            _meta(7, q, q, dtype=f64), 1e-12, 1e-13
+        )
 
     def gorp(dt, proj, param, out, numel=m * n):
         state = [_meta(numel, dtype=dt) for _ in range(3)]
         return lambda: gorp_update.gorp_update_triton(
-            state[0], _meta(numel, dtype=dt) if proj else None, state[1], state[2],
-            _meta(numel, dtype=param) if param is not None else None, _meta(numel, dtype=dt) if out else None,
-            0.9, 0.999, 1e-8, 0.1, 0.001, 1e-3, 0.99)
+            state[0],
+            _meta(numel, dtype=dt) if proj else None,
+            state[1],
+            state[2],
+            _meta(numel, dtype=param) if param is not None else None,
+            _meta(numel, dtype=dt) if out else None,
+            0.9,
+            0.999,
+            1e-8,
+            0.1,
+            0.001,
+            1e-3,
+            0.99,
+        )
 
     cases["gorp-f32-proj-param"] = gorp(f32, True, f32, False)
     cases["gorp-f32-param_bf16"] = gorp(f32, False, bf16, False)
@@ -83,8 +99,14 @@ def _cases(full: bool = False):
         offsets = [0]
         for w in widths:
             offsets.append(offsets[-1] + w)
-        return lambda: mm.merge_factors_triton(_meta(m, offsets[-1], dtype=bf16), _meta(offsets[-1], n, dtype=bf16),
-                                               offsets, [2.0] * len(widths), _meta(m, n, dtype=out_dt), acc)
+        return lambda: mm.merge_factors_triton(
+            _meta(m, offsets[-1], dtype=bf16),
+            _meta(offsets[-1], n, dtype=bf16),
+            offsets,
+            [2.0] * len(widths),
+            _meta(m, n, dtype=out_dt),
+            acc,
+        )
 
     cases["merge-bf16-acc-r64x5"] = merge(bf16, True, [64] * 5)
     cases["merge-f32-r8,16"] = merge(f32, False, [8, 16])
@@ -115,10 +137,10 @@ def _cases(full: bool = False):
                 if "fwd" in paths:
                     sl.sign_loss_fwd_triton(A, B, H1, H2, k, md, 2.0, 0.7, 1.3, segments=segments)
                 if "bwd" in paths:  # dB without LOSS, then dA
-                    sl.sign_loss_bwd_triton(_meta((), dtype=f32), A, B, H1, H2, k, md, 2.0, 0.7, 1.3,
-                                            segments=segments)
+                    sl.sign_loss_bwd_triton(_meta((), dtype=f32), A, B, H1, H2, k, md, 2.0, 0.7, 1.3, segments=segments)
             finally:
                 os.environ.pop(sl.DOT_PRECISION_ENV, None)
+
         return run
 
     # The sign-loss kernels take 1–9 s each to compile (fp32 tl.dot lowered to FMA), so by default a covering
@@ -127,19 +149,31 @@ def _cases(full: bool = False):
     # R = 40 / 640 (16-wide chunks), and the largest operands (factors at r = 256, whose gradient kernels take
     # the narrower tiles, R = 640; a float64 dense H at r = 128).
     # SK_TRITON_AOT_ALL=1 compiles the whole product (85 s here with triton 3.6 and 16-wide chunks).
-    cover = [("factors", "tanh", "train", {"r": sl._max_gpu_rank(0)}), ("factors", "hinge", "fwd", {}),
-             ("dense", "hinge", "train", {"dt": f64, "r": sl._max_gpu_rank(1)}), ("dense", "tanh", "fwd", {"dt": bf16}),
-             ("dense", "hinge", "fwd", {"dt": f16}), ("dense", "tanh", "fwd", {}),
-             ("bits", "tanh", "train", {"r": 1}), ("bits", "hinge", "fwd", {}), ("bits", "tanh", "bwd", {"r": 8}),
-             ("factors", "tanh", "fwd", {"r": 8, "R": 40})]
+    cover = [
+        ("factors", "tanh", "train", {"r": sl._max_gpu_rank(0)}),
+        ("factors", "hinge", "fwd", {}),
+        ("dense", "hinge", "train", {"dt": f64, "r": sl._max_gpu_rank(1)}),
+        ("dense", "tanh", "fwd", {"dt": bf16}),
+        ("dense", "hinge", "fwd", {"dt": f16}),
+        ("dense", "tanh", "fwd", {}),
+        ("bits", "tanh", "train", {"r": 1}),
+        ("bits", "hinge", "fwd", {}),
+        ("bits", "tanh", "bwd", {"r": 8}),
+        ("factors", "tanh", "fwd", {"r": 8, "R": 40}),
+    ]
     if full:
-        cover = [(kind, mode, "train fwd bwd", {"r": r, "R": R, "dt": dt})
-                 for kind in ("factors", "dense", "bits") for mode in ("tanh", "hinge")
-                 for dt in ((f32, bf16, f16, f64) if kind == "dense" else (f32,))
-                 for r, R in ((1, 16), (8, 40), (64, 640))]
+        cover = [
+            (kind, mode, "train fwd bwd", {"r": r, "R": R, "dt": dt})
+            for kind in ("factors", "dense", "bits")
+            for mode in ("tanh", "hinge")
+            for dt in ((f32, bf16, f16, f64) if kind == "dense" else (f32,))
+            for r, R in ((1, 16), (8, 40), (64, 640))
+        ]
         # the largest rank (8–9 s per compile): every form once, dense in its widest dtype
-        cover += [(kind, "tanh", "train fwd bwd", {"r": sl._max_gpu_rank(KIND[kind]), "dt": dt})
-                  for kind, dt in (("factors", f32), ("dense", f64), ("dense", f32), ("bits", f32))]
+        cover += [
+            (kind, "tanh", "train fwd bwd", {"r": sl._max_gpu_rank(KIND[kind]), "dt": dt})
+            for kind, dt in (("factors", f32), ("dense", f64), ("dense", f32), ("bits", f32))
+        ]
     for kind, mode, paths, kw in cover:
         r, R, dt = kw.get("r", 64), kw.get("R", 640), kw.get("dt", f32)
         tag = {"factors": f"r{r}-R{R}", "dense": f"r{r}-{str(dt)[6:]}", "bits": f"r{r}"}[kind]
@@ -148,27 +182,32 @@ def _cases(full: bool = False):
     # segments the heuristic picks for an H100's 132 SMs (SIGN_SPLIT_GRIDS), and once unsplit (S = 1, which
     # Triton specializes as a constant) at the largest tiles.
     for (rows, cols), r in SIGN_SPLIT_GRIDS:
-        cases[f"sign-split-{rows}x{cols}-r{r}"] = sign("factors", "tanh", "train fwd bwd", r=r, R=16, ab=f32,
-                                                       mn=(rows, cols))
-    cases["sign-unsplit-4096x4096-r64"] = sign("factors", "tanh", "train fwd bwd", r=64, R=16, ab=f32,
-                                               mn=(4096, 4096), segments=1)
+        cases[f"sign-split-{rows}x{cols}-r{r}"] = sign(
+            "factors", "tanh", "train fwd bwd", r=r, R=16, ab=f32, mn=(rows, cols)
+        )
+    cases["sign-unsplit-4096x4096-r64"] = sign(
+        "factors", "tanh", "train fwd bwd", r=64, R=16, ab=f32, mn=(4096, 4096), segments=1
+    )
     # The opt-in tf32x3 dots (SLICE_KERNELS_TRITON_DOT) at issue 5's square shape: they must compile for sm_90
     # and stay within the spill bound like the default (the "sign-split-" prefix puts them in that test).
     for r in (16, 64):
-        cases[f"sign-split-tf32x3-4096x4096-r{r}"] = sign("factors", "tanh", "train fwd bwd", r=r, R=16, ab=f32,
-                                                          mn=(4096, 4096), prec="tf32x3")
+        cases[f"sign-split-tf32x3-4096x4096-r{r}"] = sign(
+            "factors", "tanh", "train fwd bwd", r=r, R=16, ab=f32, mn=(4096, 4096), prec="tf32x3"
+        )
     return cases
 
 
 # (m, n), r -> the grids of the sign-loss launches at 132 SMs: forward and dB (row blocks of 64, S over column
 # tiles of 32), dA (column blocks of 32, S over row tiles of 32); checked by test_sign_loss_splits_issue5_shapes.
 # 4096×14336's dA has 448 column blocks, past the 264 aimed at: unsplit.
-SIGN_SPLIT_GRIDS = {((4096, 4096), 16): {"fwd": (64, 5), "dB": (64, 5), "dA": (128, 3)},
-                    ((4096, 4096), 64): {"fwd": (64, 5), "dB": (64, 5), "dA": (128, 3)},
-                    ((4096, 14336), 16): {"fwd": (64, 5), "dB": (64, 5), "dA": (448, 1)},
-                    ((4096, 14336), 64): {"fwd": (64, 5), "dB": (64, 5), "dA": (448, 1)},
-                    ((14336, 4096), 16): {"fwd": (224, 2), "dB": (224, 2), "dA": (128, 3)},
-                    ((14336, 4096), 64): {"fwd": (224, 2), "dB": (224, 2), "dA": (128, 3)}}
+SIGN_SPLIT_GRIDS = {
+    ((4096, 4096), 16): {"fwd": (64, 5), "dB": (64, 5), "dA": (128, 3)},
+    ((4096, 4096), 64): {"fwd": (64, 5), "dB": (64, 5), "dA": (128, 3)},
+    ((4096, 14336), 16): {"fwd": (64, 5), "dB": (64, 5), "dA": (448, 1)},
+    ((4096, 14336), 64): {"fwd": (64, 5), "dB": (64, 5), "dA": (448, 1)},
+    ((14336, 4096), 16): {"fwd": (224, 2), "dB": (224, 2), "dA": (128, 3)},
+    ((14336, 4096), 64): {"fwd": (224, 2), "dB": (224, 2), "dA": (128, 3)},
+}
 
 
 # ------------------------------------------------------------------------------------------ the child process
@@ -201,8 +240,9 @@ def _package_kernels():
             if isinstance(jit, JITFunction) and jit.fn.__module__ == mod.__name__:
                 found[f"{mod.__name__}:{name}"] = (mod, name, obj)
     sources = {k: inspect.getsource(_jit_of(v[2]).fn) for k, v in found.items()}
-    helpers = {k for k, (_, name, _) in found.items()
-               if any(f"{name}(" in src for k2, src in sources.items() if k2 != k)}
+    helpers = {
+        k for k, (_, name, _) in found.items() if any(f"{name}(" in src for k2, src in sources.items() if k2 != k)
+    }
     return found, set(found) - helpers
 
 
@@ -233,6 +273,7 @@ class _Recorder:
         def launch(*args, **kwargs):
             for fn, kw in _variants(self.fn, args, kwargs):
                 self.sink.append((self.key, fn, args, kw, grid))
+
         return launch
 
 
@@ -257,10 +298,15 @@ def _compile(fn, args, kwargs, target, backend, done: dict) -> dict:
     ident = repr((fn.fn.__qualname__, signature, constexprs, attrs, sorted(options.__dict__.items())))
     if ident not in done:
         try:
-            compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
-                                      options=options.__dict__)
-            done[ident] = {"num_warps": compiled.metadata.num_warps, "shared": compiled.metadata.shared,
-                           "seconds": round(time.perf_counter() - t0, 2), **_resource_usage(compiled)}
+            compiled = triton.compile(
+                ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__
+            )
+            done[ident] = {
+                "num_warps": compiled.metadata.num_warps,
+                "shared": compiled.metadata.shared,
+                "seconds": round(time.perf_counter() - t0, 2),
+                **_resource_usage(compiled),
+            }
         except Exception as exc:
             done[ident] = {"error": f"{type(exc).__name__}: {str(exc)[-3000:]}"}
     return dict(res, **done[ident])
@@ -351,18 +397,29 @@ CASES = list(_cases(_FULL)) if _WHY is None else ["none"]  # without triton the 
 def compiled(request):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # compile only the cases this session runs (``-k`` selections stay fast); every case is still recorded
-    env["SK_TRITON_AOT_ONLY"] = json.dumps([it.callspec.params["case"] for it in request.session.items
-                                            if it.module is request.module and hasattr(it, "callspec")
-                                            and "case" in it.callspec.params])
+    env["SK_TRITON_AOT_ONLY"] = json.dumps(
+        [
+            it.callspec.params["case"]
+            for it in request.session.items
+            if it.module is request.module and hasattr(it, "callspec") and "case" in it.callspec.params
+        ]
+    )
     env["PYTHONPATH"] = os.pathsep.join([_REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     with tempfile.TemporaryDirectory(prefix="sk_triton_aot_") as cache:
         env["TRITON_CACHE_DIR"] = cache  # empty: every run compiles everything again
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--json"], env=env, cwd=_REPO,
-                              capture_output=True, text=True, timeout=1200 if _FULL else 600)
+        proc = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--json"],
+            env=env,
+            cwd=_REPO,
+            capture_output=True,
+            text=True,
+            timeout=1200 if _FULL else 600,
+        )
     out = proc.stdout.rsplit(_MARK, 1)
     if proc.returncode != 0 or len(out) != 2:
-        pytest.fail(f"the compile worker failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                    f"{proc.stderr[-5000:]}")
+        pytest.fail(
+            f"the compile worker failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return json.loads(out[1])
 
 
@@ -421,8 +478,11 @@ def test_sign_loss_issue5_launches_do_not_spill(compiled, case):
     assert launches and all("error" not in la for la in launches), "see test_compiles_for_h100"
     if not any("stack" in la for la in launches):
         pytest.skip("no cuobjdump beside Triton's ptxas: the cubins' stack sizes cannot be read")
-    heavy = [f"{la['kernel']}({la.get('constexprs', '')}): {la['stack']} B of stack, {la['regs']} registers"
-             for la in launches if la.get("stack", 0) > MAX_SIGN_LOSS_STACK]
+    heavy = [
+        f"{la['kernel']}({la.get('constexprs', '')}): {la['stack']} B of stack, {la['regs']} registers"
+        for la in launches
+        if la.get("stack", 0) > MAX_SIGN_LOSS_STACK
+    ]
     assert not heavy, "sign-loss kernels spill on sm_90 (retune _TILES in _sign_loss_triton.py):\n" + "\n".join(heavy)
 
 
@@ -438,8 +498,11 @@ def test_sign_loss_launcher_refuses_a_rank_whose_tiles_overflow_gpu_shared_memor
     m, n, r = 64, 48, sl._max_gpu_rank(1) + 1
     A, B, H = _meta(r, n), _meta(m, r), _meta(m, n)
     args = (A, B, H, None, 1, 0, 2.0, 0.7, 1.3)  # a dense history: at most r = 128
-    call = {"fwd": lambda: sl.sign_loss_fwd_triton(*args), "fwd_bwd": lambda: sl.sign_loss_fwd_bwd_triton(*args),
-            "bwd": lambda: sl.sign_loss_bwd_triton(_meta(()), *args)}[path]
+    call = {
+        "fwd": lambda: sl.sign_loss_fwd_triton(*args),
+        "fwd_bwd": lambda: sl.sign_loss_fwd_bwd_triton(*args),
+        "bwd": lambda: sl.sign_loss_bwd_triton(_meta(()), *args),
+    }[path]
     with pytest.raises(ValueError, match=r"rank r=129 with a dense history .*cuda backend"):
         call()
 
@@ -505,10 +568,12 @@ if __name__ == "__main__":
         os.environ.pop("TRITON_INTERPRET", None)
         for case, res in _worker(full=True)["cases"].items():
             for la in res["launches"]:
-                print(f"{case:32s} {la['kernel'].split(':')[1]:28s} grid={la.get('grid')} "
-                      f"shared={la.get('shared', '-'):>7} warps={la.get('num_warps', '-')} regs={la.get('regs', '-')} "
-                      f"stack={la.get('stack', '-')} {la.get('seconds', '-')}s {la.get('constexprs', '')} "
-                      f"{la.get('error', '')[:300]}")
+                print(
+                    f"{case:32s} {la['kernel'].split(':')[1]:28s} grid={la.get('grid')} "
+                    f"shared={la.get('shared', '-'):>7} warps={la.get('num_warps', '-')} regs={la.get('regs', '-')} "
+                    f"stack={la.get('stack', '-')} {la.get('seconds', '-')}s {la.get('constexprs', '')} "
+                    f"{la.get('error', '')[:300]}"
+                )
             if res["error"]:
                 print(case, res["error"])
     else:

@@ -1,4 +1,5 @@
 """gorp_param_groups / build_gorp_optimizer on a tiny PEFT Llama (GORP's LLaMA setting) and a GPT-2."""
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -47,7 +48,9 @@ def test_two_tasks_carry_the_spaces_across_adapters():
     assert spaces[lora].shape[0] == 64  # LoRA A's input side
     # next task: the adapter is merged, a new one (another adapter name) is trained with the stored spaces
     base = model.merge_and_unload()
-    model2 = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), adapter_name="task2")
+    model2 = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), adapter_name="task2"
+    )
     opt2 = build_gorp_optimizer(model2, full_rank=["gate_proj"], rank=4, lr=1e-3, shared_spaces=spaces)
     p_gate = dict(model2.named_parameters())[gate]
     before = p_gate.detach().clone()
@@ -89,7 +92,10 @@ def test_regex_pattern():
     model = _peft_llama()
     groups = gorp_param_groups(model, full_rank=[r".*layers\.1\.mlp\.(gate|up)_proj"], rank=2)
     low = next(g for g in groups if g["kind"] == "lowrank")
-    assert low["names"] == ["base_model.model.model.layers.1.mlp.gate_proj.weight", "base_model.model.model.layers.1.mlp.up_proj.weight"]
+    assert low["names"] == [
+        "base_model.model.model.layers.1.mlp.gate_proj.weight",
+        "base_model.model.model.layers.1.mlp.up_proj.weight",
+    ]
 
 
 def test_drops_into_a_transformers_trainer(tmp_path):
@@ -104,8 +110,16 @@ def test_drops_into_a_transformers_trainer(tmp_path):
     for _ in range(8):
         ids = torch.randint(0, 128, (16,), generator=g)
         data.append({"input_ids": ids, "labels": ids.clone()})
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, report_to=[],
-                             use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+    )
     Trainer(model=model, args=args, train_dataset=data, optimizers=(opt, None)).train()
     assert opt.state[gate]["step"] == 3 and opt.state[gate]["refreshes"] == 2  # refreshed at steps 0 and 2
     assert not torch.equal(gate.detach(), before)

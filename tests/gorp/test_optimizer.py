@@ -1,4 +1,5 @@
 """GorpAdamW (SPEC §4): AdamW equivalence, orthogonality to stored spaces, the energy rule, exact resume."""
+
 import io
 
 import pytest
@@ -24,7 +25,9 @@ def _run(opt, params, grads):
     return deltas
 
 
-@pytest.mark.parametrize("kind,shape", [("lowrank", (13, 7)), ("lowrank", (6, 11)), ("lora_a", (3, 10)), ("adamw", (9, 4))])
+@pytest.mark.parametrize(
+    "kind,shape", [("lowrank", (13, 7)), ("lowrank", (6, 11)), ("lora_a", (3, 10)), ("adamw", (9, 4))]
+)
 def test_full_rank_and_empty_space_equals_adamw(kind, shape):
     gen = torch.Generator().manual_seed(0)
     w0 = torch.randn(shape, generator=gen, dtype=torch.float64)
@@ -158,15 +161,23 @@ def test_projector_refresh_is_seeded_and_lifts_back():
     for shape in [(20, 12), (12, 20)]:
         # a clear gap after the 3rd singular value, as in real gradients (a flat spectrum has no top-3 space
         # for a randomized SVD to find)
-        lo = torch.randn(shape[0], 3, generator=gen, dtype=torch.float64) @ torch.randn(3, shape[1], generator=gen, dtype=torch.float64)
+        lo = torch.randn(shape[0], 3, generator=gen, dtype=torch.float64) @ torch.randn(
+            3, shape[1], generator=gen, dtype=torch.float64
+        )
         G = lo + 0.01 * torch.randn(shape, generator=gen, dtype=torch.float64)
         states = []
         w0 = torch.randn(shape, generator=gen, dtype=torch.float64)
         for _ in range(2):
             p = torch.nn.Parameter(w0.clone())
             # scale and decoupled weight decay: W ← (1 − lr·wd)·W − lr·scale·lift(u)
-            opt = GorpAdamW([{"params": [p], "kind": "lowrank", "names": ["layer.w"]}], lr=0.1, rank=3, eps=1e-8,
-                            scale=0.25, weight_decay=0.3)
+            opt = GorpAdamW(
+                [{"params": [p], "kind": "lowrank", "names": ["layer.w"]}],
+                lr=0.1,
+                rank=3,
+                eps=1e-8,
+                scale=0.25,
+                weight_decay=0.3,
+            )
             p.grad = G.clone()
             opt.step()
             states.append((p.detach().clone(), opt.state[p]["proj"].clone()))
@@ -209,7 +220,9 @@ def test_bad_groups_have_clear_errors():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind,shape,side", [("lowrank", (300, 130), 0), ("lowrank", (130, 300), 1), ("lora_a", (8, 300), 1)])
+@pytest.mark.parametrize(
+    "kind,shape,side", [("lowrank", (300, 130), 0), ("lowrank", (130, 300), 1), ("lora_a", (8, 300), 1)]
+)
 def test_cuda_step_matches_cpu_and_avoids_the_space(kind, shape, side):
     """The same float64 run on CUDA (cuda/triton epilogue, CUDA randomized SVD) and on CPU.
 
@@ -246,8 +259,17 @@ def test_lowrank_steps_follow_the_spec_formulas(shape):
     w0 = torch.randn(shape, generator=gen, dtype=torch.float64)
     p = torch.nn.Parameter(w0.clone())
     lr, b1, b2, eps, wd, scale = 0.05, 0.8, 0.95, 1e-6, 0.2, 0.5
-    opt = GorpAdamW([{"params": [p], "kind": "lowrank", "names": ["w"]}], lr=lr, betas=(b1, b2), eps=eps,
-                    weight_decay=wd, rank=3, update_proj_gap=2, scale=scale, shared_spaces={"w": S})
+    opt = GorpAdamW(
+        [{"params": [p], "kind": "lowrank", "names": ["w"]}],
+        lr=lr,
+        betas=(b1, b2),
+        eps=eps,
+        weight_decay=wd,
+        rank=3,
+        update_proj_gap=2,
+        scale=scale,
+        shared_spaces={"w": S},
+    )
     proj = (lambda X: S @ (S.T @ X)) if side == 0 else (lambda X: (X @ S) @ S.T)
     W, m, v = w0.clone(), None, None
     projectors = []

@@ -4,6 +4,7 @@ Import them as ``from tests.helpers import tiny_llama``; the runner's offline mo
 ``tests.helpers.runner_tiny``. tests/conftest.py sets TRITON_INTERPRET before this package imports
 slice_kernels.
 """
+
 import importlib.util
 
 import pytest
@@ -35,8 +36,14 @@ def tiny_llama(dtype=torch.float32, seed=0):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
     )
     return LlamaForCausalLM(cfg).to(dtype).eval()
 

@@ -1,5 +1,6 @@
 """A tiny causal LM directory built offline for the runner's tests: a character-level tokenizer and a
 2-layer Llama from a config, saved with save_pretrained so the runner loads it through --model."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,9 @@ def char_tokenizer():
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tk.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def save_tiny_llama(path: str, seed: int = 0) -> str:
@@ -30,9 +32,17 @@ def save_tiny_llama(path: str, seed: int = 0) -> str:
     tok = char_tokenizer()
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
@@ -50,6 +60,7 @@ def save_not_causal(path: str) -> str:
     """A BERT encoder directory: a transformers model, but not a causal LM."""
     from transformers import BertConfig, BertModel
 
-    BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32)).save_pretrained(path)
+    BertModel(
+        BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ).save_pretrained(path)
     return path

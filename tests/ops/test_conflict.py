@@ -1,4 +1,5 @@
 """conflict_stats and surgery_: every backend against the float64 torch reference (SPEC §1 steps 3–4)."""
+
 import pytest
 import torch
 
@@ -19,7 +20,9 @@ def _grads(seed, shapes=SHAPES, dtype=torch.float32):
 
 
 def _ref64(cur, prev):
-    return conflict.conflict_stats_torch([c.double() for c in cur], None if prev is None else [p.double() for p in prev])
+    return conflict.conflict_stats_torch(
+        [c.double() for c in cur], None if prev is None else [p.double() for p in prev]
+    )
 
 
 @pytest.mark.parametrize("backend", backends_for("conflict_stats"))
@@ -89,8 +92,9 @@ def _assert_issue_accuracy(got, ref):
         assert rel <= 1e-10, f"{name}: max relative error {rel:.2e}"
 
 
-@pytest.mark.parametrize("backend", [p for p in backends_for("conflict_stats")
-                                     if p.values[0] not in ("torch", "triton")])
+@pytest.mark.parametrize(
+    "backend", [p for p in backends_for("conflict_stats") if p.values[0] not in ("torch", "triton")]
+)
 def test_conflict_stats_relative_1e10_on_100m_elements(backend):
     # Issue 4's accuracy bound at its size. torch is the float64 reference itself, and the interpreted Triton
     # kernel would take hours here (its summation scheme is checked at 32K above and at this size on a GPU).
@@ -120,8 +124,10 @@ def test_surgery_matches_float64(backend):
     cur, prev = _grads(3)
     gammas = torch.tensor([0.7, 0.0, -1.3, 2.5], dtype=torch.float64)
     exact = [c.double() + g * p.double() for c, p, g in zip(cur, prev, gammas.tolist())]
-    torch_err = max(((c.clone().add_(p, alpha=g)).double() - e).abs().max().item()
-                    for c, p, g, e in zip(cur, prev, gammas.tolist(), exact))
+    torch_err = max(
+        ((c.clone().add_(p, alpha=g)).double() - e).abs().max().item()
+        for c, p, g, e in zip(cur, prev, gammas.tolist(), exact)
+    )
     work = [c.clone() for c in cur]
     with dispatch.use_backend(backend):
         conflict.surgery_(work, prev, gammas)

@@ -1,4 +1,5 @@
 """gorp_update: every backend against the torch reference computed in float64."""
+
 import pytest
 import torch
 
@@ -102,8 +103,9 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="param= .* out="):
         gorp_update_(g, None, torch.zeros(4, 3), torch.zeros(4, 3), bc1=0.1, bc2=0.1, **HP)
     with pytest.raises(ValueError, match="exp_avg is torch.float64"):
-        gorp_update_(g, None, torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4, 3), out=g.clone(),
-                     bc1=0.1, bc2=0.1, **HP)
+        gorp_update_(
+            g, None, torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4, 3), out=g.clone(), bc1=0.1, bc2=0.1, **HP
+        )
 
 
 def test_float16_param_falls_back_to_reference():

@@ -1,4 +1,5 @@
 """grad_accumulate: every backend against float64 (SPEC §1 steps 1–2), the hook and the pinned offload."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """PS-LoRA magnitude merge (SPEC §3): every backend against the float64 reference, ties, in-place merging."""
+
 import pytest
 import torch
 
@@ -11,8 +12,10 @@ SHAPES = [(37, 53, [1, 3]), (70, 45, [8, 8, 2]), (65, 64, [64, 1])]  # awkward; 
 
 def _updates(m, n, ranks, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(m, r, generator=g, dtype=dtype), torch.randn(r, n, generator=g, dtype=dtype), 0.5 + k)
-            for k, r in enumerate(ranks)]
+    return [
+        (torch.randn(m, r, generator=g, dtype=dtype), torch.randn(r, n, generator=g, dtype=dtype), 0.5 + k)
+        for k, r in enumerate(ranks)
+    ]
 
 
 @pytest.mark.parametrize("backend", backends_for("magnitude_merge_factors"))
@@ -70,7 +73,7 @@ def test_into_adds_in_place(backend, wdtype):
     assert out is W and W.data_ptr() == ptr
     expect = W0.double() + reference_magnitude_merge(ups)
     # bf16: one rounding of the sum in W's dtype, as plain torch's W += merged would do
-    tol = 1e-5 if wdtype == torch.float32 else 2 ** -7
+    tol = 1e-5 if wdtype == torch.float32 else 2**-7
     torch.testing.assert_close(W.double(), expect, rtol=tol, atol=tol * float(expect.abs().max()))
 
 
@@ -80,8 +83,9 @@ def test_into_a_transposed_view_conv1d_style():
     storage = torch.randn(n, m)  # Conv1D keeps Wᵀ; the (out, in) view is storage.T
     before = storage.clone()
     magnitude_merge(ups, into=storage.T)
-    torch.testing.assert_close(storage.T.double(), before.T.double() + reference_magnitude_merge(ups),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        storage.T.double(), before.T.double() + reference_magnitude_merge(ups), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_bad_inputs_are_refused():
@@ -120,7 +124,7 @@ def test_gpu_backends_merge_into_w(backend, wdtype):
     with dispatch.use_backend(backend):
         magnitude_merge(ups, into=W)
         out = magnitude_merge(ups)
-    tol = 1e-5 if wdtype == torch.float32 else 2 ** -7
+    tol = 1e-5 if wdtype == torch.float32 else 2**-7
     torch.testing.assert_close(W.double(), expect, rtol=tol, atol=tol * float(expect.abs().max()))
     torch.testing.assert_close(out.double(), reference_magnitude_merge(ups), rtol=1e-5, atol=1e-5)
 
@@ -140,7 +144,7 @@ def test_float64_factors_into_a_lower_precision_w(backend, wdtype):
     expect = W.double() + reference_magnitude_merge(ups_k)
     with dispatch.use_backend(backend):
         magnitude_merge(ups_k, into=W)
-    tol = 1e-6 if wdtype == torch.float32 else 2 ** -8  # one rounding into W's dtype
+    tol = 1e-6 if wdtype == torch.float32 else 2**-8  # one rounding into W's dtype
     torch.testing.assert_close(W.double(), expect, rtol=tol, atol=tol * float(expect.abs().max()))
 
 
@@ -164,7 +168,10 @@ def test_factors_that_require_grad_and_a_parameter_as_into(backend):
     autograd on every backend (the torch backend used to build a graph, and refused the Parameter with "a leaf
     Variable that requires grad is being used in an in-place operation" where cpp accepted it)."""
     m, n = 21, 34
-    ups = [(B.float().requires_grad_(True), A.float().requires_grad_(True), s) for B, A, s in _updates(m, n, [2, 3], seed=14)]
+    ups = [
+        (B.float().requires_grad_(True), A.float().requires_grad_(True), s)
+        for B, A, s in _updates(m, n, [2, 3], seed=14)
+    ]
     ref = reference_magnitude_merge([(B.detach(), A.detach(), s) for B, A, s in ups])
     W = torch.nn.Parameter(torch.randn(m, n))
     W0 = W.detach().clone()

@@ -1,5 +1,6 @@
 """randomized_svd: the fused backends (Cholesky-QR power iterations) against the Householder torch
 reference and the exact SVD, on synthetic spectra and on real SmolLM2 gradients (tests/fixtures/)."""
+
 import math
 import os
 
@@ -16,11 +17,17 @@ FUSED = [p for p in backends_for("randomized_svd") if p.values[0] != "torch"]
 
 def _chol_kernels():
     why = dispatch.refusal("randomized_svd", "triton", torch.device("cpu"))
-    out = [pytest.param(_rsvd_triton.cholesky_shifted, id="triton",
-                        marks=[pytest.mark.skip(reason=f"triton: {why}")] if why else [])]
+    out = [
+        pytest.param(
+            _rsvd_triton.cholesky_shifted, id="triton", marks=[pytest.mark.skip(reason=f"triton: {why}")] if why else []
+        )
+    ]
     why = dispatch.refusal("randomized_svd", "cpp", torch.device("cpu"))
-    out.append(pytest.param(rsvd._cholesky_shifted_native, id="cpp",
-                            marks=[pytest.mark.skip(reason=f"cpp: {why}")] if why else []))
+    out.append(
+        pytest.param(
+            rsvd._cholesky_shifted_native, id="cpp", marks=[pytest.mark.skip(reason=f"cpp: {why}")] if why else []
+        )
+    )
     return out
 
 
@@ -163,7 +170,12 @@ def test_init_from_gradients_agrees_across_backends(backend):
     g = torch.Generator().manual_seed(0)
     base = {n: torch.randn(w.shape, generator=g) for n, w in weights.items()}
     # low-rank-ish gradients with a clear top spectrum, and a conflicting replay
-    g_cur = {n: b @ torch.diag(0.5 ** torch.arange(b.shape[1], dtype=torch.float32)) @ torch.randn(b.shape[1], b.shape[1], generator=g) for n, b in base.items()}
+    g_cur = {
+        n: b
+        @ torch.diag(0.5 ** torch.arange(b.shape[1], dtype=torch.float32))
+        @ torch.randn(b.shape[1], b.shape[1], generator=g)
+        for n, b in base.items()
+    }
     g_prev = {n: -0.5 * c + 0.1 * torch.randn(c.shape, generator=g) for n, c in g_cur.items()}
     cfg = SliceConfig()
     with dispatch.use_backend("torch"):

@@ -1,4 +1,5 @@
 """PS-LoRA sign-consistency loss (SPEC §3): every backend against the float64 materializing reference."""
+
 import math
 
 import pytest
@@ -65,9 +66,15 @@ def test_loss_and_grads_match_float64_reference(backend, mode, form, shape):
     assert _rel(gA, rA) <= tol and _rel(gB, rB) <= tol
     # the two-pass path (forward-only op, then its backward op) and the no-grad forward give the same
     H1, H2 = _operands(h)
-    l_dir = torch.ops.slice_kernels.sign_loss_dir(A, B, H1, H2, KIND[h.kind], MODE_ID[mode], 0.8, 1.5 / h.rms,
-                                                  1.0 / h.rms, backend)
-    l_mag = 0.3 * 0.64 * ((B.double().T @ B.double()) * (A.double() @ A.double().T)).sum() / (shape[0] * shape[1] * h.rms ** 2)
+    l_dir = torch.ops.slice_kernels.sign_loss_dir(
+        A, B, H1, H2, KIND[h.kind], MODE_ID[mode], 0.8, 1.5 / h.rms, 1.0 / h.rms, backend
+    )
+    l_mag = (
+        0.3
+        * 0.64
+        * ((B.double().T @ B.double()) * (A.double() @ A.double().T)).sum()
+        / (shape[0] * shape[1] * h.rms**2)
+    )
     gA2, gB2 = torch.autograd.grad(l_dir.double() + l_mag, (A, B))
     assert abs(float(l_dir + l_mag) - float(ref)) <= tol * abs(float(ref))
     assert _rel(gA2, rA) <= tol and _rel(gB2, rB) <= tol
@@ -121,7 +128,7 @@ def test_bfloat16_error_within_twice_torch_own(  # the low-precision rule of ARC
     dW = kw["scaling"] * (B @ A)
     H = h.to_dense(torch.bfloat16)
     l_dir = (1 - torch.tanh(dW / h.rms) * torch.tanh(H / h.rms)).mean()
-    torch_bf16 = l_dir + 0.3 * (dW.float() ** 2).mean().bfloat16() / h.rms ** 2
+    torch_bf16 = l_dir + 0.3 * (dW.float() ** 2).mean().bfloat16() / h.rms**2
     torch_err = abs(float(torch_bf16) - float(ref))
     for b in ("torch", "cpp", "triton"):
         if dispatch.refusal("sign_loss_fwd", b, torch.device("cpu")):
@@ -243,8 +250,17 @@ def _split_case(form, mode, seed=13):
     ref = reference_sign_consistency_loss(A64, B64, h, scaling=0.8, alpha=1.5, beta=0.0, mode=mode)
     rA, rB = torch.autograd.grad(ref, (A64, B64))
     H1, H2 = _operands(h)
-    args = (A64.detach().float(), B64.detach().float(), H1, H2, KIND[h.kind], MODE_ID[mode], 0.8, 1.5 / h.rms,
-            1.0 / h.rms)
+    args = (
+        A64.detach().float(),
+        B64.detach().float(),
+        H1,
+        H2,
+        KIND[h.kind],
+        MODE_ID[mode],
+        0.8,
+        1.5 / h.rms,
+        1.0 / h.rms,
+    )
     return args, (float(ref.detach()), rA, rB)
 
 
@@ -282,8 +298,9 @@ def test_triton_segments_match_reference_and_the_unsplit_walk(S):
 
 
 @pytest.mark.skipif(_triton_here() is not None, reason=f"triton cannot run here: {_triton_here()}")
-@pytest.mark.parametrize("form,mode", [("factors", "hinge"), ("dense", "tanh"), ("dense", "hinge"),
-                                       ("bits", "tanh"), ("bits", "hinge")])
+@pytest.mark.parametrize(
+    "form,mode", [("factors", "hinge"), ("dense", "tanh"), ("dense", "hinge"), ("bits", "tanh"), ("bits", "hinge")]
+)
 def test_triton_segments_every_history_form_and_mode(form, mode):
     """S = 2 over 3 column tiles / 4 row tiles (the forward and dB segments hold 1 and 2 tiles) for the other
     history forms and modes (factors/tanh: the test above)."""
@@ -338,8 +355,9 @@ def test_triton_sm_count_comes_from_the_device(monkeypatch):
     from slice_kernels.ops import _sign_loss_triton as tri
 
     asked = []
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda i: asked.append(i) or SimpleNamespace(multi_processor_count=7 + i))
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda i: asked.append(i) or SimpleNamespace(multi_processor_count=7 + i)
+    )
     tri._cuda_sm_count.cache_clear()
     try:
         assert tri._sm_count(torch.device("cuda", 1)) == 8
@@ -386,9 +404,11 @@ def test_triton_dot_precision_setting_is_checked_before_anything_runs(monkeypatc
     monkeypatch.setenv(tri.DOT_PRECISION_ENV, "tf32")
     launched = []
     monkeypatch.setattr(tri, "_prep", lambda *a: launched.append(a))
-    call = {"fwd": lambda: tri.sign_loss_fwd_triton(*args),
-            "bwd": lambda: tri.sign_loss_bwd_triton(torch.ones(()), *args),
-            "fwd_bwd": lambda: tri.sign_loss_fwd_bwd_triton(*args)}[entry]
+    call = {
+        "fwd": lambda: tri.sign_loss_fwd_triton(*args),
+        "bwd": lambda: tri.sign_loss_bwd_triton(torch.ones(()), *args),
+        "fwd_bwd": lambda: tri.sign_loss_fwd_bwd_triton(*args),
+    }[entry]
     with pytest.raises(ValueError, match="SLICE_KERNELS_TRITON_DOT='tf32' is not one of"):
         call()
     assert not launched
@@ -413,6 +433,7 @@ def test_triton_tf32x3_setting_reaches_every_kernel(monkeypatch):
                 def launch(*a, **kw):
                     seen.append((self.name, kw["PREC"]))
                     return self.kernel[grid](*a, **kw)
+
                 return launch
 
         monkeypatch.setattr(tri, name, Spy(kernel, name))

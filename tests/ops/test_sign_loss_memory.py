@@ -6,6 +6,7 @@ Measured in a fresh subprocess with the kernel's own figure: /proc/self/clear_re
 RSS high-water mark) to the current RSS, the op runs, VmHWM − VmRSS(before) is its extra peak. A probe that
 allocates one m×n matrix the same way proves the measurement sees such a buffer. The history is given as
 factors and as sign bits (a dense history is itself m×n: the bound is about extra memory)."""
+
 import json
 import os
 import subprocess
@@ -72,18 +73,23 @@ def _clear_refs_works():
         return False
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not _clear_refs_works(),
-                    reason="needs Linux /proc/self/clear_refs to reset the RSS high-water mark")
-@pytest.mark.skipif(dispatch.refusal("sign_loss_fwd", "cpp", __import__("torch").device("cpu")) is not None,
-                    reason="the cpp backend (native extension) is not built")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not _clear_refs_works(),
+    reason="needs Linux /proc/self/clear_refs to reset the RSS high-water mark",
+)
+@pytest.mark.skipif(
+    dispatch.refusal("sign_loss_fwd", "cpp", __import__("torch").device("cpu")) is not None,
+    reason="the cpp backend (native extension) is not built",
+)
 def test_fused_loss_and_merge_peak_memory_8192():
     m = 8192
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    res = subprocess.run([sys.executable, "-c", SCRIPT, str(m)], capture_output=True, text=True, env=env,
-                         timeout=600)
+    res = subprocess.run([sys.executable, "-c", SCRIPT, str(m)], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     figs = json.loads(res.stdout.strip().splitlines()[-1])
     mxn = m * m * 4
     assert figs["probe_mxn"] >= 0.9 * mxn, f"the measurement does not see an m×n buffer: {figs}"
     for key in ("factors", "bits", "merge_into"):
-        assert figs[key] < mxn / 10, f"{key}: extra peak {figs[key] / 2**20:.1f} MiB ≥ {mxn / 10 / 2**20:.1f} MiB ({figs})"
+        assert figs[key] < mxn / 10, (
+            f"{key}: extra peak {figs[key] / 2**20:.1f} MiB ≥ {mxn / 10 / 2**20:.1f} MiB ({figs})"
+        )

@@ -1,4 +1,5 @@
 """History of earlier updates (SPEC §3): forms, rms by the Gram identity, sign-bit packing, updates, saving."""
+
 import math
 
 import pytest
@@ -86,7 +87,11 @@ def test_bad_inputs_name_the_problem():
 
 def test_history_state_dict_round_trip(tmp_path):
     Bs, As = _factors(9, 11, [2])
-    for h in (History.from_factors(Bs, As), History.from_dense(Bs[0] @ As[0]), History.from_factors(Bs, As).to_sign_bits()):
+    for h in (
+        History.from_factors(Bs, As),
+        History.from_dense(Bs[0] @ As[0]),
+        History.from_factors(Bs, As).to_sign_bits(),
+    ):
         h2 = History.from_state_dict(h.state_dict())
         assert (h2.kind, h2.shape, h2.rms) == (h.kind, h.shape, h.rms)
         assert torch.equal(h2.to_dense(), h.to_dense())
@@ -156,8 +161,11 @@ def test_store_load_refuses_a_file_that_is_not_a_saved_history(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("not a history\n")
     for path, found in ((weights, r"found a dict with keys \['layer.weight'\]"), (text, "torch.load failed")):
-        with pytest.raises(ValueError, match=rf"{path.name}' is not a saved history \(expected a file written by "
-                                             rf"HistoryStore.save.*{found}"):
+        with pytest.raises(
+            ValueError,
+            match=rf"{path.name}' is not a saved history \(expected a file written by "
+            rf"HistoryStore.save.*{found}",
+        ):
             HistoryStore.load(path)
     with pytest.raises(FileNotFoundError):
         HistoryStore.load(tmp_path / "missing.pt")

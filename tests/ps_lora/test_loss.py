@@ -1,5 +1,6 @@
 """PS-LoRA's model-level stability loss (slice_kernels.ps_lora.loss, .trainer): the sum over a PEFT model's LoRA
 layers, the refusal of a foreign history, the init offsets of an absorbed init, and the Trainer mixin."""
+
 import math
 
 import pytest
@@ -19,8 +20,11 @@ def _peft(model_fn, targets, seed=0):
     return get_peft_model(model, cfg)
 
 
-@pytest.mark.parametrize("model_fn,targets", [(tiny_llama, ["q_proj", "down_proj"]), (tiny_gpt2, ["c_attn", "c_fc"])],
-                         ids=["llama", "gpt2-conv1d"])
+@pytest.mark.parametrize(
+    "model_fn,targets",
+    [(tiny_llama, ["q_proj", "down_proj"]), (tiny_gpt2, ["c_attn", "c_fc"])],
+    ids=["llama", "gpt2-conv1d"],
+)
 def test_parameter_stability_loss_sums_layers(model_fn, targets):
     from slice_kernels import ParameterStabilityLoss
     from slice_kernels.modules import lora_factors, lora_layers
@@ -94,18 +98,29 @@ def test_trainer_mixin_counts_the_stability_loss_once_per_optimizer_step(tmp_pat
             self.trainer, self.grads = trainer, None
 
         def on_pre_optimizer_step(self, args, state, control, **kw):
-            self.grads = {n: p.grad.detach().clone() for n, p in self.trainer.model.named_parameters()
-                          if p.grad is not None}
+            self.grads = {
+                n: p.grad.detach().clone() for n, p in self.trainer.model.named_parameters() if p.grad is not None
+            }
 
     ids = torch.arange(4 * accum * 8).reshape(4 * accum, 8) % 128
     data = [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()} for x in ids]
     grads = {}
     for term in (None, LinearTerm()):
         pm = _peft(tiny_llama, ["q_proj", "v_proj"], seed=5)
-        args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4,
-                                 gradient_accumulation_steps=accum, learning_rate=0.0, max_grad_norm=0.0,
-                                 report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
-                                 dataloader_drop_last=True)
+        args = TrainingArguments(
+            output_dir=str(tmp_path),
+            max_steps=1,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=accum,
+            learning_rate=0.0,
+            max_grad_norm=0.0,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            disable_tqdm=True,
+            seed=0,
+            dataloader_drop_last=True,
+        )
         trainer = PSLoRATrainer(model=pm, args=args, train_dataset=data)
         trainer.stability_loss = term
         grab = Grab(trainer)

@@ -1,5 +1,6 @@
 """Magnitude merging of the task updates into a PEFT model's base weights (slice_kernels.ps_lora.merge): after
 stage t the weights are W_0 + merge(ΔW_1..ΔW_t), and a bad update set leaves every weight as it was."""
+
 import pytest
 import torch
 
@@ -7,8 +8,9 @@ from slice_kernels.ops.magnitude_merge import reference_magnitude_merge
 from tests.helpers import tiny_gpt2, tiny_llama
 
 
-@pytest.mark.parametrize("model_fn,targets", [(tiny_llama, ["q_proj", "up_proj"]), (tiny_gpt2, ["c_attn"])],
-                         ids=["llama", "gpt2-conv1d"])
+@pytest.mark.parametrize(
+    "model_fn,targets", [(tiny_llama, ["q_proj", "up_proj"]), (tiny_gpt2, ["c_attn"])], ids=["llama", "gpt2-conv1d"]
+)
 def test_merge_gives_base_plus_merged_updates(model_fn, targets):
     """The ps_lora merge hook: after stage t the weights are W_0 + merge(ΔW_1..ΔW_t), not a running sum."""
     from peft import LoraConfig, get_peft_model

@@ -1,4 +1,5 @@
 """Smoke test of the PS-LoRA Trainer recipe (python/ps_lora_trainer.py): two tasks, stability loss off/on."""
+
 import importlib.util
 import math
 import pathlib
@@ -13,8 +14,9 @@ def test_recipe_runs_and_the_loss_lowers_the_stability_term(tmp_path):
     spec = importlib.util.spec_from_file_location("ps_lora_trainer", RECIPE)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    off, on = mod.main(["--steps", "3", "--lam", "5", "--history", "bits", "--merge", "magnitude",
-                        "--json", str(tmp_path / "r.json")])
+    off, on = mod.main(
+        ["--steps", "3", "--lam", "5", "--history", "bits", "--merge", "magnitude", "--json", str(tmp_path / "r.json")]
+    )
     for r in (off, on):
         assert all(math.isfinite(v) for v in r.values())
     # same task-1 stage in both runs (same seeds), so only the task-2 stage differs

@@ -1,5 +1,6 @@
 """Data-parallel runner on two gloo processes on CPU: the sharded gradient collection equals one process
 over all batches, and a whole run under torchrun finishes with rank 0 writing the results."""
+
 import json
 import os
 import subprocess
@@ -68,10 +69,38 @@ def test_sharded_gradients_equal_single_process(tiny_dir, tmp_path):
 def test_torchrun_two_processes(tiny_dir, tmp_path):
     out = tmp_path / "dp"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "slice_kernels",
-        "run", "--model", tiny_dir, "--tasks", "basic_arithmetic,chain_sum", "--heldout", "letter_counting",
-        "--methods", "slice", "--rank", "2", "--steps", "2", "--batch-size", "4", "--n-train", "16", "--n-eval", "3",
-        "--targets", "q_proj,v_proj", "--out", str(out), "--no-progress",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "slice_kernels",
+        "run",
+        "--model",
+        tiny_dir,
+        "--tasks",
+        "basic_arithmetic,chain_sum",
+        "--heldout",
+        "letter_counting",
+        "--methods",
+        "slice",
+        "--rank",
+        "2",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--n-train",
+        "16",
+        "--n-eval",
+        "3",
+        "--targets",
+        "q_proj,v_proj",
+        "--out",
+        str(out),
+        "--no-progress",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)

@@ -1,4 +1,5 @@
 """Bad input to the runner: each a clear error naming the thing at fault, raised before anything is written."""
+
 import json
 import sys
 
@@ -230,10 +231,26 @@ def test_a_fresh_run_failing_before_its_first_checkpoint_leaves_the_directory_re
     from tests.helpers.runner_tiny import save_tiny_llama
 
     model = save_tiny_llama(str(tmp_path / "tiny"))
-    tasks = [write_jsonl(str(tmp_path / f"t{k}.jsonl"), [{"prompt": f"{i}+{k}", "answer": str(i + k)} for i in range(12)])
-             for k in (1, 2)]
-    cfg = dict(model=model, tasks=tasks, heldout=[], methods=["slice"], rank=2, steps=1, n_train=8, n_eval=2,
-               batch_size=4, grad_batch_size=4, grad_batches=1, replay_batches=1, max_len=16, max_new_tokens=2)
+    tasks = [
+        write_jsonl(str(tmp_path / f"t{k}.jsonl"), [{"prompt": f"{i}+{k}", "answer": str(i + k)} for i in range(12)])
+        for k in (1, 2)
+    ]
+    cfg = dict(
+        model=model,
+        tasks=tasks,
+        heldout=[],
+        methods=["slice"],
+        rank=2,
+        steps=1,
+        n_train=8,
+        n_eval=2,
+        batch_size=4,
+        grad_batch_size=4,
+        grad_batches=1,
+        replay_batches=1,
+        max_len=16,
+        max_new_tokens=2,
+    )
     quiet = dict(progress=False, log=lambda *a: None)
     out = tmp_path / "run"
     with pytest.raises(ValueError, match="matches no module of LlamaForCausalLM; its linear layers are named"):
@@ -263,7 +280,9 @@ def test_run_help_states_each_option_and_its_profile_default(capsys):
     assert f"--rank RANK LoRA rank r; default: the profile's ({d.rank} for default, {PAPER['rank']} for paper)" in text
     assert f"--alpha ALPHA LoRA α, rsLoRA scaling α/√r; default {d.alpha:g}" in text and PAPER["alpha"] == d.alpha
     assert f"--lr LR learning rate; default: the profile's ({d.lr:g} for default, {PAPER['lr']:g} for paper)" in text
-    assert (f"--batch-size BATCH_SIZE training examples per step; default: the profile's ({d.batch_size} for "
-            f"default, {PAPER['batch_size']} for paper)") in text
+    assert (
+        f"--batch-size BATCH_SIZE training examples per step; default: the profile's ({d.batch_size} for "
+        f"default, {PAPER['batch_size']} for paper)"
+    ) in text
     assert f"--svd {{randomized,exact}} SVD of the gradient inits; default {d.svd}" in text and "svd" not in PAPER
     assert f"--seed SEED seed of every random choice; default {d.seed}" in text and "seed" not in PAPER

@@ -1,4 +1,5 @@
 """The runner's ``gorp`` method on a tiny Llama: two tasks, spaces carried between stages and through a resume."""
+
 import json
 import os
 
@@ -18,10 +19,26 @@ def tiny_dir(tmp_path_factory):
 
 def _cfg(model):
     return make_config(
-        "default", model=model, tasks=["basic_arithmetic", "chain_sum"], heldout=["letter_counting"],
-        methods=["gorp"], rank=2, steps=3, n_train=16, n_eval=2, n_heldout=2, ip_shots=1, max_new_tokens=2,
-        grad_batches=1, replay_batches=1, grad_batch_size=4, batch_size=4, max_len=40, lr=5e-3,
-        targets=["q_proj", "v_proj"], seed=5,
+        "default",
+        model=model,
+        tasks=["basic_arithmetic", "chain_sum"],
+        heldout=["letter_counting"],
+        methods=["gorp"],
+        rank=2,
+        steps=3,
+        n_train=16,
+        n_eval=2,
+        n_heldout=2,
+        ip_shots=1,
+        max_new_tokens=2,
+        grad_batches=1,
+        replay_batches=1,
+        grad_batch_size=4,
+        batch_size=4,
+        max_len=40,
+        lr=5e-3,
+        targets=["q_proj", "v_proj"],
+        seed=5,
     )
 
 
@@ -54,12 +71,25 @@ def test_end_of_task_stores_spaces(tiny_dir):
     loaded = load_model(tiny_dir)
     model = loaded[0] if isinstance(loaded, tuple) else loaded
     m = methods.get("gorp")
-    batches = [{"input_ids": torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(i)),
-                "labels": torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(i + 9))}
-               for i in range(3)]
-    ctx = StageContext(model=model, stage=1, task_name="t", current=batches, replay=[],
-                       lora=LoraSettings(2, 4.0, True, ["q_proj", "v_proj"]), seed=0, state={},
-                       collect_gradients=None, loss_fn=lambda mdl, b: mdl(**b).loss)
+    batches = [
+        {
+            "input_ids": torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(i)),
+            "labels": torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(i + 9)),
+        }
+        for i in range(3)
+    ]
+    ctx = StageContext(
+        model=model,
+        stage=1,
+        task_name="t",
+        current=batches,
+        replay=[],
+        lora=LoraSettings(2, 4.0, True, ["q_proj", "v_proj"]),
+        seed=0,
+        state={},
+        collect_gradients=None,
+        loss_fn=lambda mdl, b: mdl(**b).loss,
+    )
     peft_model, _ = m.init_adapter(ctx)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = m.make_optimizer(ctx, peft_model, params, 1e-3)

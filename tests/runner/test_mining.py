@@ -1,5 +1,6 @@
 """Adversarial sequence mining: CountSketch accuracy against exact inner products, and the planted most
 conflicting subset recovered by the exhaustive and the greedy+swap searches."""
+
 import math
 
 import pytest
@@ -96,13 +97,16 @@ def test_choose_subset_bad_size():
             choose_subset(C, size)
 
 
-@pytest.mark.parametrize("args, msg", [
-    (["--buckets", "0"], "--buckets must be at least 1, got 0"),
-    (["--batches", "0"], "--batches must be at least 1, got 0"),
-    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
-    (["--size", "1"], "--size 1 must be between 2 and the pool size 3"),
-    (["--size", "4"], "--size 4 must be between 2 and the pool size 3"),
-])
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["--buckets", "0"], "--buckets must be at least 1, got 0"),
+        (["--batches", "0"], "--batches must be at least 1, got 0"),
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["--size", "1"], "--size 1 must be between 2 and the pool size 3"),
+        (["--size", "4"], "--size 4 must be between 2 and the pool size 3"),
+    ],
+)
 def test_mine_cli_refuses_bad_values_before_loading_the_model(tmp_path, monkeypatch, capsys, args, msg):
     from slice_kernels.runner import model as model_mod
     from slice_kernels.runner.cli import main
@@ -132,9 +136,28 @@ def test_mine_cli_on_a_tiny_model(tmp_path, capsys):
     model = save_tiny_llama(str(tmp_path / "tiny"))
     jl = write_jsonl(str(tmp_path / "echo.jsonl"), [{"prompt": f"say {w}", "answer": w} for w in "abcdefgh"])
     out = tmp_path / "mined"
-    rc = main(["mine", "--pool", f"basic_arithmetic,chain_sum,{jl}", "--size", "2", "--model", model, "--targets",
-               "q_proj,v_proj", "--buckets", "3000", "--batches", "1", "--batch-size", "2", "--out", str(out),
-               "--no-progress"])
+    rc = main(
+        [
+            "mine",
+            "--pool",
+            f"basic_arithmetic,chain_sum,{jl}",
+            "--size",
+            "2",
+            "--model",
+            model,
+            "--targets",
+            "q_proj,v_proj",
+            "--buckets",
+            "3000",
+            "--batches",
+            "1",
+            "--batch-size",
+            "2",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     res = json.load(open(out / "mined.json"))
     assert res["pool"] == ["basic_arithmetic", "chain_sum", "echo"] and res["search"] == "exhaustive"

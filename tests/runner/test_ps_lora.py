@@ -1,5 +1,6 @@
 """The runner's PS-LoRA methods on a tiny Llama: ``ps_lora`` (LoRA init + stability loss + magnitude merge)
 and ``slice+ps`` (SLICE init + stability loss) over two tasks, the history carried in the method state."""
+
 import json
 import os
 
@@ -19,9 +20,26 @@ def tiny_dir(tmp_path_factory):
 
 def _cfg(model, methods):
     return make_config(
-        "default", model=model, tasks=["basic_arithmetic", "chain_sum"], heldout=[], methods=methods,
-        rank=2, steps=3, n_train=16, n_eval=2, n_heldout=0, ip_shots=1, max_new_tokens=2, grad_batches=1,
-        replay_batches=1, grad_batch_size=4, batch_size=4, max_len=40, lr=5e-3, targets=["q_proj", "v_proj"], seed=5,
+        "default",
+        model=model,
+        tasks=["basic_arithmetic", "chain_sum"],
+        heldout=[],
+        methods=methods,
+        rank=2,
+        steps=3,
+        n_train=16,
+        n_eval=2,
+        n_heldout=0,
+        ip_shots=1,
+        max_new_tokens=2,
+        grad_batches=1,
+        replay_batches=1,
+        grad_batch_size=4,
+        batch_size=4,
+        max_len=40,
+        lr=5e-3,
+        targets=["q_proj", "v_proj"],
+        seed=5,
     )
 
 
@@ -39,7 +57,9 @@ def test_two_stage_run_with_both_methods(tiny_dir, tmp_path):
 @pytest.mark.reasoning_gym
 def test_history_travels_in_the_method_state(tiny_dir, tmp_path):
     out = str(tmp_path / "part")
-    assert run(_cfg(tiny_dir, ["slice+ps"]), out, progress=False, log=lambda *a: None, stop_after=1) == {"stopped_after": 1}
+    assert run(_cfg(tiny_dir, ["slice+ps"]), out, progress=False, log=lambda *a: None, stop_after=1) == {
+        "stopped_after": 1
+    }
     d = os.path.join(out, "checkpoints")
     name = json.load(open(os.path.join(d, "latest.json")))["file"]
     state = torch.load(os.path.join(d, name), map_location="cpu", weights_only=False)["current"]["state"]

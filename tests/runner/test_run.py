@@ -1,5 +1,6 @@
 """End to end on a tiny Llama built from a config: R's shape, the metric identities, the real scorers,
 plots, and a run killed after stage 1 then resumed giving the same results.json."""
+
 import hashlib
 import json
 import os
@@ -48,10 +49,25 @@ def tiny_dir(tmp_path_factory):
 
 def _cfg(model, **kw):
     base = dict(
-        model=model, tasks=["basic_arithmetic", "chain_sum"], heldout=["letter_counting"], methods=["slice", "probe"],
-        rank=2, steps=3, n_train=24, n_eval=4, n_heldout=3, ip_shots=1, max_new_tokens=4, grad_batches=2,
-        replay_batches=1, grad_batch_size=4, batch_size=4, max_len=48, lr=5e-3,
-        targets=["q_proj", "v_proj", "down_proj"], seed=3,
+        model=model,
+        tasks=["basic_arithmetic", "chain_sum"],
+        heldout=["letter_counting"],
+        methods=["slice", "probe"],
+        rank=2,
+        steps=3,
+        n_train=24,
+        n_eval=4,
+        n_heldout=3,
+        ip_shots=1,
+        max_new_tokens=4,
+        grad_batches=2,
+        replay_batches=1,
+        grad_batch_size=4,
+        batch_size=4,
+        max_len=48,
+        lr=5e-3,
+        targets=["q_proj", "v_proj", "down_proj"],
+        seed=3,
         conflict_threshold=1.0,  # surgery whenever cos < 1, so the SLICE path with γ ≠ 0 runs here
         method_options={"ps_lambda": 0.25},
     )
@@ -162,4 +178,6 @@ def test_killed_after_stage_1_then_resumed_equals_uninterrupted(full_run, tiny_d
     a = json.load(open(os.path.join(out_full, "results.json")))
     b = json.load(open(os.path.join(out, "results.json")))
     assert a == b
-    assert json.load(open(os.path.join(out_full, "predictions.json"))) == json.load(open(os.path.join(out, "predictions.json")))
+    assert json.load(open(os.path.join(out_full, "predictions.json"))) == json.load(
+        open(os.path.join(out, "predictions.json"))
+    )

@@ -1,5 +1,6 @@
 """Small pieces of the runner pinned against hand-computed values: the SPEC §2 metrics on a 3×3 R, the
 answer-only label mask, and the seeded replay buffer."""
+
 import pytest
 
 from slice_kernels.runner.data import encode, replay_sample
@@ -10,9 +11,7 @@ from tests.helpers.runner_tiny import char_tokenizer
 
 def test_metrics_on_a_3x3_matrix_by_hand():
     # R[i][j]: score on task j after stage i (0-based); None above the diagonal
-    R = [[0.9, None, None],
-         [0.5, 0.8, None],
-         [0.3, 0.6, 0.7]]
+    R = [[0.9, None, None], [0.5, 0.8, None], [0.3, 0.6, 0.7]]
     m = continual_metrics(R)
     assert m["AP"] == pytest.approx((0.9 + 0.8 + 0.7) / 3)  # diagonal
     assert m["FP"] == pytest.approx((0.3 + 0.6 + 0.7) / 3)  # last row

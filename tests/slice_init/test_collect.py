@@ -1,4 +1,5 @@
 """collect_gradients / collect_replay_gradients (SPEC §1 steps 1–2) on tiny Llama and GPT-2 models."""
+
 import pytest
 import torch
 
@@ -82,8 +83,11 @@ def test_state_restored_on_error():
     assert not model.training
     assert {n: p.requires_grad for n, p in model.named_parameters()} == rg
     assert all(p.grad is None for p in model.parameters())
-    assert not any(p._post_accumulate_grad_hooks for p in model.parameters()
-                   if getattr(p, "_post_accumulate_grad_hooks", None) is not None)
+    assert not any(
+        p._post_accumulate_grad_hooks
+        for p in model.parameters()
+        if getattr(p, "_post_accumulate_grad_hooks", None) is not None
+    )
 
 
 def test_one_layer_grad_alive_at_a_time(monkeypatch):

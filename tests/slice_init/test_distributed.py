@@ -1,6 +1,7 @@
 """Multi-process init with two gloo ranks on CPU: each rank collects on its own batches, the accumulators are
 averaged across ranks before the surgery, and both ranks end with bit-identical A, B and absorbed W equal to
 a single process that sees all the batches."""
+
 import os
 import warnings
 
@@ -46,20 +47,35 @@ def _worker(rank, world, store, outdir):
 
         cur, replay = batches_for(rank)
         g = collect_gradients(tiny_llama(), TARGETS, cur, steps=STEPS)
-        pm = get_slice_model(tiny_llama(), LoraConfig(r=4, lora_alpha=2, target_modules=TARGETS),
-                             SliceConfig(method="slice", current_steps=STEPS, replay_steps=STEPS, conflict_threshold=1.0),
-                             current=cur, replay=replay)
+        pm = get_slice_model(
+            tiny_llama(),
+            LoraConfig(r=4, lora_alpha=2, target_modules=TARGETS),
+            SliceConfig(method="slice", current_steps=STEPS, replay_steps=STEPS, conflict_threshold=1.0),
+            current=cur,
+            replay=replay,
+        )
         # ranks that start from different weights are refused on every rank, before anything is collected
         other = tiny_llama(seed=rank)
         try:
-            get_slice_model(other, LoraConfig(r=4, lora_alpha=2, target_modules=TARGETS),
-                            SliceConfig(method="lora_ga", current_steps=STEPS), current=cur)
+            get_slice_model(
+                other,
+                LoraConfig(r=4, lora_alpha=2, target_modules=TARGETS),
+                SliceConfig(method="lora_ga", current_steps=STEPS),
+                current=cur,
+            )
             refused = ""
         except SliceInitError as e:
             refused = str(e)
-        torch.save({"grads": g, "adapter": adapter_state(pm), "gamma": pm.slice_init_report.gamma,
-                    "refused": refused, "untouched": not any(isinstance(m, LoraLayer) for m in other.modules())},
-                   os.path.join(outdir, f"rank{rank}.pt"))
+        torch.save(
+            {
+                "grads": g,
+                "adapter": adapter_state(pm),
+                "gamma": pm.slice_init_report.gamma,
+                "refused": refused,
+                "untouched": not any(isinstance(m, LoraLayer) for m in other.modules()),
+            },
+            os.path.join(outdir, f"rank{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 
@@ -87,10 +103,13 @@ def test_two_gloo_ranks_agree_and_match_single_process(tmp_path):
     for key in g:
         torch.testing.assert_close(r0["grads"][key], g[key], rtol=1e-5, atol=1e-8)
         assert not torch.allclose(g[key], collect_gradients(tiny_llama(), TARGETS, c0, steps=STEPS)[key])
-    pm = get_slice_model(tiny_llama(), LoraConfig(r=4, lora_alpha=2, target_modules=TARGETS),
-                         SliceConfig(method="slice", current_steps=2 * STEPS, replay_steps=2 * STEPS,
-                                     conflict_threshold=1.0),
-                         current=c0 + c1, replay=[p0[0] + p1[0], p0[1] + p1[1]])
+    pm = get_slice_model(
+        tiny_llama(),
+        LoraConfig(r=4, lora_alpha=2, target_modules=TARGETS),
+        SliceConfig(method="slice", current_steps=2 * STEPS, replay_steps=2 * STEPS, conflict_threshold=1.0),
+        current=c0 + c1,
+        replay=[p0[0] + p1[0], p0[1] + p1[1]],
+    )
     single = adapter_state(pm)
     assert r0["gamma"] == pytest.approx(pm.slice_init_report.gamma, rel=1e-4, abs=1e-9)
     for key, ref in single.items():

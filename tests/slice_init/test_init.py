@@ -7,6 +7,7 @@ built-in spectral gap and a tolerance derived from float32 eps, σ₁ and that g
 The ops run on the torch reference backend here: this file pins the formulas; the fused backends are
 compared with that reference in tests/ops/test_*.py (the native ones take float32, not these float64 inputs).
 """
+
 import math
 import warnings
 
@@ -175,8 +176,14 @@ def test_directions_and_sign_convention(direction, r):
     shapes = [(40, 24), (24, 40), (31, 26)]
     gc = {f"l{i}": gapped(m, n, spectra(min(m, n)), seed=i) for i, (m, n) in enumerate(shapes)}
     W = weights_like(gc)
-    res = init_from_gradients(W, gc, None, r=r, lora_alpha=2.0,
-                              config=SliceConfig(method="slice", svd="exact", scale="unit", direction=direction))
+    res = init_from_gradients(
+        W,
+        gc,
+        None,
+        r=r,
+        lora_alpha=2.0,
+        config=SliceConfig(method="slice", svd="exact", scale="unit", direction=direction),
+    )
     for n, G in gc.items():
         U, S, V = ref_svd(G)
         tol = vec_tol(S, 2 * r)
@@ -194,8 +201,14 @@ def test_directions_and_sign_convention(direction, r):
 
 def test_sign_convention_on_randomized_svd_too():
     gc = {"a": gapped(50, 30, spectra(30), seed=3)}
-    res = init_from_gradients(weights_like(gc), gc, None, r=4, lora_alpha=2.0,
-                              config=SliceConfig(method="lora_ga", svd="randomized", scale="unit"))
+    res = init_from_gradients(
+        weights_like(gc),
+        gc,
+        None,
+        r=4,
+        lora_alpha=2.0,
+        config=SliceConfig(method="lora_ga", svd="randomized", scale="unit"),
+    )
     U, S, V = ref_svd(gc["a"])
     # lora_ga keeps SliceConfig's direction (default A2rBr); the gap (ratio 0.8) makes 4 power iterations exact
     # to well below the 1e-4 tolerance.
@@ -226,8 +239,9 @@ def test_variance_scale(r):
 def test_stable_and_unit_scales():
     gc = {f"l{i}": gapped(m, n, spectra(min(m, n)), seed=i) for i, (m, n) in enumerate([(40, 24), (24, 40)])}
     W = weights_like(gc)
-    st = init_from_gradients(W, gc, None, r=3, lora_alpha=2.0,
-                             config=SliceConfig(svd="exact", scale="stable", stable_gamma=9.0))
+    st = init_from_gradients(
+        W, gc, None, r=3, lora_alpha=2.0, config=SliceConfig(svd="exact", scale="stable", stable_gamma=9.0)
+    )
     un = init_from_gradients(W, gc, None, r=3, lora_alpha=2.0, config=SliceConfig(svd="exact", scale="unit"))
     for n in gc:
         f = W[n].shape[0] ** 0.25 / 3.0
@@ -270,8 +284,9 @@ def test_absorb(use_rslora):
 def test_absorb_bf16_uses_adapter_dtype_first():
     gc = {"a": gapped(40, 24, spectra(24), seed=1)}
     W = {"a": weights_like(gc)["a"].to(torch.bfloat16)}
-    res = init_from_gradients(W, gc, None, r=4, lora_alpha=2.0, config=SliceConfig(svd="exact"),
-                              adapter_dtype=torch.bfloat16)
+    res = init_from_gradients(
+        W, gc, None, r=4, lora_alpha=2.0, config=SliceConfig(svd="exact"), adapter_dtype=torch.bfloat16
+    )
     assert res.A["a"].dtype == res.B["a"].dtype == torch.bfloat16 == res.weights["a"].dtype
     ref = (W["a"].float() - res.scaling * res.B["a"].float() @ res.A["a"].float()).to(torch.bfloat16)
     assert torch.equal(res.weights["a"], ref)
@@ -297,10 +312,20 @@ def test_loram_dst_bases_and_variance():
     res = init_from_gradients(W, None, None, r=r, lora_alpha=2.0, config=SliceConfig(method="loram"))
     for n, w in W.items():
         m, nn_ = w.shape
-        A0 = torch.tensor([[math.sqrt(2 / (nn_ + 1)) * math.sin((k + 1) * (i + 1) * math.pi / (nn_ + 1))
-                            for i in range(nn_)] for k in range(r)], dtype=torch.float64)
-        B0 = torch.tensor([[math.sqrt(2 / (m + 1)) * math.sin((i + 1) * (k + 1) * math.pi / (m + 1))
-                            for k in range(r)] for i in range(m)], dtype=torch.float64)
+        A0 = torch.tensor(
+            [
+                [math.sqrt(2 / (nn_ + 1)) * math.sin((k + 1) * (i + 1) * math.pi / (nn_ + 1)) for i in range(nn_)]
+                for k in range(r)
+            ],
+            dtype=torch.float64,
+        )
+        B0 = torch.tensor(
+            [
+                [math.sqrt(2 / (m + 1)) * math.sin((i + 1) * (k + 1) * math.pi / (m + 1)) for k in range(r)]
+                for i in range(m)
+            ],
+            dtype=torch.float64,
+        )
         rho = math.log(r) / math.log(min(m, nn_))
         beta = (rho * float(torch.var(w.double().reshape(-1))) / dense_var(B0, A0)) ** 0.25
         torch.testing.assert_close(res.A[n].double(), beta * A0, rtol=1e-6, atol=1e-7)
@@ -334,8 +359,7 @@ def test_non_finite_gradient_names_layer_and_modifies_nothing(where):
     bad["l2"][3, 4] = float("nan")
     before = {n: t.clone() for n, t in gc.items()}
     with pytest.raises(NonFiniteGradientError, match="'l2'") as ei:
-        init_from_gradients(weights_like(gc), gc, gp, r=2, lora_alpha=2.0, config=SliceConfig(),
-                            inplace_gradients=True)
+        init_from_gradients(weights_like(gc), gc, gp, r=2, lora_alpha=2.0, config=SliceConfig(), inplace_gradients=True)
     assert ei.value.layer == "l2"
     assert ("replay" in ei.value.source) == (where == "g_prev")
     for n in gc:  # bit for bit, NaN included: the in-place surgery never ran

@@ -1,4 +1,5 @@
 """get_slice_model: the transformers + PEFT drop-in, its saving path, and the peer check against PEFT's LoRA-GA."""
+
 import math
 import warnings
 
@@ -41,8 +42,9 @@ def slice_model(arch, dtype=torch.float32, method="slice", r=8, **cfg):
     cfg.setdefault("current_steps", 2)
     cfg.setdefault("replay_steps", 1)
     replay = [lm_batches(1, seed=11), lm_batches(1, seed=12)]
-    return get_slice_model(MAKE[arch](dtype), lora_cfg(arch, r), SliceConfig(method=method, **cfg),
-                           current=lm_batches(2), replay=replay)
+    return get_slice_model(
+        MAKE[arch](dtype), lora_cfg(arch, r), SliceConfig(method=method, **cfg), current=lm_batches(2), replay=replay
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -131,8 +133,14 @@ def test_peer_check_lora_ga_peft_equals_peft_lora_ga():
     grads = collect_gradients(tiny_llama(), targets, batches, steps=3)
     torch.manual_seed(0)  # PEFT's torch.svd_lowrank draws its sketch from the global RNG
     peft_base = tiny_llama()
-    cfg = LoraConfig(r=16, lora_alpha=2, use_rslora=True, target_modules=targets, init_lora_weights="lora_ga",
-                     lora_ga_config=LoraGAConfig())
+    cfg = LoraConfig(
+        r=16,
+        lora_alpha=2,
+        use_rslora=True,
+        target_modules=targets,
+        init_lora_weights="lora_ga",
+        lora_ga_config=LoraGAConfig(),
+    )
 
     def train_step():
         for b in batches:
@@ -140,8 +148,12 @@ def test_peer_check_lora_ga_peft_equals_peft_lora_ga():
 
     preprocess_loraga(peft_base, cfg, train_step)
     theirs = get_peft_model(peft_base, cfg)
-    ours = get_slice_model(tiny_llama(), LoraConfig(r=16, lora_alpha=2, use_rslora=True, target_modules=targets),
-                           SliceConfig(method="lora_ga_peft", current_steps=3), current=batches)
+    ours = get_slice_model(
+        tiny_llama(),
+        LoraConfig(r=16, lora_alpha=2, use_rslora=True, target_modules=targets),
+        SliceConfig(method="lora_ga_peft", current_steps=3),
+        current=batches,
+    )
     lt = {n.removeprefix("base_model.model."): m for n, m in theirs.named_modules() if isinstance(m, LoraLayer)}
     lo = {n.removeprefix("base_model.model."): m for n, m in ours.named_modules() if isinstance(m, LoraLayer)}
     assert set(lt) == set(lo) == set(orig)
@@ -156,8 +168,7 @@ def test_peer_check_lora_ga_peft_equals_peft_lora_ga():
         # of σ_i to its neighbours, taken from the float64 spectrum of the same gradient. A's rows are v_0..v_{r-1},
         # B's columns u_r..u_{2r-1}·S·m^¼/4 (compared per unit column norm).
         S = torch.linalg.svdvals(grads[n].double())
-        gap = torch.minimum(torch.cat([S[:1] * 0 + float("inf"), S[:-1] - S[1:]]),
-                           torch.cat([S[:-1] - S[1:], S[-1:]]))
+        gap = torch.minimum(torch.cat([S[:1] * 0 + float("inf"), S[:-1] - S[1:]]), torch.cat([S[:-1] - S[1:], S[-1:]]))
         tol = 16 * torch.finfo(torch.float32).eps * S[0] / gap
         err_a = (Ao - sa * At).abs().amax(dim=1).double()
         assert (err_a <= tol[:16]).all(), (n, (err_a / tol[:16]).max())
@@ -171,6 +182,7 @@ def test_peer_check_lora_ga_peft_equals_peft_lora_ga():
 
 
 # ---- bad input: a clear error and the model exactly as it was (same state dict, no LoRA layers) ----
+
 
 def _nan_loss(model, batch):
     return model(**batch).loss * float("nan")
@@ -197,9 +209,14 @@ def test_bad_input_leaves_model_untouched(bad, exc, match):
     lkw = dict(r=8, lora_alpha=2, target_modules=["q_proj", "v_proj"])
     lkw.update(bad.get("lora", {}))
     with pytest.raises(exc, match=match):
-        get_slice_model(model, LoraConfig(**lkw), SliceConfig(current_steps=2, replay_steps=2),
-                        current=bad.get("current", lm_batches(2)), replay=bad.get("replay"),
-                        loss_fn=bad.get("loss_fn"))
+        get_slice_model(
+            model,
+            LoraConfig(**lkw),
+            SliceConfig(current_steps=2, replay_steps=2),
+            current=bad.get("current", lm_batches(2)),
+            replay=bad.get("replay"),
+            loss_fn=bad.get("loss_fn"),
+        )
     after = model.state_dict()
     assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
     assert not any(isinstance(m, LoraLayer) for m in model.modules())
@@ -212,8 +229,12 @@ def test_quantized_target_is_refused_untouched():
     lin.weight = torch.nn.Parameter(torch.zeros(lin.weight.shape, dtype=torch.int8), requires_grad=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(SliceInitError, match="quantized"):
-        get_slice_model(model, LoraConfig(r=4, lora_alpha=2, target_modules=["v_proj"]), SliceConfig(current_steps=1),
-                        current=lm_batches(1))
+        get_slice_model(
+            model,
+            LoraConfig(r=4, lora_alpha=2, target_modules=["v_proj"]),
+            SliceConfig(current_steps=1),
+            current=lm_batches(1),
+        )
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -235,8 +256,9 @@ def test_cuda_model_matches_cpu(offload):
     x = lm_batches(1, seed=5)[0]["input_ids"].cuda()
     with torch.no_grad():
         ref = base(input_ids=x).logits
-    gpu = get_slice_model(base, lora_cfg("llama"), SliceConfig(offload_gradients=offload, **cfg),
-                          current=lm_batches(2), replay=replay)
+    gpu = get_slice_model(
+        base, lora_cfg("llama"), SliceConfig(offload_gradients=offload, **cfg), current=lm_batches(2), replay=replay
+    )
     with torch.no_grad():
         torch.testing.assert_close(gpu(input_ids=x).logits, ref, rtol=0, atol=1e-4)
     assert gpu.slice_init_report.phases["svd"]["memory"] == "cuda_max_allocated"
@@ -244,8 +266,9 @@ def test_cuda_model_matches_cpu(offload):
     for n, m in gpu.named_modules():
         if isinstance(m, LoraLayer):
             for part in ("lora_A", "lora_B"):
-                torch.testing.assert_close(getattr(m, part)["default"].weight.cpu(),
-                                           getattr(lc[n], part)["default"].weight, rtol=0, atol=1e-3)
+                torch.testing.assert_close(
+                    getattr(m, part)["default"].weight.cpu(), getattr(lc[n], part)["default"].weight, rtol=0, atol=1e-3
+                )
 
 
 def test_missing_target_modules_without_peft_default():
@@ -267,8 +290,13 @@ def test_plain_torch_module_with_loss_fn():
 
     with torch.no_grad():
         before = model(x)
-    pm = get_slice_model(model, LoraConfig(r=2, lora_alpha=2, target_modules=["0", "2"]),
-                         SliceConfig(method="lora_ga", current_steps=3), current=batches, loss_fn=loss_fn)
+    pm = get_slice_model(
+        model,
+        LoraConfig(r=2, lora_alpha=2, target_modules=["0", "2"]),
+        SliceConfig(method="lora_ga", current_steps=3),
+        current=batches,
+        loss_fn=loss_fn,
+    )
     with torch.no_grad():
         torch.testing.assert_close(pm(x), before, rtol=0, atol=1e-6)
     assert set(pm.slice_init_report.layers) == {"0", "2"}
@@ -282,11 +310,14 @@ def test_save_helpers_refuse_clashing_names(tmp_path):
         save_initial_adapter(pm, str(tmp_path / "init"), adapter_name="other")
 
 
-@pytest.mark.parametrize("spec, expected", [
-    (None, 4),  # PEFT's Llama default: q_proj, v_proj
-    ("all-linear", 14),  # every Linear but the output layer
-    (r".*\.0\..*proj", 7),  # a regex, full match, as PEFT
-])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        (None, 4),  # PEFT's Llama default: q_proj, v_proj
+        ("all-linear", 14),  # every Linear but the output layer
+        (r".*\.0\..*proj", 7),  # a regex, full match, as PEFT
+    ],
+)
 def test_target_resolution_follows_peft(spec, expected):
     pm = get_slice_model(tiny_llama(), LoraConfig(r=2, lora_alpha=2, target_modules=spec), SliceConfig(method="loram"))
     wrapped = {n.removeprefix("base_model.model.") for n, m in pm.named_modules() if isinstance(m, LoraLayer)}
@@ -302,8 +333,9 @@ def test_get_slice_model_equals_the_pieces(mode):
     cur = lm_batches(2)
     replay = [lm_batches(2, seed=11), lm_batches(2, seed=12)] if mode == "per_task" else lm_batches(3, seed=13)
     cfg = SliceConfig(current_steps=2, replay_steps=2, replay_mode=mode, conflict_threshold=1.0)
-    pm = get_slice_model(tiny_llama(), LoraConfig(r=4, lora_alpha=2, target_modules=targets), cfg,
-                         current=cur, replay=replay)
+    pm = get_slice_model(
+        tiny_llama(), LoraConfig(r=4, lora_alpha=2, target_modules=targets), cfg, current=cur, replay=replay
+    )
     model = tiny_llama()
     g_cur = collect_gradients(model, targets, cur, steps=2)
     g_prev = collect_replay_gradients(model, targets, replay, steps=2, mode=mode)
@@ -348,11 +380,24 @@ def test_tied_lm_head_target_is_refused_untouched():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(SliceInitError, match=r"'lm_head' shares its weight tensor with \['model.embed_tokens'\]"):
-        get_slice_model(model, LoraConfig(r=4, lora_alpha=2, target_modules=["lm_head", "q_proj"]),
-                        SliceConfig(method="lora_ga", current_steps=2), current=lm_batches(2))
+        get_slice_model(
+            model,
+            LoraConfig(r=4, lora_alpha=2, target_modules=["lm_head", "q_proj"]),
+            SliceConfig(method="lora_ga", current_steps=2),
+            current=lm_batches(2),
+        )
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(isinstance(m, LoraLayer) for m in model.modules())

@@ -110,8 +110,14 @@ def test_init_sketch_is_seeded_by_seed_and_layer_name():
         torch.manual_seed(2)
         alone = init_from_gradients({"b": W["b"]}, {"b": G["b"]}, None, **kw)
         renamed = init_from_gradients({"c": W["b"]}, {"c": G["b"]}, None, **kw)
-        reseeded = init_from_gradients({"b": W["b"]}, {"b": G["b"]}, None, r=2, lora_alpha=2.0,
-                                       config=SliceConfig(method="lora_ga", svd_niter=0, scale="unit", seed=5))
+        reseeded = init_from_gradients(
+            {"b": W["b"]},
+            {"b": G["b"]},
+            None,
+            r=2,
+            lora_alpha=2.0,
+            config=SliceConfig(method="lora_ga", svd_niter=0, scale="unit", seed=5),
+        )
     assert torch.equal(both.A["b"], alone.A["b"]) and torch.equal(both.B["b"], alone.B["b"])
     assert not torch.allclose(renamed.A["c"], alone.A["b"], atol=1e-3)
     assert not torch.allclose(reseeded.A["b"], alone.A["b"], atol=1e-3)

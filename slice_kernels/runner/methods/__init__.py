@@ -1,6 +1,7 @@
 """The runner's methods: the interface and registry (``base``) and the built-in methods, registered on import:
 ``lora``, ``lora_ga``, ``slice``, ``loram`` (``init_methods``), ``ps_lora``, ``slice+ps`` (``ps_lora``) and
 ``gorp`` (``gorp``)."""
+
 from . import gorp, init_methods, ps_lora  # noqa: F401  (importing registers the built-in methods)
 from .base import (
     RUNNER_SET_FIELDS,
@@ -16,5 +17,16 @@ from .base import (
 )
 from .init_methods import InitMethod
 
-__all__ = ["Method", "Option", "StageContext", "LoraSettings", "InitMethod", "register", "get", "available",
-           "declared_options", "check_method_options", "RUNNER_SET_FIELDS"]
+__all__ = [
+    "Method",
+    "Option",
+    "StageContext",
+    "LoraSettings",
+    "InitMethod",
+    "register",
+    "get",
+    "available",
+    "declared_options",
+    "check_method_options",
+    "RUNNER_SET_FIELDS",
+]

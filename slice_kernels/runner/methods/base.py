@@ -41,6 +41,7 @@ Registering a method::
 gradients of the target weights over batches (sharded across ranks under torchrun), ``ctx.replay`` holds
 the replay batches of every earlier task, ``ctx.lora`` the rank/alpha/targets.
 """
+
 from __future__ import annotations
 
 import abc
@@ -170,6 +171,8 @@ def check_method_options(options: dict) -> None:
         raise RunnerError(f"unknown method option(s) {bad}; known: {sorted(known - set(RUNNER_SET_FIELDS))}")
     owned = sorted(set(options) & set(RUNNER_SET_FIELDS))
     if owned:
-        raise RunnerError(f"method option(s) {owned} are set by the runner; use "
-                          + "; ".join(f"{k}: {RUNNER_SET_FIELDS[k]}" for k in owned))
+        raise RunnerError(
+            f"method option(s) {owned} are set by the runner; use "
+            + "; ".join(f"{k}: {RUNNER_SET_FIELDS[k]}" for k in owned)
+        )
     SliceConfig(**{k: v for k, v in options.items() if k in SliceConfig.__dataclass_fields__})  # names a bad value

@@ -1,6 +1,7 @@
 """The runner's ``gorp`` method (SPEC §4): vanilla LoRA on the run's targets and ``GorpAdamW`` as the optimizer
 (LoRA A orthogonalized, full-rank MLP weights in a low-rank gradient subspace); the shared spaces grow at the
 end of each task and live in the method state, so checkpoints and resumes carry them."""
+
 from __future__ import annotations
 
 from ...gorp import build_gorp_optimizer
@@ -16,8 +17,11 @@ def _patterns(value) -> list[str]:
 class GorpMethod(InitMethod):
     init = "lora"
     options = {
-        "gorp_full_rank": Option(None, _patterns, "GORP: module patterns trained full-rank (default the first of "
-                                                  "gate_proj/c_fc/fc1 the model has)"),
+        "gorp_full_rank": Option(
+            None,
+            _patterns,
+            "GORP: module patterns trained full-rank (default the first of gate_proj/c_fc/fc1 the model has)",
+        ),
         "gorp_rank": Option(None, int, "GORP: projection rank (default the LoRA rank, capped by the weights)"),
         "gorp_scale": Option(0.25, float, "GORP: update scale of the full-rank weights (GaLore's 0.25)"),
         "gorp_gap": Option(10, int, "GORP: projector refresh period T in steps"),
@@ -45,9 +49,16 @@ class GorpMethod(InitMethod):
         if rank is None:
             rank = min([ctx.lora.rank] + [min(m.weight.shape) for m in mods])
         self.opt = build_gorp_optimizer(
-            peft_model, full_rank=patterns, rank=rank, shared_spaces=dict(ctx.state.get("spaces", {})), lr=lr,
-            weight_decay=0.0, update_proj_gap=self.option(ctx, "gorp_gap"), energy=self.option(ctx, "gorp_energy"),
-            seed=int(ctx.seed) * 1000003 + int(ctx.stage), lowrank_options={"scale": self.option(ctx, "gorp_scale")},
+            peft_model,
+            full_rank=patterns,
+            rank=rank,
+            shared_spaces=dict(ctx.state.get("spaces", {})),
+            lr=lr,
+            weight_decay=0.0,
+            update_proj_gap=self.option(ctx, "gorp_gap"),
+            energy=self.option(ctx, "gorp_energy"),
+            seed=int(ctx.seed) * 1000003 + int(ctx.stage),
+            lowrank_options={"scale": self.option(ctx, "gorp_scale")},
         )
         return self.opt
 

@@ -1,6 +1,7 @@
 """The built-in methods ``lora``, ``lora_ga``, ``slice``, ``loram`` (SPEC §1): each stage's adapter comes from
 the library's ``get_slice_model``, so the runner compares exactly the package's initializers, with every
 check of the API."""
+
 from __future__ import annotations
 
 from peft import LoraConfig
@@ -28,19 +29,36 @@ class InitMethod(Method):
     def init_adapter(self, ctx: StageContext):
         targets = resolve_targets(ctx.model, list(ctx.lora.target_modules))
         lora_config = LoraConfig(
-            r=ctx.lora.rank, lora_alpha=ctx.lora.alpha, use_rslora=ctx.lora.use_rslora, target_modules=list(targets),
-            lora_dropout=0.0, fan_in_fan_out=any(is_conv1d(m) for m in targets.values()), bias="none",
+            r=ctx.lora.rank,
+            lora_alpha=ctx.lora.alpha,
+            use_rslora=ctx.lora.use_rslora,
+            target_modules=list(targets),
+            lora_dropout=0.0,
+            fan_in_fan_out=any(is_conv1d(m) for m in targets.values()),
+            bias="none",
         )
         current = rank_share(ctx.current)
         replay = [rank_share(b) for b in ctx.replay]
         cfg = self.slice_config(ctx, current, replay)
         _, rank = world_and_rank()
-        peft_model = get_slice_model(ctx.model, lora_config, cfg, current=current, replay=replay or None,
-                                     loss_fn=ctx.loss_fn, progress=getattr(ctx, "progress", False) and rank == 0)
+        peft_model = get_slice_model(
+            ctx.model,
+            lora_config,
+            cfg,
+            current=current,
+            replay=replay or None,
+            loss_fn=ctx.loss_fn,
+            progress=getattr(ctx, "progress", False) and rank == 0,
+        )
         rep = peft_model.slice_init_report
         report = {
-            "method": self.name, "init": self.init, "gamma": rep.gamma, "cos": rep.cos,
-            "D": rep.D, "Np": rep.Np, "Nc": rep.Nc,
+            "method": self.name,
+            "init": self.init,
+            "gamma": rep.gamma,
+            "cos": rep.cos,
+            "D": rep.D,
+            "Np": rep.Np,
+            "Nc": rep.Nc,
             "phases_seconds": {k: v["seconds"] for k, v in rep.phases.items()},
         }
         return peft_model, report

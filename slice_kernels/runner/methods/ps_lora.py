@@ -1,6 +1,7 @@
 """The runner's PS-LoRA methods (SPEC §3): ``ps_lora`` (vanilla LoRA init + the stability loss against all
 earlier tasks + magnitude merge of all task updates, W = W₀ + merge(ΔW₁..ΔW_t)) and ``slice+ps`` (SLICE init
 + the stability loss, plain merge)."""
+
 from __future__ import annotations
 
 from ...modules import canonical_name, lora_factors, lora_layers
@@ -39,8 +40,12 @@ class PSMethod(InitMethod):
                 offsets[canonical_name(name)] = (B.detach().clone(), A.detach().clone())
         self.offsets = offsets
         self.loss = ParameterStabilityLoss(
-            hist, lam=self.option(ctx, "ps_lambda"), alpha=self.option(ctx, "ps_alpha"),
-            beta=self.option(ctx, "ps_beta"), mode=self.option(ctx, "ps_mode"), init_offsets=offsets,
+            hist,
+            lam=self.option(ctx, "ps_lambda"),
+            alpha=self.option(ctx, "ps_alpha"),
+            beta=self.option(ctx, "ps_beta"),
+            mode=self.option(ctx, "ps_mode"),
+            init_offsets=offsets,
         )
         report.update({"ps_history_layers": len(hist), "ps_history_form": hist.kind})
         return peft_model, report
@@ -54,8 +59,9 @@ class PSMethod(InitMethod):
             name = canonical_name(name)
             B, A, s = lora_factors(mod, ad)
             B, A = effective_factors(B.detach(), A.detach(), self.offsets.get(name))
-            updates.setdefault(name, []).append({"B": B.float().cpu().clone(), "A": A.float().cpu().clone(),
-                                                 "s": float(s)})
+            updates.setdefault(name, []).append(
+                {"B": B.float().cpu().clone(), "A": A.float().cpu().clone(), "s": float(s)}
+            )
 
     def merge(self, ctx, peft_model):
         if not self.magnitude:

@@ -14,6 +14,7 @@ Comments are dropped first. Line numbers are kept (every replacement stays on th
 ``#line`` names the original file), so a compiler error points at the .cu file. A construct it does not recognise
 raises RewriteError naming the file and line rather than producing code that would test something else.
 """
+
 from __future__ import annotations
 
 import re
@@ -55,7 +56,7 @@ def _strip_comments(src: str) -> str:
             j = i + 1
             while j < n and src[j] != c:
                 j += 2 if src[j] == "\\" else 1
-            out.append(src[i:j + 1])
+            out.append(src[i : j + 1])
             i = j + 1
         elif src.startswith("//", i):
             j = src.find("\n", i)
@@ -86,7 +87,8 @@ def _match_forward(src: str, i: int, open_ch: str, close_ch: str) -> int:
 
 
 _EXTERN_SHARED = re.compile(
-    r"extern\s+__shared__\s+(?:alignas\(\s*\d+\s*\)\s+)?([A-Za-z_][\w:]*)\s+(\w+)\s*\[\s*\]\s*;")
+    r"extern\s+__shared__\s+(?:alignas\(\s*\d+\s*\)\s+)?([A-Za-z_][\w:]*)\s+(\w+)\s*\[\s*\]\s*;"
+)
 _SHARED = re.compile(r"__shared__\s+([^;{}]*);")
 _DECLARATOR = re.compile(r"^([A-Za-z_]\w*)\s*(\[[^\[\]]+\]\s*)*$")
 _BOUNDS = re.compile(r"__launch_bounds__\s*\(([^()]*)\)\s*([A-Za-z_]\w*)\s*\(")
@@ -94,14 +96,17 @@ _BOUNDS = re.compile(r"__launch_bounds__\s*\(([^()]*)\)\s*([A-Za-z_]\w*)\s*\(")
 
 def _rewrite_shared(src: str, path: str) -> str:
     src = _EXTERN_SHARED.sub(
-        lambda m: f"{m.group(1)}* {m.group(2)} = static_cast<{m.group(1)}*>(sk_dyn_shared());", src)
+        lambda m: f"{m.group(1)}* {m.group(2)} = static_cast<{m.group(1)}*>(sk_dyn_shared());", src
+    )
 
     def one(m: re.Match) -> str:
         body = m.group(1).strip()
         tm = re.match(r"^([A-Za-z_][\w:]*)\s+(.+)$", body, re.S)
         if tm is None or tm.group(1) in ("const", "volatile", "extern", "static"):
-            raise RewriteError(f"{path}:{_line(src, m.start())}: cannot rewrite the __shared__ declaration "
-                               f"'{m.group(0)}' (expected '__shared__ Type name[, name[N]];')")
+            raise RewriteError(
+                f"{path}:{_line(src, m.start())}: cannot rewrite the __shared__ declaration "
+                f"'{m.group(0)}' (expected '__shared__ Type name[, name[N]];')"
+            )
         names = []
         for d in _split_top(tm.group(2)):
             dm = _DECLARATOR.match(d)
@@ -109,7 +114,7 @@ def _rewrite_shared(src: str, path: str) -> str:
                 raise RewriteError(f"{path}:{_line(src, m.start())}: cannot rewrite the __shared__ declarator '{d}'")
             names.append(dm.group(1))
         regions = ", ".join(f"{{&{n}, sizeof({n})}}" for n in names)
-        return (f"static {body}; {{ static SkSharedSite sk_site_; sk_shared_decl(sk_site_, {{{regions}}}); }}")
+        return f"static {body}; {{ static SkSharedSite sk_site_; sk_shared_decl(sk_site_, {{{regions}}}); }}"
 
     src = _SHARED.sub(one, src)
     if "__shared__" in src:
@@ -155,10 +160,10 @@ def _rewrite_launches(src: str, path: str) -> str:
         cfg_end = src.find(">>>", k)
         if cfg_end < 0:
             raise RewriteError(f"{path}:{_line(src, k)}: <<< without >>>")
-        cfg = _split_top(src[k + 3:cfg_end])
+        cfg = _split_top(src[k + 3 : cfg_end])
         if not 2 <= len(cfg) <= 4:
             raise RewriteError(f"{path}:{_line(src, k)}: a launch takes 2 to 4 configuration arguments, got {len(cfg)}")
-        cfg += ["0", "nullptr"][len(cfg) - 2:]
+        cfg += ["0", "nullptr"][len(cfg) - 2 :]
         p = cfg_end + 3
         while src[p].isspace():
             p += 1
