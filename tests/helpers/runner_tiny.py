@@ -26,7 +26,7 @@ def char_tokenizer():
     )
 
 
-def save_tiny_llama(path: str, seed: int = 0) -> str:
+def save_tiny_llama(path: str, seed: int = 0, tied: bool = False) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = char_tokenizer()
@@ -39,7 +39,7 @@ def save_tiny_llama(path: str, seed: int = 0) -> str:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,

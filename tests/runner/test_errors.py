@@ -8,7 +8,7 @@ import pytest
 from slice_kernels.runner.cli import main
 from slice_kernels.runner.model import ModelError, check_model_dir
 from slice_kernels.runner.tasks import TaskError, check_spec, expand_task_list, load_task
-from tests.helpers.runner_tiny import save_not_causal, write_jsonl
+from tests.helpers.runner_tiny import save_not_causal, save_tiny_llama, write_jsonl
 
 
 @pytest.mark.reasoning_gym
@@ -286,3 +286,44 @@ def test_run_help_states_each_option_and_its_profile_default(capsys):
     ) in text
     assert f"--svd {{randomized,exact}} SVD of the gradient inits; default {d.svd}" in text and "svd" not in PAPER
     assert f"--seed SEED seed of every random choice; default {d.seed}" in text and "seed" not in PAPER
+
+
+@pytest.mark.parametrize("method", ["slice", "lora_ga", "loram"])
+def test_a_tied_lm_head_target_is_refused_through_the_cli(method, tmp_path, capsys):
+    """The runner's inits go through get_slice_model, so its refusal of a target whose weight is shared (a tied
+    lm_head) holds in the runner too: the absorbed offset would change the embeddings and the outputs at init."""
+    model = save_tiny_llama(str(tmp_path / "tied"), tied=True)
+    task = write_jsonl(str(tmp_path / "t.jsonl"), [{"prompt": f"{i}+1", "answer": str(i + 1)} for i in range(12)])
+    out = tmp_path / "run"
+    rc = main(
+        [
+            "run",
+            "--model",
+            model,
+            "--tasks",
+            task,
+            "--heldout",
+            "",
+            "--methods",
+            method,
+            "--targets",
+            "q_proj,lm_head",
+            "--rank",
+            "2",
+            "--steps",
+            "1",
+            "--n-train",
+            "8",
+            "--n-eval",
+            "2",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "'lm_head' shares its weight tensor with ['model.embed_tokens']" in err
+    assert not out.exists()  # nothing of the refused run is left behind

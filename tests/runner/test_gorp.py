@@ -101,3 +101,38 @@ def test_end_of_task_stores_spaces(tiny_dir):
     spaces = ctx.state["spaces"]
     assert any(k.endswith("gate_proj.weight") for k in spaces)
     assert any(k.endswith("q_proj.lora_A") for k in spaces)
+
+
+@pytest.mark.parametrize(
+    "given,expected",
+    [("down_proj", ["down_proj"]), (["gate_proj", "up_proj"], ["gate_proj", "up_proj"]), (None, None)],
+)
+def test_gorp_full_rank_option_takes_one_name_or_a_list(given, expected):
+    """--method-option gorp_full_rank=down_proj arrives as a string: one pattern, not a list of its letters."""
+    from slice_kernels.runner.methods import StageContext
+
+    m = methods.get("gorp")
+    options = {} if given is None else {"gorp_full_rank": given}
+    ctx = StageContext(
+        model=None,
+        stage=1,
+        task_name="t",
+        current=[],
+        replay=[],
+        lora=None,
+        seed=0,
+        state={},
+        collect_gradients=None,
+        loss_fn=None,
+        options=options,
+    )
+    assert m.option(ctx, "gorp_full_rank") == expected
+
+
+def test_the_runner_refuses_an_option_no_method_declares():
+    from slice_kernels.runner.methods import check_method_options, declared_options
+
+    assert {"gorp_rank", "gorp_full_rank", "ps_lambda", "ps_history"} <= set(declared_options())
+    check_method_options({"gorp_rank": 4, "ps_lambda": 0.5, "svd": "exact"})
+    with pytest.raises(ValueError, match=r"unknown method option\(s\) \['gorp_rnk'\]"):
+        check_method_options({"gorp_rnk": 4})
