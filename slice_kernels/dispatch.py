@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -166,13 +168,21 @@ class Op:
 
 
 _OPS: dict[str, Op] = {}
+_OWNERS: dict[str, str | None] = {}  # op name -> the module that defined it
 
 
 def define(name: str) -> Op:
-    """Declare the fused op ``name`` (once per process) and return its handle."""
+    """Declare the fused op ``name`` (once per process) and return its handle. The module that defined it may
+    run again (``importlib.reload``): it gets its own handle back and re-registers its backends."""
+    owner = sys._getframe(1).f_globals.get("__name__")
     if name in _OPS:
-        raise InvalidArgumentError(f"op {name!r} is already defined (in {_OPS[name]!r}); use that handle")
+        if _OWNERS.get(name) != owner:
+            raise InvalidArgumentError(
+                f"op {name!r} is already defined by {_OWNERS.get(name)} ({_OPS[name]!r}); use that handle"
+            )
+        return _OPS[name]
     _OPS[name] = op = Op(name)
+    _OWNERS[name] = owner
     return op
 
 
@@ -196,3 +206,27 @@ def refusal(op: Op | str, backend: str, device: torch.device | str) -> str | Non
 
 def implementations(op: Op | str) -> dict[str, Callable]:
     return get(op).implementations()
+
+
+# 0.1's registration by name, kept for code outside the package until 0.3.
+def register(op: str, backend: str, *, native_op: str | None = None, auto: bool = True):
+    """Deprecated: declare the op once with ``MY_OP = dispatch.define(name)`` and use ``MY_OP.register(backend)``."""
+    warnings.warn(
+        "dispatch.register(name, backend) is deprecated since 0.2 and goes in 0.3: define the op once "
+        "with MY_OP = dispatch.define(name) and register with @MY_OP.register(backend)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    handle = _OPS[op] if op in _OPS else define(op)
+    return handle.register(backend, native_op=native_op, auto=auto)
+
+
+def call(op: Op | str, device: torch.device | str, *args, **kwargs):
+    """Deprecated: call the op's handle, ``MY_OP(device, *args)``."""
+    warnings.warn(
+        "dispatch.call(name, device, ...) is deprecated since 0.2 and goes in 0.3: call the op's handle, "
+        "MY_OP(device, ...)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return get(op)(device, *args, **kwargs)

@@ -64,3 +64,66 @@ def test_an_old_module_as_an_attribute_of_the_package(monkeypatch):
 def test_a_name_that_never_existed_is_still_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
         slice_kernels.nonexistent  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    "module,name",
+    [(m, n) for m, table in sorted(_compat.NAMES.items()) for n in sorted(table)],
+)
+def test_a_name_that_left_its_module_is_forwarded_with_a_warning(module, name):
+    target, attr = _compat.NAMES[module][name]
+    with pytest.warns(DeprecationWarning, match=rf"{module}\.{name} moved to {target}\.{attr}"):
+        got = getattr(importlib.import_module(module), name)
+    assert got is getattr(importlib.import_module(target), attr)
+
+
+def test_names_a_module_defines_itself_are_not_forwarded():
+    from slice_kernels.ops import sign_loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        assert sign_loss.MODES["tanh"] == 0
+    with pytest.raises(AttributeError, match="has no attribute 'nonexistent'"):
+        sign_loss.nonexistent  # noqa: B018
+
+
+def test_registration_by_name_still_works_with_a_warning():
+    import torch
+
+    from slice_kernels import dispatch
+
+    with pytest.warns(DeprecationWarning, match="dispatch.register"):
+
+        @dispatch.register("test_deprecated_by_name_op", "torch")
+        def _double(x):
+            return 2 * x
+
+    with pytest.warns(DeprecationWarning, match="dispatch.call"):
+        assert dispatch.call("test_deprecated_by_name_op", "cpu", torch.ones(2)).tolist() == [2.0, 2.0]
+
+
+def test_python_m_on_an_old_path_runs_the_new_module():
+    import subprocess
+
+    cmd = [sys.executable, "-W", "always::DeprecationWarning", "-m", "slice_kernels.cli", "methods"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "slice" in out.stdout.split() and "gorp" in out.stdout.split()
+    assert "slice_kernels.cli moved to slice_kernels.runner.cli" in out.stderr
+
+
+def test_an_op_module_and_a_method_module_can_be_reloaded():
+    from slice_kernels.ops import conflict
+    from slice_kernels.runner.methods import gorp
+
+    handle = conflict.CONFLICT_STATS
+    importlib.reload(conflict)
+    assert conflict.CONFLICT_STATS is handle and "torch" in handle.implementations()
+    importlib.reload(gorp)
+
+
+def test_another_module_cannot_redefine_an_op():
+    from slice_kernels import dispatch
+
+    with pytest.raises(ValueError, match="'conflict_stats' is already defined by slice_kernels.ops.conflict"):
+        dispatch.define("conflict_stats")

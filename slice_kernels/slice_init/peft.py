@@ -210,10 +210,9 @@ def install_init(
     from peft import get_peft_model
     from peft.tuners.lora import LoraLayer
 
-    with torch.random.fork_rng(devices=[]):  # PEFT draws its own init from the global RNG; it is overwritten
-        peft_model = get_peft_model(
-            model, lora_config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype
-        )
+    peft_model = get_peft_model(
+        model, lora_config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype
+    )
     by_base = {id(m.get_base_layer()): m for m in peft_model.modules() if isinstance(m, LoraLayer)}
     for n, base in targets.items():
         layer = by_base[id(base)]

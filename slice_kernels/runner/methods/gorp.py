@@ -68,4 +68,4 @@ class GorpMethod(InitMethod):
         self.opt = None  # the next stage builds a fresh optimizer around the new adapter
 
 
-register("gorp", GorpMethod)
+register("gorp", GorpMethod, overwrite=True)  # overwrite: importlib.reload re-registers

@@ -4,9 +4,10 @@ check of the API."""
 
 from __future__ import annotations
 
+import torch
 from peft import LoraConfig
 
-from ...modules import is_conv1d, resolve_targets
+from ...modules import is_conv1d, matches, resolve_targets
 from ...slice_init import SliceConfig, get_slice_model
 from ..train import rank_share, world_and_rank
 from .base import Method, StageContext, register
@@ -18,16 +19,23 @@ class InitMethod(Method):
     init = "lora"
 
     def slice_config(self, ctx: StageContext, current: list, replay: list) -> SliceConfig:
+        options = {k: v for k, v in ctx.options.items() if k in SliceConfig.__dataclass_fields__}
+        # every replay buffer gives the same number of batches, so pooling them would be the same average: the
+        # runner always passes one list per task (docs/runner.md)
+        options["replay_mode"] = "per_task"
         return SliceConfig(
             method=self.init,
             seed=(ctx.seed * 1000003 + ctx.stage) % (2**63 - 1),  # fresh random init per stage, reproducible
             current_steps=max(1, len(current)),
             replay_steps=max(1, max((len(r) for r in replay), default=1)),
-            **{k: v for k, v in ctx.options.items() if k in SliceConfig.__dataclass_fields__},
+            **options,
         )
 
     def init_adapter(self, ctx: StageContext):
-        targets = resolve_targets(ctx.model, list(ctx.lora.target_modules))
+        # --targets names the usual linears of several architectures: adapt those this model has
+        names = [n for n, _ in ctx.model.named_modules()]
+        present = [t for t in ctx.lora.target_modules if any(matches(t, n, regex=False) for n in names)]
+        targets = resolve_targets(ctx.model, present or list(ctx.lora.target_modules))
         lora_config = LoraConfig(
             r=ctx.lora.rank,
             lora_alpha=ctx.lora.alpha,
@@ -41,15 +49,16 @@ class InitMethod(Method):
         replay = [rank_share(b) for b in ctx.replay]
         cfg = self.slice_config(ctx, current, replay)
         _, rank = world_and_rank()
-        peft_model = get_slice_model(
-            ctx.model,
-            lora_config,
-            cfg,
-            current=current,
-            replay=replay or None,
-            loss_fn=ctx.loss_fn,
-            progress=getattr(ctx, "progress", False) and rank == 0,
-        )
+        with torch.random.fork_rng(devices=[]):  # PEFT's own init draws are overwritten: leave the run's RNG alone
+            peft_model = get_slice_model(
+                ctx.model,
+                lora_config,
+                cfg,
+                current=current,
+                replay=replay or None,
+                loss_fn=ctx.loss_fn,
+                progress=ctx.progress and rank == 0,
+            )
         rep = peft_model.slice_init_report
         report = {
             "method": self.name,
@@ -70,4 +79,4 @@ def init_method(init_name: str) -> type[InitMethod]:
 
 
 for _name in ("lora", "lora_ga", "slice", "loram"):
-    register(_name, init_method(_name))
+    register(_name, init_method(_name), overwrite=True)  # overwrite: importlib.reload re-registers

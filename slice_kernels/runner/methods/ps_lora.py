@@ -74,5 +74,5 @@ class SlicePSMethod(PSMethod):
     magnitude = False
 
 
-register("ps_lora", PSMethod)
-register("slice+ps", SlicePSMethod)
+register("ps_lora", PSMethod, overwrite=True)  # overwrite: importlib.reload re-registers
+register("slice+ps", SlicePSMethod, overwrite=True)
