@@ -1,5 +1,5 @@
-"""The errors slice_kernels raises. Every one derives from ``SliceKernelsError`` (catch that for "anything
-this package refused") and from the builtin a caller would expect (``ValueError`` for a bad value,
+"""The error classes of slice_kernels. Each derives from ``SliceKernelsError`` (catch that for "anything the
+library refused") and from the builtin a caller would expect (``ValueError`` for a bad value,
 ``TypeError`` for a wrong kind of argument), so code written against the builtins keeps working. Each
 message names the thing at fault and the next step; nothing has been modified when one is raised.
 """
@@ -8,7 +8,8 @@ from __future__ import annotations
 
 
 class SliceKernelsError(Exception):
-    """Base class of every error raised by slice_kernels (runner errors included)."""
+    """Base class of every error class of slice_kernels (the runner's TaskError, ModelError, ResumeError too;
+    the runner's option checks still raise plain ``ValueError``)."""
 
 
 class InvalidArgumentError(SliceKernelsError, ValueError):
