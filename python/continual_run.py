@@ -69,8 +69,10 @@ def main(argv=None) -> dict:
     p.add_argument("--methods", default="lora,slice,slice_c0.5")
     p.add_argument("--resume", action="store_true")
     a = p.parse_args(argv)
-    os.makedirs(a.out, exist_ok=True)
-    capitals = write_capitals(os.path.join(a.out, "capitals.jsonl"))
+    # the task file goes beside --out, not into it: a fresh run takes only a new or empty directory
+    tasks_dir = os.path.dirname(os.path.abspath(a.out))
+    os.makedirs(tasks_dir, exist_ok=True)
+    capitals = write_capitals(os.path.join(tasks_dir, "capitals.jsonl"))
     cfg = make_config(
         "default",
         model=a.model,

@@ -208,6 +208,11 @@ def implementations(op: Op | str) -> dict[str, Callable]:
     return get(op).implementations()
 
 
+def defined() -> list[str]:
+    """The name of every op defined so far (importing ``slice_kernels.ops`` defines them all)."""
+    return sorted(_OPS)
+
+
 # 0.1's registration by name, kept for code outside the package until 0.3.
 def register(op: str, backend: str, *, native_op: str | None = None, auto: bool = True):
     """Deprecated: declare the op once with ``MY_OP = dispatch.define(name)`` and use ``MY_OP.register(backend)``."""

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import GorpGroupError
 from ..modules import base_linears, lora_layers, matches
-from .optimizer import GorpAdamW
+from .optimizer import GorpAdamW, is_positive_int
 
 
 def gorp_param_groups(
@@ -47,9 +47,8 @@ def gorp_param_groups(
 
     Raises GorpGroupError (before touching the model) for a pattern that matches nothing or r > min(m, n).
     """
-    rank = int(rank)
-    if rank < 1:
-        raise GorpGroupError(f"rank must be ≥ 1, got {rank}")
+    if not is_positive_int(rank):  # int(2.7) would train rank 2 silently
+        raise GorpGroupError(f"rank must be a positive integer, got {rank!r}; pass a whole number such as 8")
     linears = base_linears(model)
     chosen: dict[str, nn.Module] = {}
     for pat in full_rank:

@@ -43,6 +43,7 @@ the skinny GEMMs stay with BLAS / cuBLAS, and the lift-back with the parameter u
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Iterable, Mapping
 
 import torch
@@ -55,6 +56,12 @@ KINDS = ("lowrank", "lora_a", "adamw")
 # Relative slack in the energy rule, so a spectrum that reaches the threshold exactly (up to SVD rounding)
 # is not pushed to one extra vector.
 _ENERGY_SLACK = 1e-10
+
+
+def is_positive_int(x) -> bool:
+    """A whole number ≥ 1 given as an integer: 2.7 or "2" would be truncated or parsed by int(), and a bool is
+    an int to Python but never meant as a rank."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 1
 
 
 def _space_side(kind: str, shape: torch.Size) -> int:
@@ -131,10 +138,20 @@ class GorpAdamW(torch.optim.Optimizer):
             raise GorpGroupError(f"{where}: eps must be > 0, got {g['eps']}")
         if not g["weight_decay"] >= 0.0:
             raise GorpGroupError(f"{where}: weight_decay must be ≥ 0, got {g['weight_decay']}")
-        if int(g["update_proj_gap"]) < 1:
-            raise GorpGroupError(f"{where}: update_proj_gap must be ≥ 1, got {g['update_proj_gap']}")
-        if int(g["rank"]) < 1:
-            raise GorpGroupError(f"{where}: rank must be ≥ 1, got {g['rank']}")
+        if not is_positive_int(g["update_proj_gap"]):
+            raise GorpGroupError(
+                f"{where}: update_proj_gap must be a positive integer (steps), got {g['update_proj_gap']!r}"
+            )
+        if not is_positive_int(g["rank"]):
+            raise GorpGroupError(
+                f"{where}: rank must be a positive integer, got {g['rank']!r}; pass a whole number such as 8"
+            )
+        scale = g["scale"]
+        # a NaN/Inf scale writes NaN/Inf into the weights at the first step; 0 or less trains nothing or ascends
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (math.isfinite(scale) and scale > 0):
+            raise GorpGroupError(
+                f"{where}: scale must be a finite number > 0, got {scale!r}; pass e.g. 1.0 (GaLore uses 0.25)"
+            )
         if not 0.0 < g["energy"] <= 1.0:
             raise GorpGroupError(f"{where}: energy must lie in (0, 1], got {g['energy']}")
         if g["kind"] not in KINDS:
@@ -164,6 +181,12 @@ class GorpAdamW(torch.optim.Optimizer):
         self._check_hparams(merged, f"group {idx} ({merged['kind']})")
         kind, rank = merged["kind"], int(merged["rank"])
         for p, name in zip(params, names):
+            # Adam's moments and the update are real-valued: an integer parameter would truncate them
+            if isinstance(p, torch.Tensor) and not p.is_floating_point():
+                raise GorpGroupError(
+                    f"group {idx} ({kind}): {name} is a {p.dtype} tensor of shape {tuple(p.shape)}; GorpAdamW "
+                    f"trains floating-point parameters only: leave it out of the groups (or train a float copy)"
+                )
             if kind in ("lowrank", "lora_a") and p.dim() != 2:
                 raise GorpGroupError(
                     f"{name}: a {kind!r} group takes matrices, got a tensor of shape {tuple(p.shape)}; put it in "
@@ -335,7 +358,10 @@ class GorpAdamW(torch.optim.Optimizer):
 
         torch casts floating state to the parameter's dtype; for a bfloat16 weight that would round the
         float32 moments, projectors and spaces and make a resumed run differ from an uninterrupted one.
+        Every state tensor's shape is checked against its parameter first (torch checks only the counts), so a
+        state dict of a model of other sizes is refused with nothing loaded.
         """
+        self._check_state_shapes(state_dict)
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -344,9 +370,57 @@ class GorpAdamW(torch.optim.Optimizer):
                 if torch.is_tensor(v):
                     self.state[p][k] = v.to(device=p.device, copy=True)
 
+    def _check_state_shapes(self, state_dict: dict) -> None:
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) != len(self.param_groups):
+            return  # torch's own error names the mismatch in the number of groups
+        for idx, (sg, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(sg["params"]) != len(group["params"]):
+                return  # likewise for the number of parameters of a group
+            # torch installs the saved group's options, so its rank is the one the state must fit
+            kind, rank = sg.get("kind", group["kind"]), int(sg.get("rank", group["rank"]))
+            if kind != group["kind"]:
+                raise GorpGroupError(
+                    f"load_state_dict: group {idx} was saved as a {kind!r} group but is a {group['kind']!r} group "
+                    f"here. Nothing was loaded: build the groups as for the optimizer that was saved"
+                )
+            for pid, p, name in zip(sg["params"], group["params"], group["names"]):
+                expected = _state_shapes(kind, rank, p.shape)
+                for k, v in state_dict["state"].get(pid, {}).items():
+                    if not torch.is_tensor(v) or k not in expected:
+                        continue
+                    want = expected[k]
+                    if k == "shared":  # S is (d, k) with k ≤ d
+                        d = want[0]
+                        ok, need = v.dim() == 2 and v.shape[0] == d >= v.shape[1], f"({d}, k ≤ {d})"
+                    else:
+                        ok, need = tuple(v.shape) == want, str(want)
+                    if not ok:
+                        raise GorpGroupError(
+                            f"load_state_dict: parameter {name!r} (shape {tuple(p.shape)}, {kind}"
+                            f"{f', rank {rank}' if kind == 'lowrank' else ''}): the saved {k} has shape "
+                            f"{tuple(v.shape)} but this parameter needs {need}, so the state dict comes from a model "
+                            f"of other sizes. Nothing was loaded: load it into an optimizer over the model it was saved "
+                            f"from (same groups, names and shapes), or start this optimizer fresh"
+                        )
+
 
 def _state_dtype(p: torch.Tensor) -> torch.dtype:
     return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def _state_shapes(kind: str, rank: int, shape: torch.Size) -> dict[str, tuple[int, ...]]:
+    """The shape each state tensor of a parameter of ``shape`` has (see ``_step_param``); for "shared" the
+    space dimension d, as (d,): S is (d, k) with k ≤ d."""
+    if kind != "lowrank" or rank >= min(shape):  # g = G (adamw, lora_a, full-rank lowrank)
+        out = {"exp_avg": tuple(shape), "exp_avg_sq": tuple(shape)}
+    else:
+        m, n = shape
+        g, proj = ((m, rank), (rank, n)) if m >= n else ((rank, n), (m, rank))
+        out = {"exp_avg": g, "exp_avg_sq": g, "proj": proj}
+    if kind != "adamw":
+        out["shared"] = (shape[_space_side(kind, shape)],)
+    return out
 
 
 def _project(S: torch.Tensor, X: torch.Tensor, side: int) -> torch.Tensor:

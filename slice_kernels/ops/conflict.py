@@ -151,6 +151,14 @@ def surgery_(cur: Sequence[torch.Tensor], prev: Sequence[torch.Tensor], gammas) 
     gammas = torch.as_tensor(gammas, dtype=torch.float64)
     if gammas.numel() != len(cur):
         raise InvalidArgumentError(f"surgery_ needs one gamma per layer ({gammas.numel()} for {len(cur)} layers)")
+    bad = (~torch.isfinite(gammas)).nonzero().flatten().tolist()
+    if bad:  # a NaN/Inf γ would spread into every entry of the layer (NaN·0 is NaN), on every backend
+        i = bad[0]
+        raise InvalidArgumentError(
+            f"surgery_: gammas[{i}] = {float(gammas[i])} is not finite ({len(bad)} non-finite of {len(cur)}); "
+            f"nothing was modified. Pass finite gammas: γ = −c·D / (N_p + ε) is finite for finite gradients, so "
+            f"check the gradients behind the conflict statistics (conflict_stats) and recompute γ"
+        )
     if len(cur) == 0 or not bool((gammas != 0).any()):
         return
     if _has_float64(cur, prev):  # float64 stays float64 (see conflict_stats)

@@ -13,6 +13,7 @@ Backends of ``magnitude_merge_factors``: ``torch`` (row blocks), ``cpp`` (tiled,
 
 from __future__ import annotations
 
+import math
 from typing import Sequence, Union
 
 import torch
@@ -24,6 +25,8 @@ Update = Union[torch.Tensor, tuple]
 _ROW_BLOCK = 128
 # What the CUDA kernel can store; another output dtype (float64) runs on the torch path (see magnitude_merge).
 _CUDA_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# What every backend can merge into (the cpp kernel's list; the torch path takes the same, so all agree)
+_INTO_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 MAGNITUDE_MERGE_FACTORS = dispatch.define("magnitude_merge_factors")
 
@@ -92,6 +95,11 @@ def _normalize(updates: Sequence[Update]):
                 s = float(u[2]) if len(u) == 3 else 1.0
             except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor scaling with several elements
                 raise InvalidTypeError(f"magnitude_merge: update {k} has scaling {u[2]!r}; {form}") from None
+            if not math.isfinite(s):  # NaN loses every |·| comparison and Inf wins every one: a silently wrong merge
+                raise InvalidArgumentError(
+                    f"magnitude_merge: update {k} has scaling {s}; the scaling must be a finite number (the "
+                    f"adapter's s = α/√r or α/r): check the LoRA alpha and rank it came from"
+                )
             if B.dim() != 2 or A.dim() != 2 or B.shape[1] != A.shape[0]:
                 raise InvalidArgumentError(
                     f"magnitude_merge: update {k} has B {tuple(B.shape)} and A {tuple(A.shape)}; "
@@ -118,9 +126,16 @@ def magnitude_merge(updates: Sequence[Update], *, into: torch.Tensor | None = No
     """Element-wise max-|·| merge of K updates of one layer, ties to the earliest (SPEC §3).
 
     ``updates``: dense m×n tensors and/or ``(B, A)`` / ``(B, A, scaling)`` factor tuples, in task order.
-    Returns the merged m×n update, or with ``into=W`` (m×n, any float dtype) adds it into W in place and
-    returns W. From factors no m×n buffer is allocated besides the result (none with ``into``)."""
+    Returns the merged m×n update, or with ``into=W`` (m×n; float32, float64, bfloat16 or float16) adds it into
+    W in place and returns W. From factors no m×n buffer is allocated besides the result (none with ``into``)."""
     items, (m, n) = _normalize(updates)
+    if into is not None and not (isinstance(into, torch.Tensor) and into.dtype in _INTO_DTYPES):
+        # checked here, not per backend: torch and Triton would truncate into an integer W, cpp refuses it
+        what = f"a {into.dtype} tensor" if isinstance(into, torch.Tensor) else f"a {type(into).__name__}"
+        raise InvalidTypeError(
+            f"magnitude_merge: into is {what}; it must be a floating-point m×n weight (float32, float64, "
+            f"bfloat16 or float16). Merge into a floating-point copy of W, or leave into out to get the update"
+        )
     if into is not None and tuple(into.shape) != (m, n):
         raise InvalidArgumentError(
             f"magnitude_merge: into has shape {tuple(into.shape)} but the updates are {m}×{n}; "

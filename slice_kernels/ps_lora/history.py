@@ -34,6 +34,18 @@ KINDS = ("factors", "dense", "bits")
 _ROW_BLOCK = 256
 
 
+def _check_rms(rms) -> float:
+    """rms(H) as a float, refused unless finite and ≥ 0: the loss divides by it (α_ℓ = α/rms, 1/rms, 1/rms²), so a
+    NaN/Inf turns the stability loss into NaN and a negative one flips the direction term. 0 is legitimate: an
+    all-zero H (an adapter that never moved) has rms 0, and the loss skips such a layer."""
+    rms = float(rms)
+    if not (math.isfinite(rms) and rms >= 0.0):
+        raise HistoryError(
+            f"rms = {rms} is not a valid rms(H): it must be finite and ≥ 0 (0 only for an all-zero history)"
+        )
+    return rms
+
+
 def gram_sq_norm(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """‖B @ A‖_F² without forming B @ A: tr((BᵀB)(AAᵀ)), in float64."""
     Bd, Ad = B.double(), A.double()
@@ -101,7 +113,7 @@ class History:
                 f"{bits.dtype} {tuple(bits.shape)}"
             )
         m = bits.shape[0]
-        return cls("bits", (m, n), float(rms), bits=bits.contiguous())
+        return cls("bits", (m, n), _check_rms(rms), bits=bits.contiguous())
 
     # ------------------------------------------------------------------ conversions
     @property
@@ -206,7 +218,8 @@ class History:
         if d.get("kind") not in KINDS:
             raise HistoryError(f"not a History state dict (kind={d.get('kind')!r}; expected one of {KINDS})")
         mv = lambda k: None if d.get(k) is None else d[k].to(device)
-        return cls(d["kind"], tuple(d["shape"]), float(d["rms"]), mv("Bh"), mv("Ah"), mv("dense"), mv("bits"))
+        rms = _check_rms(d["rms"])  # before any tensor is moved
+        return cls(d["kind"], tuple(d["shape"]), rms, mv("Bh"), mv("Ah"), mv("dense"), mv("bits"))
 
 
 class HistoryStore:
@@ -259,7 +272,13 @@ class HistoryStore:
 
     @classmethod
     def from_state_dict(cls, d: dict, device="cpu") -> "HistoryStore":
-        return cls(d["kind"], {k: History.from_state_dict(v, device) for k, v in d["layers"].items()}, d["tasks"])
+        layers = {}
+        for k, v in d["layers"].items():
+            try:
+                layers[k] = History.from_state_dict(v, device)
+            except HistoryError as exc:
+                raise HistoryError(f"layer {k!r}: {exc}") from exc
+        return cls(d["kind"], layers, d["tasks"])
 
     def save(self, path: str | os.PathLike) -> None:
         torch.save(self.state_dict(), path)
@@ -281,6 +300,11 @@ class HistoryStore:
             raise HistoryError(f"{what}, a dict with 'kind', 'tasks' and 'layers'; found {found})")
         try:
             return cls.from_state_dict(d, device)
+        except HistoryError as exc:  # a saved history with a bad entry: name the file, the layer is named already
+            raise HistoryError(
+                f"HistoryStore.load: {os.fspath(path)!r}: {exc}. Nothing was loaded; the file was damaged or edited "
+                f"after HistoryStore.save: restore it from the run's checkpoint or rebuild the history"
+            ) from exc
         except (KeyError, TypeError, ValueError) as exc:
             raise HistoryError(f"{what}; its contents do not form one: {type(exc).__name__}: {exc})") from exc
 

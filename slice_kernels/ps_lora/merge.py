@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -30,6 +32,12 @@ def merge_magnitude_into_base(peft_model, updates: dict) -> nn.Module:
                     f"merge_magnitude_into_base: layer {name!r}: task {k}'s update is "
                     f"{u['B'].shape[0]}×{u['A'].shape[1]} but the weight is {Wv.shape[0]}×{Wv.shape[1]} "
                     f"(out, in); were the updates recorded from another model?"
+                )
+            # magnitude_merge refuses it too, but only when this layer's turn comes, after earlier layers are written
+            if not math.isfinite(float(u["s"])):
+                raise HistoryError(
+                    f"merge_magnitude_into_base: layer {name!r}: task {k}'s update has scaling {u['s']}, not a finite "
+                    f"number; nothing was merged. Record the updates again (end_of_task) from a finite LoRA scaling"
                 )
         plan.append((Wv, ups))
     for Wv, ups in plan:

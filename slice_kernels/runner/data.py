@@ -54,6 +54,8 @@ def make_batches(
     tok, examples: list[Example], n_batches: int, batch_size: int, max_len: int, seed: int, train_on: str = "answer"
 ) -> list[dict]:
     """``n_batches`` seeded batches drawn without replacement (cycling when the data is short)."""
+    if not examples:  # the loop below would never end
+        raise ValueError("make_batches: no examples to draw batches from")
     rng = random.Random(seed)
     order: list[int] = []
     while len(order) < n_batches * batch_size:

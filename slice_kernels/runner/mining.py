@@ -177,7 +177,7 @@ def plot_cosines(res: dict, path: str) -> None:
 
 
 def mine_cli(a) -> dict:
-    from .checkpoint import atomic_json
+    from .files import atomic_json
     from .model import load_model
     from .tasks import check_spec, expand_task_list, load_task
 

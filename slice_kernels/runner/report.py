@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from .checkpoint import atomic_json, atomic_write_bytes
+from .files import atomic_json, atomic_write_bytes
 
 
 def _f(x) -> str:

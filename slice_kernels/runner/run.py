@@ -8,6 +8,7 @@ with the same results as an uninterrupted run (every random draw is seeded per s
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import zlib
@@ -20,12 +21,15 @@ from torch.utils.data import DistributedSampler
 from . import checkpoint as ckpt
 from . import methods as methods_mod
 from .data import TRAIN_ON, collate, encode, make_batches, pad_id, replay_sample
+from .errors import ResumeError, RunnerError, TaskError
 from .evaluate import evaluate_task
+from .files import storage_errors
+from .fingerprint import input_fingerprint
 from .methods import LoraSettings, StageContext
 from .metrics import continual_metrics
 from .model import check_model_dir, load_model
 from .profiles import RunConfig
-from .tasks import Example, check_spec, load_task, task_name, train_count
+from .tasks import Example, check_spec, load_task, task_name
 from .train import collect_gradients, default_loss, train_adapter, world_and_rank
 
 
@@ -37,6 +41,34 @@ def validate(cfg: RunConfig) -> None:
     """Every check that needs no model: run before anything is loaded or written."""
     if not cfg.tasks:
         raise ValueError("no tasks: pass --tasks with at least one reasoning-gym name or JSONL file")
+    if not cfg.methods:
+        raise ValueError(f"no methods: pass --methods with at least one of {', '.join(methods_mod.available())}")
+    for k in ("tasks", "heldout", "methods", "targets"):
+        v = getattr(cfg, k)
+        if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) and x.strip() for x in v):
+            raise ValueError(f"{k}={v!r} must be a list of non-empty names")
+    if not cfg.targets:
+        raise ValueError("no targets: pass --targets with the module names to adapt (e.g. q_proj,v_proj)")
+    for k, minimum, above in (
+        ("alpha", None, 0.0),
+        ("lr", None, 0.0),
+        ("epochs", None, 0.0),
+        ("conflict_threshold", -1.0, None),
+        ("projection_strength", 0.0, None),
+    ):
+        v = getattr(cfg, k)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if not ok or (above is not None and v <= above) or (minimum is not None and v < minimum):
+            bound = f"> {above:g}" if above is not None else f"≥ {minimum:g}"
+            raise ValueError(f"{k}={v!r} must be a finite number {bound}")
+    if cfg.heldout and cfg.n_heldout == 0:
+        raise ValueError("n_heldout=0 leaves the held-out tasks without questions: raise it, or pass --heldout ''")
+    if not isinstance(cfg.use_rslora, bool):
+        raise ValueError(f"use_rslora={cfg.use_rslora!r} must be true or false")
+    for k in ("seed", "ip_shots", "n_heldout"):
+        v = getattr(cfg, k)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{k}={v!r} must be a non-negative integer")
     for spec in list(cfg.tasks) + list(cfg.heldout):
         check_spec(spec)
     short = [task_name(s) for s in list(cfg.tasks) + list(cfg.heldout)]
@@ -53,9 +85,9 @@ def validate(cfg: RunConfig) -> None:
         )
     for m in cfg.methods:
         methods_mod.get(m)
-    # the init options exactly as the methods receive them (--tau, --strength, --svd, --method-option):
-    # a bad value is named now, not at the first init after the run directory was written
-    methods_mod.check_method_options(_method_options(cfg))
+    # the init options exactly as the methods receive them (--tau, --strength, --svd, --method-option), for
+    # every method of the run: a bad value is named now, not after the earlier methods have checkpointed
+    methods_mod.check_method_options(_method_options(cfg), methods=list(cfg.methods))
     if len(set(cfg.methods)) != len(cfg.methods):
         raise ValueError(f"--methods lists a method twice: {cfg.methods}")
     if cfg.train_on not in TRAIN_ON:
@@ -87,15 +119,21 @@ def validate(cfg: RunConfig) -> None:
             )
     if cfg.batch_size % world:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {world} data-parallel processes")
-    for spec in cfg.tasks:  # a training set smaller than one batch yields no batch at all (training would hang)
-        n = train_count(spec, cfg.n_train, cfg.n_eval)
-        if n < cfg.batch_size:
-            raise ValueError(
-                f"task {task_name(spec)!r} has {n} training example(s), fewer than one batch "
-                f"(batch_size={cfg.batch_size}): lower --batch-size, raise --n-train, or add examples"
-            )
     _check_device_and_dtype(cfg)
     check_model_dir(cfg.model)
+
+
+def check_task_sizes(tasks: list, cfg: RunConfig) -> None:
+    """A training set smaller than one batch yields no batch at all (training would hang): counted on the built
+    tasks, so what the evaluation split and the removal of duplicated questions took away is accounted for."""
+    for task in tasks:
+        n = len(task.train)
+        if n < cfg.batch_size:
+            raise TaskError(
+                f"task {task.name!r} has {n} training example(s) once its {len(task.eval)} evaluation question(s) "
+                f"and their duplicates are set apart, fewer than one batch (batch_size={cfg.batch_size}): lower "
+                f"--batch-size, raise --n-train, or add examples"
+            )
 
 
 def _check_device_and_dtype(cfg: RunConfig) -> None:
@@ -173,19 +211,21 @@ def run(
 ) -> dict:
     """Run (or resume) a continual experiment and write results.json, summary.md and plots into ``out``.
 
+    ``out`` is locked for the run's life (a second run into it is refused, touching nothing); a fresh run needs
+    it new or empty; a resume needs the same options and inputs (runner.checkpoint, runner.fingerprint).
     ``stop_after`` (tests): return after that many stages have been checkpointed, as if the run was killed.
-    A fresh run that raises before its first checkpoint removes the run.json it wrote, so the corrected
-    command can be rerun with the same ``out``.
+    A fresh run that raises before its first checkpoint removes what it wrote, so the corrected command can be
+    rerun with the same ``out``.
     """
-    _, rank = world_and_rank()
-    fresh = not resume and not os.path.isfile(os.path.join(ckpt.ckpt_dir(out), "run.json"))
-    out_existed = os.path.exists(out)
+    r = _Run(cfg, out, progress=progress, log=log, stop_after=stop_after)  # validates; touches nothing
+    r.open(resume)
+    failed = True
     try:
-        return _Run(cfg, out, resume=resume, progress=progress, log=log, stop_after=stop_after).execute()
-    except Exception:
-        if fresh and rank == 0:
-            ckpt.discard_unstarted(out, remove_out=not out_existed)
-        raise
+        result = r.execute()
+        failed = False
+        return result
+    finally:
+        r.close(failed)
 
 
 @dataclass
@@ -235,27 +275,50 @@ class _Progress:
 class _Run:
     """One run (or resume) of every method over the task sequence; ``execute`` returns the results."""
 
-    def __init__(self, cfg: RunConfig, out: str, *, resume: bool, progress: bool, log, stop_after: int | None):
+    def __init__(self, cfg: RunConfig, out: str, *, progress: bool, log, stop_after: int | None):
         self.cfg, self.out, self.progress, self.log, self.stop_after = cfg, out, progress, log, stop_after
         self.world, self.rank = world_and_rank()
         validate(cfg)
+        ckpt.check_out(out)
         # tasks are built before the output directory is touched: a task option value that reasoning-gym rejects
         # must not leave a run.json behind (it would refuse the corrected rerun in the same --out)
         self.tasks = [load_task(s, cfg.n_train, cfg.n_eval, cfg.seed) for s in cfg.tasks]
         self.heldout = [load_task(s, max(cfg.ip_shots, 1), cfg.n_heldout, cfg.seed) for s in cfg.heldout]
-        self.state = _Progress.from_checkpoint(self._prepare_out(resume))
+        check_task_sizes(self.tasks, cfg)
+        self.dir = None
 
-    def _prepare_out(self, resume: bool) -> dict | None:
-        fp = self.cfg.fingerprint()
-        fp["world_size"] = self.world
-        state = None
+    def open(self, resume: bool) -> None:
+        """Claim ``out`` (rank 0 locks and checks it) and load the checkpoint a resume continues from; every rank
+        raises when any rank fails, with nothing changed."""
+        state, name, error = None, None, None
         if self.rank == 0:
-            state = ckpt.prepare(self.out, fp, resume)  # creates --out for a fresh run only
+            fp = dict(self.cfg.fingerprint(), world_size=self.world, **input_fingerprint(self.cfg))
+            self.dir = ckpt.RunDirectory(self.out, log=self.log)
+            try:
+                state, name = self.dir.open(fp, resume)
+            except Exception as e:
+                error = e
         if self.world > 1:
-            dist.barrier()
-            if self.rank != 0:
-                state = ckpt.prepare(self.out, fp, True) if resume else None
-        return state
+            msg, name = _broadcast((None if error is None else str(error), name))
+            if self.rank != 0 and msg is None and name is not None:
+                try:
+                    state = ckpt.RunDirectory(self.out, log=self.log).read(name)
+                except Exception as e:
+                    error = e
+            errors = [None] * self.world
+            dist.all_gather_object(errors, None if error is None else f"rank {self.rank}: {error}")
+            if error is None and any(errors):
+                if self.rank == 0:
+                    self.close(failed=True)
+                error = ResumeError(f"the run directory was refused: {'; '.join(e for e in errors if e)}")
+        if error is not None:
+            raise error
+        self.state = _Progress.from_checkpoint(state)
+
+    def close(self, failed: bool) -> None:
+        if self.dir is not None:
+            self.dir.close(failed)
+            self.dir = None
 
     def _load_model(self) -> None:
         cfg = self.cfg
@@ -266,6 +329,14 @@ class _Run:
         self.model, self.tok = load_model(cfg.model, device, cfg.dtype)
         self.lora = LoraSettings(cfg.rank, cfg.alpha, cfg.use_rslora, list(cfg.targets))
         self.base = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        # what only the model can tell (a rank too large for a layer, a target it lacks), for every method of the
+        # run before the first stage of any: a run must not fail after the earlier methods spent their time
+        options = _method_options(cfg)
+        for mname in cfg.methods:
+            try:
+                methods_mod.get(mname).check_model(self.model, self.lora, options)
+            except (RunnerError, ValueError) as e:
+                raise type(e)(f"method {mname!r}: {e}") from None
         self.log(
             f"[runner] model {cfg.model} loaded in {time.perf_counter() - t0:.1f}s; tasks "
             f"{[t.name for t in self.tasks]}; methods {cfg.methods}; training on "
@@ -277,7 +348,7 @@ class _Run:
         """Checkpoint after a stage; True when the caller asked to stop here (``stop_after``)."""
         self.state.index += 1
         if self.rank == 0:
-            ckpt.save(self.out, self.state.index, self.state.payload(current))
+            self.dir.save(self.state.index, self.state.payload(current))
         if self.world > 1:
             dist.barrier()
         return self.stop_after is not None and self.state.index >= self.stop_after
@@ -313,7 +384,8 @@ class _Run:
         if self.rank == 0:
             from .report import write_outputs
 
-            self.log(write_outputs(results, self.out, st.timings, st.predictions))
+            with storage_errors(self.out, "the outputs"):  # the plots are written by matplotlib itself
+                self.log(write_outputs(results, self.out, st.timings, st.predictions))
         return results
 
     def _heldout(self) -> dict:

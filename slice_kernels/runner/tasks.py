@@ -76,13 +76,13 @@ def _task_seed(seed: int, name: str) -> int:
     return (seed * 7919 + zlib.crc32(name.encode())) % (2**31 - 1)
 
 
-def _is_path(spec: str) -> bool:
+def is_path(spec: str) -> bool:
     return spec.endswith(".jsonl") or os.sep in spec or os.path.exists(spec)
 
 
 def task_name(spec: str) -> str:
     """The name a task gets in results: the spec for reasoning-gym tasks, the file's stem for JSONL files."""
-    return os.path.splitext(os.path.basename(spec))[0] if _is_path(spec) else spec
+    return os.path.splitext(os.path.basename(spec))[0] if is_path(spec) else spec
 
 
 def _rg_datasets() -> dict:
@@ -123,7 +123,7 @@ def parse_rg_spec(spec: str) -> tuple[str, dict]:
 
 def check_spec(spec: str) -> None:
     """Fail fast (before any model is loaded) on a task that cannot be built."""
-    if _is_path(spec):
+    if is_path(spec):
         read_jsonl(spec)
         return
     name, opts = parse_rg_spec(spec)
@@ -148,11 +148,17 @@ def read_jsonl(path: str) -> list[Example]:
     if not os.path.isfile(path):
         raise TaskError(f"task file {path!r} does not exist (a task is a reasoning-gym name or a JSONL file)")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            where = f"{path}, line {i}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TaskError(
+                    f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
-            where = f"{path}, line {i}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -176,17 +182,9 @@ def _jsonl_eval_count(n_rows: int, n_eval: int) -> int:
     return min(n_eval, max(1, n_rows // 5))
 
 
-def train_count(spec: str, n_train: int, n_eval: int) -> int:
-    """How many training examples ``load_task(spec, n_train, n_eval, seed)`` gives (without building the task)."""
-    if _is_path(spec):
-        n = len(read_jsonl(spec))
-        return min(n_train, n - _jsonl_eval_count(n, n_eval)) if n_train else n - _jsonl_eval_count(n, n_eval)
-    return n_train
-
-
 def load_task(spec: str, n_train: int, n_eval: int, seed: int) -> Task:
     """Build a task with ``n_train`` training and ``n_eval`` evaluation examples (fewer for short files)."""
-    if _is_path(spec):
+    if is_path(spec):
         rows = read_jsonl(spec)
         random.Random(_task_seed(seed, spec)).shuffle(rows)
         k = _jsonl_eval_count(len(rows), n_eval)

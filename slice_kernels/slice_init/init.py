@@ -18,6 +18,7 @@ from ..errors import SliceInitError
 from ..ops import rsvd
 from .config import SliceConfig
 from .factors import FACTORS, LayerInput, absorb_
+from .finite import all_finite
 from .report import InitReport, InitResult, lora_scaling, timed_phase
 from .surgery import reconcile
 from .svd import top_triplets
@@ -41,6 +42,7 @@ def _validate(weights, g_cur, g_prev, r, lora_alpha, config: SliceConfig):
                 f"embedding layers cannot be initialized: remove them from the targets."
             )
     validate_ranks(weights, r, config)
+    validate_finite_weights(weights)
     if not config.uses_gradients:
         return
     if g_cur is None:
@@ -91,6 +93,18 @@ def validate_ranks(weights: Mapping[str, torch.Tensor], r: int, config: SliceCon
                 f"layer {name!r} of shape ({m}, {n}): method {config.method!r} needs "
                 f"{'2r' if config.uses_gradients else 'r'} = {need} ≤ min(m, n) = {min(m, n)}; lower the rank to "
                 f"at most {min(m, n) // (2 if config.uses_gradients else 1)} or drop this layer from the targets"
+            )
+
+
+def validate_finite_weights(weights: Mapping[str, torch.Tensor]) -> None:
+    """Refuse a NaN/Inf weight, naming the layer. Every method would carry it into the factors (the variance
+    scale reads Var(W)) or into the trained model; one read-only pass per layer (``all_finite``)."""
+    for name, w in weights.items():
+        if not all_finite(w):
+            raise SliceInitError(
+                f"layer {name!r}: the weight has non-finite (NaN or Inf) entries, so the model's weights are "
+                f"non-finite and no adapter init can fit them. Nothing was modified. Reload the model from a "
+                f"finite checkpoint (a diverged training step or a bad merge writes NaN/Inf into W) and init again."
             )
 
 

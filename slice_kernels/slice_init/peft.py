@@ -29,7 +29,7 @@ from ..modules import resolve_targets, weight_out_in
 from .collect import BatchStream, collect_gradients, collect_replay_gradients, replay_streams
 from .config import SliceConfig
 from .factors import absorb_
-from .init import init_from_gradients, validate_ranks
+from .init import init_from_gradients, validate_finite_weights, validate_ranks
 from .report import InitReport, InitResult, timed_phase
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -89,6 +89,29 @@ def _adapter_dtypes(weights, method: str, autocast_adapter_dtype: bool) -> dict:
     return out
 
 
+def check_init_targets(model: nn.Module, lora_config, slice_config: SliceConfig) -> dict[str, nn.Module]:
+    """Every refusal of ``get_slice_model`` that needs only the model and the configs (no batch, no collective):
+    bad configs, LoRA layers already present, targets matching nothing, a rank too large for a layer, a target
+    sharing its weight with another module. Returns the target modules. The runner calls it for every method
+    of a run before the first stage."""
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(slice_config, SliceConfig):
+        raise SliceInitError(f"slice_config must be a SliceConfig, got {type(slice_config).__name__}")
+    slice_config.validate()
+    _check_lora_config(lora_config)
+    if any(isinstance(m, LoraLayer) for m in model.modules()):
+        raise SliceInitError(
+            "the model already has LoRA layers: merge them first (merge_and_unload()) so the "
+            "model is at W^(t-1), or pass the base model"
+        )
+    targets = resolve_targets(model, lora_config)  # PEFT's own matching rules
+    validate_ranks({n: weight_out_in(m) for n, m in targets.items()}, lora_config.r, slice_config)
+    if slice_config.method != "lora":  # every other method absorbs an offset into W
+        _refuse_shared_weights(model, targets)
+    return targets
+
+
 def get_slice_model(
     model: nn.Module,
     lora_config,
@@ -126,26 +149,16 @@ def get_slice_model(
     Raises:
         SliceInitError (and subclasses) with the model unmodified.
     """
-    from peft.tuners.lora import LoraLayer
 
     slice_config = slice_config if slice_config is not None else SliceConfig()
-    if not isinstance(slice_config, SliceConfig):
-        raise SliceInitError(f"slice_config must be a SliceConfig, got {type(slice_config).__name__}")
-    slice_config.validate()
-    _check_lora_config(lora_config)
-    if any(isinstance(m, LoraLayer) for m in model.modules()):
-        raise SliceInitError(
-            "the model already has LoRA layers: merge them first (merge_and_unload()) so the "
-            "model is at W^(t-1), or pass the base model"
-        )
+    targets = check_init_targets(model, lora_config, slice_config)
     cfg = copy.deepcopy(lora_config)
     cfg.init_lora_weights = True
     r = cfg.r
-    targets = resolve_targets(model, cfg)  # PEFT's own matching rules
     weights = {n: weight_out_in(m).detach() for n, m in targets.items()}
-    validate_ranks(weights, r, slice_config)
-    if slice_config.method != "lora":  # every other method absorbs an offset into W
-        _refuse_shared_weights(model, targets)
+    # before any batch runs: a NaN weight would otherwise surface as a NaN gradient of some other layer; and
+    # before the collective check, where NaN ≠ NaN would read as "the ranks hold different weights"
+    validate_finite_weights(weights)
     if not distributed.same_on_all_ranks(list(weights.values())):  # collective; same answer on every rank
         raise SliceInitError(
             "the ranks hold different weights for the target layers: every rank must start from "

@@ -88,6 +88,17 @@ def test_pattern_matching_nothing_is_an_error_and_touches_nothing():
     assert {n for n, p in model.named_parameters() if not p.requires_grad} == frozen
 
 
+@pytest.mark.parametrize("rank", [2.7, True])
+def test_a_non_integer_rank_is_refused_before_touching_the_model(rank):
+    """gorp_param_groups used to truncate rank=2.7 to 2 (and take True as 1) and unfreeze the weights."""
+    model = _peft_llama()
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    for build in (gorp_param_groups, build_gorp_optimizer):
+        with pytest.raises(GorpGroupError, match=rf"rank must be a positive integer, got {rank!r}"):
+            build(model, full_rank=["gate_proj"], rank=rank)
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == frozen
+
+
 def test_regex_pattern():
     model = _peft_llama()
     groups = gorp_param_groups(model, full_rank=[r".*layers\.1\.mlp\.(gate|up)_proj"], rank=2)

@@ -1,6 +1,7 @@
 """GorpAdamW (SPEC §4): AdamW equivalence, orthogonality to stored spaces, the energy rule, exact resume."""
 
 import io
+import re
 
 import pytest
 import torch
@@ -301,3 +302,76 @@ def test_a_sparse_gradient_is_refused_before_any_parameter_moves():
     with pytest.raises(RuntimeError, match="emb: GorpAdamW does not support sparse gradients"):
         opt.step()
     assert torch.equal(w, torch.ones(4, 3)) and not opt.state[w]  # w was not stepped either
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), 0.0, -0.25])
+def test_a_non_finite_or_non_positive_scale_is_refused(scale):
+    """A NaN scale used to be accepted and wrote NaN into the weights at the first step."""
+    w = torch.nn.Parameter(torch.zeros(6, 4))
+    with pytest.raises(GorpGroupError, match=rf"defaults: scale must be a finite number > 0, got {scale}"):
+        GorpAdamW([{"params": [w], "kind": "lowrank", "names": ["w"]}], rank=2, scale=scale)
+    with pytest.raises(GorpGroupError, match=rf"group 0 \(lowrank\): scale must be a finite number > 0, got {scale}"):
+        GorpAdamW([{"params": [w], "kind": "lowrank", "names": ["w"], "scale": scale}], rank=2)
+
+
+@pytest.mark.parametrize("rank", [2.7, 2.0, True, "2"])
+def test_rank_must_be_a_positive_int(rank):
+    """rank 2.7 used to be truncated to 2 and True taken as 1, silently."""
+    w = torch.nn.Parameter(torch.zeros(6, 4))
+    msg = re.escape(f"rank must be a positive integer, got {rank!r}")
+    with pytest.raises(GorpGroupError, match=rf"defaults: {msg}"):
+        GorpAdamW([{"params": [w], "kind": "lowrank", "names": ["w"]}], rank=rank)
+    with pytest.raises(GorpGroupError, match=rf"group 0 \(lowrank\): {msg}"):
+        GorpAdamW([{"params": [w], "kind": "lowrank", "names": ["w"], "rank": rank}])
+
+
+@pytest.mark.parametrize("gap", [2.5, 0, True])
+def test_update_proj_gap_must_be_a_positive_int(gap):
+    """2.5 used to be truncated to 2 by int(), silently."""
+    w = torch.nn.Parameter(torch.zeros(6, 4))
+    with pytest.raises(
+        GorpGroupError, match=re.escape(f"update_proj_gap must be a positive integer (steps), got {gap!r}")
+    ):
+        GorpAdamW([{"params": [w], "kind": "lowrank", "names": ["w"]}], rank=2, update_proj_gap=gap)
+
+
+def test_a_non_floating_parameter_is_refused_naming_the_group_and_shape():
+    """An integer tensor used to be accepted as a parameter (and failed or truncated at the first step)."""
+    w = torch.nn.Parameter(torch.zeros(6, 4))
+    opt = GorpAdamW([{"params": [w], "names": ["w"]}])
+    with pytest.raises(GorpGroupError, match=r"group 1 \(adamw\): counts is a torch\.int64 tensor of shape \(5, 3\)"):
+        opt.add_param_group({"params": [torch.zeros(5, 3, dtype=torch.int64)], "names": ["counts"]})
+    assert len(opt.param_groups) == 1  # the bad group was not added
+    with pytest.raises(GorpGroupError, match=r"group 0 \(lowrank\): group0\.param0 is a torch\.int32 tensor"):
+        GorpAdamW([{"params": [torch.zeros(6, 4, dtype=torch.int32)], "kind": "lowrank", "rank": 2}])
+
+
+@pytest.mark.parametrize(
+    "kind,shape,other",
+    [
+        ("lowrank", (13, 7), (12, 7)),  # projected moments (m, r) differ, the projector (r, n) does not
+        ("lowrank", (6, 11), (6, 10)),
+        ("lora_a", (3, 10), (3, 9)),
+        ("adamw", (9, 4), (9, 5)),
+        ("adamw", (5,), (6,)),
+    ],
+)
+def test_load_state_dict_of_other_sizes_names_the_parameter_and_loads_nothing(kind, shape, other):
+    """A state dict of a model of other sizes used to load and fail later, at the next step, with a raw matmul
+    (or broadcast) error."""
+
+    def make(sh, lr):
+        p = torch.nn.Parameter(torch.zeros(sh, dtype=torch.float64))
+        return p, GorpAdamW([{"params": [p], "kind": kind, "names": ["layer.w"]}], lr=lr, rank=2, update_proj_gap=3)
+
+    p, opt = make(shape, 1e-2)
+    _run(opt, [p], _grads([shape], 2, seed=1))
+    if kind != "adamw":
+        opt.end_task()  # a shared space as well
+    p2, opt2 = make(other, 5e-3)
+    with pytest.raises(
+        GorpGroupError,
+        match=rf"'layer\.w' \(shape {re.escape(str(other))}, {kind}.*has shape \(.*needs \(.*Nothing was loaded",
+    ):
+        opt2.load_state_dict(opt.state_dict())
+    assert not opt2.state and opt2.param_groups[0]["lr"] == 5e-3

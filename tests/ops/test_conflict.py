@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from slice_kernels import dispatch
+from slice_kernels.errors import InvalidArgumentError
 from slice_kernels.ops import conflict
 from tests.helpers import backends_for
 
@@ -159,6 +160,17 @@ def test_errors_name_the_tensor_and_modify_nothing():
         conflict.surgery_(cur, prev, [1.0, 2.0])
     with pytest.raises(ValueError, match="as many replay tensors"):
         conflict.conflict_stats(cur, prev[:2])
+    assert all(torch.equal(a, b) for a, b in zip(cur, before))
+
+
+@pytest.mark.parametrize("backend", backends_for("surgery"))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_surgery_refuses_a_non_finite_gamma_and_modifies_nothing(backend, bad):
+    """A NaN/Inf γ used to be written into the gradients (NaN·0 is NaN, so even zero entries broke)."""
+    cur, prev = _grads(6)
+    before = [c.clone() for c in cur]
+    with dispatch.use_backend(backend), pytest.raises(InvalidArgumentError, match=rf"gammas\[2\] = {bad}"):
+        conflict.surgery_(cur, prev, [0.5, 0.0, bad, 1.0])
     assert all(torch.equal(a, b) for a, b in zip(cur, before))
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from slice_kernels import dispatch, magnitude_merge
+from slice_kernels.errors import InvalidArgumentError, InvalidTypeError
 from slice_kernels.ops.magnitude_merge import reference_magnitude_merge
 from tests.helpers import backends_for
 
@@ -111,6 +112,37 @@ def test_bad_inputs_are_refused():
     with pytest.raises(TypeError, match="update 2 is a list of int and int"):
         magnitude_merge([ups[0], ups[1], [1, 2]], into=W)
     assert torch.equal(W, torch.zeros(10, 12))  # validated before anything was written
+
+
+@pytest.mark.parametrize("backend", backends_for("magnitude_merge_factors"))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_a_non_finite_scaling_is_refused_and_modifies_nothing(backend, bad):
+    """A NaN/Inf s_k used to reach the merge: NaN wins no comparison and Inf wins every one, so the result was
+    silently wrong (or NaN) in W."""
+    ups = _updates(10, 12, [2, 3], dtype=torch.float32)
+    bad_ups = [ups[0], (ups[1][0], ups[1][1], bad)]
+    W = torch.zeros(10, 12)
+    with dispatch.use_backend(backend):
+        for kw in ({}, {"into": W}):
+            with pytest.raises(InvalidArgumentError, match=rf"update 1 has scaling {bad}; .*finite"):
+                magnitude_merge(bad_ups, **kw)
+        with pytest.raises(InvalidArgumentError, match="update 1 has scaling"):  # mixed with a dense update
+            magnitude_merge([ups[0][2] * ups[0][0] @ ups[0][1], bad_ups[1]], into=W)
+    assert torch.equal(W, torch.zeros(10, 12))
+
+
+@pytest.mark.parametrize("backend", backends_for("magnitude_merge_factors"))
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool])
+def test_a_non_floating_into_is_refused_on_every_backend(backend, dtype):
+    """torch and Triton used to truncate the merged update into an integer W and cpp to fail inside its kernel:
+    the public function now refuses it the same way on every backend, before writing."""
+    ups = _updates(10, 12, [2, 3], dtype=torch.float32)
+    W = torch.ones(10, 12).to(dtype)
+    with dispatch.use_backend(backend):
+        for u in (ups, [s * B @ A for B, A, s in ups]):  # factors (the backends) and dense (the torch path)
+            with pytest.raises(InvalidTypeError, match=rf"into is a {dtype} tensor; .*floating-point"):
+                magnitude_merge(u, into=W)
+    assert torch.equal(W, torch.ones(10, 12).to(dtype))
 
 
 @pytest.mark.gpu

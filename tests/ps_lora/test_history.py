@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from slice_kernels import History, HistoryStore
+from slice_kernels import History, HistoryError, HistoryStore
 from slice_kernels.modules import lora_factors, lora_layers
 from slice_kernels.ops.sign_bits import pack_sign_bits, unpack_sign_bits
 from slice_kernels.ps_lora.history import gram_sq_norm
@@ -169,3 +169,35 @@ def test_store_load_refuses_a_file_that_is_not_a_saved_history(tmp_path):
             HistoryStore.load(path)
     with pytest.raises(FileNotFoundError):
         HistoryStore.load(tmp_path / "missing.pt")
+
+
+def _store_of(kind):
+    Bs, As = _factors(9, 11, [2])
+    h = History.from_factors(Bs, As)
+    h = {"factors": h, "dense": History.from_dense(h.to_dense()), "bits": h.to_sign_bits()}[kind]
+    return HistoryStore(kind, {"layers.0.q_proj": h, "layers.0.v_proj": h}, tasks=1)
+
+
+@pytest.mark.parametrize("rms", [float("nan"), float("inf"), -1.0], ids=["nan", "inf", "negative"])
+@pytest.mark.parametrize("kind", ["factors", "dense", "bits"])
+def test_store_load_refuses_a_non_finite_or_negative_rms(tmp_path, kind, rms):
+    """rms(H) sets α_ℓ = α/rms and the loss's 1/rms factors: a NaN, Inf or negative one used to load and turn
+    the stability loss into NaN (or flip its sign). The error names the file and the layer."""
+    d = _store_of(kind).state_dict()
+    d["layers"]["layers.0.v_proj"]["rms"] = rms
+    path = tmp_path / "hist.pt"
+    torch.save(d, path)
+    with pytest.raises(HistoryError, match=rf"hist\.pt'.*layer 'layers\.0\.v_proj': rms = {rms} .*finite and ≥ 0"):
+        HistoryStore.load(path)
+    with pytest.raises(HistoryError, match=r"layer 'layers\.0\.v_proj': rms"):
+        HistoryStore.from_state_dict(d)
+    with pytest.raises(HistoryError, match="rms"):
+        History.from_bits(torch.zeros(9, 2, dtype=torch.uint8), 11, rms)
+
+
+def test_store_load_keeps_a_zero_rms_of_an_all_zero_history(tmp_path):
+    """rms = 0 is legitimate (an all-zero H, e.g. an adapter that never moved): the loss skips such a layer."""
+    store = HistoryStore("dense", {"l": History.from_dense(torch.zeros(4, 5))}, tasks=1)
+    assert store["l"].rms == 0.0
+    store.save(tmp_path / "zero.pt")
+    assert HistoryStore.load(tmp_path / "zero.pt")["l"].rms == 0.0

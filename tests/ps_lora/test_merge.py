@@ -62,3 +62,27 @@ def test_merge_checks_every_layer_before_writing():
         merge_magnitude_into_base(pm, updates)
     for n, p in pm.named_parameters():
         assert torch.equal(p, before[n]), n
+
+
+def test_merge_refuses_a_non_finite_scaling_before_writing_any_layer():
+    """A NaN scaling in the last layer's update used to be merged (NaN spread silently); magnitude_merge now refuses
+    it, and the merge checks it with the other layers first, so no layer is half-way merged."""
+    from peft import LoraConfig, get_peft_model
+
+    from slice_kernels import HistoryError
+    from slice_kernels.modules import canonical_name, lora_factors, lora_layers
+    from slice_kernels.ps_lora import merge_magnitude_into_base
+
+    torch.manual_seed(0)
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False))
+    layers = list(lora_layers(pm))
+    updates = {}
+    for name, mod, ad in layers:
+        B, A, s = lora_factors(mod, ad)
+        updates[canonical_name(name)] = [{"B": B.detach().clone(), "A": A.detach().clone(), "s": s}]
+    updates[canonical_name(layers[-1][0])][0]["s"] = float("nan")
+    before = {n: p.detach().clone() for n, p in pm.named_parameters()}
+    with pytest.raises(HistoryError, match=rf"layer '{layers[-1][0]}': task 0's update has scaling nan"):
+        merge_magnitude_into_base(pm, updates)
+    for n, p in pm.named_parameters():
+        assert torch.equal(p, before[n]), n

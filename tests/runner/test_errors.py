@@ -130,16 +130,102 @@ def test_unknown_method_option_cli(tmp_path, capsys):
 @pytest.mark.reasoning_gym
 def test_training_set_smaller_than_a_batch_is_refused_not_a_hang(tmp_path):
     """A task with fewer training examples than one batch used to make the training stream loop forever
-    (DistributedSampler with drop_last yields no full batch); now validate() names the task first."""
+    (DistributedSampler with drop_last yields no full batch); the check counts the built task's training set,
+    so what the evaluation split and the removal of duplicated questions take away is accounted for."""
     from slice_kernels.runner import make_config
-    from slice_kernels.runner.run import validate
+    from slice_kernels.runner.run import check_task_sizes
+
+    def check(spec, **kw):
+        cfg = make_config("default", tasks=[spec], heldout=[], **kw)
+        check_task_sizes([load_task(spec, cfg.n_train, cfg.n_eval, cfg.seed)], cfg)
 
     small = write_jsonl(str(tmp_path / "small.jsonl"), [{"prompt": f"q{i}", "answer": str(i)} for i in range(6)])
-    with pytest.raises(ValueError, match=r"task 'small' has 5 training example\(s\), fewer than one batch"):
-        validate(make_config("default", tasks=[small], heldout=[], batch_size=8))
-    with pytest.raises(ValueError, match=r"task 'chain_sum' has 4 training example\(s\)"):
-        validate(make_config("default", tasks=["chain_sum"], heldout=[], n_train=4, batch_size=8))
-    validate(make_config("default", tasks=[small], heldout=[], batch_size=5))  # exactly one batch: fine
+    with pytest.raises(TaskError, match=r"task 'small' has 5 training example\(s\) once its 1 evaluation"):
+        check(small, batch_size=8)
+    with pytest.raises(TaskError, match=r"task 'chain_sum' has 4 training example\(s\)"):
+        check("chain_sum", n_train=4, batch_size=8)
+    check(small, batch_size=5)  # exactly one batch: fine
+    # the audit's hang: every line asks the same question, so once the evaluation lines are set apart their
+    # duplicates leave nothing to train on (the old count, lines minus evaluation lines, said 8)
+    same = write_jsonl(str(tmp_path / "same.jsonl"), [{"prompt": "2+2=", "answer": "4"}] * 10)
+    with pytest.raises(TaskError, match=r"task 'same' has 0 training example\(s\) .*and their duplicates"):
+        check(same, batch_size=2)
+
+
+def test_make_batches_refuses_an_empty_pool_instead_of_looping():
+    from slice_kernels.runner.data import make_batches
+    from tests.helpers.runner_tiny import char_tokenizer
+
+    with pytest.raises(ValueError, match="no examples"):
+        make_batches(char_tokenizer(), [], 1, 2, 16, 0)
+
+
+def test_a_non_utf8_jsonl_names_file_and_line(tmp_path):
+    f = tmp_path / "latin1.jsonl"
+    f.write_bytes(b'{"prompt": "a", "answer": "b"}\n{"prompt": "caf\xe9", "answer": "c"}\n')
+    with pytest.raises(TaskError, match=r"latin1\.jsonl, line 2: not UTF-8 \(byte 0xe9 at column 16\)"):
+        check_spec(str(f))
+
+
+def _jsonl_task(tmp_path) -> str:
+    return write_jsonl(str(tmp_path / "t.jsonl"), [{"prompt": f"{i}+1", "answer": str(i + 1)} for i in range(12)])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--methods", ","], "no methods: pass --methods"),
+        (["--alpha", "0"], "alpha=0.0 must be a finite number > 0"),
+        (["--lr=-1e-3"], "lr=-0.001 must be a finite number > 0"),
+        (
+            ["--methods", "ps_lora", "--method-option", "ps_lambda=abc"],
+            "method option ps_lambda='abc': must be a number",
+        ),
+        (["--methods", "ps_lora", "--method-option", "ps_mode=cube"], "ps_mode='cube': must be one of 'tanh', 'hinge'"),
+        (["--methods", "gorp", "--method-option", "gorp_rank=2.7"], "gorp_rank=2.7: must be a positive integer"),
+        (["--methods", "gorp", "--method-option", "gorp_scale=NaN"], "gorp_scale=nan: must be finite"),
+        (["--methods", "gorp", "--method-option", "gorp_energy=1.5"], "gorp_energy=1.5: must be ≤ 1"),
+        (["--methods", "gorp", "--method-option", "gorp_full_rank=[]"], "gorp_full_rank=[]: must be a module name"),
+        (["--methods", "lora", "--method-option", "ps_lambda=0.5"], "ps_lambda is read by ps_lora, slice+ps"),
+    ],
+)
+def test_bad_run_and_method_options_are_refused_before_the_model_loads(args, message, tmp_path, capsys, monkeypatch):
+    """Each used to pass (--methods , wrote results and crashed in matplotlib; --alpha 0 trained nothing) or to
+    fail only when its method's stage came, after the earlier methods had checkpointed."""
+    from slice_kernels.runner import model as model_mod
+
+    def no_load(*a, **kw):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(model_mod, "load_model", no_load)
+    out = tmp_path / "run"
+    rc = main(["run", "--tasks", _jsonl_task(tmp_path), "--heldout", "", "--batch-size", "2", "--out", str(out)] + args)
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "methods, options, message",
+    [
+        (["lora", "slice"], {}, r"method 'slice': layer .* needs 2r = 80 ≤ min\(m, n\) = 64"),
+        (["lora", "gorp"], {"gorp_rank": 500}, r"method 'gorp': gorp: gorp_rank=500 exceeds min\(m, n\) = 64"),
+        (["lora", "gorp"], {"gorp_full_rank": "nope"}, r"no linear layer of the model matches .*\['nope'\]"),
+    ],
+)
+def test_what_only_the_model_can_tell_is_checked_for_every_method_before_the_first_stage(
+    methods, options, message, tmp_path
+):
+    """A rank too large for a later method's init used to fail at that method's first stage, after the earlier
+    methods had checkpointed, and the directory then refused the corrected command."""
+    from slice_kernels.runner import make_config, run
+
+    model = save_tiny_llama(str(tmp_path / "tiny"))
+    cfg = dict(model=model, tasks=[_jsonl_task(tmp_path)], heldout=[], methods=methods, rank=40, steps=1)
+    cfg.update(n_train=8, n_eval=2, batch_size=4, grad_batch_size=4, grad_batches=1, replay_batches=1, max_len=16)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        run(make_config("default", method_options=options, **cfg), str(out), progress=False, log=lambda *a: None)
+    assert not out.exists()  # no stage ran, nothing was kept
 
 
 @pytest.mark.reasoning_gym
@@ -227,8 +313,6 @@ def test_a_fresh_run_failing_before_its_first_checkpoint_leaves_the_directory_re
     value) come after run.json is written; it used to stay, so the corrected rerun in the same --out was refused
     ("already holds a run") and so was --resume ("different configuration")."""
     from slice_kernels.runner import make_config, run
-    from slice_kernels.runner.checkpoint import discard_unstarted
-    from tests.helpers.runner_tiny import save_tiny_llama
 
     model = save_tiny_llama(str(tmp_path / "tiny"))
     tasks = [
@@ -262,9 +346,24 @@ def test_a_fresh_run_failing_before_its_first_checkpoint_leaves_the_directory_re
     assert out.is_dir() and not any(out.iterdir())
     res = run(make_config("default", **cfg), str(out), **quiet)  # the corrected command, same --out
     assert len(res["methods"]["slice"]["R"]) == 2
-    # a run that finished a stage keeps its run.json: its checkpoints are what --resume needs
-    discard_unstarted(str(out), remove_out=True)
-    assert (out / "checkpoints" / "run.json").exists()
+    # a run that fails after a stage was checkpointed keeps run.json and the checkpoint: --resume needs them
+    from slice_kernels.runner.methods import InitMethod, register
+
+    class FailsAtStage2(InitMethod):
+        def init_adapter(self, ctx):
+            if ctx.stage == 2:
+                raise RuntimeError("stage 2 fails")
+            return super().init_adapter(ctx)
+
+    register("fails_at_stage_2", FailsAtStage2, overwrite=True)
+    again = tmp_path / "again"
+    with pytest.raises(RuntimeError, match="stage 2 fails"):
+        run(make_config("default", **dict(cfg, methods=["fails_at_stage_2"])), str(again), **quiet)
+    assert sorted(p.name for p in (again / "checkpoints").iterdir()) == [
+        "ckpt_0001.safetensors",
+        "latest.json",
+        "run.json",
+    ]
 
 
 def test_run_help_states_each_option_and_its_profile_default(capsys):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from slice_kernels.runner import make_config, methods, run
+from slice_kernels.runner.checkpoint import RunDirectory
 from tests.helpers.runner_tiny import save_tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -55,9 +56,7 @@ def test_two_stage_run_and_resume(tiny_dir, tmp_path):
     # a run stopped after stage 1 and resumed: same results, so the spaces travelled in the checkpoint
     part = str(tmp_path / "part")
     assert run(_cfg(tiny_dir), part, progress=False, log=lambda *a: None, stop_after=1) == {"stopped_after": 1}
-    d = os.path.join(part, "checkpoints")
-    name = json.load(open(os.path.join(d, "latest.json")))["file"]
-    state = torch.load(os.path.join(d, name), map_location="cpu", weights_only=False)["current"]["state"]
+    state = RunDirectory(part).newest()["current"]["state"]
     spaces = state["spaces"]  # the method state a resume hands back: the grown spaces
     assert any(k.endswith("gate_proj.weight") for k in spaces) and any(k.endswith("q_proj.lora_A") for k in spaces)
     run(_cfg(tiny_dir), part, resume=True, progress=False, log=lambda *a: None)

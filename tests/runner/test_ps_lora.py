@@ -1,13 +1,10 @@
 """The runner's PS-LoRA methods on a tiny Llama: ``ps_lora`` (LoRA init + stability loss + magnitude merge)
 and ``slice+ps`` (SLICE init + stability loss) over two tasks, the history carried in the method state."""
 
-import json
-import os
-
 import pytest
-import torch
 
 from slice_kernels.runner import make_config, run
+from slice_kernels.runner.checkpoint import RunDirectory
 from tests.helpers.runner_tiny import save_tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -60,9 +57,7 @@ def test_history_travels_in_the_method_state(tiny_dir, tmp_path):
     assert run(_cfg(tiny_dir, ["slice+ps"]), out, progress=False, log=lambda *a: None, stop_after=1) == {
         "stopped_after": 1
     }
-    d = os.path.join(out, "checkpoints")
-    name = json.load(open(os.path.join(d, "latest.json")))["file"]
-    state = torch.load(os.path.join(d, name), map_location="cpu", weights_only=False)["current"]["state"]
+    state = RunDirectory(out).newest()["current"]["state"]
     ups = state["updates"]
     assert len(ups) == 4 and all(len(v) == 1 for v in ups.values())
     # SLICE absorbed s·B₀·A₀ into W, so the recorded update is [B, −B₀]·[A; A₀]: rank 2r = 4

@@ -9,7 +9,7 @@ import pytest
 
 from slice_kernels.runner import make_config, run
 from slice_kernels.runner.checkpoint import ResumeError
-from slice_kernels.runner.methods import InitMethod, register
+from slice_kernels.runner.methods import InitMethod, Option, number, register
 from tests.helpers.runner_tiny import save_tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -20,11 +20,12 @@ class Probe(InitMethod):
     across stages (and across a resume), a custom optimizer. Its init report shows what the state held."""
 
     init = "lora"
+    options = {"probe_weight": Option(0.0, number(minimum=0), "probe: a declared option with a default")}
 
     def init_adapter(self, ctx):
         peft_model, rep = super().init_adapter(ctx)
         rep["seen_stages"] = list(ctx.state.get("stages", []))
-        rep["ps_lambda_option"] = ctx.options.get("ps_lambda")  # run-config method options reach the method
+        rep["probe_weight_option"] = self.option(ctx, "probe_weight")  # run-config method options reach the method
         return peft_model, rep
 
     def extra_loss(self, ctx, peft_model, batch):
@@ -69,7 +70,7 @@ def _cfg(model, **kw):
         targets=["q_proj", "v_proj", "down_proj"],
         seed=3,
         conflict_threshold=1.0,  # surgery whenever cos < 1, so the SLICE path with γ ≠ 0 runs here
-        method_options={"ps_lambda": 0.25},
+        method_options={"probe_weight": 0.25},
     )
     base.update(kw)
     return make_config("default", **base)
@@ -97,7 +98,7 @@ def test_results_shape_metrics_and_outputs(full_run):
     res = json.load(open(os.path.join(out, "results.json")))
     assert set(res["methods"]) == {"probe", "slice"}
     assert [r["seen_stages"] for r in res["methods"]["probe"]["init_reports"]] == [[], [1]]
-    assert [r["ps_lambda_option"] for r in res["methods"]["probe"]["init_reports"]] == [0.25, 0.25]
+    assert [r["probe_weight_option"] for r in res["methods"]["probe"]["init_reports"]] == [0.25, 0.25]
     for m, r in res["methods"].items():
         for key in ("R", "AP", "FP", "Forgetting", "BWT", "GP", "IP", "init_reports"):
             assert key in r, (m, key)
@@ -164,8 +165,9 @@ def test_killed_after_stage_1_then_resumed_equals_uninterrupted(full_run, tiny_d
     assert not os.path.exists(os.path.join(out, "results.json"))
     latest = json.load(open(os.path.join(out, "checkpoints", "latest.json")))
     assert (latest["method"], latest["stage"]) == (("slice", 1) if stop == 1 else ("probe", 1))
-    # only the newest checkpoint is kept, and no temporary file is left behind
-    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["ckpt_%04d.pt" % stop, "latest.json", "run.json"]
+    # the newest checkpoint and the one before it are kept, and no temporary file is left behind
+    kept = ["ckpt_%04d.safetensors" % i for i in range(max(1, stop - 1), stop + 1)]
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == kept + ["latest.json", "run.json"]
     # a fresh run into the same directory is refused and changes nothing
     before = _tree_hashes(out)
     with pytest.raises(ResumeError, match="already holds a run"):

@@ -442,3 +442,17 @@ def test_parameters_as_weights_give_plain_tensors():
         assert not t.requires_grad and t.grad_fn is None
     assert torch.equal(lin.weight, w0)
     torch.testing.assert_close(res.weights["a"] + res.scaling * res.B["a"] @ res.A["a"], w0, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("method", ["slice", "lora_ga", "loram", "lora"])
+def test_non_finite_weight_names_layer_and_modifies_nothing(method, bad):
+    """A NaN/Inf weight used to give NaN factors (the variance scale reads Var(W)); now every method refuses it
+    up front, naming the layer, with the inputs untouched (the in-place surgery never ran)."""
+    gc, gp = conflicting_pair(sign=-1.0)
+    W = weights_like(gc)
+    W["l1"][2, 3] = bad
+    before = {n: t.clone() for n, t in gc.items()}
+    with pytest.raises(SliceInitError, match=r"layer 'l1': the weight has non-finite .*model's weights are non-finite"):
+        init_from_gradients(W, gc, gp, r=2, lora_alpha=2.0, config=SliceConfig(method=method), inplace_gradients=True)
+    assert all(torch.equal(gc[n], before[n]) for n in gc)

@@ -401,3 +401,34 @@ def test_tied_lm_head_target_is_refused_untouched():
         )
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(isinstance(m, LoraLayer) for m in model.modules())
+
+
+@pytest.mark.parametrize("method", ["slice", "lora"])
+def test_non_finite_weight_is_refused_before_any_batch(method):
+    """A NaN weight used to surface (for the gradient methods) only after the collection, as a misleading NaN
+    *gradient* of another layer, and not at all for "lora": now it is refused first, naming the layer, before any
+    forward pass, with the model as it was."""
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.weight[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+
+    def loss_fn(m, batch):
+        calls.append(1)
+        return m(**batch).loss
+
+    with pytest.raises(SliceInitError, match=r"layer 'model\.layers\.1\.self_attn\.v_proj': the weight has non-finite"):
+        get_slice_model(
+            model,
+            LoraConfig(r=4, lora_alpha=2, target_modules=["q_proj", "v_proj"]),
+            SliceConfig(method=method, current_steps=2),
+            current=lm_batches(2),
+            loss_fn=loss_fn,
+        )
+    assert not calls  # no batch was run
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for k in before:  # bit for bit, the NaN included
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=0, equal_nan=True)
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())

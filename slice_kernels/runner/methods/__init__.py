@@ -13,6 +13,9 @@ from .base import (
     check_method_options,
     declared_options,
     get,
+    number,
+    one_of,
+    positive_int,
     register,
 )
 from .init_methods import InitMethod
@@ -29,4 +32,7 @@ __all__ = [
     "declared_options",
     "check_method_options",
     "RUNNER_SET_FIELDS",
+    "number",
+    "positive_int",
+    "one_of",
 ]

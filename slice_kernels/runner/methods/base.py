@@ -14,15 +14,22 @@ A method is a small object (subclass ``Method``) with five hooks, called by the 
 5. ``merge(ctx, peft_model) -> nn.Module``: fold the adapter into the weights and return the plain model the
    next stage starts from. Default: PEFT's ``merge_and_unload()``.
 
+And one check, ``check_model(model, lora, options)``, called for every method of the run once the model is
+loaded and before the first stage of any method: raise ``RunnerError`` for what this model cannot do (a rank
+too large for a layer, a target it lacks), so a run fails before it has spent time on the earlier methods.
+
 State that must survive between stages (and a ``--resume``) goes in ``ctx.state``, a dict owned by the
-method: the runner saves it in every checkpoint with ``torch.save`` (tensors, numbers, strings, lists, dicts
-only) and hands the same dict back at the next stage. Methods draw random numbers from generators seeded by
+method: the runner saves it in every checkpoint (tensors, numpy arrays, numbers, strings, booleans, None,
+lists, tuples and dicts only: the checkpoint format stores data, never code) and hands the same dict back at
+the next stage. Methods draw random numbers from generators seeded by
 ``ctx.seed`` and ``ctx.stage``, never the global RNG, so a resumed run equals an uninterrupted one.
 
 Options. A method declares the run options it reads, with their defaults, in its class attribute
-``options = {"my_lambda": Option(1.0, float, "what it does")}`` and reads them with ``self.option(ctx, name)``.
-A run may set any declared option of a registered method, or any ``SliceConfig`` field
-(``--method-option KEY=VALUE``); anything else is refused before the run starts.
+``options = {"my_lambda": Option(1.0, number(minimum=0), "what it does")}`` and reads them with
+``self.option(ctx, name)``. The converter also validates: it raises ``ValueError`` saying what the value must
+be (``number``, ``positive_int`` and ``one_of`` below do). A run may set any declared option of a method it
+runs, or any ``SliceConfig`` field (``--method-option KEY=VALUE``); anything else, and any value a converter
+refuses, is refused before the model is loaded.
 
 Registering a method::
 
@@ -45,6 +52,7 @@ the replay batches of every earlier task, ``ctx.lora`` the rank/alpha/targets.
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -74,6 +82,42 @@ class Option:
     default: Any
     convert: Callable[[Any], Any] = lambda v: v
     help: str = ""
+
+
+def number(*, minimum: float | None = None, above: float | None = None, maximum: float | None = None):
+    """A converter to a finite float within bounds (``above``: strictly greater than)."""
+
+    def convert(v) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"must be a number, got {type(v).__name__} {v!r}")
+        x = float(v)
+        if not math.isfinite(x):
+            raise ValueError("must be finite")
+        if minimum is not None and x < minimum:
+            raise ValueError(f"must be ≥ {minimum:g}")
+        if above is not None and x <= above:
+            raise ValueError(f"must be > {above:g}")
+        if maximum is not None and x > maximum:
+            raise ValueError(f"must be ≤ {maximum:g}")
+        return x
+
+    return convert
+
+
+def positive_int(v) -> int:
+    """A converter to an int ≥ 1 that refuses what ``int`` would round (2.7) or reinterpret (True)."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"must be a positive integer, got {v!r}")
+    return v
+
+
+def one_of(*choices: str):
+    def convert(v) -> str:
+        if v not in choices:
+            raise ValueError(f"must be one of {', '.join(map(repr, choices))}, got {v!r}")
+        return v
+
+    return convert
 
 
 @dataclass
@@ -121,6 +165,9 @@ class Method(abc.ABC):
         value = ctx.options.get(name, opt.default)
         return value if value is None else opt.convert(value)
 
+    def check_model(self, model: nn.Module, lora: LoraSettings, options: dict) -> None:
+        return None
+
     def extra_loss(self, ctx: StageContext, peft_model, batch) -> torch.Tensor | None:
         return None
 
@@ -163,9 +210,19 @@ def declared_options() -> dict[str, Option]:
     return out
 
 
-def check_method_options(options: dict) -> None:
-    """Refuse unknown keys, keys the runner sets itself, and bad SliceConfig values, before any work."""
-    known = set(declared_options()) | set(SliceConfig.__dataclass_fields__)
+def _owners() -> dict[str, list[str]]:
+    owners: dict[str, list[str]] = {}
+    for name, factory in sorted(_REGISTRY.items()):
+        for opt in getattr(factory, "options", {}) or {}:
+            owners.setdefault(opt, []).append(name)
+    return owners
+
+
+def check_method_options(options: dict, methods: list[str] | None = None) -> None:
+    """Refuse, before any work: unknown keys, keys the runner sets itself, options of methods the run does not
+    include (``methods``; they would do nothing), values an option's converter refuses, bad SliceConfig values."""
+    declared = declared_options()
+    known = set(declared) | set(SliceConfig.__dataclass_fields__)
     bad = sorted(set(options) - known)
     if bad:
         raise RunnerError(f"unknown method option(s) {bad}; known: {sorted(known - set(RUNNER_SET_FIELDS))}")
@@ -175,4 +232,20 @@ def check_method_options(options: dict) -> None:
             f"method option(s) {owned} are set by the runner; use "
             + "; ".join(f"{k}: {RUNNER_SET_FIELDS[k]}" for k in owned)
         )
+    if methods is not None:
+        owners = _owners()
+        idle = {k: owners[k] for k in sorted(options) if k in owners and not set(owners[k]) & set(methods)}
+        if idle:
+            raise RunnerError(
+                "method option(s) for methods this run does not include: "
+                + "; ".join(f"{k} is read by {', '.join(v)}" for k, v in idle.items())
+                + f" (--methods {','.join(methods)}); add the method or drop the option"
+            )
+    for k in sorted(set(options) & set(declared)):
+        try:
+            declared[k].convert(options[k])
+        except (TypeError, ValueError) as e:
+            raise RunnerError(
+                f"method option {k}={options[k]!r}: {e} ({declared[k].help}); fix the value of --method-option {k}"
+            ) from None
     SliceConfig(**{k: v for k, v in options.items() if k in SliceConfig.__dataclass_fields__})  # names a bad value

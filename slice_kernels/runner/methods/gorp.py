@@ -6,12 +6,24 @@ from __future__ import annotations
 
 from ...gorp import build_gorp_optimizer
 from ...modules import base_linears, matches
-from .base import Option, register
+from ..errors import RunnerError
+from .base import Option, number, positive_int, register
 from .init_methods import InitMethod
 
 
 def _patterns(value) -> list[str]:
-    return [value] if isinstance(value, str) else list(value)
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items or not all(isinstance(p, str) and p for p in items):
+        raise ValueError(f"must be a module name or a non-empty list of module names, got {value!r}")
+    return list(items)
+
+
+def full_rank_patterns(model, value) -> list[str]:
+    """The module patterns GORP trains full-rank: ``value``, or the first of gate_proj/c_fc/fc1 the model has."""
+    if value is not None:
+        return value
+    names = list(base_linears(model))
+    return next(([p] for p in ("gate_proj", "c_fc", "fc1") if any(matches(p, n) for n in names)), [])
 
 
 class GorpMethod(InitMethod):
@@ -22,18 +34,36 @@ class GorpMethod(InitMethod):
             _patterns,
             "GORP: module patterns trained full-rank (default the first of gate_proj/c_fc/fc1 the model has)",
         ),
-        "gorp_rank": Option(None, int, "GORP: projection rank (default the LoRA rank, capped by the weights)"),
-        "gorp_scale": Option(0.25, float, "GORP: update scale of the full-rank weights (GaLore's 0.25)"),
-        "gorp_gap": Option(10, int, "GORP: projector refresh period T in steps"),
-        "gorp_energy": Option(0.9, float, "GORP: explained energy kept when a shared space grows"),
+        "gorp_rank": Option(None, positive_int, "GORP: projection rank (default the LoRA rank, capped by the weights)"),
+        "gorp_scale": Option(0.25, number(above=0), "GORP: update scale of the full-rank weights (GaLore's 0.25)"),
+        "gorp_gap": Option(10, positive_int, "GORP: projector refresh period T in steps"),
+        "gorp_energy": Option(0.9, number(above=0, maximum=1), "GORP: explained energy kept when a shared space grows"),
     }
 
+    def check_model(self, model, lora, options):
+        super().check_model(model, lora, options)
+        value = options.get("gorp_full_rank")
+        patterns = full_rank_patterns(model, None if value is None else _patterns(value))
+        linears = base_linears(model)
+        mods = {n: m for n, m in linears.items() if any(matches(p, n) for p in patterns)}
+        if not mods:
+            raise RunnerError(
+                f"gorp: no linear layer of the model matches the full-rank module(s) {patterns or '(none found)'}; "
+                f"pass --method-option gorp_full_rank=<name> with one of its layers (e.g. "
+                f"{sorted({n.rsplit('.', 1)[-1] for n in linears})[:6]})"
+            )
+        rank = options.get("gorp_rank")
+        if rank is not None:
+            smallest = min(min(m.weight.shape) for m in mods.values())
+            if positive_int(rank) > smallest:
+                raise RunnerError(
+                    f"gorp: gorp_rank={rank} exceeds min(m, n) = {smallest} of the full-rank weights {patterns}; "
+                    f"pass a gorp_rank of at most {smallest}"
+                )
+
     def _full_rank(self, ctx, peft_model):
-        linears = base_linears(peft_model)
-        patterns = self.option(ctx, "gorp_full_rank")
-        if patterns is None:
-            patterns = next(([p] for p in ("gate_proj", "c_fc", "fc1") if any(matches(p, n) for n in linears)), [])
-        return patterns, [m for n, m in linears.items() if any(matches(p, n) for p in patterns)]
+        patterns = full_rank_patterns(peft_model, self.option(ctx, "gorp_full_rank"))
+        return patterns, [m for n, m in base_linears(peft_model).items() if any(matches(p, n) for p in patterns)]
 
     def init_adapter(self, ctx):
         peft_model, report = super().init_adapter(ctx)

@@ -9,8 +9,9 @@ from peft import LoraConfig
 
 from ...modules import is_conv1d, matches, resolve_targets
 from ...slice_init import SliceConfig, get_slice_model
+from ...slice_init.peft import check_init_targets
 from ..train import rank_share, world_and_rank
-from .base import Method, StageContext, register
+from .base import LoraSettings, Method, StageContext, register
 
 
 class InitMethod(Method):
@@ -31,20 +32,29 @@ class InitMethod(Method):
             **options,
         )
 
-    def init_adapter(self, ctx: StageContext):
+    @staticmethod
+    def lora_config(model, lora: LoraSettings) -> LoraConfig:
         # --targets names the usual linears of several architectures: adapt those this model has
-        names = [n for n, _ in ctx.model.named_modules()]
-        present = [t for t in ctx.lora.target_modules if any(matches(t, n, regex=False) for n in names)]
-        targets = resolve_targets(ctx.model, present or list(ctx.lora.target_modules))
-        lora_config = LoraConfig(
-            r=ctx.lora.rank,
-            lora_alpha=ctx.lora.alpha,
-            use_rslora=ctx.lora.use_rslora,
+        names = [n for n, _ in model.named_modules()]
+        present = [t for t in lora.target_modules if any(matches(t, n, regex=False) for n in names)]
+        targets = resolve_targets(model, present or list(lora.target_modules))
+        return LoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha,
+            use_rslora=lora.use_rslora,
             target_modules=list(targets),
             lora_dropout=0.0,
             fan_in_fan_out=any(is_conv1d(m) for m in targets.values()),
             bias="none",
         )
+
+    def check_model(self, model, lora: LoraSettings, options: dict) -> None:
+        """The init's refusals that depend on the model (targets it lacks, shared weights, a rank too large)."""
+        options = {k: v for k, v in options.items() if k in SliceConfig.__dataclass_fields__}
+        check_init_targets(model, self.lora_config(model, lora), SliceConfig(method=self.init, **options))
+
+    def init_adapter(self, ctx: StageContext):
+        lora_config = self.lora_config(ctx.model, ctx.lora)
         current = rank_share(ctx.current)
         replay = [rank_share(b) for b in ctx.replay]
         cfg = self.slice_config(ctx, current, replay)

@@ -5,6 +5,7 @@ earlier tasks + magnitude merge of all task updates, W = W₀ + merge(ΔW₁..Δ
 from __future__ import annotations
 
 from ...modules import canonical_name, lora_factors, lora_layers
+from ...ops.sign_loss import MODES
 from ...ps_lora import (
     DEFAULT_BETA,
     ParameterStabilityLoss,
@@ -12,7 +13,8 @@ from ...ps_lora import (
     history_from_updates,
     merge_magnitude_into_base,
 )
-from .base import Option, register
+from ...ps_lora.history import KINDS as HISTORY_KINDS
+from .base import Option, number, one_of, register
 from .init_methods import InitMethod
 
 
@@ -22,11 +24,11 @@ class PSMethod(InitMethod):
     init = "lora"
     magnitude = True
     options = {
-        "ps_lambda": Option(1.0, float, "PS-LoRA: λ, weight of the stability loss"),
-        "ps_alpha": Option(1.0, float, "PS-LoRA: α, tanh sharpness α/rms(H)"),
-        "ps_beta": Option(DEFAULT_BETA, float, "PS-LoRA: β, weight of the magnitude term"),
-        "ps_mode": Option("tanh", str, "PS-LoRA: 'tanh' or 'hinge'"),
-        "ps_history": Option("factors", str, "PS-LoRA: history form 'factors', 'dense' or 'bits'"),
+        "ps_lambda": Option(1.0, number(minimum=0), "PS-LoRA: λ, weight of the stability loss"),
+        "ps_alpha": Option(1.0, number(above=0), "PS-LoRA: α, tanh sharpness α/rms(H)"),
+        "ps_beta": Option(DEFAULT_BETA, number(minimum=0), "PS-LoRA: β, weight of the magnitude term"),
+        "ps_mode": Option("tanh", one_of(*MODES), "PS-LoRA: 'tanh' or 'hinge'"),
+        "ps_history": Option("factors", one_of(*HISTORY_KINDS), "PS-LoRA: history form 'factors', 'dense' or 'bits'"),
     }
 
     def init_adapter(self, ctx):
