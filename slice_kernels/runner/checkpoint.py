@@ -34,7 +34,7 @@ import torch
 
 from . import safe_state
 from .errors import ResumeError
-from .files import atomic_json, atomic_write_bytes, remove_stale_temps
+from .files import StorageError, atomic_json, atomic_write_bytes, remove_stale_temps
 from .fingerprint import differences
 from .lock import LOCK_NAME, RunDirLock
 
@@ -98,12 +98,12 @@ class RunDirectory:
                     f"[runner] {self.out}: took over the lock left by a run that ended without releasing it "
                     f"(pid {h.get('pid')} on {h.get('host')}, started {h.get('started')})"
                 )
-            for d in (self.out, self.dir):
-                for name in remove_stale_temps(d):
-                    self.log(f"[runner] removed {os.path.join(d, name)}, a partial file of a killed run")
             if not resume:
                 self._start(fingerprint)
                 return None, None
+            for d in (self.out, self.dir):  # the run is ours (run.json): its writers' leftovers may go
+                for name in remove_stale_temps(d):
+                    self.log(f"[runner] removed {os.path.join(d, name)}, a partial file of a killed run")
             return self._resume(fingerprint)
         except BaseException:
             self.close(failed=True)
@@ -124,7 +124,22 @@ class RunDirectory:
             )
         os.makedirs(self.dir, exist_ok=True)
         self.started_fresh = True
-        atomic_json(os.path.join(self.dir, "run.json"), dict(fingerprint, format=FORMAT))
+        with self._advice():
+            atomic_json(os.path.join(self.dir, "run.json"), dict(fingerprint, format=FORMAT))
+
+    @contextlib.contextmanager
+    def _advice(self):
+        """Complete a StorageError with what to do next, which depends on whether a checkpoint exists yet."""
+        try:
+            yield
+        except StorageError as e:
+            if self.saved or not self.started_fresh:
+                latest = self._latest() or {}
+                what = f"then continue with --resume from the last complete checkpoint ({latest.get('file')}, after "
+                what += f"{latest.get('method')} stage {latest.get('stage')})"
+            else:
+                what = "then rerun the same command: no stage was checkpointed yet, so the run starts over"
+            raise StorageError(f"{e}, {what}.") from e.__cause__
 
     def _resume(self, fingerprint: dict) -> tuple[dict | None, str | None]:
         run_json = os.path.join(self.dir, "run.json")
@@ -133,18 +148,26 @@ class RunDirectory:
                 saved = json.load(f)
         except (OSError, ValueError) as e:
             raise ResumeError(f"--resume: {run_json} cannot be read ({e}); this run cannot be resumed") from None
-        if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        if not isinstance(saved, dict) or "format" not in saved:
             raise ResumeError(
                 f"--resume: the run in {self.out!r} was written by slice-kernels 0.1, whose pickled checkpoints this "
                 f"version does not load (unpickling a file can run code); finish it with 0.1 or start a fresh run "
                 f"in another --out. Nothing was changed."
             )
-        diff = differences({k: v for k, v in saved.items() if k != "format"}, fingerprint)
+        if saved["format"] != FORMAT:
+            raise ResumeError(
+                f"--resume: the run in {self.out!r} has checkpoint format {saved['format']!r}; this version of "
+                f"slice-kernels reads format {FORMAT}. Resume it with the version that started it, or start a fresh "
+                f"run in another --out. Nothing was changed."
+            )
+        # compared as stored: a tuple given through the API is a list in run.json
+        diff = differences({k: v for k, v in saved.items() if k != "format"}, json.loads(json.dumps(fingerprint)))
         if diff:
             raise ResumeError(
                 f"--resume: the run in {self.out!r} was made with a different configuration or different inputs "
-                f"({'; '.join(diff[:6])}{'; …' if len(diff) > 6 else ''}). Rerun with the same options, files and "
-                f"SLICE_KERNELS_BACKEND to continue it, or choose another --out for the new ones. Nothing was changed."
+                f"({'; '.join(diff[:6])}{'; …' if len(diff) > 6 else ''}). Rerun with the same options and files, "
+                f"on the same kind of device and with the same SLICE_KERNELS_BACKEND, to continue it, or choose "
+                f"another --out for the new ones. Nothing was changed."
             )
         latest = self._latest()
         if latest is None:
@@ -239,7 +262,8 @@ class RunDirectory:
         payload = dict(payload, index=index, rng=rng_state())
         data = safe_state.dumps(payload)
         name = f"ckpt_{index:04d}.safetensors"
-        atomic_write_bytes(os.path.join(self.dir, name), data)
+        with self._advice():
+            atomic_write_bytes(os.path.join(self.dir, name), data)
         latest = self._latest()
         previous = None
         if latest is not None:
@@ -248,13 +272,26 @@ class RunDirectory:
             previous = {k: v for k, v in previous.items() if k != "previous"} if previous else None
         entry = {"file": name, "sha256": hashlib.sha256(data).hexdigest(), "index": index}
         entry.update(method=payload.get("method"), stage=payload.get("stage"), previous=previous)
-        atomic_json(os.path.join(self.dir, "latest.json"), entry)
+        with self._advice():
+            atomic_json(os.path.join(self.dir, "latest.json"), entry)
         self.saved = True
         keep = {name} | ({previous["file"]} if previous else set())
         for old in os.listdir(self.dir):  # only after latest.json points at the new one
             if _CKPT.fullmatch(old) and old not in keep:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(self.dir, old))
+
+    def drop_fallback(self) -> None:
+        """Once the outputs are written the run needs no fallback: delete the checkpoint before the last (for a
+        SmolLM2 run it holds 425 MB of weights; the last one, after the final stage, holds none)."""
+        latest = self._latest()
+        if latest is None or not latest.get("previous"):
+            return
+        old = latest["previous"]["file"]
+        atomic_json(os.path.join(self.dir, "latest.json"), dict(latest, previous=None))
+        if _CKPT.fullmatch(old):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.dir, old))
 
     # --- closing -------------------------------------------------------------------------------------------
     def close(self, failed: bool) -> None:

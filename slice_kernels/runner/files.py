@@ -19,11 +19,19 @@ import re
 from .errors import RunnerError
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-_TEMP = re.compile(r".+\.tmp\d+$")
+# the runner's own file names with a writer's temp suffix: cleanup never touches a file it did not write
+_TEMP = re.compile(
+    r"(ckpt_\d{4,}\.safetensors|latest\.json|run\.json|results\.json|predictions\.json|timings\.json"
+    r"|summary\.md|[\w-]+\.png)\.tmp\d+"
+)
 
 
 class StorageError(RunnerError):
     """The run directory cannot take a write (disk full, quota, file-size limit)."""
+
+
+def temp_name(path: str) -> str:
+    return f"{path}.tmp{os.getpid()}"
 
 
 @contextlib.contextmanager
@@ -35,9 +43,8 @@ def storage_errors(directory: str, what: str):
         if e.errno not in _NO_SPACE:
             raise
         raise StorageError(
-            f"no space left for the run in {directory!r} while writing {what} ({os.strerror(e.errno)}): free "
-            f"space on that disk (or raise the quota), then continue with --resume; the last complete checkpoint "
-            f"is kept and no partial file is left"
+            f"no space left for the run in {directory!r} while writing {what} ({os.strerror(e.errno)}); no partial "
+            f"file is left. Free space on that disk (or raise the quota)"
         ) from e
 
 
@@ -71,7 +78,7 @@ def atomic_write_bytes(path: str, data) -> None:
         data(buf)
         data = buf.getvalue()
     directory = os.path.dirname(path) or "."
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = temp_name(path)
     with storage_errors(directory, os.path.basename(path)):
         try:
             write_file(tmp, data)

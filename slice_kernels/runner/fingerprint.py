@@ -76,7 +76,7 @@ def input_fingerprint(cfg) -> dict:
 
 _LABELS = {
     "versions": "version of {}",
-    "backends": "backend of op {}",
+    "backends": "backend of op {} (it follows the device and SLICE_KERNELS_BACKEND)",
     "task_files": "content of task file {}",
     "model_files": "content of model file {}",
 }

@@ -9,7 +9,6 @@ the old file just before checks after locking that its file is still the one at 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -37,7 +36,14 @@ class RunDirLock:
         except ImportError:  # Windows: no flock
             raise ResumeError("the runner's run-directory lock needs POSIX flock (Linux or macOS)") from None
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            # O_NOFOLLOW: a symlink planted at the lock path must not make us truncate its target
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            except OSError as e:
+                raise ResumeError(
+                    f"cannot open the lock file {self.path} ({e.strerror}); it must be a plain file a run can create "
+                    f"(not a link, writable): remove it if no run is using {self.directory!r}. Nothing was changed."
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -52,29 +58,42 @@ class RunDirLock:
                     f"{self.directory!r} is in use by another run ({who}); wait for it to end, or choose another "
                     f"--out. Nothing was changed."
                 ) from None
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
-            except FileNotFoundError:
-                same = False
-            if same:
+            except BaseException:
+                os.close(fd)
+                raise
+            if self._is_ours(fd):
                 break
             os.close(fd)  # the previous holder removed the file between our open and our lock: take the new one
-        self.stale_holder = _read_holder(fd)
-        record = json.dumps(
-            {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        ).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, record, 0)
+        try:
+            self.stale_holder = _read_holder(fd)
+            record = json.dumps(
+                {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            ).encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record, 0)
+        except BaseException:
+            os.close(fd)  # closing drops the flock: nothing is held after a failed acquire
+            raise
         self.fd = fd
         return self
+
+    def _is_ours(self, fd: int) -> bool:
+        try:
+            return os.path.samestat(os.fstat(fd), os.stat(self.path, follow_symlinks=False))
+        except FileNotFoundError:
+            return False
 
     def release(self) -> None:
         if self.fd is None:
             return
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(self.path)
-        os.close(self.fd)  # closing drops the flock
-        self.fd = None
+        try:
+            if self._is_ours(self.fd):  # a file put at the path by someone else is not ours to remove
+                os.remove(self.path)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
 
     def __enter__(self) -> "RunDirLock":
         return self.acquire()

@@ -68,7 +68,8 @@ class RunConfig:
         return asdict(self)
 
     def fingerprint(self) -> dict:
-        """What must match for ``--resume`` (everything that changes results; not the device)."""
+        """The options that must match for ``--resume`` (everything that changes results). The device itself is
+        left out; the kernel backends it selects are in the input fingerprint (runner.fingerprint)."""
         d = self.to_dict()
         d.pop("device")
         return d

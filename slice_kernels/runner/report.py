@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
-from .files import atomic_json, atomic_write_bytes
+from .files import atomic_json, atomic_write_bytes, temp_name
 
 
 def _f(x) -> str:
@@ -101,9 +102,16 @@ def _save(fig, out, name) -> str:
     import matplotlib.pyplot as plt
 
     path = os.path.join(out, name)
-    fig.savefig(path + ".tmp.png", dpi=110)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    tmp = temp_name(path)
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    finally:
+        plt.close(fig)
     return path
 
 

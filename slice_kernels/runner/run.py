@@ -218,9 +218,9 @@ def run(
     rerun with the same ``out``.
     """
     r = _Run(cfg, out, progress=progress, log=log, stop_after=stop_after)  # validates; touches nothing
-    r.open(resume)
     failed = True
     try:
+        r.open(resume)
         result = r.execute()
         failed = False
         return result
@@ -292,10 +292,11 @@ class _Run:
         raises when any rank fails, with nothing changed."""
         state, name, error = None, None, None
         if self.rank == 0:
-            fp = dict(self.cfg.fingerprint(), world_size=self.world, **input_fingerprint(self.cfg))
-            self.dir = ckpt.RunDirectory(self.out, log=self.log)
-            try:
-                state, name = self.dir.open(fp, resume)
+            directory = ckpt.RunDirectory(self.out, log=self.log)
+            try:  # everything rank 0 does here may fail: the other ranks must hear of it, not wait for it
+                fp = dict(self.cfg.fingerprint(), world_size=self.world, **input_fingerprint(self.cfg))
+                state, name = directory.open(fp, resume)
+                self.dir = directory  # opened: close() releases it (open cleans up after itself when it fails)
             except Exception as e:
                 error = e
         if self.world > 1:
@@ -386,6 +387,7 @@ class _Run:
 
             with storage_errors(self.out, "the outputs"):  # the plots are written by matplotlib itself
                 self.log(write_outputs(results, self.out, st.timings, st.predictions))
+            self.dir.drop_fallback()
         return results
 
     def _heldout(self) -> dict:

@@ -45,7 +45,7 @@ def _encode(obj, tensors: dict, seen: set, where: str):
             raise StateFormatError(f"{where}: a numpy array of dtype {obj.dtype} cannot be saved in a checkpoint")
         wide = np.int64 if obj.dtype.kind in "biu" else np.float64  # exact for every numeric dtype numpy RNGs use
         key = f"t{len(tensors)}"
-        tensors[key] = torch.from_numpy(np.ascontiguousarray(obj, dtype=wide))
+        tensors[key] = torch.from_numpy(np.array(obj, dtype=wide, copy=True))  # a C-ordered copy, 0-d stays 0-d
         return {"__ndarray__": key, "dtype": obj.dtype.str}
     if isinstance(obj, np.generic):
         return obj.item()

@@ -192,12 +192,12 @@ def _jsonl_task(tmp_path) -> str:
 def test_bad_run_and_method_options_are_refused_before_the_model_loads(args, message, tmp_path, capsys, monkeypatch):
     """Each used to pass (--methods , wrote results and crashed in matplotlib; --alpha 0 trained nothing) or to
     fail only when its method's stage came, after the earlier methods had checkpointed."""
-    from slice_kernels.runner import model as model_mod
+    import importlib
 
     def no_load(*a, **kw):
         raise AssertionError("the model was loaded before the options were checked")
 
-    monkeypatch.setattr(model_mod, "load_model", no_load)
+    monkeypatch.setattr(importlib.import_module("slice_kernels.runner.run"), "load_model", no_load)
     out = tmp_path / "run"
     rc = main(["run", "--tasks", _jsonl_task(tmp_path), "--heldout", "", "--batch-size", "2", "--out", str(out)] + args)
     assert rc == 2 and message in capsys.readouterr().err

@@ -106,6 +106,7 @@ def test_safe_state_round_trips_what_a_checkpoint_holds():
         "whole": w,  # shares memory with the view: stored twice, loaded as two tensors
         "bf16": torch.randn(3, dtype=torch.bfloat16),
         "empty": torch.zeros(0, 4),
+        "scalar_array": np.array(2.5, dtype=np.float32),  # 0-d stays 0-d
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
         3: ("int key", None, True, 2**70, 0.1, float("inf")),
         "__tensor__": "a real key that looks like a marker",
@@ -114,6 +115,7 @@ def test_safe_state_round_trips_what_a_checkpoint_holds():
     assert torch.equal(back["view"], w[1:3, 2:]) and torch.equal(back["whole"], w)
     assert back["bf16"].dtype == torch.bfloat16 and torch.equal(back["bf16"], tree["bf16"])
     assert back["empty"].shape == (0, 4)
+    assert back["scalar_array"].shape == () and back["scalar_array"].dtype == np.float32
     assert back[3] == tree[3] and back["__tensor__"] == tree["__tensor__"]
     assert back["rng"]["python"] == random.getstate()
     np_state = back["rng"]["numpy"]
@@ -230,6 +232,16 @@ def test_two_runs_started_at_once_into_one_directory(inputs, reference, tmp_path
     assert not (out / LOCK_NAME).exists()
 
 
+def test_a_symlink_at_the_lock_path_is_refused_not_followed(tmp_path):
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    (tmp_path / "run").mkdir()
+    os.symlink(target, tmp_path / "run" / LOCK_NAME)
+    with pytest.raises(ResumeError, match="cannot open the lock file .*not a link"):
+        RunDirLock(str(tmp_path / "run")).acquire()
+    assert target.read_text() == "keep me"
+
+
 def test_a_fresh_run_refuses_a_directory_it_did_not_make(inputs, tmp_path):
     """A finished run whose checkpoints were deleted, another program's results.json: used to be overwritten."""
     out = tmp_path / "finished"
@@ -240,6 +252,8 @@ def test_a_fresh_run_refuses_a_directory_it_did_not_make(inputs, tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "results.json").write_text('{"mine": 1}')
+    (foreign / "results.json.tmp12").write_text("a name like a killed writer's temp file: still not ours")
+    (foreign / "notes.tmp1").write_text("mine too")
     for d in (out, foreign):
         before = _tree(d)
         with pytest.raises(ResumeError, match=r"is not empty \(it holds .*results\.json.*Nothing was changed"):
@@ -352,12 +366,9 @@ def test_killed_between_writing_a_checkpoint_and_naming_it(inputs, reference, tm
     assert any("took over the lock left by a run" in m for m in logs)
     assert any("ckpt_0003.safetensors.tmp4242, a partial file of a killed run" in m for m in logs)
     assert _results(out)["methods"] == reference["methods"]
-    assert sorted(os.listdir(out / "checkpoints")) == [
-        "ckpt_0005.safetensors",
-        "ckpt_0006.safetensors",
-        "latest.json",
-        "run.json",
-    ]
+    # a finished run keeps only its last checkpoint (no weights in it): the fallback is dropped with the outputs
+    assert sorted(os.listdir(out / "checkpoints")) == ["ckpt_0006.safetensors", "latest.json", "run.json"]
+    assert _latest(out)["previous"] is None
 
 
 def test_a_full_disk_is_named_leaves_no_partial_file_and_the_run_resumes(inputs, reference, tmp_path, monkeypatch):
@@ -376,7 +387,7 @@ def test_a_full_disk_is_named_leaves_no_partial_file_and_the_run_resumes(inputs,
     monkeypatch.setattr(files, "write_file", full_disk)
     out = tmp_path / "run"
     where = re.escape(repr(str(out / "checkpoints")))
-    with pytest.raises(StorageError, match=rf"no space left for the run in {where}.*--resume"):
+    with pytest.raises(StorageError, match=rf"no space left for the run in {where}.*--resume .*\(ckpt_0002"):
         run(_cfg(inputs), str(out), **QUIET)
     names = sorted(os.listdir(out / "checkpoints"))
     assert names == ["ckpt_0001.safetensors", "ckpt_0002.safetensors", "latest.json", "run.json"]
@@ -386,57 +397,105 @@ def test_a_full_disk_is_named_leaves_no_partial_file_and_the_run_resumes(inputs,
     assert _results(out)["methods"] == reference["methods"]
 
 
-def test_an_error_leaves_no_temporary_file(tmp_path):
-    """Any exception inside the writer (here a Ctrl-C) removes the temporary file before it propagates."""
+def test_an_error_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """Any exception while the temporary file is written (here a Ctrl-C half-way) removes it before it propagates,
+    and the file it was to replace is untouched."""
+    (tmp_path / "x.json").write_text("old")
 
-    def interrupted(f):
-        f.write(b"half")
+    def interrupted(path, data):
+        with open(path, "wb") as f:
+            f.write(data[:2])
         raise KeyboardInterrupt
 
+    monkeypatch.setattr(files, "write_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        files.atomic_write_bytes(str(tmp_path / "x.json"), interrupted)
-    assert os.listdir(tmp_path) == []
+        files.atomic_write_bytes(str(tmp_path / "x.json"), b"new contents")
+    assert os.listdir(tmp_path) == ["x.json"] and (tmp_path / "x.json").read_text() == "old"
+
+
+def test_a_full_disk_before_the_first_checkpoint_says_to_rerun(inputs, tmp_path, monkeypatch):
+    """Nothing checkpointed yet: the failed start is undone (run.json too), so the advice is to rerun the same
+    command, not --resume (which would find no run)."""
+    real = files.write_file
+
+    def full_disk(path, data):
+        if ".safetensors.tmp" in path:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(path, data)
+
+    monkeypatch.setattr(files, "write_file", full_disk)
+    out = tmp_path / "run"
+    with pytest.raises(StorageError, match="then rerun the same command: no stage was checkpointed yet"):
+        run(_cfg(inputs), str(out), **QUIET)
+    assert not out.exists()
+    monkeypatch.setattr(files, "write_file", real)
+    run(_cfg(inputs, methods=["lora"]), str(out), **QUIET)
 
 
 # --- what a resume depends on ----------------------------------------------------------------------------------
 
 
-def test_a_resume_with_changed_inputs_is_refused_naming_what_changed(inputs, tmp_path, monkeypatch):
+def _own_copy(inputs, tmp_path):
+    import shutil
+
     model, tasks = inputs
     local = tmp_path / "inputs"
     local.mkdir()
+    shutil.copytree(model, local / "tiny")
+    return str(local / "tiny"), [shutil.copy(t, local) for t in tasks]
+
+
+def _refused(cfg, out, match):
+    before = _tree(out)
+    with pytest.raises(ResumeError, match=match):
+        run(cfg, str(out), resume=True, **QUIET)
+    assert _tree(out) == before
+
+
+def test_a_resume_with_changed_inputs_is_refused_naming_what_changed(inputs, tmp_path):
     import shutil
 
-    shutil.copytree(model, local / "tiny")
-    copies = [shutil.copy(t, local) for t in tasks]
-    mine = (str(local / "tiny"), copies)
+    mine = _own_copy(inputs, tmp_path)
+    model, copies = mine
     out = tmp_path / "run"
     run(_cfg(mine), str(out), stop_after=1, **QUIET)
-    before = _tree(out)
-
-    def refused(match):
-        with pytest.raises(ResumeError, match=match):
-            run(_cfg(mine), str(out), resume=True, **QUIET)
-        assert _tree(out) == before
-
+    saved_task = open(copies[1], "rb").read()
     with open(copies[1], "a") as f:  # an edited task file
         f.write(json.dumps({"prompt": "9+9=", "answer": "18"}) + "\n")
-    refused(rf"content of task file {copies[1]}: saved sha256 \w{{12}}…, now sha256 \w{{12}}…")
-    shutil.copy(tasks[1], copies[1])
-    weights = local / "tiny" / "model.safetensors"
-    data = bytearray(weights.read_bytes())
+    _refused(
+        _cfg(mine), out, rf"content of task file {re.escape(copies[1])}: saved sha256 \w{{12}}…, now sha256 \w{{12}}…"
+    )
+    open(copies[1], "wb").write(saved_task)
+    weights = os.path.join(model, "model.safetensors")
+    data = bytearray(open(weights, "rb").read())
     data[-5] ^= 0xFF
-    weights.write_bytes(bytes(data))
-    refused("content of model file model.safetensors")
-    shutil.copy(os.path.join(model, "model.safetensors"), weights)
+    open(weights, "wb").write(bytes(data))
+    _refused(_cfg(mine), out, "content of model file model.safetensors")
+    shutil.copy(os.path.join(inputs[0], "model.safetensors"), weights)
+    # the same inputs as a tuple through the API (run.json stores lists): not a change
+    cfg = _cfg(mine)
+    cfg.tasks = tuple(cfg.tasks)
+    run(cfg, str(out), resume=True, **QUIET)  # the original inputs back: the run continues
+    assert _results(out)["methods"]["slice"]["R"][2][2] is not None
+
+
+def test_a_resume_with_another_backend_is_refused(inputs, tmp_path, monkeypatch):
     from slice_kernels import dispatch
 
     if all(dispatch.select(op, "cpu")[0] == "torch" for op in dispatch.defined()):
-        pytest.skip("every op already dispatches to torch on this machine: forcing torch changes nothing")
+        pytest.skip(
+            "every op already dispatches to torch on this machine (no C++ extension): forcing torch changes nothing"
+        )
+    out = tmp_path / "run"
+    run(_cfg(inputs), str(out), stop_after=1, **QUIET)
     monkeypatch.setenv("SLICE_KERNELS_BACKEND", "torch")
-    refused(r"backend of op \w+: saved '\w+', now 'torch'.*SLICE_KERNELS_BACKEND")
+    _refused(
+        _cfg(inputs),
+        out,
+        r"backend of op \w+ \(it follows the device and SLICE_KERNELS_BACKEND\): saved '\w+', now 'torch'",
+    )
     monkeypatch.delenv("SLICE_KERNELS_BACKEND")
-    run(_cfg(mine), str(out), resume=True, **QUIET)  # the original inputs back: the run continues
+    run(_cfg(inputs), str(out), resume=True, **QUIET)
 
 
 def test_run_json_records_versions_backends_and_hashes(inputs, tmp_path):

@@ -90,7 +90,10 @@ def number(*, minimum: float | None = None, above: float | None = None, maximum:
     def convert(v) -> float:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ValueError(f"must be a number, got {type(v).__name__} {v!r}")
-        x = float(v)
+        try:
+            x = float(v)
+        except OverflowError:
+            raise ValueError("is too large") from None
         if not math.isfinite(x):
             raise ValueError("must be finite")
         if minimum is not None and x < minimum:
