@@ -2,13 +2,14 @@
 the parameter groups it takes from a (PEFT) model."""
 
 from ..errors import GorpGroupError
-from .groups import build_gorp_optimizer, gorp_param_groups
+from .groups import REFERENCE_FULL_RANK_LR_RATIO, build_gorp_optimizer, gorp_param_groups
 from .optimizer import KINDS, GorpAdamW, energy_count, grow_space
 
 __all__ = [
     "GorpAdamW",
     "GorpGroupError",
     "KINDS",
+    "REFERENCE_FULL_RANK_LR_RATIO",
     "energy_count",
     "grow_space",
     "gorp_param_groups",

@@ -1,8 +1,12 @@
 """Parameter groups for ``GorpAdamW`` from a (PEFT) model and module-name patterns.
 
-GORP's LLaMA setting: LoRA on the attention projections (their A matrices in ``lora_a`` groups, B in
-``adamw``), and full-rank ``gate_proj`` weights unfrozen and trained in a low-rank gradient subspace
-(``lowrank``). ``gorp_param_groups(model, full_rank=("gate_proj",), rank=...)`` builds exactly that.
+GORP's LLaMA setting (the reference's scripts_llama/run_llama.sh): LoRA on ``q_proj`` and ``v_proj`` (their A
+matrices in ``lora_a`` groups, B in ``adamw``), and full-rank ``gate_proj`` weights unfrozen and trained in a
+low-rank gradient subspace (``lowrank``) at their own, much smaller learning rate (1e-6 against LoRA's 2e-4).
+``build_gorp_optimizer(model, full_rank=("gate_proj",), rank=8, lr=2e-4)`` builds exactly that: the full-rank
+group's lr is ``full_rank_lr_ratio`` (default 1/200, the reference's 1e-6/2e-4) times ``lr``. A weight is
+trained either full-rank or through a LoRA adapter, never both: a full-rank pattern that matches a
+LoRA-adapted module is refused (``allow_lora_overlap=True`` trains both, as 0.1.0 did).
 
 Names. Every parameter gets a stable name that keys its shared space and seeds its sketches. LoRA A is named
 after its module, without PEFT's adapter name (``...q_proj.lora_A``), so a runner that creates a new adapter
@@ -13,6 +17,9 @@ wrapper on that module.
 
 from __future__ import annotations
 
+import inspect
+import math
+import numbers
 from typing import Sequence
 
 from torch import nn
@@ -20,6 +27,17 @@ from torch import nn
 from ..errors import GorpGroupError
 from ..modules import base_linears, lora_layers, matches
 from .optimizer import GorpAdamW, is_positive_int
+
+# The reference's LLaMA recipe: gate_proj at 1e-6 against LoRA's 2e-4 (scripts_llama/run_llama.sh:1)
+REFERENCE_FULL_RANK_LR_RATIO = 1e-6 / 2e-4
+
+
+def _check_lr(value, what: str, *, positive: bool) -> float:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > 0 if positive else value >= 0)
+    if not ok:
+        raise GorpGroupError(f"{what} must be a finite number {'> 0' if positive else '≥ 0'}, got {value!r}")
+    return float(value)
 
 
 def gorp_param_groups(
@@ -29,6 +47,8 @@ def gorp_param_groups(
     lora_modules: Sequence[str] | None = None,
     rank: int = 8,
     unfreeze: bool = True,
+    full_rank_lr: float | None = None,
+    allow_lora_overlap: bool = False,
     lowrank_options: dict | None = None,
     lora_a_options: dict | None = None,
     adamw_options: dict | None = None,
@@ -43,12 +63,25 @@ def gorp_param_groups(
         lora_modules: patterns restricting which LoRA A matrices get orthogonalized (default: all trainable).
             A pattern that matches no LoRA module is an error; the others' A go to the adamw group.
         rank: r of the low-rank groups; must be ≤ min(m, n) of every matched weight.
+        full_rank_lr: learning rate of the ``lowrank`` group (None: the optimizer's ``lr``;
+            ``build_gorp_optimizer`` sets it from ``full_rank_lr_ratio``). Same as ``lowrank_options={"lr": …}``;
+            giving both is an error.
+        allow_lora_overlap: let a full-rank pattern match a LoRA-adapted module (its base weight then trains
+            full-rank beside the adapter). Default False: refused, as the reference never does it.
         *_options: per-group overrides (lr, scale, weight_decay, update_proj_gap, …).
 
-    Raises GorpGroupError (before touching the model) for a pattern that matches nothing or r > min(m, n).
+    Raises GorpGroupError (before touching the model) for a pattern that matches nothing, r > min(m, n), or a
+    full-rank module that carries a LoRA adapter.
     """
     if not is_positive_int(rank):  # int(2.7) would train rank 2 silently
         raise GorpGroupError(f"rank must be a positive integer, got {rank!r}; pass a whole number such as 8")
+    if full_rank_lr is not None:
+        full_rank_lr = _check_lr(full_rank_lr, "full_rank_lr", positive=False)
+        if "lr" in (lowrank_options or {}):
+            raise GorpGroupError(
+                f"full_rank_lr={full_rank_lr} and lowrank_options={{'lr': {lowrank_options['lr']!r}}} both set the "
+                f"full-rank group's learning rate; pass one of them"
+            )
     linears = base_linears(model)
     chosen: dict[str, nn.Module] = {}
     for pat in full_rank:
@@ -70,10 +103,21 @@ def gorp_param_groups(
 
     lora_a: list[tuple[str, nn.Parameter]] = []
     lora_names = {}  # id(A) -> (LoRA module name, A) for every trainable LoRA A
+    adapted = set()
     for name, mod, ad in lora_layers(model):
+        adapted.add(name)
         p = mod.lora_A[ad].weight
         if p.requires_grad:
             lora_names[id(p)] = (name, p)
+    both = sorted(set(chosen) & adapted)
+    if both and not allow_lora_overlap:
+        pats = [pat for pat in full_rank if any(matches(pat, n) for n in both)]
+        raise GorpGroupError(
+            f"{both[0]}{f' (and {len(both) - 1} more)' if len(both) > 1 else ''} carries a LoRA adapter and is also "
+            f"matched by the full-rank pattern(s) {pats}: GORP trains a weight either full-rank or through LoRA, "
+            f"never both (the reference puts LoRA on q_proj/v_proj and trains gate_proj full-rank). Remove it from "
+            f"the LoRA config's target_modules or from full_rank (allow_lora_overlap=True trains both)"
+        )
     if lora_modules is not None:
         for pat in lora_modules:
             if not any(matches(pat, mod) for mod, _ in lora_names.values()):
@@ -100,8 +144,9 @@ def gorp_param_groups(
             seen.add(id(p))
 
     groups = []
+    low_opts = {"rank": rank, **({} if full_rank_lr is None else {"lr": full_rank_lr}), **(lowrank_options or {})}
     for kind, items, opts in (
-        ("lowrank", lowrank, {"rank": rank, **(lowrank_options or {})}),
+        ("lowrank", lowrank, low_opts),
         ("lora_a", lora_a, dict(lora_a_options or {})),
         ("adamw", rest, dict(adamw_options or {})),
     ):
@@ -118,19 +163,34 @@ def build_gorp_optimizer(
     full_rank=("gate_proj",),
     lora_modules=None,
     rank: int = 8,
+    full_rank_lr: float | None = None,
+    full_rank_lr_ratio: float = REFERENCE_FULL_RANK_LR_RATIO,
+    allow_lora_overlap: bool = False,
     shared_spaces=None,
     lowrank_options=None,
     lora_a_options=None,
     adamw_options=None,
     **defaults,
 ) -> GorpAdamW:
-    """``GorpAdamW(gorp_param_groups(model, ...), **defaults)``; ``shared_spaces`` from an earlier task's optimizer."""
+    """``GorpAdamW(gorp_param_groups(model, ...), **defaults)``; ``shared_spaces`` from an earlier task's optimizer.
+
+    The full-rank (``lowrank``) group trains at its own learning rate: ``full_rank_lr`` when given, else
+    ``full_rank_lr_ratio × lr`` (``lr`` from ``defaults``, GorpAdamW's default when absent). The default ratio is
+    the reference's, 1e-6 / 2e-4 = 1/200; ``full_rank_lr_ratio=1.0`` trains every group at ``lr`` (the behaviour
+    before the option). ``lowrank_options={"lr": …}`` overrides the ratio too.
+    """
+    if full_rank_lr is None and "lr" not in (lowrank_options or {}):
+        ratio = _check_lr(full_rank_lr_ratio, "full_rank_lr_ratio", positive=True)
+        lr = defaults.get("lr", inspect.signature(GorpAdamW).parameters["lr"].default)
+        full_rank_lr = ratio * _check_lr(lr, "lr", positive=False)
     frozen = [p for p in model.parameters() if not p.requires_grad]
     groups = gorp_param_groups(
         model,
         full_rank=full_rank,
         lora_modules=lora_modules,
         rank=rank,
+        full_rank_lr=full_rank_lr,
+        allow_lora_overlap=allow_lora_overlap,
         lowrank_options=lowrank_options,
         lora_a_options=lora_a_options,
         adamw_options=adamw_options,
@@ -143,4 +203,4 @@ def build_gorp_optimizer(
         raise
 
 
-__all__ = ["gorp_param_groups", "build_gorp_optimizer"]
+__all__ = ["REFERENCE_FULL_RANK_LR_RATIO", "gorp_param_groups", "build_gorp_optimizer"]

@@ -262,15 +262,22 @@ def collect_replay_gradients(
     offload: bool = False,
     progress: bool = False,
     train_mode: bool = False,
+    batch_size: int | None = None,
+    last_task_only: bool = False,
 ) -> dict[str, torch.Tensor] | None:
     """G_prev (SPEC §1 step 2). ``mode="per_task"``: ``replay`` is a list with one iterable of batches per
     earlier task; each task's ``steps`` batches are averaged and the tasks weighted equally,
     (1/(t−1)) Σ_k mean_s ∇L. ``mode="pooled"``: ``replay`` is one iterable of batches (all earlier tasks
-    mixed), averaged over ``steps`` batches. ``replay=None`` or an empty list (task 1) gives None."""
+    mixed), averaged over ``steps`` batches. ``replay=None`` or an empty list (task 1) gives None.
+
+    ``batch_size`` (``SliceConfig.retain_batch_size``): regroup the rows of each stream into batches of exactly
+    this many examples before averaging ``steps`` of them (``Rebatched``); None uses the batches as given.
+    ``last_task_only`` (``SliceConfig.single_retain_task_mode``, per-task mode): replay only the last entry of
+    ``replay``, the most recent earlier task."""
     if replay is None:
         return None
     targets = resolve_targets(model, target_modules)
-    streams = replay_streams(replay, steps, mode)
+    streams = replay_streams(replay, steps, mode, batch_size=batch_size, last_task_only=last_task_only)
     if not streams:
         return None
     return collect_streams(
@@ -285,8 +292,21 @@ def collect_replay_gradients(
     )
 
 
-def replay_streams(replay, steps: int, mode: str) -> list[BatchStream]:
-    """Validate ``replay`` against ``mode`` and split it into weighted streams (no batch is consumed)."""
+def replay_streams(
+    replay, steps: int, mode: str, *, batch_size: int | None = None, last_task_only: bool = False
+) -> list[BatchStream]:
+    """Validate ``replay`` against ``mode`` and split it into weighted streams (no batch is consumed);
+    ``batch_size`` re-batches every stream, ``last_task_only`` keeps the last per-task entry only."""
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise SliceInitError(f"replay batch_size={batch_size!r} must be a positive integer or None")
+    if last_task_only and mode != "per_task":
+        raise SliceInitError("last_task_only (single_retain_task_mode) needs replay_mode='per_task'")
+
+    def stream(x, weight: float, label: str) -> BatchStream:
+        if batch_size is not None:
+            x, label = Rebatched(x, batch_size, label), f"{label} (re-batched to retain_batch_size={batch_size})"
+        return BatchStream(x, steps, weight, label)
+
     if isinstance(replay, Mapping) or not isinstance(replay, Iterable):
         raise SliceInitError(
             f"replay must be a list of iterables (one per earlier task) or, with "
@@ -303,7 +323,7 @@ def replay_streams(replay, steps: int, mode: str) -> list[BatchStream]:
                 f"list of {len(replay)} iterables; chain/shuffle them into one stream, or use "
                 f"replay_mode='per_task' to weight the tasks equally"
             )
-        return [BatchStream(replay, steps, 1.0, "pooled replay")]
+        return [stream(replay, 1.0, "pooled replay")]
     if not isinstance(replay, (list, tuple)):
         raise SliceInitError(
             "replay_mode='per_task' needs a list with one iterable of batches per earlier task; "
@@ -314,8 +334,95 @@ def replay_streams(replay, steps: int, mode: str) -> list[BatchStream]:
             "replay_mode='per_task' needs a list of per-task iterables, but its items look like batches; wrap "
             "one task's batches as [batches], or use replay_mode='pooled' for one mixed stream"
         )
-    k = len(replay)
-    return [BatchStream(x, steps, 1.0 / k, f"replay task {i}") for i, x in enumerate(replay)]
+    tasks = list(enumerate(replay))
+    if last_task_only:
+        tasks = tasks[-1:]  # the most recent earlier task (the list is oldest first)
+    k = len(tasks)
+    return [stream(x, 1.0 / k, f"replay task {i}") for i, x in tasks]
+
+
+def _rows(batch, label: str) -> int:
+    """The leading (batch) dimension shared by every tensor of a dict batch."""
+    if not isinstance(batch, Mapping) or not batch:
+        raise SliceInitError(
+            f"{label}: retain_batch_size re-batches dict batches of tensors (model(**batch)), got "
+            f"{type(batch).__name__}; form the batches at the size you want and leave retain_batch_size=None"
+        )
+    sizes = set()
+    for k, v in batch.items():
+        if not isinstance(v, torch.Tensor) or v.dim() == 0:
+            raise SliceInitError(
+                f"{label}: retain_batch_size re-batches tensors with a leading batch dimension, but batch key "
+                f"{k!r} is {type(v).__name__}{' (0-d)' if isinstance(v, torch.Tensor) else ''}; leave "
+                f"retain_batch_size=None and form the batches yourself"
+            )
+        sizes.add(int(v.shape[0]))
+    if len(sizes) != 1:
+        raise SliceInitError(f"{label}: the batch's tensors disagree on the batch dimension ({sorted(sizes)})")
+    return sizes.pop()
+
+
+# padding of rows of unequal length when re-batching: ignored labels, masked attention, token/other id 0
+_PAD = {"labels": -100, "attention_mask": 0}
+
+
+def _concat(pieces: list[dict]) -> dict:
+    if len(pieces) == 1:
+        return dict(pieces[0])
+    keys = list(pieces[0])
+    if any(list(p) != keys for p in pieces):
+        raise SliceInitError(
+            f"re-batching replay batches with different keys: {sorted({k for p in pieces for k in p})}"
+        )
+    out = {}
+    for k in keys:
+        ts = [p[k] for p in pieces]
+        if ts[0].dim() > 1 and any(t.shape[1:] != ts[0].shape[1:] for t in ts):
+            if any(t.dim() != ts[0].dim() for t in ts):
+                raise SliceInitError(f"re-batching replay batches: key {k!r} has tensors of different ranks")
+            full = [max(t.shape[d] for t in ts) for d in range(1, ts[0].dim())]
+            padded = []
+            for t in ts:
+                pad = []
+                for d in reversed(range(1, t.dim())):  # F.pad: last dimension first, (left, right) each
+                    pad += [0, full[d - 1] - t.shape[d]]
+                padded.append(torch.nn.functional.pad(t, pad, value=_PAD.get(k, 0)))
+            ts = padded
+        out[k] = torch.cat(ts, 0)
+    return out
+
+
+class Rebatched:
+    """The rows of an iterable of dict batches, in order, regrouped into batches of exactly ``batch_size`` rows
+    (``SliceConfig.retain_batch_size``: the replay batch size, separate from the count ``replay_steps``). A
+    trailing partial batch is dropped. Rows of unequal length are right-padded (``labels`` −100,
+    ``attention_mask`` 0, any other tensor 0), which leaves a causal LM's loss on the real tokens unchanged.
+    Has a length (full batches) when the source is a list or tuple, so a short source is refused before any
+    forward pass."""
+
+    def __init__(self, batches: Iterable, batch_size: int, label: str):
+        if isinstance(batches, Mapping) or isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
+            raise SliceInitError(f"{label}: expected an iterable of batches, got {type(batches).__name__}")
+        self.batches, self.batch_size, self.label = batches, batch_size, label
+
+    def __len__(self) -> int:
+        if not isinstance(self.batches, (list, tuple)):
+            raise TypeError("a re-batched stream has a length only over a list or tuple of batches")
+        return sum(_rows(b, self.label) for b in self.batches) // self.batch_size
+
+    def __iter__(self):
+        pending, count = [], 0
+        for b in self.batches:
+            rows = _rows(b, self.label)
+            start = 0
+            while start < rows:
+                take = min(self.batch_size - count, rows - start)
+                pending.append({k: v[start : start + take] for k, v in b.items()})
+                count += take
+                start += take
+                if count == self.batch_size:
+                    yield _concat(pending)
+                    pending, count = [], 0
 
 
 def _is_batch_source(x) -> bool:

@@ -9,10 +9,22 @@ from ..errors import SliceConfigError
 
 METHODS = ("slice", "lora_ga", "lora_ga_peft", "loram", "lora")
 SCOPES = ("global", "per_module")
-DIRECTIONS = ("A2rBr", "ArB2r")
+# "top_r_no_sigma" is the reference's ``svd_selection="top_r_no_sigma"`` (cl_lora/slice/decompose.py)
+DIRECTIONS = ("A2rBr", "ArB2r", "top_r_no_sigma")
 SCALES = ("variance", "stable", "unit")
 SVDS = ("randomized", "exact")
 REPLAY_MODES = ("per_task", "pooled")
+
+BOOL_FIELDS = (
+    "offload_gradients",
+    "collect_train_mode",
+    "grad_project",
+    "grad_project_always",
+    "add_retain_grad",
+    "magnitude_preserve",
+    "per_layer_threshold",
+    "single_retain_task_mode",
+)
 
 # Methods that need the current task's gradient, and the one that also reads the replay gradient.
 GRADIENT_METHODS = ("slice", "lora_ga", "lora_ga_peft")
@@ -30,7 +42,10 @@ class SliceConfig:
         projection_strength: c ∈ [0, 1], how much of the conflicting replay component is removed.
         projection_scope: "global" (one γ from sums over all target layers, the paper's) or "per_module".
         conflict_threshold: τ ∈ [-1, 1]; surgery runs only when cos(G_cur, G_prev) < τ.
-        direction: "A2rBr" (B₀ = U[:, :r], A₀ = V[:, r:2r]ᵀ, the paper's) or "ArB2r" (LoRA-GA's).
+        direction: "A2rBr" (B₀ = U[:, :r], A₀ = V[:, r:2r]ᵀ, the paper's), "ArB2r" (LoRA-GA's) or
+            "top_r_no_sigma" (B₀ = U[:, :r], A₀ = V[:, :r]ᵀ: the top r singular vectors on both sides, σ
+            dropped; the reference's ``svd_selection="top_r_no_sigma"``, whose ``"lora_ga"`` is "A2rBr"). Needs
+            only r ≤ min(m, n) and the top r triplets; B₀A₀ = U_r·V_rᵀ ≠ 0, absorbed like the others.
         scale: "variance" (Var(BA) = ρ·Var(W), the paper's), "stable" (LoRA-GA's m^¼/√γ_s) or "unit".
         svd: "randomized" (sketch + power iterations, the paper's) or "exact" (full SVD).
         svd_niter: power iterations of the randomized SVD.
@@ -44,6 +59,36 @@ class SliceConfig:
         offload_gradients: keep the float32 gradient accumulators in CPU memory during collection.
         collect_train_mode: collect gradients in train mode (dropout on, as PEFT's LoRA-GA); the default
             eval mode makes the init a deterministic function of (weights, batches, seed).
+
+    Surgery variants of the authors' code (RamiroNB/slice, ``SliceInitConfig`` in cl_lora/slice/config.py;
+    the names are the reference's, whose "retain" gradient is this package's replay gradient G_prev). They
+    are read by method "slice" only (the other methods ignore them, as they ignore ``projection_strength``);
+    every default keeps the paper's surgery of SPEC §1 step 4. With γ the projection coefficient of step 4:
+
+        grad_project: True (the default here): the conflict-gated projection G̃ = G_cur + γ·G_prev. False:
+            the reference's other combination, the plain difference G̃ = G_cur − λ·G_prev with λ =
+            ``retain_scale`` for every layer, no gate (the reference's own default is False).
+        retain_scale: λ of the plain difference (finite; only with ``grad_project=False``).
+        grad_project_always: project whatever the cosine (OGD-like): γ = −c·D/(N_p + ε) also when D ≥ 0 or
+            cos ≥ τ. Replaces the gate, so it refuses ``conflict_threshold`` ≠ 0 and ``per_layer_threshold``.
+        add_retain_grad: add the replay gradient back after the projection: G̃ = G_cur + γ·G_prev + G_prev,
+            on every layer, also where the gate kept γ = 0 (as the reference does).
+        magnitude_preserve: rescale the projected G̃_ℓ of each layer to ‖G_cur,ℓ‖ (per layer in both scopes,
+            only where the projection acted, before ``add_retain_grad``; a G̃_ℓ with ‖G̃_ℓ‖ < ε or 0 is kept).
+        per_layer_threshold: per-layer gate by the median cosine: τ_ℓ = median_ℓ cos_ℓ − delta for every layer
+            (median = sorted(cos)[L // 2], the reference's upper median), projection where cos_ℓ < τ_ℓ. Needs
+            ``projection_scope="per_module"`` (the reference refuses it in global mode) and replaces
+            ``conflict_threshold`` (which must stay 0).
+        per_layer_threshold_delta: delta of the median gate (only with ``per_layer_threshold``).
+        retain_batch_size: examples per replay batch; None keeps the caller's batches as they are. Set, the
+            rows of each replay stream are regrouped in order into batches of exactly this many examples
+            (dict batches of tensors; rows of unequal length right-padded: ``labels`` −100,
+            ``attention_mask`` 0, other tensors 0) and ``replay_steps`` of them are averaged: batch size and
+            batch count (the reference's ``retain_batch_size`` and ``retain_grad_accum``) are separate.
+        single_retain_task_mode: replay only the most recent earlier task (the last entry of the per-task
+            ``replay`` list, oldest first: task t−1; the reference's ``retain_tasks[-1]``) with the current
+            task's batch count (``current_steps``, as the reference uses ``max_steps``); needs
+            ``replay_mode="per_task"`` and refuses ``retain_batch_size`` (the reference ignores it there).
     """
 
     method: str = "slice"
@@ -63,6 +108,16 @@ class SliceConfig:
     eps: float = 1e-12
     offload_gradients: bool = False
     collect_train_mode: bool = False
+    # surgery variants of the reference (see the docstring); the defaults are the paper's surgery
+    grad_project: bool = True
+    retain_scale: float = 1.0
+    grad_project_always: bool = False
+    add_retain_grad: bool = False
+    magnitude_preserve: bool = False
+    per_layer_threshold: bool = False
+    per_layer_threshold_delta: float = 0.0
+    retain_batch_size: int | None = None
+    single_retain_task_mode: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -97,9 +152,73 @@ class SliceConfig:
         number("seed", 0, 2**63 - 1, integer=True)
         number("stable_gamma", 1e-12)
         number("eps", 0.0, 1.0)
-        for name in ("offload_gradients", "collect_train_mode"):
+        number("retain_scale")
+        number("per_layer_threshold_delta", -2.0, 2.0)
+        number("retain_batch_size", 1, 1 << 20, integer=True, allow_none=True)
+        for name in BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise SliceConfigError(f"SliceConfig.{name}={getattr(self, name)!r} must be True or False")
+        self._validate_variants()
+
+    def _validate_variants(self) -> None:
+        """Refuse combinations in which an option would do nothing (the reference ignores some silently)."""
+
+        def refuse(msg):
+            raise SliceConfigError(f"SliceConfig: {msg}")
+
+        if not self.grad_project:
+            acting = [
+                f"{k}={getattr(self, k)!r}"
+                for k, default in (
+                    ("grad_project_always", False),
+                    ("add_retain_grad", False),
+                    ("magnitude_preserve", False),
+                    ("per_layer_threshold", False),
+                    ("projection_strength", 1.0),
+                    ("conflict_threshold", 0.0),
+                    ("projection_scope", "global"),
+                )
+                if getattr(self, k) != default
+            ]
+            if acting:
+                refuse(
+                    f"{', '.join(acting)} shape the projection, but grad_project=False combines the gradients by "
+                    f"the plain difference G_cur − retain_scale·G_prev; set grad_project=True or drop them"
+                )
+        elif self.retain_scale != 1.0:
+            refuse(
+                f"retain_scale={self.retain_scale!r} is λ of the plain difference G_cur − λ·G_prev, which runs "
+                f"only with grad_project=False (the projection is on)"
+            )
+        if self.grad_project_always and (self.conflict_threshold != 0.0 or self.per_layer_threshold):
+            refuse(
+                "grad_project_always=True projects whatever the cosine, so there is no gate for "
+                "conflict_threshold / per_layer_threshold to set; drop one of them"
+            )
+        if self.per_layer_threshold:
+            if self.projection_scope != "per_module":
+                refuse(
+                    "per_layer_threshold=True gates each layer by the median of the per-layer cosines, which "
+                    "has no global form: set projection_scope='per_module'"
+                )
+            if self.conflict_threshold != 0.0:
+                refuse(
+                    f"per_layer_threshold=True replaces conflict_threshold by median(cos) − "
+                    f"per_layer_threshold_delta; leave conflict_threshold at 0 (got {self.conflict_threshold!r})"
+                )
+        elif self.per_layer_threshold_delta != 0.0:
+            refuse("per_layer_threshold_delta is read only with per_layer_threshold=True")
+        if self.single_retain_task_mode:
+            if self.replay_mode != "per_task":
+                refuse(
+                    "single_retain_task_mode=True picks the last task of the per-task replay list; a pooled "
+                    "stream has no tasks to pick from: set replay_mode='per_task'"
+                )
+            if self.retain_batch_size is not None:
+                refuse(
+                    "single_retain_task_mode=True replays the last task like the current one (its batches, "
+                    "current_steps of them), as the reference does; drop retain_batch_size"
+                )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,3 +238,13 @@ class SliceConfig:
     @property
     def uses_replay(self) -> bool:
         return self.method == "slice"
+
+    @property
+    def svd_rank_factor(self) -> int:
+        """Singular triplets needed per rank: 2 for the disjoint slices (2r), 1 for ``top_r_no_sigma``."""
+        return 1 if (self.direction == "top_r_no_sigma" and self.method in ("slice", "lora_ga")) else 2
+
+    @property
+    def effective_replay_steps(self) -> int:
+        """Batches averaged per replayed task: ``current_steps`` in ``single_retain_task_mode``."""
+        return self.current_steps if self.single_retain_task_mode else self.replay_steps

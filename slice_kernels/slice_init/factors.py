@@ -27,7 +27,9 @@ class LayerInput:
     seed: int  # the layer's own seed (config seed mixed with its name)
     dtype: torch.dtype  # the adapter dtype
     config: SliceConfig
-    svd: tuple | None = None  # (U (m, 2r), S (2r,), V (n, 2r)) of G̃ for the gradient methods
+    svd: tuple | None = None  # (U (m, k), S (k,), V (n, k)) of G̃ for the gradient methods (k = 2r, or r)
+    # the module stores W transposed (transformers Conv1D, PEFT's fan_in_fan_out): its weight.shape[0] is n
+    fan_in_fan_out: bool = False
 
 
 def kaiming_A(r: int, n: int, seed: int, device, dtype=torch.float32) -> torch.Tensor:
@@ -73,9 +75,12 @@ def variance_beta(W: torch.Tensor, B0: torch.Tensor, A0: torch.Tensor, r: int) -
 
 
 def svd_slices(U, S, V, r: int, direction: str):
-    """(B₀, A₀, S_B) for one layer from the top-2r triplets (SPEC §1 step 6)."""
+    """(B₀, A₀, S_B) for one layer from the top triplets (SPEC §1 step 6). ``top_r_no_sigma`` (the reference's
+    ``svd_selection``, cl_lora/slice/decompose.py): B₀ = U[:, :r], A₀ = V[:, :r]ᵀ from the top r triplets."""
     if direction == "A2rBr":
         return U[:, :r], V[:, r : 2 * r].T, S[:r]
+    if direction == "top_r_no_sigma":
+        return U[:, :r], V[:, :r].T, S[:r]
     return U[:, r : 2 * r], V[:, :r].T, S[r : 2 * r]
 
 
@@ -95,11 +100,20 @@ def _loram(layer: LayerInput):
     return (beta * A0).to(layer.dtype), (beta * B0).to(layer.dtype), {"beta": beta, "offset": True}
 
 
+def peft_stable_rows(layer: LayerInput) -> int:
+    """The m of PEFT's LoRA-GA ``"stable"`` factor m^¼/√γ_s: PEFT reads ``weight.shape[0]`` of the module's stored
+    weight (peft/tuners/lora/layer.py, ``lora_ga_init``: ``out_features = weight.shape[0]``), which is
+    out_features for ``nn.Linear`` but in_features for a transformers ``Conv1D`` (stored (in, out))."""
+    m, n = layer.W.shape
+    return n if layer.fan_in_fan_out else m
+
+
 def _peft_preset(layer: LayerInput, U, S, V):
-    m = layer.W.shape[0]
+    rows = peft_stable_rows(layer)
+    factor = rows**0.25 / math.sqrt(PEFT_STABLE_GAMMA)
     B0, A0, S_B = svd_slices(U, S, V, layer.r, "ArB2r")
-    B0 = B0 @ torch.diag(S_B) * (m**0.25 / math.sqrt(PEFT_STABLE_GAMMA))
-    return A0.to(layer.dtype), B0.to(layer.dtype), {}
+    B0 = B0 @ torch.diag(S_B) * factor
+    return A0.to(layer.dtype), B0.to(layer.dtype), {"beta": factor, "stable_rows": rows}
 
 
 def _scaled_slices(layer: LayerInput, U, S, V):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Mapping
+from typing import Collection, Mapping
 
 import torch
 
@@ -20,7 +20,7 @@ from .config import SliceConfig
 from .factors import FACTORS, LayerInput, absorb_
 from .finite import all_finite
 from .report import InitReport, InitResult, lora_scaling, timed_phase
-from .surgery import reconcile
+from .surgery import describe_variant, reconcile
 from .svd import top_triplets
 
 
@@ -81,18 +81,21 @@ def _validate(weights, g_cur, g_prev, r, lora_alpha, config: SliceConfig):
 
 
 def validate_ranks(weights: Mapping[str, torch.Tensor], r: int, config: SliceConfig) -> None:
-    """2r ≤ min(m, n) for the gradient methods (SPEC §1 step 6), r ≤ min(m, n) for loram (its r DST-I bases
-    must be distinct), no bound for lora (PEFT's default init accepts any rank) — for every layer."""
+    """2r ≤ min(m, n) for the gradient methods (SPEC §1 step 6; r ≤ min(m, n) with the ``top_r_no_sigma``
+    slices, which use the top r triplets only), r ≤ min(m, n) for loram (its r DST-I bases must be distinct), no
+    bound for lora (PEFT's default init accepts any rank) — for every layer."""
     if config.method == "lora":
         return
-    need = 2 * r if config.uses_gradients else r
+    k = config.svd_rank_factor if config.uses_gradients else 1
+    need = k * r
     for name, w in weights.items():
         m, n = w.shape
         if need > min(m, n):
+            what = f"direction {config.direction!r}" if config.direction == "top_r_no_sigma" else ""
             raise SliceInitError(
-                f"layer {name!r} of shape ({m}, {n}): method {config.method!r} needs "
-                f"{'2r' if config.uses_gradients else 'r'} = {need} ≤ min(m, n) = {min(m, n)}; lower the rank to "
-                f"at most {min(m, n) // (2 if config.uses_gradients else 1)} or drop this layer from the targets"
+                f"layer {name!r} of shape ({m}, {n}): method {config.method!r}{' with ' + what if what else ''} "
+                f"needs {'2r' if k == 2 else 'r'} = {need} ≤ min(m, n) = {min(m, n)}; lower the rank to "
+                f"at most {min(m, n) // k} or drop this layer from the targets"
             )
 
 
@@ -106,6 +109,17 @@ def validate_finite_weights(weights: Mapping[str, torch.Tensor]) -> None:
                 f"non-finite and no adapter init can fit them. Nothing was modified. Reload the model from a "
                 f"finite checkpoint (a diverged training step or a bad merge writes NaN/Inf into W) and init again."
             )
+
+
+def _check_fan_in_fan_out(names, weights) -> frozenset:
+    if isinstance(names, (str, bytes)) or not isinstance(names, Collection):
+        raise SliceInitError(
+            f"fan_in_fan_out must be a collection of layer names (the Conv1D layers), got {type(names).__name__}"
+        )
+    unknown = sorted(set(names) - set(weights))
+    if unknown:
+        raise SliceInitError(f"fan_in_fan_out names layer(s) {unknown[:5]} that are not in the weights")
+    return frozenset(names)
 
 
 def _adapter_dtype(adapter_dtype, name: str, W: torch.Tensor, method: str) -> torch.dtype:
@@ -127,6 +141,7 @@ def init_from_gradients(
     adapter_dtype: torch.dtype | Mapping[str, torch.dtype] | None = None,
     inplace_gradients: bool = False,
     absorb: bool = True,
+    fan_in_fan_out: Collection[str] = (),
 ) -> InitResult:
     """Initialize LoRA factors for every layer of ``weights`` (SPEC §1).
 
@@ -141,6 +156,9 @@ def init_from_gradients(
         inplace_gradients: let the surgery overwrite ``g_cur`` instead of copying it (saves one gradient set).
         absorb: compute the absorbed weights; False returns ``weights={}`` so a caller that writes W in place
             (``absorb_`` per layer, as ``get_slice_model`` does) never holds a second copy of every weight.
+        fan_in_fan_out: names of the layers whose module stores W transposed (transformers ``Conv1D``; PEFT's
+            ``fan_in_fan_out``). Weights and gradients are still passed (out, in); only ``lora_ga_peft`` reads it,
+            because PEFT's stable factor uses the stored ``weight.shape[0]`` (in_features for Conv1D).
 
     Returns:
         ``InitResult`` with ``A``, ``B``, absorbed ``weights`` (W − s·B·A) and a ``report``.
@@ -152,10 +170,12 @@ def init_from_gradients(
     if isinstance(g_prev, Mapping) and len(g_prev) == 0:
         g_prev = None  # no earlier task (t = 1)
     _validate(weights, g_cur, g_prev, r, lora_alpha, config)
+    transposed = _check_fan_in_fan_out(fan_in_fan_out, weights)
     names = list(weights)
     device = weights[names[0]].device
     s = lora_scaling(r, lora_alpha, use_rslora)
     report = InitReport(method=config.method)
+    report.variant = describe_variant(config, applied=False)  # reconcile says what ran for the gradient methods
 
     svd_out: dict = {}
     if config.uses_gradients:
@@ -177,6 +197,7 @@ def init_from_gradients(
                 dtype=_adapter_dtype(adapter_dtype, n, W, config.method),
                 config=config,
                 svd=svd_out.get(n),
+                fan_in_fan_out=n in transposed,
             )
             A[n], B[n], info = rule(layer)
             report.layers.setdefault(n, {"shape": list(W.shape)}).update(info)

@@ -25,7 +25,7 @@ from torch import nn
 
 from .. import distributed
 from ..errors import SliceInitError
-from ..modules import resolve_targets, weight_out_in
+from ..modules import is_conv1d, resolve_targets, weight_out_in
 from .collect import BatchStream, collect_gradients, collect_replay_gradients, replay_streams
 from .config import SliceConfig
 from .factors import absorb_
@@ -134,9 +134,11 @@ def get_slice_model(
         slice_config: ``SliceConfig`` (default: the paper's SLICE settings).
         current: iterable of batches of task t (needed by slice / lora_ga / lora_ga_peft); the first
             ``slice_config.current_steps`` are used. Batches are dicts for ``model(**batch)`` with ``labels``.
-        replay: earlier tasks' batches for "slice": a list with one iterable per earlier task
+        replay: earlier tasks' batches for "slice": a list with one iterable per earlier task, oldest first
             (``replay_mode="per_task"``) or one iterable (``replay_mode="pooled"``); None at task 1.
-            Ignored by the other methods.
+            Ignored by the other methods. ``slice_config.retain_batch_size`` regroups its rows into batches of
+            that size; ``slice_config.single_retain_task_mode`` replays its last entry only, with
+            ``current_steps`` batches.
         loss_fn: optional ``loss_fn(model, batch) -> scalar loss``.
         adapter_name: the PEFT adapter name.
         progress: tqdm bars during collection.
@@ -174,15 +176,17 @@ def get_slice_model(
         # both sources are validated before any forward pass (no batch is consumed)
         BatchStream(current, slice_config.current_steps, 1.0, "current-task batches")
         replay_given = slice_config.uses_replay and replay is not None
+        replay_kw = dict(batch_size=slice_config.retain_batch_size, last_task_only=slice_config.single_retain_task_mode)
+        replay_steps = slice_config.effective_replay_steps
         if replay_given:
-            replay_given = bool(replay_streams(replay, slice_config.replay_steps, slice_config.replay_mode))
+            replay_given = bool(replay_streams(replay, replay_steps, slice_config.replay_mode, **replay_kw))
         device = next(iter(targets.values())).weight.device
         with timed_phase(collected, "collect_current", device):
             g_cur = collect_gradients(model, targets, current, slice_config.current_steps, loss_fn, **kw)
         if replay_given:
             with timed_phase(collected, "collect_replay", device):
                 g_prev = collect_replay_gradients(
-                    model, targets, replay, slice_config.replay_steps, slice_config.replay_mode, loss_fn, **kw
+                    model, targets, replay, replay_steps, slice_config.replay_mode, loss_fn, **kw, **replay_kw
                 )
 
     res = init_from_gradients(
@@ -196,6 +200,7 @@ def get_slice_model(
         adapter_dtype=_adapter_dtypes(weights, slice_config.method, autocast_adapter_dtype),
         inplace_gradients=True,
         absorb=False,
+        fan_in_fan_out=[n for n, m in targets.items() if is_conv1d(m)],
     )
     del g_cur, g_prev
     res.report.phases = {**collected.phases, **res.report.phases}

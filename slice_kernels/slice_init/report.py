@@ -14,7 +14,9 @@ import torch
 
 @dataclass
 class InitReport:
-    """What the initializer did. ``gamma``/``cos`` are the global figures (None with per-module scope)."""
+    """What the initializer did. ``gamma``/``cos`` are the global figures (None with per-module scope);
+    ``variant`` says which surgery ran (``surgery.describe_variant``: its ``name``, whether it was ``applied``,
+    the gate, τ, the strength, the replay selection, the SVD slices)."""
 
     method: str
     gamma: float | None = None
@@ -25,6 +27,7 @@ class InitReport:
     layers: dict = field(default_factory=dict)  # name -> per-layer figures
     phases: dict = field(default_factory=dict)  # phase -> {"seconds", "peak_bytes", "memory"}
     backends: dict = field(default_factory=dict)  # op -> backend that ran it
+    variant: dict = field(default_factory=dict)  # the surgery variant and its settings
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -13,10 +13,11 @@ SVD_BATCH_ELEMENTS = 1 << 28
 
 
 def top_triplets(names, grads, r: int, config: SliceConfig, report: InitReport, device) -> dict:
-    """{name: (U (m, 2r), S (2r,), V (n, 2r))} of each layer's G̃, on ``device``; sketches seeded per layer."""
+    """{name: (U (m, k), S (k,), V (n, k))} of each layer's G̃, on ``device``; sketches seeded per layer. k = 2r,
+    or r for the ``top_r_no_sigma`` slices (``SliceConfig.svd_rank_factor``)."""
     out: dict = {}
     with timed_phase(report, "svd", device):
-        k = 2 * r
+        k = config.svd_rank_factor * r
         groups: dict = {}
         for i, g in enumerate(grads):
             groups.setdefault(tuple(g.shape), []).append(i)

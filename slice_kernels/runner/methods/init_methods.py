@@ -1,6 +1,8 @@
-"""The built-in methods ``lora``, ``lora_ga``, ``slice``, ``loram`` (SPEC §1): each stage's adapter comes from
-the library's ``get_slice_model``, so the runner compares exactly the package's initializers, with every
-check of the API."""
+"""The built-in methods ``lora``, ``lora_ga``, ``lora_ga_peft``, ``slice``, ``loram`` (SPEC §1): each stage's
+adapter comes from the library's ``get_slice_model``, so the runner compares exactly the package's initializers,
+with every check of the API. ``lora_ga_peft`` is PEFT's ``init_lora_weights="lora_ga"`` preset (its scale
+included on Conv1D layers). Every ``SliceConfig`` field given as ``--method-option`` reaches the init, the
+surgery variants included; the stage's report says which variant ran (``variant``)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from peft import LoraConfig
 from ...modules import is_conv1d, matches, resolve_targets
 from ...slice_init import SliceConfig, get_slice_model
 from ...slice_init.peft import check_init_targets
+from ..errors import RunnerError
 from ..train import rank_share, world_and_rank
 from .base import LoraSettings, Method, StageContext, register
 
@@ -28,9 +31,34 @@ class InitMethod(Method):
             method=self.init,
             seed=(ctx.seed * 1000003 + ctx.stage) % (2**63 - 1),  # fresh random init per stage, reproducible
             current_steps=max(1, len(current)),
-            replay_steps=max(1, max((len(r) for r in replay), default=1)),
+            replay_steps=self._replay_steps(options, current, replay),
             **options,
         )
+
+    def _replay_steps(self, options: dict, current: list, replay: list) -> int:
+        """S_prev: every replay batch of a task's buffer; with ``retain_batch_size`` b, the buffer's examples
+        re-batched at b (rows // b full batches, the smallest over the tasks). ``single_retain_task_mode``
+        replays task t−1 with as many batches as the current task, so its buffer must hold that many."""
+        if not replay or self.init != "slice":
+            return max(1, max((len(r) for r in replay), default=1))
+        if options.get("single_retain_task_mode"):
+            if len(replay[-1]) < len(current):
+                raise RunnerError(
+                    f"single_retain_task_mode replays the previous task with as many batches as the current task "
+                    f"({len(current)}, grad_batches), but its replay buffer gives {len(replay[-1])} "
+                    f"(replay_batches): set replay_batches ≥ grad_batches"
+                )
+            return max(1, len(replay[-1]))
+        b = options.get("retain_batch_size")
+        if b is None:
+            return max(1, max(len(r) for r in replay))
+        rows = [sum(int(next(iter(x.values())).shape[0]) for x in r) for r in replay]
+        if min(rows) < b:
+            raise RunnerError(
+                f"retain_batch_size={b} is larger than a task's replay buffer ({min(rows)} examples: replay_batches "
+                f"× grad_batch_size); lower retain_batch_size or raise replay_batches"
+            )
+        return min(rows) // b
 
     @staticmethod
     def lora_config(model, lora: LoraSettings) -> LoraConfig:
@@ -78,6 +106,7 @@ class InitMethod(Method):
             "D": rep.D,
             "Np": rep.Np,
             "Nc": rep.Nc,
+            "variant": rep.variant,
             "phases_seconds": {k: v["seconds"] for k, v in rep.phases.items()},
         }
         return peft_model, report
@@ -88,5 +117,5 @@ def init_method(init_name: str) -> type[InitMethod]:
     return type(f"InitMethod_{init_name}", (InitMethod,), {"init": init_name, "__module__": __name__})
 
 
-for _name in ("lora", "lora_ga", "slice", "loram"):
+for _name in ("lora", "lora_ga", "lora_ga_peft", "slice", "loram"):
     register(_name, init_method(_name), overwrite=True)  # overwrite: importlib.reload re-registers
