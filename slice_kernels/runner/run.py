@@ -88,6 +88,8 @@ def validate(cfg: RunConfig) -> None:
     # the init options exactly as the methods receive them (--tau, --strength, --svd, --method-option), for
     # every method of the run: a bad value is named now, not after the earlier methods have checkpointed
     methods_mod.check_method_options(_method_options(cfg), methods=list(cfg.methods))
+    for m in cfg.methods:  # options in relation to the run's own (e.g. a replay batch size and the buffer)
+        methods_mod.get(m).check_config(cfg)
     if len(set(cfg.methods)) != len(cfg.methods):
         raise ValueError(f"--methods lists a method twice: {cfg.methods}")
     if cfg.train_on not in TRAIN_ON:

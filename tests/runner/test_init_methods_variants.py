@@ -92,6 +92,12 @@ def test_plain_difference_through_the_runner(inputs, tmp_path):
 def test_bad_variant_combination_is_refused_before_the_run(inputs, tmp_path):
     with pytest.raises(Exception, match="projection_scope='per_module'"):
         _cfg(inputs, method_options={"per_layer_threshold": True})
-    cfg = _cfg(inputs, method_options={"retain_batch_size": 8})  # larger than the 4-example buffer
-    with pytest.raises(RunnerError, match="retain_batch_size=8 is larger than a task's replay buffer"):
+    # larger than the 4-example buffer: refused before the model loads, nothing written
+    cfg = _cfg(inputs, method_options={"retain_batch_size": 8})
+    with pytest.raises(RunnerError, match=r"retain_batch_size=8 is larger than the replay buffer \(4 examples"):
         run(cfg, str(tmp_path / "run"), **QUIET)
+    assert not (tmp_path / "run").exists()
+    cfg = _cfg(inputs, method_options={"single_retain_task_mode": True}, grad_batches=2)
+    with pytest.raises(RunnerError, match="set replay_batches ≥ grad_batches"):
+        run(cfg, str(tmp_path / "run"), **QUIET)
+    assert not (tmp_path / "run").exists()

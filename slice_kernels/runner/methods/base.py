@@ -14,9 +14,11 @@ A method is a small object (subclass ``Method``) with five hooks, called by the 
 5. ``merge(ctx, peft_model) -> nn.Module``: fold the adapter into the weights and return the plain model the
    next stage starts from. Default: PEFT's ``merge_and_unload()``.
 
-And one check, ``check_model(model, lora, options)``, called for every method of the run once the model is
-loaded and before the first stage of any method: raise ``RunnerError`` for what this model cannot do (a rank
-too large for a layer, a target it lacks), so a run fails before it has spent time on the earlier methods.
+And two checks, called for every method of the run before the first stage of any method, so a run fails
+before it has spent time on the earlier methods: ``check_config(cfg)`` before the model is loaded (the run
+options a method needs in a certain relation, e.g. a replay batch size that fits the replay buffer), and
+``check_model(model, lora, options)`` once it is loaded (a rank too large for a layer, a target it lacks).
+Both raise ``RunnerError``.
 
 State that must survive between stages (and a ``--resume``) goes in ``ctx.state``, a dict owned by the
 method: the runner saves it in every checkpoint (tensors, numpy arrays, numbers, strings, booleans, None,
@@ -167,6 +169,9 @@ class Method(abc.ABC):
         opt = self.options[name]
         value = ctx.options.get(name, opt.default)
         return value if value is None else opt.convert(value)
+
+    def check_config(self, cfg) -> None:
+        return None
 
     def check_model(self, model: nn.Module, lora: LoraSettings, options: dict) -> None:
         return None

@@ -35,6 +35,27 @@ class InitMethod(Method):
             **options,
         )
 
+    def check_config(self, cfg) -> None:
+        """The replay options of the surgery variants against the replay buffer's size (replay_batches ×
+        grad_batch_size examples at most), before the model loads; ``_replay_steps`` repeats the check on the
+        actual buffers, which a short task can make smaller."""
+        if self.init != "slice":
+            return
+        opts = cfg.method_options
+        if opts.get("single_retain_task_mode") and cfg.replay_batches < cfg.grad_batches:
+            raise RunnerError(
+                f"single_retain_task_mode replays the previous task with as many batches as the current task "
+                f"(grad_batches={cfg.grad_batches}), but replay_batches={cfg.replay_batches}: set replay_batches ≥ "
+                f"grad_batches"
+            )
+        b = opts.get("retain_batch_size")
+        if b is not None and b > cfg.replay_batches * cfg.grad_batch_size:
+            raise RunnerError(
+                f"retain_batch_size={b} is larger than the replay buffer ({cfg.replay_batches * cfg.grad_batch_size} "
+                f"examples per task: replay_batches × grad_batch_size); lower retain_batch_size or raise "
+                f"replay_batches"
+            )
+
     def _replay_steps(self, options: dict, current: list, replay: list) -> int:
         """S_prev: every replay batch of a task's buffer; with ``retain_batch_size`` b, the buffer's examples
         re-batched at b (rows // b full batches, the smallest over the tasks). ``single_retain_task_mode``
