@@ -35,7 +35,7 @@ from .slice_init import (
     save_initial_adapter,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _compat.install()
 

@@ -179,8 +179,8 @@ def build_gorp_optimizer(
     the reference's, 1e-6 / 2e-4 = 1/200; ``full_rank_lr_ratio=1.0`` trains every group at ``lr`` (the behaviour
     before the option). ``lowrank_options={"lr": …}`` overrides the ratio too.
     """
+    ratio = _check_lr(full_rank_lr_ratio, "full_rank_lr_ratio", positive=True)  # checked even when overridden
     if full_rank_lr is None and "lr" not in (lowrank_options or {}):
-        ratio = _check_lr(full_rank_lr_ratio, "full_rank_lr_ratio", positive=True)
         lr = defaults.get("lr", inspect.signature(GorpAdamW).parameters["lr"].default)
         full_rank_lr = ratio * _check_lr(lr, "lr", positive=False)
     frozen = [p for p in model.parameters() if not p.requires_grad]

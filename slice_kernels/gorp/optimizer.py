@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Iterable, Mapping
 
 import torch
@@ -231,6 +232,16 @@ class GorpAdamW(torch.optim.Optimizer):
                 raise GorpGroupError(
                     f"group {idx} ({kind}): {name} is a {p.dtype} tensor of shape {tuple(p.shape)}; GorpAdamW "
                     f"trains floating-point parameters only: leave it out of the groups (or train a float copy)"
+                )
+            if kind == "lowrank" and isinstance(p, torch.Tensor) and p.dtype in (torch.bfloat16, torch.float16):
+                # the step is applied to W in place, with no float32 master copy: at the reference's small
+                # full-rank lr (1e-6) most updates fall below half of W's rounding step and are lost
+                warnings.warn(
+                    f"GorpAdamW: {name} is {p.dtype}; its updates are written into the {p.dtype} weight directly, so "
+                    f"steps below its rounding step (about |w|·2^-8 for bfloat16) are lost: keep the full-rank "
+                    f"weights in float32 (e.g. a float32 model, or this module cast to float32) to train them at a "
+                    f"small learning rate",
+                    stacklevel=3,
                 )
             if kind in ("lowrank", "lora_a") and p.dim() != 2:
                 raise GorpGroupError(

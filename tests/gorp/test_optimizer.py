@@ -641,3 +641,12 @@ def test_a_state_dict_from_before_the_options_loads_with_the_options_it_was_trai
     _run(opt, [a], later)
     _run(opt2, [a2], later)
     assert torch.equal(a, a2)
+
+
+def test_a_half_precision_full_rank_weight_warns_that_small_steps_are_lost():
+    """No float32 master copy: at the reference's lr 1e-6 a bf16 gate_proj would hardly move (review finding)."""
+    w = torch.nn.Parameter(torch.zeros(8, 4, dtype=torch.bfloat16))
+    with pytest.warns(
+        UserWarning, match="steps below its rounding step .* are lost: keep the full-rank weights in float32"
+    ):
+        GorpAdamW([{"params": [w], "kind": "lowrank", "names": ["gate"], "rank": 2}])

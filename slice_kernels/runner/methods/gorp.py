@@ -106,7 +106,9 @@ class GorpMethod(InitMethod):
             "1e-6/2e-4; 1 trains them at --lr)",
         ),
         "gorp_scale": Option(0.25, number(above=0), "GORP: update scale of the full-rank weights (GaLore's 0.25)"),
-        "gorp_gap": Option(10, positive_int, "GORP: projector refresh period T in steps"),
+        # 20: the LLaMA recipe passes no gap, so the released code's default applies (run_uie_lora.py:250);
+        # the T5 scripts pass 10, SPEC §4's value
+        "gorp_gap": Option(20, positive_int, "GORP: projector refresh period T in steps"),
         "gorp_energy": Option(0.9, number(above=0, maximum=1), "GORP: explained energy kept when a shared space grows"),
         "gorp_energy_rule": Option(
             "reference",
