@@ -64,3 +64,41 @@ def save_not_causal(path: str) -> str:
         BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     ).save_pretrained(path)
     return path
+
+
+def addition_tasks(directory: str, ks=(1, 2, 3), rows: int = 20) -> list[str]:
+    """JSONL tasks ``t<k>.jsonl`` of "i+k=" questions: small, offline, scored by exact match."""
+    import os
+
+    return [
+        write_jsonl(
+            os.path.join(directory, f"t{k}.jsonl"), [{"prompt": f"{i}+{k}=", "answer": str(i + k)} for i in range(rows)]
+        )
+        for k in ks
+    ]
+
+
+def tiny_run_config(model: str, tasks: list[str], **overrides):
+    """A run configuration that takes about a second on the tiny Llama: rank 2, two steps per task, one
+    gradient and one replay batch of 4, 16-token sequences."""
+    from slice_kernels.runner import make_config
+
+    base = dict(
+        model=model,
+        tasks=tasks,
+        heldout=[],
+        rank=2,
+        steps=2,
+        n_train=12,
+        n_eval=3,
+        batch_size=4,
+        grad_batch_size=4,
+        grad_batches=1,
+        replay_batches=1,
+        max_len=16,
+        max_new_tokens=2,
+        targets=["q_proj", "v_proj"],
+        seed=1,
+    )
+    base.update(overrides)
+    return make_config("default", **base)

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from slice_kernels.runner import make_config, methods, run
+from slice_kernels.runner import methods, run
 from slice_kernels.runner.errors import RunnerError
-from tests.helpers.runner_tiny import save_tiny_llama, write_jsonl
+from tests.helpers.runner_tiny import addition_tasks, save_tiny_llama, tiny_run_config
 
 QUIET = dict(progress=False, log=lambda *a: None)
 
@@ -18,36 +18,11 @@ QUIET = dict(progress=False, log=lambda *a: None)
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("inputs")
-    model = save_tiny_llama(str(d / "tiny"))
-    tasks = [
-        write_jsonl(str(d / f"t{k}.jsonl"), [{"prompt": f"{i}+{k}=", "answer": str(i + k)} for i in range(20)])
-        for k in (1, 2, 3)
-    ]
-    return model, tasks
+    return save_tiny_llama(str(d / "tiny")), addition_tasks(str(d))
 
 
 def _cfg(inputs, **kw):
-    model, tasks = inputs
-    base = dict(
-        model=model,
-        tasks=tasks,
-        heldout=[],
-        methods=["slice"],
-        rank=2,
-        steps=2,
-        n_train=12,
-        n_eval=3,
-        batch_size=4,
-        grad_batch_size=4,
-        grad_batches=1,
-        replay_batches=1,
-        max_len=16,
-        max_new_tokens=2,
-        targets=["q_proj", "v_proj"],
-        seed=1,
-    )
-    base.update(kw)
-    return make_config("default", **base)
+    return tiny_run_config(*inputs, **{"methods": ["slice"], **kw})
 
 
 def _reports(out, method):

@@ -20,12 +20,12 @@ import pytest
 import torch
 
 from slice_kernels.runner import checkpoint as ckpt
-from slice_kernels.runner import files, make_config, run
+from slice_kernels.runner import files, run
 from slice_kernels.runner.errors import ResumeError
 from slice_kernels.runner.files import StorageError
 from slice_kernels.runner.lock import LOCK_NAME, RunDirBusyError, RunDirLock
 from slice_kernels.runner.safe_state import StateFormatError, dumps, loads
-from tests.helpers.runner_tiny import save_tiny_llama, write_jsonl
+from tests.helpers.runner_tiny import addition_tasks, save_tiny_llama, tiny_run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUIET = dict(progress=False, log=lambda *a: None)
@@ -34,37 +34,11 @@ QUIET = dict(progress=False, log=lambda *a: None)
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("inputs")
-    model = save_tiny_llama(str(d / "tiny"))
-    tasks = [
-        write_jsonl(str(d / f"t{k}.jsonl"), [{"prompt": f"{i}+{k}=", "answer": str(i + k)} for i in range(20)])
-        for k in (1, 2, 3)
-    ]
-    return model, tasks
+    return save_tiny_llama(str(d / "tiny")), addition_tasks(str(d))
 
 
 def _cfg(inputs, **kw):
-    model, tasks = inputs
-    base = dict(
-        model=model,
-        tasks=tasks,
-        heldout=[],
-        methods=["lora", "slice"],
-        rank=2,
-        steps=2,
-        n_train=12,
-        n_eval=3,
-        batch_size=4,
-        grad_batch_size=4,
-        grad_batches=1,
-        replay_batches=1,
-        max_len=16,
-        max_new_tokens=2,
-        targets=["q_proj", "v_proj"],
-        conflict_threshold=1.0,
-        seed=1,
-    )
-    base.update(kw)
-    return make_config("default", **base)
+    return tiny_run_config(*inputs, **{"methods": ["lora", "slice"], "conflict_threshold": 1.0, **kw})
 
 
 @pytest.fixture(scope="module")
