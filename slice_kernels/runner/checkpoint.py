@@ -169,10 +169,10 @@ class RunDirectory:
                 f"on the same kind of device and with the same SLICE_KERNELS_BACKEND, to continue it, or choose "
                 f"another --out for the new ones. Nothing was changed."
             )
-        latest = self._latest()
-        if latest is None:
+        entries = self._entries()
+        if not entries:
             return None, None  # killed before the first stage finished: start over in the same directory
-        entries = [latest] + ([latest["previous"]] if latest.get("previous") else [])
+        latest = entries[0]
         for e in entries:  # names first: a tampered latest.json is refused before any file is opened
             self._path(e)
         problems = []
@@ -227,8 +227,11 @@ class RunDirectory:
 
     def read(self, entry) -> dict:
         """The state in the checkpoint ``entry`` (a latest.json entry, or a file name chosen by rank 0)."""
-        if isinstance(entry, str):
-            entry = next(e for e in self._entries() if e["file"] == entry)
+        if isinstance(entry, str):  # the name rank 0 chose: it must still be an entry of latest.json
+            named = [e for e in self._entries() if e.get("file") == entry]
+            if not named:
+                raise ResumeError(f"checkpoint {entry} is no longer named in {os.path.join(self.dir, 'latest.json')}")
+            entry = named[0]
         path = self._path(entry)
         try:
             with open(path, "rb") as f:

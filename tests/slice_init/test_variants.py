@@ -617,3 +617,7 @@ def test_lora_ga_peft_equals_peft_on_gpt2_conv1d():
         assert Bt.shape == Bo.shape and At.shape == Ao.shape
         torch.testing.assert_close(Bo.norm(dim=0), Bt.norm(dim=0), rtol=1e-4, atol=0)
         torch.testing.assert_close(Ao.norm(dim=1), At.norm(dim=1), rtol=1e-5, atol=0)
+        # and the same directions: each row of A and column of B equals PEFT's up to the sign of its singular
+        # vector (PEFT fixes no sign), |⟨x, y⟩| = ‖x‖·‖y‖
+        torch.testing.assert_close((Ao * At).sum(1).abs(), Ao.norm(dim=1) * At.norm(dim=1), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close((Bo * Bt).sum(0).abs(), Bo.norm(dim=0) * Bt.norm(dim=0), rtol=1e-4, atol=1e-7)
