@@ -37,9 +37,10 @@ step with no shared space equals an AdamW step exactly.
 ``end_task()`` grows each space from Adam's first moment M (SPEC §4): with Mx the moment oriented so that the
 space side is its rows, take the SVD of R = Mx − S·Sᵀ·Mx and append the fewest leading left vectors of R with
 (‖SᵀMx‖² + Σ_{i≤k} σ_i²) / ‖Mx‖² ≥ energy (0.9). At the first task (no S yet: the SVD of M itself)
-``energy_rule="reference"`` (default) counts as the reference code does, the leading vectors whose cumulative
-energy stays *below* the threshold (one fewer than the rule above, none when σ_1² alone reaches it);
-``energy_rule="reach"`` applies the rule above there too. The appended vectors are re-orthogonalized against S
+``energy_rule="reach"`` (default, SPEC §4) applies the rule above there too; ``energy_rule="reference"`` counts as
+the reference code does, the leading vectors whose cumulative energy stays *below* the threshold (one fewer than
+the rule above, none when σ_1² alone reaches it). The runner's ``gorp`` method reproduces the reference, so it
+passes ``"reference"``. The appended vectors are re-orthogonalized against S
 (two Gram–Schmidt passes) and among themselves (QR).
 
 The hot elementwise part of every step is ``slice_kernels.ops.gorp_update`` (one fused kernel per backend);
@@ -108,8 +109,9 @@ class GorpAdamW(torch.optim.Optimizer):
             it) or ``"input"`` (S in R^n, A's input space).
         project_update: also project Adam's normalized update, u ← u − S·Sᵀ·u (default False: the reference
             projects the gradient only).
-        energy_rule: ``"reference"`` (default: a first space takes the vectors whose cumulative energy stays
-            below ``energy``, as the reference counts) or ``"reach"`` (the fewest that reach it, at every task).
+        energy_rule: ``"reach"`` (default, SPEC §4: the fewest vectors that reach ``energy``, at every task) or
+            ``"reference"`` (a first space takes the vectors whose cumulative energy stays below ``energy``, as the
+            reference code counts; the runner's ``gorp`` default).
         eps_mode: ``"torch"`` (default, u = m̂ / (√v̂ + eps), torch's AdamW) or ``"transformers"``
             (u = m̂ / (√v̂ + eps/√(1 − β2^t)), the transformers AdamW the reference copies).
         shared_spaces: {name: S} carried from an earlier optimizer (``shared_spaces()`` of it), e.g. when a
@@ -134,7 +136,7 @@ class GorpAdamW(torch.optim.Optimizer):
         svd: str = "randomized",
         lora_a_space: str = "rank",
         project_update: bool = False,
-        energy_rule: str = "reference",
+        energy_rule: str = "reach",
         eps_mode: str = "torch",
         shared_spaces: Mapping[str, torch.Tensor] | None = None,
     ):

@@ -1,6 +1,7 @@
 """``slice-kernels`` console script (also ``python -m slice_kernels``).
 
     slice-kernels run  [--profile default|paper] [--model DIR] [--tasks a,b,c | @mined.json] [--methods ...]
+    slice-kernels study [every run option] --seeds 0,1,2 [--lr-grid [METHOD=]LR,LR] [--out DIR] [--resume]
     slice-kernels mine --pool a,b,c,d,e --size 3 [--out DIR]
     slice-kernels tasks | methods          (list what --tasks / --methods accept)
 
@@ -35,6 +36,37 @@ def _profile_default(field: str) -> str:
 
 def _run_parser(sub):
     p = sub.add_parser("run", help="run a continual task sequence with several init methods side by side")
+    _add_run_options(p)
+    p.add_argument("--out", default="runs/continual", help="output directory (default runs/continual)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+
+
+def _study_parser(sub):
+    p = sub.add_parser(
+        "study",
+        help="one sequence × methods × seeds (× learning rates): every cell a run, aggregated with 95%% intervals",
+        description="Run every (method, learning rate, seed) cell of a study as a resumable run under "
+        "<out>/cells/, then write study.json, summary.md and plots (plane.png: AP against Forgetting with "
+        "intervals; R_mean.png; surgery.png: cos and how often SLICE's projection acted). Intervals are 95% "
+        "percentile bootstrap intervals over seeds and evaluation questions; paired differences (later method in "
+        "--methods minus earlier) use the same seeds and questions for both. Takes every option of 'run'.",
+    )
+    _add_run_options(p)
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, at least 3 (default 0,1,2)")
+    p.add_argument(
+        "--lr-grid",
+        action="append",
+        default=[],
+        metavar="[METHOD=]LR,LR",
+        help="learning rates to run: '1e-4,3e-4' for every method, or 'slice=1e-4,3e-4' for one (repeatable); "
+        "default: --lr (or the profile's) for every method",
+    )
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap replicates (default 2000)")
+    p.add_argument("--out", default="runs/study", help="study directory (default runs/study)")
+    p.add_argument("--resume", action="store_true", help="continue the study in --out (finished cells are kept)")
+
+
+def _add_run_options(p):
     p.add_argument(
         "--profile", default="default", help="default (2-core CPU, about 7 min) or paper (GPU, the paper's settings)"
     )
@@ -69,8 +101,6 @@ def _run_parser(sub):
     p.add_argument("--seed", type=int, help=f"seed of every random choice; {_profile_default('seed')}")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the profile's)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--out", default="runs/continual", help="output directory (default runs/continual)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -111,8 +141,8 @@ def _key_values(items: list[str]) -> dict:
     return out
 
 
-def cmd_run(a) -> int:
-    from . import make_config, run
+def _config_from_args(a):
+    from . import make_config
     from .tasks import expand_task_list
 
     over = dict(
@@ -142,9 +172,59 @@ def cmd_run(a) -> int:
         over["methods"] = _csv(a.methods)
     if a.targets is not None:
         over["targets"] = _csv(a.targets)
-    cfg = make_config(a.profile, **over)
+    return make_config(a.profile, **over)
+
+
+def cmd_run(a) -> int:
+    from . import run
+
+    cfg = _config_from_args(a)
     _init_distributed(cfg.device)
     run(cfg, a.out, resume=a.resume, progress=not a.no_progress)
+    return 0
+
+
+def _lr_grid(items: list[str]):
+    """--lr-grid values: 'LR,LR' (every method) and/or 'METHOD=LR,LR'; None when not given."""
+    if not items:
+        return None
+    every, per = None, {}
+    for item in items:
+        key, sep, raw = item.rpartition("=")
+        try:
+            lrs = [float(x) for x in _csv(raw)]
+        except ValueError:
+            raise SystemExit(
+                f"--lr-grid {item!r}: expected [METHOD=]LR,LR with numbers, e.g. slice=1e-4,3e-4"
+            ) from None
+        if sep:
+            per[key.strip()] = lrs
+        else:
+            every = lrs
+    if every is not None and per:
+        raise SystemExit("--lr-grid: give either one grid for every method or METHOD=... grids, not both")
+    return every if every is not None else per
+
+
+def cmd_study(a) -> int:
+    from .study import study
+
+    try:
+        seeds = [int(x) for x in _csv(a.seeds)]
+    except ValueError:
+        raise SystemExit(f"--seeds {a.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if a.seed is not None:
+        raise SystemExit("slice-kernels study: --seed sets one run's seed; a study takes --seeds 0,1,2")
+    cfg = _config_from_args(a)
+    study(
+        cfg,
+        a.out,
+        seeds=seeds,
+        lr_grid=_lr_grid(a.lr_grid),
+        resume=a.resume,
+        progress=not a.no_progress,
+        n_boot=a.bootstrap,
+    )
     return 0
 
 
@@ -164,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
     _run_parser(sub)
+    _study_parser(sub)
     _mine_parser(sub)
     sub.add_parser("tasks", help="list reasoning-gym task names")
     sub.add_parser("methods", help="list registered methods")
@@ -173,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.cmd == "run":
             return cmd_run(a)
+        if a.cmd == "study":
+            return cmd_study(a)
         if a.cmd == "mine":
             return cmd_mine(a)
         if a.cmd == "tasks":

@@ -193,10 +193,18 @@ def _heldout_scores(model, tok, heldout, cfg, progress) -> dict:
         max_len=cfg.max_len * (cfg.ip_shots + 1),
         progress=progress,
     )
-    gp = {t.name: evaluate_task(model, tok, t, shots=0, **kw)[0] for t in heldout}
-    ip = {t.name: evaluate_task(model, tok, t, shots=cfg.ip_shots, **kw)[0] for t in heldout}
-    mean = lambda d: sum(d.values()) / len(d) if d else None  # noqa: E731
-    return {"GP": mean(gp), "IP": mean(ip), "GP_per_task": gp, "IP_per_task": ip}
+    gp = {t.name: evaluate_task(model, tok, t, shots=0, **kw) for t in heldout}
+    ip = {t.name: evaluate_task(model, tok, t, shots=cfg.ip_shots, **kw) for t in heldout}
+    mean = lambda d: sum(v[0] for v in d.values()) / len(d) if d else None  # noqa: E731
+    # the per-example scores let a study bootstrap GP/IP over evaluation examples too (runner.stats)
+    return {
+        "GP": mean(gp),
+        "IP": mean(ip),
+        "GP_per_task": {k: v[0] for k, v in gp.items()},
+        "IP_per_task": {k: v[0] for k, v in ip.items()},
+        "GP_scores": {k: [r["score"] for r in v[1]] for k, v in gp.items()},
+        "IP_scores": {k: [r["score"] for r in v[1]] for k, v in ip.items()},
+    }
 
 
 def _broadcast(obj):
