@@ -83,6 +83,25 @@ def _add_run_options(p):
     p.add_argument(
         "--train-on", choices=["answer", "prompt+answer"], help="which tokens carry the loss (default answer)"
     )
+    p.add_argument(
+        "--prompt-format",
+        choices=["plain", "chat"],
+        help="plain 'Question:/Answer:' text, or the tokenizer's chat template (the SLICE reference's); "
+        f"{_profile_default('prompt_format')}",
+    )
+    p.add_argument(
+        "--lr-schedule",
+        choices=["constant", "linear"],
+        help=f"constant, or linear warmup then linear decay to 0 (HF Trainer's); {_profile_default('lr_schedule')}",
+    )
+    p.add_argument(
+        "--warmup-ratio", type=float, help=f"share of each task's steps warmed up; {_profile_default('warmup_ratio')}"
+    )
+    p.add_argument(
+        "--max-grad-norm",
+        type=float,
+        help=f"clip the gradient norm (0: no clipping); {_profile_default('max_grad_norm')}",
+    )
     p.add_argument("--n-train", type=int, help="training examples per task")
     p.add_argument("--n-eval", type=int, help="evaluation examples per task")
     p.add_argument(
@@ -153,6 +172,9 @@ def _config_from_args(a):
         lr=a.lr,
         batch_size=a.batch_size,
         train_on=a.train_on,
+        prompt_format=a.prompt_format,
+        lr_schedule=a.lr_schedule,
+        warmup_ratio=a.warmup_ratio,
         n_train=a.n_train,
         n_eval=a.n_eval,
         svd=a.svd,
@@ -172,7 +194,12 @@ def _config_from_args(a):
         over["methods"] = _csv(a.methods)
     if a.targets is not None:
         over["targets"] = _csv(a.targets)
-    return make_config(a.profile, **over)
+    cfg = make_config(a.profile, **over)
+    if a.max_grad_norm is not None:  # 0 on the command line turns the paper profile's clipping off
+        from dataclasses import replace
+
+        cfg = replace(cfg, max_grad_norm=a.max_grad_norm if a.max_grad_norm != 0 else None)
+    return cfg
 
 
 def cmd_run(a) -> int:

@@ -1,12 +1,19 @@
-"""Prompt format, tokenization with answer-only labels, batching, and replay buffers.
+"""Prompt formats, tokenization with answer-only labels, batching, and replay buffers.
 
-Format (plain text, the same for every tokenizer so runs compare across models)::
+``"plain"`` (the default profile's: the same text for every tokenizer, so runs compare across models)::
 
     Question: <prompt>
     Answer: <answer><eos>
 
-k-shot prompts prepend k solved examples separated by blank lines. Training labels cover the answer tokens
-(and the eos) only, unless ``train_on="prompt+answer"``; prompts are cut from the left to fit ``max_len``.
+k-shot prompts prepend k solved examples separated by blank lines.
+
+``"chat"`` (the SLICE reference's, which formats every example with the instruct model's chat template): the
+prompt is a user turn, the answer the assistant turn, through the tokenizer's own ``apply_chat_template``
+(k-shot: k user/assistant turns before the question); the answer's tokens are what the template appends after
+the generation prompt (for SmolLM2, the answer, ``<|im_end|>`` and a newline).
+
+Training labels cover the answer tokens (and the eos / end of turn) only, unless ``train_on="prompt+answer"``
+(the reference's causal-LM loss over the whole sequence); prompts are cut from the left to fit ``max_len``.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import torch
 from .tasks import Example
 
 TRAIN_ON = ("answer", "prompt+answer")
+PROMPT_FORMATS = ("plain", "chat")
 
 
 def prompt_text(ex: Example, shots: list[Example] = ()) -> str:
@@ -25,11 +33,52 @@ def prompt_text(ex: Example, shots: list[Example] = ()) -> str:
     return f"{ctx}Question: {ex.prompt}\nAnswer:"
 
 
-def encode(tok, ex: Example, max_len: int, train_on: str = "answer") -> dict:
-    p = tok(prompt_text(ex), add_special_tokens=True)["input_ids"]
-    a = tok(" " + ex.answer, add_special_tokens=False)["input_ids"]
-    if tok.eos_token_id is not None:
-        a = a + [tok.eos_token_id]
+def check_prompt_format(tok, fmt: str, model: str = "the model") -> None:
+    if fmt not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format={fmt!r} is not one of {', '.join(PROMPT_FORMATS)}")
+    if fmt == "chat" and not getattr(tok, "chat_template", None):
+        raise ValueError(
+            f"--prompt-format chat needs a tokenizer with a chat template, and {model}'s has none; use "
+            f"--prompt-format plain, or add a chat_template to its tokenizer_config.json"
+        )
+
+
+def _chat_messages(ex: Example, shots) -> list[dict]:
+    msgs = []
+    for s in shots:
+        msgs += [{"role": "user", "content": s.prompt}, {"role": "assistant", "content": s.answer}]
+    return msgs + [{"role": "user", "content": ex.prompt}]
+
+
+def _chat_prompt_and_answer(tok, ex: Example, shots=()) -> tuple[str, str]:
+    msgs = _chat_messages(ex, shots)
+    prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": ex.answer}], tokenize=False)
+    if not full.startswith(prompt):  # the answer's tokens are defined as what the template appends
+        raise ValueError(
+            "the tokenizer's chat template does not extend the generation prompt with the answer (the conversation "
+            "with the answer does not start with the prompt); use --prompt-format plain"
+        )
+    return prompt, full[len(prompt) :]
+
+
+def prompt_ids(tok, ex: Example, shots=(), fmt: str = "plain") -> list[int]:
+    """The token ids a model generates the answer from."""
+    if fmt == "chat":
+        return tok(_chat_prompt_and_answer(tok, ex, shots)[0], add_special_tokens=False)["input_ids"]
+    return tok(prompt_text(ex, shots), add_special_tokens=True)["input_ids"]
+
+
+def encode(tok, ex: Example, max_len: int, train_on: str = "answer", fmt: str = "plain") -> dict:
+    if fmt == "chat":
+        prompt, answer = _chat_prompt_and_answer(tok, ex)
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        a = tok(answer, add_special_tokens=False)["input_ids"]
+    else:
+        p = tok(prompt_text(ex), add_special_tokens=True)["input_ids"]
+        a = tok(" " + ex.answer, add_special_tokens=False)["input_ids"]
+        if tok.eos_token_id is not None:
+            a = a + [tok.eos_token_id]
     a = a[: max_len // 2]  # an over-long answer keeps its start; the prompt keeps at least half the window
     p = p[-(max_len - len(a)) :]
     ids = p + a
@@ -51,7 +100,14 @@ def collate(items: list[dict], pad_id: int) -> dict:
 
 
 def make_batches(
-    tok, examples: list[Example], n_batches: int, batch_size: int, max_len: int, seed: int, train_on: str = "answer"
+    tok,
+    examples: list[Example],
+    n_batches: int,
+    batch_size: int,
+    max_len: int,
+    seed: int,
+    train_on: str = "answer",
+    fmt: str = "plain",
 ) -> list[dict]:
     """``n_batches`` seeded batches drawn without replacement (cycling when the data is short)."""
     if not examples:  # the loop below would never end
@@ -65,7 +121,8 @@ def make_batches(
     pad = pad_id(tok)
     return [
         collate(
-            [encode(tok, examples[j], max_len, train_on) for j in order[b * batch_size : (b + 1) * batch_size]], pad
+            [encode(tok, examples[j], max_len, train_on, fmt) for j in order[b * batch_size : (b + 1) * batch_size]],
+            pad,
         )
         for b in range(n_batches)
     ]

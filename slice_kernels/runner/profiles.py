@@ -4,7 +4,9 @@
 measured time): rank 8, every attention and MLP linear, 2 × 8 gradient batches, 12 steps of batch 8 per task
 at lr 3e-4, 64-token sequences, 24 evaluation examples per task, greedy answers of at most 12 tokens.
 ``paper`` holds the SLICE paper's settings for a GPU: rank 64, α = 2 with rsLoRA, every attention and MLP
-linear, 8 × 16 gradient and replay batches, lr 1e-4, 3 epochs, batch 16 with 2 accumulation steps.
+linear, 8 × 16 gradient and replay batches, lr 1e-4, 3 epochs, batch 16 with 2 accumulation steps, and the
+reference's protocol: chat-formatted examples, the loss over prompt and answer, 1 % warmup then linear decay,
+gradient norm clipped at 1.0.
 """
 
 from __future__ import annotations
@@ -43,6 +45,13 @@ class RunConfig:
     grad_accum: int = 1
     max_len: int = 64
     train_on: str = "answer"
+    # "plain" (Question:/Answer: text) or "chat" (the tokenizer's chat template, as the SLICE reference formats)
+    prompt_format: str = "plain"
+    # the optimizer's schedule: "constant" lr, or "linear" (HF Trainer's default, the reference's: linear warmup
+    # over warmup_ratio of the steps, then linear decay to 0); max_grad_norm clips the gradient norm (None: off)
+    lr_schedule: str = "constant"
+    warmup_ratio: float = 0.0
+    max_grad_norm: float | None = None
     n_train: int = 256
     n_eval: int = 24
     n_heldout: int = 16
@@ -97,6 +106,14 @@ PAPER = dict(
     grad_batch_size=16,
     device="cuda",
     dtype="bfloat16",
+    # the reference's protocol (RamiroNB/slice, cl_lora/train.py and load_dataset.py): chat-formatted examples,
+    # the causal-LM loss over the whole sequence (DataCollatorForLanguageModeling), HF Trainer's AdamW with 1 %
+    # warmup, linear decay and gradient-norm clipping at 1.0
+    prompt_format="chat",
+    train_on="prompt+answer",
+    lr_schedule="linear",
+    warmup_ratio=0.01,
+    max_grad_norm=1.0,
 )
 PROFILES = {"default": {}, "paper": PAPER}
 

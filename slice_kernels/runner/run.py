@@ -20,7 +20,7 @@ from torch.utils.data import DistributedSampler
 
 from . import checkpoint as ckpt
 from . import methods as methods_mod
-from .data import TRAIN_ON, collate, encode, make_batches, pad_id, replay_sample
+from .data import PROMPT_FORMATS, TRAIN_ON, check_prompt_format, collate, encode, make_batches, pad_id, replay_sample
 from .errors import ResumeError, RunnerError, TaskError
 from .evaluate import evaluate_task
 from .files import storage_errors
@@ -30,7 +30,7 @@ from .metrics import continual_metrics
 from .model import check_model_dir, load_model
 from .profiles import RunConfig
 from .tasks import Example, check_spec, load_task, task_name
-from .train import collect_gradients, default_loss, train_adapter, world_and_rank
+from .train import LR_SCHEDULES, collect_gradients, default_loss, train_adapter, world_and_rank
 
 
 def _seed(*parts) -> int:
@@ -94,6 +94,18 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"--methods lists a method twice: {cfg.methods}")
     if cfg.train_on not in TRAIN_ON:
         raise ValueError(f"train_on={cfg.train_on!r} must be one of {TRAIN_ON}")
+    if cfg.prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format={cfg.prompt_format!r} must be one of {PROMPT_FORMATS}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule={cfg.lr_schedule!r} must be one of {LR_SCHEDULES}")
+    w = cfg.warmup_ratio
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not (0.0 <= w < 1.0):
+        raise ValueError(f"warmup_ratio={w!r} must be a number in [0, 1) (the share of each task's steps)")
+    if w and cfg.lr_schedule == "constant":
+        raise ValueError(f"warmup_ratio={w!r} needs --lr-schedule linear (a constant schedule has no warmup)")
+    g = cfg.max_grad_norm
+    if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g <= 0):
+        raise ValueError(f"max_grad_norm={g!r} must be a positive finite number, or None to not clip")
     for k in (
         "rank",
         "batch_size",
@@ -160,7 +172,7 @@ def _check_device_and_dtype(cfg: RunConfig) -> None:
 
 def _train_stream(tok, task, cfg: RunConfig, stage: int, world: int, rank: int):
     """This rank's micro-batches, epoch after epoch, from a DistributedSampler seeded per stage."""
-    enc = [encode(tok, ex, cfg.max_len, cfg.train_on) for ex in task.train]
+    enc = [encode(tok, ex, cfg.max_len, cfg.train_on, cfg.prompt_format) for ex in task.train]
     sampler = DistributedSampler(
         enc, num_replicas=world, rank=rank, shuffle=True, seed=_seed(cfg.seed, stage, "train"), drop_last=True
     )
@@ -192,6 +204,7 @@ def _heldout_scores(model, tok, heldout, cfg, progress) -> dict:
         batch_size=cfg.eval_batch_size,
         max_len=cfg.max_len * (cfg.ip_shots + 1),
         progress=progress,
+        fmt=cfg.prompt_format,
     )
     gp = {t.name: evaluate_task(model, tok, t, shots=0, **kw) for t in heldout}
     ip = {t.name: evaluate_task(model, tok, t, shots=cfg.ip_shots, **kw) for t in heldout}
@@ -338,6 +351,7 @@ class _Run:
         if device == "cuda" and self.world > 1:  # one GPU per process under torchrun
             device = f"cuda:{os.environ.get('LOCAL_RANK', self.rank)}"
         self.model, self.tok = load_model(cfg.model, device, cfg.dtype)
+        check_prompt_format(self.tok, cfg.prompt_format, cfg.model)
         self.lora = LoraSettings(cfg.rank, cfg.alpha, cfg.use_rslora, list(cfg.targets))
         self.base = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         # what only the model can tell (a rank too large for a layer, a target it lacks), for every method of the
@@ -457,6 +471,7 @@ class _Run:
             cfg.max_len,
             _seed(cfg.seed, t, "grad"),
             cfg.train_on,
+            cfg.prompt_format,
         )
         replay_b = [
             make_batches(
@@ -467,6 +482,7 @@ class _Run:
                 cfg.max_len,
                 _seed(cfg.seed, t, "replay", n),
                 cfg.train_on,
+                cfg.prompt_format,
             )
             for n in names[: t - 1]
         ]
@@ -498,6 +514,9 @@ class _Run:
             steps=_steps(cfg, len(task.train)),
             lr=cfg.lr,
             grad_accum=cfg.grad_accum,
+            lr_schedule=cfg.lr_schedule,
+            warmup_ratio=cfg.warmup_ratio,
+            max_grad_norm=cfg.max_grad_norm,
             progress=self.progress,
             desc=f"{mname} t{t} {task.name} train",
         )
@@ -514,6 +533,7 @@ class _Run:
                     batch_size=cfg.eval_batch_size,
                     max_len=cfg.max_len,
                     progress=self.progress,
+                    fmt=cfg.prompt_format,
                 )
                 for j in range(t)
             ]

@@ -43,6 +43,21 @@ def collect_gradients(model, targets, batches, loss_fn=default_loss, progress=Tr
     return _collect(model, list(targets), mine, len(mine), loss_fn, progress=progress and rank == 0)
 
 
+LR_SCHEDULES = ("constant", "linear")
+
+
+def lr_factor(step: int, steps: int, schedule: str, warmup_ratio: float) -> float:
+    """The learning-rate multiplier before optimizer step ``step`` (0-based) of ``steps``, as transformers'
+    ``get_linear_schedule_with_warmup`` with ``ceil(warmup_ratio · steps)`` warmup steps (the Trainer's rule):
+    step/warmup during the warmup, then (steps − step)/(steps − warmup) down to 0."""
+    if schedule == "constant":
+        return 1.0
+    warmup = math.ceil(warmup_ratio * steps)
+    if step < warmup:
+        return step / warmup
+    return max(0.0, (steps - step) / max(1, steps - warmup))
+
+
 def train_adapter(
     peft_model,
     method,
@@ -52,20 +67,30 @@ def train_adapter(
     steps,
     lr,
     grad_accum,
+    lr_schedule="constant",
+    warmup_ratio=0.0,
+    max_grad_norm=None,
     loss_fn=default_loss,
     progress=True,
     desc="train",
 ) -> list[float]:
     """``steps`` optimizer steps, each over ``grad_accum`` micro-batches taken in order from
-    ``examples_batches`` (the caller has sharded them per rank); returns the loss per step (this rank's)."""
+    ``examples_batches`` (the caller has sharded them per rank); returns the loss per step (this rank's).
+    ``lr_schedule="linear"`` scales every group's learning rate by ``lr_factor`` (a group keeps its own ratio
+    to ``lr``, e.g. GORP's full-rank weights); ``max_grad_norm`` clips the norm of all trainable gradients,
+    after the data-parallel average, as the HF Trainer does."""
     world, rank = world_and_rank()
     device = next(peft_model.parameters()).device
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = method.make_optimizer(ctx, peft_model, params, lr) or torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    base_lrs = [g["lr"] for g in opt.param_groups]
     peft_model.train()
     losses = []
     it = iter(examples_batches)
-    for _ in tqdm(range(steps), desc=desc, disable=not progress or rank != 0, leave=False):
+    for step in tqdm(range(steps), desc=desc, disable=not progress or rank != 0, leave=False):
+        factor = lr_factor(step, steps, lr_schedule, warmup_ratio)
+        for g, base in zip(opt.param_groups, base_lrs):
+            g["lr"] = base * factor
         opt.zero_grad(set_to_none=True)
         tot = 0.0
         for _ in range(grad_accum):
@@ -84,6 +109,8 @@ def train_adapter(
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad)
                 p.grad /= world
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_grad_norm)
         opt.step()
         losses.append(tot)
     opt.zero_grad(set_to_none=True)

@@ -26,10 +26,19 @@ def char_tokenizer():
     )
 
 
-def save_tiny_llama(path: str, seed: int = 0, tied: bool = False) -> str:
+# A minimal ChatML-like template over the character vocabulary (every character of it is in CHARS).
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'][0] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<a>{% endif %}"
+)
+
+
+def save_tiny_llama(path: str, seed: int = 0, tied: bool = False, chat_template: str | None = None) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = char_tokenizer()
+    if chat_template is not None:
+        tok.chat_template = chat_template
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=128,
