@@ -125,7 +125,12 @@ def _add_run_options(p):
 
 def _mine_parser(sub):
     p = sub.add_parser("mine", help="find the most conflicting task sequence (adversarial sequence mining)")
-    p.add_argument("--pool", required=True, help="comma-separated candidate tasks (reasoning-gym names / JSONL files)")
+    p.add_argument(
+        "--pool",
+        required=True,
+        help="comma-separated candidate tasks (reasoning-gym names / JSONL files), or 'all' for every reasoning-gym "
+        "dataset (those that cannot generate here are left out, and listed)",
+    )
     p.add_argument("--size", type=int, default=3, help="length of the sequence to choose (default 3)")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--buckets", type=int, default=200_000, help="CountSketch buckets k (default 200000)")
@@ -135,6 +140,13 @@ def _mine_parser(sub):
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--train-on", choices=["answer", "prompt+answer"], default="answer", help="loss tokens (as run)")
+    p.add_argument("--prompt-format", choices=["plain", "chat"], default="plain", help="prompt format (as run)")
+    p.add_argument(
+        "--cache",
+        help="directory of per-task gradient sketches, reused across mining runs (default <out>/grad_cache; "
+        "'none' to not cache)",
+    )
     p.add_argument("--out", default="runs/mined", help="writes mined.json and cosines.png there")
     p.add_argument("--no-progress", action="store_true")
 

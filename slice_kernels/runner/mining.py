@@ -7,9 +7,16 @@ exact (accumulated while sketching), so cos(a, b) = ⟨sk_a, sk_b⟩ / (‖g_a�
 deviation is √((‖g_a‖²‖g_b‖² + ⟨g_a, g_b⟩²)/k), i.e. a cosine error of about √(1+cos²)/√k: ±0.003 at the
 default k = 200,000. Only k floats per task are kept, never a full gradient per task.
 
-Subset choice: the size-s subset with the lowest mean pairwise cosine. Exhaustive when C(n, s) ≤ 200,000;
-otherwise a greedy start (the most conflicting pair, then repeatedly the task that lowers the mean most)
-followed by single-swap local search until no swap improves; the result says which search ran.
+Subset choice: the size-s subset with the lowest mean pairwise cosine. Exhaustive when C(n, s) ≤ 5,000,000
+(the SLICE paper's pool, C(46, 5) = 1,370,754 subsets, takes about a second: the subsets are scored in
+vectorized chunks from the n × n matrix, ties going to the lexicographically first subset); otherwise a greedy
+start (the most conflicting pair, then repeatedly the task that lowers the mean most) followed by single-swap
+local search until no swap improves; the result says which search ran.
+
+Gradient cache: each task's sketch and norm are saved under ``<out>/grad_cache/`` (``--cache``) keyed by
+everything they depend on (the model files' sha256, the task spec, the seed, the batch settings, the targets,
+the buckets, the loss and prompt format, the package version), so mining a larger pool, or the same pool
+again, computes only the tasks it has not seen.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ import zlib
 
 import torch
 
-EXHAUSTIVE_LIMIT = 200_000
+EXHAUSTIVE_LIMIT = 5_000_000
+_CHUNK = 1 << 18  # subsets scored per vectorized chunk
 
 
 def _layer_seed(seed: int, name: str) -> int:
@@ -67,8 +75,8 @@ def choose_subset(C: list[list[float]], size: int) -> tuple[list[int], float, st
     if not 2 <= size <= n:
         raise ValueError(f"cannot choose {size} tasks out of a pool of {n}; --size must be between 2 and {n}")
     if math.comb(n, size) <= EXHAUSTIVE_LIMIT:
-        best = min(itertools.combinations(range(n), size), key=lambda s: (_mean_pairwise(C, s), s))
-        return list(best), _mean_pairwise(C, best), "exhaustive"
+        best = _exhaustive(C, size)
+        return best, _mean_pairwise(C, best), "exhaustive"
     i, j = min(itertools.combinations(range(n), 2), key=lambda p: C[p[0]][p[1]])
     cur = [i, j]
     while len(cur) < size:
@@ -86,6 +94,30 @@ def choose_subset(C: list[list[float]], size: int) -> tuple[list[int], float, st
                 if v < val - 1e-15:
                     cur, val, improved = cand, v, True
     return sorted(cur), val, "greedy+swap"
+
+
+def _exhaustive(C, size: int) -> list[int]:
+    """The lexicographically first subset with the lowest mean pairwise cosine. The pair sums accumulate in the
+    order ``_mean_pairwise`` uses, so the values (and the ties) are those of the plain Python search."""
+    import numpy as np
+
+    Cn = np.asarray(C, dtype=np.float64)
+    pairs = list(itertools.combinations(range(size), 2))
+    it = itertools.combinations(range(len(C)), size)
+    best_val, best = math.inf, None
+    while True:
+        flat = np.fromiter(itertools.chain.from_iterable(itertools.islice(it, _CHUNK)), dtype=np.int64)
+        if flat.size == 0:
+            break
+        S = flat.reshape(-1, size)
+        acc = np.zeros(len(S))
+        for a, b in pairs:
+            acc += Cn[S[:, a], S[:, b]]
+        vals = acc / len(pairs)
+        i = int(np.argmin(vals))  # the first minimum: combinations come in lexicographic order
+        if vals[i] < best_val:
+            best_val, best = float(vals[i]), [int(x) for x in S[i]]
+    return best
 
 
 def check_mine_args(pool_size: int, *, size: int, buckets: int, batches: int, batch_size: int) -> None:
@@ -117,19 +149,54 @@ def mine(
     targets=None,
     seed: int = 0,
     progress: bool = True,
+    train_on: str = "answer",
+    prompt_format: str = "plain",
+    cache=None,
+    log=print,
 ) -> dict:
+    """Sketch every task's base-model gradient and choose the most conflicting subset of ``size``. ``cache`` (a
+    ``GradientSketchCache`` or None) supplies the sketches it holds and keeps the new ones."""
     from .data import make_batches
     from .train import collect_gradients
 
     check_mine_args(len(tasks), size=size, buckets=buckets, batches=batches, batch_size=batch_size)
-    sks, sqs = [], []
+    settings = dict(
+        buckets=buckets,
+        batches=batches,
+        batch_size=batch_size,
+        max_len=max_len,
+        targets=sorted(targets or []),
+        seed=seed,
+        train_on=train_on,
+        prompt_format=prompt_format,
+    )
+    sks, sqs, hits = [], [], 0
     for t in tasks:
-        b = make_batches(tok, t.train, batches, batch_size, max_len, seed=zlib.crc32(f"mine/{seed}/{t.name}".encode()))
-        g = collect_gradients(model, targets, b, progress=progress)
-        sk, sq = countsketch(g, buckets, seed)
-        del g
-        sks.append(sk)
-        sqs.append(sq)
+        got = cache.get(t.name, settings) if cache is not None else None
+        if got is None:
+            b = make_batches(
+                tok,
+                t.train,
+                batches,
+                batch_size,
+                max_len,
+                seed=zlib.crc32(f"mine/{seed}/{t.name}".encode()),
+                train_on=train_on,
+                fmt=prompt_format,
+            )
+            g = collect_gradients(model, targets, b, progress=progress)
+            got = countsketch(g, buckets, seed)
+            del g
+            if cache is not None:
+                cache.put(t.name, settings, *got)
+        else:
+            hits += 1
+        sks.append(got[0])
+        sqs.append(got[1])
+    if cache is not None:
+        log(
+            f"[mine] gradient cache {cache.directory}: {hits} of {len(tasks)} task(s) read, {len(tasks) - hits} computed"
+        )
     C = cosine_matrix(sks, sqs)
     idx, val, search = choose_subset(C, size)
     names = [t.name for t in tasks]
@@ -143,7 +210,50 @@ def mine(
         "buckets": buckets,
         "seed": seed,
         "cosine_error_std": math.sqrt(2.0 / buckets),
+        "train_on": train_on,
+        "prompt_format": prompt_format,
     }
+
+
+class GradientSketchCache:
+    """Per-task sketches on disk, one safetensors file per (task, settings, model), named by a sha256 of them."""
+
+    def __init__(self, directory: str, model_fingerprint: dict):
+        self.directory = directory
+        self.model_fingerprint = model_fingerprint
+
+    def _path(self, task: str, settings: dict) -> str:
+        import hashlib
+        import json
+
+        from .. import __version__
+
+        key = json.dumps(
+            {"task": task, "settings": settings, "model": self.model_fingerprint, "version": __version__},
+            sort_keys=True,
+        )
+        return os.path.join(self.directory, hashlib.sha256(key.encode()).hexdigest()[:32] + ".safetensors")
+
+    def get(self, task: str, settings: dict):
+        from safetensors.torch import load_file
+
+        path = self._path(task, settings)
+        if not os.path.isfile(path):
+            return None
+        try:
+            d = load_file(path)
+            return d["sketch"], float(d["sq_norm"])
+        except Exception:  # a torn or foreign file is recomputed, not trusted
+            return None
+
+    def put(self, task: str, settings: dict, sketch, sq: float) -> None:
+        from safetensors.torch import save
+
+        from .files import atomic_write_bytes
+
+        os.makedirs(self.directory, exist_ok=True)
+        blob = save({"sketch": sketch.contiguous(), "sq_norm": torch.tensor(sq, dtype=torch.float64)})
+        atomic_write_bytes(self._path(task, settings), lambda f: f.write(blob))
 
 
 def format_matrix(res: dict) -> str:
@@ -177,16 +287,32 @@ def plot_cosines(res: dict, path: str) -> None:
 
 
 def mine_cli(a) -> dict:
+    from .data import check_prompt_format
     from .files import atomic_json
+    from .fingerprint import model_files
     from .model import load_model
-    from .tasks import check_spec, expand_task_list, load_task
+    from .tasks import check_spec, expand_task_list, load_task, reasoning_gym_names
 
-    pool = expand_task_list(a.pool)
+    whole_pool = a.pool.strip() == "all"
+    pool = reasoning_gym_names() if whole_pool else expand_task_list(a.pool)
     check_mine_args(len(pool), size=a.size, buckets=a.buckets, batches=a.batches, batch_size=a.batch_size)
     for s in pool:
         check_spec(s)
     model, tok = load_model(a.model, a.device)
-    tasks = [load_task(s, a.batches * a.batch_size, 0, a.seed) for s in pool]
+    check_prompt_format(tok, a.prompt_format, a.model)
+    tasks, skipped = [], {}
+    for s in pool:
+        try:
+            tasks.append(load_task(s, a.batches * a.batch_size, 0, a.seed))
+        except Exception as e:  # with --pool all, a dataset that cannot generate here is left out, and said so
+            if not whole_pool:
+                raise
+            skipped[s] = f"{type(e).__name__}: {e}"
+            print(f"[mine] left out {s}: {skipped[s]}")
+    check_mine_args(len(tasks), size=a.size, buckets=a.buckets, batches=a.batches, batch_size=a.batch_size)
+    cache = None
+    if a.cache != "none":
+        cache = GradientSketchCache(a.cache or os.path.join(a.out, "grad_cache"), model_files(a.model))
     res = mine(
         model,
         tok,
@@ -199,7 +325,12 @@ def mine_cli(a) -> dict:
         targets=[t for t in a.targets.split(",") if t],
         seed=a.seed,
         progress=not a.no_progress,
+        train_on=a.train_on,
+        prompt_format=a.prompt_format,
+        cache=cache,
     )
+    if skipped:
+        res["skipped"] = skipped
     os.makedirs(a.out, exist_ok=True)
     atomic_json(os.path.join(a.out, "mined.json"), res)
     plot_cosines(res, os.path.join(a.out, "cosines.png"))

@@ -2,6 +2,7 @@
 conflicting subset recovered by the exhaustive and the greedy+swap searches."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -83,11 +84,37 @@ def test_planted_subset_exhaustive():
 
 
 def test_planted_subset_greedy_when_exhaustive_is_too_costly():
-    planted = [2, 5, 11, 17, 23, 29]
-    n = 30
+    planted = [2, 5, 11, 17, 23, 29, 33, 38]
+    n = 40
     assert math.comb(n, len(planted)) > EXHAUSTIVE_LIMIT
     idx, val, search = _mine(_planted_pool(n, planted, seed=1), len(planted), k=4000)
     assert search == "greedy+swap" and idx == planted
+
+
+def _python_search(C, size):
+    """The plain search the vectorized one must equal: lowest mean, then the lexicographically first subset."""
+    import itertools
+
+    from slice_kernels.runner.mining import _mean_pairwise
+
+    return list(min(itertools.combinations(range(len(C)), size), key=lambda s: (_mean_pairwise(C, s), s)))
+
+
+@pytest.mark.parametrize("n,size,seed", [(9, 3, 0), (12, 4, 1), (10, 5, 2), (7, 2, 3)])
+def test_vectorized_exhaustive_equals_the_plain_search(n, size, seed, monkeypatch):
+    from slice_kernels.runner import mining
+
+    monkeypatch.setattr(mining, "_CHUNK", 37)  # many chunks, so the first-minimum rule crosses chunk borders
+    g = torch.Generator().manual_seed(seed)
+    C = torch.empty(n, n).uniform_(-1, 1, generator=g)
+    C = ((C + C.T) / 2).fill_diagonal_(1.0)
+    C = (C * 4).round() / 4  # coarse values: many exact ties
+    C = C.tolist()
+    assert mining._exhaustive(C, size) == _python_search(C, size)
+
+
+def test_the_paper_pool_size_is_searched_exhaustively():
+    assert math.comb(46, 5) <= EXHAUSTIVE_LIMIT  # the SLICE paper's pool: 1,370,754 subsets
 
 
 def test_choose_subset_bad_size():
@@ -170,3 +197,65 @@ def test_mine_cli_on_a_tiny_model(tmp_path, capsys):
     assert (out / "cosines.png").stat().st_size > 1000
     printed = capsys.readouterr().out
     assert ",".join(res["sequence"]) in printed and "chain_sum" in printed
+
+
+def test_gradient_sketches_are_cached_per_task(tmp_path):
+    """A second mining of a larger pool computes only the new task; other settings or another model miss."""
+    from slice_kernels.runner.mining import GradientSketchCache, mine
+    from slice_kernels.runner.model import load_model
+    from slice_kernels.runner.tasks import load_task
+    from tests.helpers.runner_tiny import save_tiny_llama, write_jsonl
+
+    model_dir = save_tiny_llama(str(tmp_path / "tiny"))
+    model, tok = load_model(model_dir, "cpu")
+    paths = [
+        write_jsonl(str(tmp_path / f"{t}.jsonl"), [{"prompt": f"{t} {i}", "answer": str(i)} for i in range(8)])
+        for t in "abc"
+    ]
+    tasks = [load_task(p, 4, 0, 0) for p in paths]
+    cache = GradientSketchCache(str(tmp_path / "cache"), {"m": "1"})
+    kw = dict(size=2, buckets=500, batches=1, batch_size=4, max_len=16, targets=["q_proj"], progress=False)
+    logs = []
+    first = mine(model, tok, tasks[:2], cache=cache, log=logs.append, **kw)
+    second = mine(model, tok, tasks, cache=cache, log=logs.append, **kw)
+    assert "0 of 2 task(s) read, 2 computed" in logs[0] and "2 of 3 task(s) read, 1 computed" in logs[1]
+    # read back exactly (the dot products may round differently in the last bit: memory alignment changes SIMD order)
+    assert second["cosines"][0][1] == pytest.approx(first["cosines"][0][1], rel=1e-12)
+    mine(model, tok, tasks[:1] + tasks[1:2], cache=cache, log=logs.append, **{**kw, "batch_size": 2})
+    assert "0 of 2 task(s) read" in logs[2]  # other settings: computed again
+    other = GradientSketchCache(str(tmp_path / "cache"), {"m": "2"})  # another model's files
+    mine(model, tok, tasks[:2], cache=other, log=logs.append, **kw)
+    assert "0 of 2 task(s) read" in logs[3]
+    uncached = mine(model, tok, tasks, **kw)  # no cache: the same numbers
+    assert uncached["cosines"] == [pytest.approx(row, rel=1e-12) for row in second["cosines"]]
+    for f in os.listdir(tmp_path / "cache"):  # a torn file is recomputed, not trusted
+        (tmp_path / "cache" / f).write_bytes(b"torn")
+    mine(model, tok, tasks, cache=cache, log=logs.append, **kw)
+    assert "0 of 3 task(s) read" in logs[4]
+
+
+def test_mine_pool_all_leaves_out_datasets_that_cannot_generate(tmp_path, monkeypatch, capsys):
+    import json
+
+    from slice_kernels.runner import tasks as tasks_mod
+    from slice_kernels.runner.cli import main
+    from tests.helpers.runner_tiny import save_tiny_llama
+
+    model = save_tiny_llama(str(tmp_path / "tiny"))
+    monkeypatch.setattr(tasks_mod, "reasoning_gym_names", lambda: ["basic_arithmetic", "chain_sum", "gcd"])
+    real = tasks_mod.load_task
+
+    def load(spec, *a, **k):
+        if spec == "gcd":
+            raise RuntimeError("cannot generate here")
+        return real(spec, *a, **k)
+
+    monkeypatch.setattr(tasks_mod, "load_task", load)
+    out = tmp_path / "mined"
+    args = ["mine", "--pool", "all", "--size", "2", "--model", model, "--targets", "q_proj", "--buckets", "300"]
+    assert main(args + ["--batches", "1", "--batch-size", "2", "--out", str(out), "--no-progress"]) == 0
+    res = json.loads((out / "mined.json").read_text())
+    assert res["pool"] == ["basic_arithmetic", "chain_sum"]
+    assert res["skipped"] == {"gcd": "RuntimeError: cannot generate here"}
+    assert "left out gcd" in capsys.readouterr().out
+    assert len(os.listdir(out / "grad_cache")) == 2
