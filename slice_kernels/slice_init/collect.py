@@ -370,16 +370,21 @@ def _concat(pieces: list[dict]) -> dict:
     if len(pieces) == 1:
         return dict(pieces[0])
     keys = list(pieces[0])
-    if any(list(p) != keys for p in pieces):
+    if any(set(p) != set(keys) for p in pieces):  # the same keys in another order are the same batch layout
         raise SliceInitError(
-            f"re-batching replay batches with different keys: {sorted({k for p in pieces for k in p})}"
+            f"re-batching replay batches with different keys: {[sorted(p) for p in pieces]}; every replay batch "
+            f"must carry the same keys (e.g. input_ids, attention_mask, labels)"
         )
     out = {}
     for k in keys:
         ts = [p[k] for p in pieces]
+        ranks = sorted({t.dim() for t in ts})
+        if len(ranks) > 1:
+            raise SliceInitError(
+                f"re-batching replay batches: key {k!r} has tensors of different ranks {ranks} (e.g. (batch,) beside "
+                f"(batch, seq)); give every batch the same layout, or leave retain_batch_size=None"
+            )
         if ts[0].dim() > 1 and any(t.shape[1:] != ts[0].shape[1:] for t in ts):
-            if any(t.dim() != ts[0].dim() for t in ts):
-                raise SliceInitError(f"re-batching replay batches: key {k!r} has tensors of different ranks")
             full = [max(t.shape[d] for t in ts) for d in range(1, ts[0].dim())]
             padded = []
             for t in ts:

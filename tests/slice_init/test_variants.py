@@ -403,6 +403,20 @@ def test_rebatched_regroups_rows_in_order_and_pads():
         len(Rebatched([(torch.ones(2, 3), torch.ones(2))], 2, "t"))
 
 
+def test_rebatched_keys_in_another_order_and_the_refusals():
+    a = {"input_ids": torch.arange(3).view(1, 3), "labels": torch.arange(3).view(1, 3)}
+    b = {"labels": 10 + torch.arange(3).view(1, 3), "input_ids": 10 + torch.arange(3).view(1, 3)}  # same keys
+    (out,) = list(Rebatched([a, b], 2, "t"))
+    assert torch.equal(out["input_ids"], torch.tensor([[0, 1, 2], [10, 11, 12]]))
+    assert torch.equal(out["labels"], out["input_ids"])
+    c = {"input_ids": torch.arange(3).view(1, 3), "attention_mask": torch.ones(1, 3)}
+    with pytest.raises(SliceInitError, match="must carry the same keys"):
+        list(Rebatched([a, c], 2, "t"))
+    d = {"input_ids": torch.arange(3), "labels": torch.arange(3)}  # 3 rows of scalars, not 1 row of 3 tokens
+    with pytest.raises(SliceInitError, match=r"different ranks \[1, 2\]"):
+        list(Rebatched([a, d], 2, "t"))
+
+
 def grad64(model, names, batches):
     """Mean gradient over ``batches`` of the float64 model, by plain autograd, (out, in)."""
     mods = dict(model.named_modules())
