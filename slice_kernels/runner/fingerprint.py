@@ -15,7 +15,7 @@ import os
 import torch
 
 from .model import smollm2_path
-from .tasks import is_path
+from .tasks import is_path, task_files
 
 _CHUNK = 8 << 20
 
@@ -69,7 +69,7 @@ def input_fingerprint(cfg) -> dict:
     return {
         "versions": versions,
         "backends": backends(cfg.device),
-        "task_files": {s: sha256_file(s) for s in specs if is_path(s)},
+        "task_files": {f: sha256_file(f) for s in specs for f in task_files(s)},
         "model_files": model_files(cfg.model),
     }
 

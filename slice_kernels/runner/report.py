@@ -70,7 +70,7 @@ def plot_all(results: dict, out: str) -> list[str]:
                     j, i, f"{R[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w" if R[i, j] < 0.6 else "k"
                 )
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
-    paths.append(_save(fig, out, "R_heatmaps.png"))
+    paths.append(save_figure(fig, out, "R_heatmaps.png"))
     # AP / FP / Forgetting bars per method
     fig, ax = plt.subplots(figsize=(1.6 * len(methods) + 2.5, 3.0), layout="constrained")
     keys = ["AP", "FP", "Forgetting"]
@@ -81,7 +81,7 @@ def plot_all(results: dict, out: str) -> list[str]:
     ax.axhline(0, color="k", lw=0.5)
     ax.legend(fontsize=8)
     ax.set_title("AP / FP / Forgetting")
-    paths.append(_save(fig, out, "metrics_bars.png"))
+    paths.append(save_figure(fig, out, "metrics_bars.png"))
     # per-task score across stages
     fig, axes = plt.subplots(1, T, figsize=(3.0 * T, 2.8), squeeze=False, layout="constrained")
     for j, ax in enumerate(axes[0]):
@@ -94,11 +94,11 @@ def plot_all(results: dict, out: str) -> list[str]:
         ax.set_ylim(-0.05, 1.05)
     axes[0][0].set_ylabel("score")
     axes[0][-1].legend(fontsize=7)
-    paths.append(_save(fig, out, "task_curves.png"))
+    paths.append(save_figure(fig, out, "task_curves.png"))
     return paths
 
 
-def _save(fig, out, name) -> str:
+def save_figure(fig, out, name) -> str:
     import matplotlib.pyplot as plt
 
     path = os.path.join(out, name)

@@ -371,7 +371,7 @@ def plot_study(result: dict, out: str) -> list[str]:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from .report import _save
+    from .report import save_figure
 
     groups = result["groups"]
     paths = []
@@ -392,7 +392,7 @@ def plot_study(result: dict, out: str) -> list[str]:
     ax.set_ylabel("AP (score right after learning), higher is better")
     ax.set_title(f"stability–plasticity, {len(result['seeds'])} seeds, {result['level'] * 100:g} % intervals")
     ax.legend(fontsize=7)
-    paths.append(_save(fig, out, "plane.png"))
+    paths.append(save_figure(fig, out, "plane.png"))
 
     T = len(result["tasks"])
     fig, axes = plt.subplots(
@@ -410,7 +410,7 @@ def plot_study(result: dict, out: str) -> list[str]:
         ax.set_xticks(range(T), [str(j + 1) for j in range(T)])
         ax.set_yticks(range(T), [str(i + 1) for i in range(T)])
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="mean score over seeds")
-    paths.append(_save(fig, out, "R_mean.png"))
+    paths.append(save_figure(fig, out, "R_mean.png"))
 
     acting = [g for g in groups if g["surgery"]["stages_with_replay"]]
     if acting:
@@ -443,5 +443,5 @@ def plot_study(result: dict, out: str) -> list[str]:
         a2.set_title("how often the surgery acted")
         a1.legend(fontsize=7)
         a2.legend(fontsize=7)
-        paths.append(_save(fig, out, "surgery.png"))
+        paths.append(save_figure(fig, out, "surgery.png"))
     return paths

@@ -3,7 +3,8 @@
 A task spec is a reasoning-gym dataset name (``basic_arithmetic``), optionally with dataset options in URL
 query form (``chain_sum?max_terms=2&max_digits=1``; values are read as JSON, else as strings), or a path to a
 JSONL file whose lines are ``{"prompt": str, "answer": str}`` with an optional
-``"metric": "exact" | "rouge_l"`` (default exact).
+``"metric": "exact" | "rouge_l"`` (default exact), or one of the SLICE paper's benchmarks from local files:
+``superni:<taskNNN_name.json>`` or ``trace:<dataset folder or .json>`` (see ``loaders/``).
 Every task is split into a training part and a held-out evaluation part, both fixed by the run's seed.
 """
 
@@ -13,75 +14,29 @@ import difflib
 import json
 import os
 import random
-import zlib
-from dataclasses import dataclass, field
-from typing import Callable
 
+from . import loaders  # superni:/trace: specs
 from .errors import TaskError
-
-METRICS = ("exact", "rouge_l")
-
-
-@dataclass
-class Example:
-    prompt: str
-    answer: str
-    entry: dict | None = None  # the reasoning-gym entry its scorer needs
-    metric: str = "exact"
-
-    def to_dict(self) -> dict:
-        return {"prompt": self.prompt, "answer": self.answer, "metric": self.metric}
-
-
-@dataclass
-class Task:
-    name: str
-    source: str  # "reasoning_gym" or the JSONL path
-    train: list = field(default_factory=list)
-    eval: list = field(default_factory=list)
-    scorer_name: str = ""
-    _score: Callable[[str, Example], float] | None = None
-
-    def score(self, prediction: str, ex: Example) -> float:
-        return float(self._score(prediction, ex))
-
-
-def _normalize(s: str) -> str:
-    return " ".join(s.strip().lower().split())
-
-
-def exact_match(pred: str, ref: str) -> float:
-    return 1.0 if _normalize(pred) == _normalize(ref) else 0.0
-
-
-def rouge_l(pred: str, ref: str) -> float:
-    """ROUGE-L F1 over lower-cased whitespace tokens (longest common subsequence)."""
-    a, b = _normalize(pred).split(), _normalize(ref).split()
-    if not a or not b:
-        return float(a == b)
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    p, r = lcs / len(a), lcs / len(b)
-    return 2 * p * r / (p + r)
-
-
-def _task_seed(seed: int, name: str) -> int:
-    return (seed * 7919 + zlib.crc32(name.encode())) % (2**31 - 1)
+from .examples import METRICS, Example, Task, exact_match, file_eval_count, rouge_l, task_seed
 
 
 def is_path(spec: str) -> bool:
-    return spec.endswith(".jsonl") or os.sep in spec or os.path.exists(spec)
+    """True for tasks read from files: JSONL files and the ``superni:``/``trace:`` benchmark specs."""
+    return loaders.kind(spec) is not None or spec.endswith(".jsonl") or os.sep in spec or os.path.exists(spec)
+
+
+def task_files(spec: str) -> list[str]:
+    """The files a task's data comes from (none for reasoning-gym tasks): what a run's fingerprint hashes."""
+    if loaders.kind(spec):
+        return loaders.files(spec)
+    return [spec] if is_path(spec) else []
 
 
 def task_name(spec: str) -> str:
-    """The name a task gets in results: the spec for reasoning-gym tasks, the file's stem for JSONL files."""
+    """The name a task gets in results: the spec for reasoning-gym tasks, the file's stem for JSONL files (and
+    SuperNI files), the dataset folder's name for TRACE."""
+    if loaders.kind(spec):
+        return loaders.name(spec)
     return os.path.splitext(os.path.basename(spec))[0] if is_path(spec) else spec
 
 
@@ -123,6 +78,9 @@ def parse_rg_spec(spec: str) -> tuple[str, dict]:
 
 def check_spec(spec: str) -> None:
     """Fail fast (before any model is loaded) on a task that cannot be built."""
+    if loaders.kind(spec):
+        loaders.check(spec)
+        return
     if is_path(spec):
         read_jsonl(spec)
         return
@@ -177,17 +135,14 @@ def read_jsonl(path: str) -> list[Example]:
     return out
 
 
-def _jsonl_eval_count(n_rows: int, n_eval: int) -> int:
-    """Evaluation examples a JSONL task of ``n_rows`` lines keeps (at most a fifth of them, at least one)."""
-    return min(n_eval, max(1, n_rows // 5))
-
-
 def load_task(spec: str, n_train: int, n_eval: int, seed: int) -> Task:
     """Build a task with ``n_train`` training and ``n_eval`` evaluation examples (fewer for short files)."""
+    if loaders.kind(spec):
+        return loaders.load(spec, n_train, n_eval, seed)
     if is_path(spec):
         rows = read_jsonl(spec)
-        random.Random(_task_seed(seed, spec)).shuffle(rows)
-        k = _jsonl_eval_count(len(rows), n_eval)
+        random.Random(task_seed(seed, spec)).shuffle(rows)
+        k = file_eval_count(len(rows), n_eval)
         name = task_name(spec)
         metrics = sorted({r.metric for r in rows})
         eval_prompts = {r.prompt for r in rows[:k]}
@@ -207,7 +162,7 @@ def load_task(spec: str, n_train: int, n_eval: int, seed: int) -> Task:
     # Items are generated lazily by index, so a generous size costs nothing until read.
     size = n_train + _EVAL_SCAN_FACTOR * max(n_eval, 1) + _EVAL_SCAN_EXTRA
     try:  # a bad option value surfaces here (reasoning-gym raises TypeError, AssertionError, ...)
-        ds = rg.create_dataset(name, size=size, seed=_task_seed(seed, spec), **opts)
+        ds = rg.create_dataset(name, size=size, seed=task_seed(seed, spec), **opts)
         train = [Example(e["question"], str(e["answer"]), e) for e in (ds[i] for i in range(n_train))]
     except Exception as e:
         raise TaskError(

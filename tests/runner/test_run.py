@@ -129,7 +129,7 @@ def test_scores_come_from_the_reasoning_gym_scorers(full_run):
     """Every R entry is the mean of reasoning-gym's own score_answer over the saved predictions."""
     import reasoning_gym as rg
 
-    from slice_kernels.runner.tasks import _task_seed
+    from slice_kernels.runner.tasks import task_seed
 
     out, _ = full_run
     res = json.load(open(os.path.join(out, "results.json")))
@@ -138,7 +138,7 @@ def test_scores_come_from_the_reasoning_gym_scorers(full_run):
     for m, stages in preds.items():
         for i, per_task in enumerate(stages):
             for j, name in enumerate(res["tasks"][: i + 1]):
-                ds = rg.create_dataset(name, size=100_000, seed=_task_seed(res["config"]["seed"], name))
+                ds = rg.create_dataset(name, size=100_000, seed=task_seed(res["config"]["seed"], name))
                 seen = {ds[k]["question"] for k in range(n_train)}
                 entries = []  # the first n_eval later items with a question unseen in training (or earlier)
                 for k in range(n_train, 100_000):
