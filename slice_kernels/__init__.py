@@ -19,7 +19,8 @@ from .errors import (
     SliceInitError,
     SliceKernelsError,
 )
-from .gorp import GorpAdamW, build_gorp_optimizer, gorp_param_groups
+from .gorp import GorpAdamW, build_gorp_optimizer, gorp_param_groups, load_gorp_adapter, save_gorp_adapter
+from .init_offsets import init_offsets
 from .ops.magnitude_merge import magnitude_merge
 from .ps_lora import History, HistoryStore, ParameterStabilityLoss, StabilityLossMixin, sign_consistency_loss
 from .slice_init import (
@@ -28,14 +29,16 @@ from .slice_init import (
     SliceConfig,
     collect_gradients,
     collect_replay_gradients,
+    convert_adapter,
     get_slice_model,
     init_from_gradients,
+    init_sharded_,
     lora_scaling,
     save_as_lora,
     save_initial_adapter,
 )
 
-__version__ = "0.2.0"
+__version__ = "0.2.1"
 
 _compat.install()
 
@@ -45,6 +48,14 @@ def __getattr__(name):
         from .ps_lora import trainer
 
         return trainer.PSLoRATrainer
+    if name == "SliceSaveCallback":  # transformers.TrainerCallback, imported on first use only
+        from .integrations.trainer_callback import SliceSaveCallback
+
+        return SliceSaveCallback
+    if name == "GorpCheckpointCallback":  # transformers.TrainerCallback, imported on first use only
+        from .integrations.gorp_callback import GorpCheckpointCallback
+
+        return GorpCheckpointCallback
     old = f"{__name__}.{name}"
     if old in _compat.MOVED:  # slice_kernels.history etc. as attributes, as 0.1's eager imports made them
         return importlib.import_module(old)
@@ -68,6 +79,10 @@ __all__ = [
     "get_slice_model",
     "save_initial_adapter",
     "save_as_lora",
+    "convert_adapter",
+    "init_sharded_",
+    "init_offsets",
+    "SliceSaveCallback",
     "dispatch",
     "History",
     "HistoryStore",
@@ -80,4 +95,7 @@ __all__ = [
     "GorpGroupError",
     "gorp_param_groups",
     "build_gorp_optimizer",
+    "save_gorp_adapter",
+    "load_gorp_adapter",
+    "GorpCheckpointCallback",
 ]

@@ -87,3 +87,77 @@ def make_identical_(tensors: Sequence[torch.Tensor]) -> bool:
         return False
     broadcast_(tensors)
     return True
+
+
+# ---- agreement before mutation: every rank learns of any rank's failure, so none waits in a collective that
+# ---- the failed rank never enters (the sharded and layer-parallel paths call these between phases)
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if active() else 1
+
+
+def agree(error: BaseException | None, what: str) -> None:
+    """Collective: raise on every rank when any rank passes an ``error``. The failing rank re-raises its own
+    exception; the others raise a ``SliceInitError`` naming that rank and its message. No-op (re-raises a local
+    error) without an active process group."""
+    from .errors import SliceInitError
+
+    if not active():
+        if error is not None:
+            raise error
+        return
+    msg = None if error is None else f"{type(error).__name__}: {error}"
+    got: list = [None] * world_size()
+    torch.distributed.all_gather_object(got, msg)
+    failed = [(k, m) for k, m in enumerate(got) if m is not None]
+    if not failed:
+        return
+    if error is not None:
+        raise error
+    k, m = failed[0]
+    raise SliceInitError(f"rank {k} failed during {what} ({m}); every rank stops here and nothing was modified")
+
+
+def same_signature(signature, what: str) -> None:
+    """Collective: refuse on every rank when the ranks disagree on ``signature`` (a picklable description, e.g. the
+    target layers' names and shapes), naming the first rank that differs from rank 0."""
+    from .errors import SliceInitError
+
+    if not active():
+        return
+    got: list = [None] * world_size()
+    torch.distributed.all_gather_object(got, signature)
+    for k, sig in enumerate(got):
+        if sig != got[0]:
+            raise SliceInitError(
+                f"the ranks disagree on {what}: rank {k} has {_diff(sig, got[0])} where rank 0 has "
+                f"{_diff(got[0], sig)}. Every rank must build the same model and the same target modules"
+            )
+
+
+def _diff(a, b) -> str:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        extra = [x for x in a if x not in b]
+        return f"{len(a)} entries, e.g. {extra[:2]}" if extra else f"{len(a)} entries"
+    return repr(a)
+
+
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """In place: ``t`` becomes its sum over ranks (collective; a no-op on one process)."""
+    if active():
+        _op_in_place(t, lambda x: torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.SUM))
+    return t
+
+
+def all_true(flag: bool) -> bool:
+    """Collective: True when ``flag`` is True on every rank."""
+    if not active():
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    all_reduce_sum_(t)
+    return int(t.item()) == world_size()

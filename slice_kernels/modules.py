@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -43,11 +44,19 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
     return module.weight.T if is_conv1d(module) else module.weight
 
 
+# Path components that only wrappers insert, wherever they sit: torch.compile's OptimizedModule (also per block,
+# as accelerate's regional compilation does), FSDP1's and activation checkpointing's wrappers.
+_WRAPPER_PARTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+
 def canonical_name(name: str) -> str:
-    """A module name without the wrappers DDP/DataParallel put in front ("module.")."""
-    while name.startswith("module."):
-        name = name[len("module.") :]
-    return name
+    """A module name without what wrappers add: leading "module." (DDP/DataParallel; only leading, since a model
+    may name a child "module") and the torch.compile / FSDP / checkpoint-wrapper components ("_orig_mod.") at any
+    depth. A name from ``compile(DDP(model))``, ``DDP(compile(model))`` or the bare model is the same."""
+    parts = [p for p in name.split(".") if p not in _WRAPPER_PARTS]
+    while parts and parts[0] == "module":
+        parts = parts[1:]
+    return ".".join(parts)
 
 
 def matches(pattern: str, name: str, *, regex: bool = True) -> bool:
@@ -73,22 +82,75 @@ def unsupported_reason(module: nn.Module) -> str | None:
     w = getattr(module, "weight", None)
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
         return f"{kind} has no 2-D weight"
-    if not w.is_floating_point() or hasattr(w, "quant_state") or type(w) not in (nn.Parameter, torch.Tensor):
-        return (
-            f"{kind} holds a quantized weight ({type(w).__name__}, {w.dtype}); SLICE needs full-precision "
-            f"gradients and writes the absorbed weight back: load the model unquantized"
-        )
+    if is_quantized(module):
+        return quantized_reason(module)
     return None
 
 
-def _refuse_unsupported(found: Mapping[str, nn.Module]) -> None:
+def is_quantized(module: nn.Module) -> bool:
+    """A quantized layer: bitsandbytes' marker ``quant_state`` on the module (PEFT's LoRA-GA check) or on its
+    weight (``Params4bit``), a non-floating weight (int8), or a tensor subclass as weight (torchao, HQQ)."""
+    w = getattr(module, "weight", None)
+    if hasattr(module, "quant_state") or (w is not None and hasattr(w, "quant_state")):
+        return True
+    plain = (nn.Parameter, torch.Tensor, *_dtensor())  # FSDP2's sharded weights are full-precision DTensors
+    return isinstance(w, torch.Tensor) and (not w.is_floating_point() or type(w) not in plain)
+
+
+def _dtensor() -> tuple:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without torch.distributed
+        return ()
+    return (DTensor,)
+
+
+def quantized_reason(module: nn.Module) -> str:
+    w = getattr(module, "weight", None)
+    return (
+        f"{type(module).__name__} is quantized ({type(w).__name__}, {getattr(w, 'dtype', None)}): the init needs "
+        f"full-precision gradients of W and writes W − s·B·A back, which a quantized weight can hold only "
+        f"up to its rounding (the model would not equal the original at initialization). Initialize the "
+        f"full-precision model instead (docs/peft_compat.md, 'Quantized models')"
+    )
+
+
+# module types PEFT's LoRA adapts but SLICE's init does not (PEFT's LoRA-GA gives them its ordinary init)
+PEFT_ORDINARY_LORA = (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _refuse_unsupported(found: Mapping[str, nn.Module], skip: bool = False) -> dict[str, nn.Module]:
+    """``found`` without the modules that cannot be targets. A quantized layer is always an error (PEFT's LoRA-GA
+    refuses it too); with ``skip`` the others (embeddings, Conv2d, ...) are dropped with a warning naming them, as
+    PEFT's LoRA-GA skips what it cannot initialize, unless nothing remains."""
+    quantized = [n for n, m in found.items() if is_quantized(m)]
+    if quantized:
+        raise SliceInitError(
+            f"{len(quantized)} target layer(s) are quantized, e.g. {quantized[0]!r}: "
+            f"{quantized_reason(found[quantized[0]])}. Quantized: {quantized[:5]}{'…' if len(quantized) > 5 else ''}"
+        )
     bad = {n: why for n, why in ((n, unsupported_reason(m)) for n, m in found.items()) if why}
+    # only layers PEFT itself wraps with an ordinary LoRA are skipped; any other module PEFT would refuse later,
+    # in the middle of get_peft_model, so it stays an error here
+    unskippable = [n for n in bad if not isinstance(found[n], PEFT_ORDINARY_LORA)]
+    if skip and bad and len(bad) < len(found) and not unskippable:
+        warnings.warn(
+            f"skipping {len(bad)} module(s) matched by target_modules that SLICE cannot initialize: "
+            + "; ".join(f"{n!r} ({bad[n]})" for n in list(bad)[:5])
+            + ("…" if len(bad) > 5 else "")
+            + ". PEFT still wraps them with its ordinary LoRA init (zero update at init, no offset); pass "
+            "strict_targets=True to make this an error",
+            stacklevel=3,
+        )
+        return {n: m for n, m in found.items() if n not in bad}
     if bad:
         first = next(iter(bad))
         raise SliceInitError(
             f"{len(bad)} target layer(s) cannot be initialized, e.g. {first!r}: {bad[first]}. Remove "
-            f"{sorted(bad)[:5]}{'…' if len(bad) > 5 else ''} from target_modules."
+            f"{sorted(bad)[:5]}{'…' if len(bad) > 5 else ''} from target_modules"
+            + (" (no supported layer remains)." if len(bad) == len(found) else ".")
         )
+    return dict(found)
 
 
 def _is_resolved(t) -> bool:
@@ -128,7 +190,7 @@ def _lora_config_targets(model: nn.Module, lora_config) -> dict[str, nn.Module]:
     return found
 
 
-def resolve_targets(model: nn.Module, target_modules) -> dict[str, nn.Module]:
+def resolve_targets(model: nn.Module, target_modules, *, skip_unsupported: bool = False) -> dict[str, nn.Module]:
     """Module name -> module, in the model's order, for ``target_modules``:
 
     * a list of names (each the whole module name or a dotted suffix, as PEFT matches a list);
@@ -138,14 +200,15 @@ def resolve_targets(model: nn.Module, target_modules) -> dict[str, nn.Module]:
     * a dict of modules keyed by name (returned as it is).
 
     Raises ``SliceInitError`` when nothing matches, when a listed name matches nothing, or when a matched
-    layer cannot be adapted (embeddings, quantized, non-Linear/Conv1D).
+    layer cannot be adapted (embeddings, quantized, non-Linear/Conv1D). ``skip_unsupported``: drop matched
+    layers that cannot be adapted (not quantized ones) with a warning, as PEFT's LoRA-GA does; an error still
+    when none remains.
     """
     if _is_resolved(target_modules):
         return dict(target_modules)
     if hasattr(target_modules, "peft_type") and hasattr(target_modules, "target_modules"):
         found = _lora_config_targets(model, target_modules)
-        _refuse_unsupported(found)
-        return found
+        return _refuse_unsupported(found, skip_unsupported)
     if target_modules is None or (not isinstance(target_modules, str) and len(list(target_modules)) == 0):
         raise SliceInitError("target_modules is empty: name the linear layers to initialize, e.g. ['q_proj', 'v_proj']")
     named = dict(model.named_modules())
@@ -168,7 +231,7 @@ def resolve_targets(model: nn.Module, target_modules) -> dict[str, nn.Module]:
                     f"{','.join(leaves[:2])}) or drop it"
                 )
             found.update(hits)
-    _refuse_unsupported(found)
+    found = _refuse_unsupported(found, skip_unsupported)
     order = {n: i for i, n in enumerate(named)}
     return dict(sorted(found.items(), key=lambda kv: order[kv[0]]))
 

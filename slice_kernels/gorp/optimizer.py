@@ -59,6 +59,7 @@ import torch
 from ..errors import GorpGroupError, NotFoundError, UnsupportedInputError
 from ..ops import rsvd
 from ..ops.gorp_update import gorp_update_
+from ..sharded_guard import first_dtensor
 
 KINDS = ("lowrank", "lora_a", "adamw")
 SVDS = ("randomized", "exact")  # how a projector refresh computes the top-r singular vectors
@@ -161,6 +162,15 @@ class GorpAdamW(torch.optim.Optimizer):
         )
         self._check_hparams(defaults, "defaults")
         super().__init__(params, defaults)
+        flat = [p for g in self.param_groups for p in g["params"]]
+        i = first_dtensor(flat)
+        if i is not None:
+            raise GorpGroupError(
+                f"GorpAdamW on FSDP2-sharded parameters is not supported: parameter {i} (shape "
+                f"{tuple(flat[i].shape)}) is a DTensor shard, and GORP's projector and LoRA-A orthogonalization need "
+                f"each weight's full gradient. Train with GorpAdamW on replicated ranks (DDP) instead, or use "
+                f"torch.optim.AdamW on the sharded model (docs/distributed.md)"
+            )
         if shared_spaces:
             self.load_shared_spaces(shared_spaces)
 

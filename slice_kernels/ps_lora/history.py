@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import HistoryError
-from ..modules import lora_factors, lora_layers
+from ..init_offsets import effective_factors, init_offset
+from ..modules import canonical_name, lora_factors, lora_layers
 from ..ops.sign_bits import pack_sign_bits, unpack_sign_bits
 
 KINDS = ("factors", "dense", "bits")
@@ -241,16 +242,35 @@ class HistoryStore:
     def __getitem__(self, name) -> History:
         return self.layers[name]
 
-    def record_task(self, model) -> None:
-        """Add the current LoRA adapter of every layer of a PEFT ``model`` (call before merging it).
+    def record_task(self, model, init_offsets: dict | None = None) -> None:
+        """Add the update the current LoRA adapter of every layer of a PEFT ``model`` made (call before merging it).
+
+        That update is s·B·A for an adapter that started at B = 0 (vanilla LoRA), and s·(B·A − B₀·A₀) for one whose
+        initial product was absorbed into W (SLICE, LoRA-GA, LoRAM): the offsets ``get_slice_model`` left on the
+        layers are read (``slice_kernels.init_offsets``) and recorded as rank-2r factors [B, −B₀]·[A; A₀].
+        ``init_offsets`` (``{name: (B₀, A₀)}`` or ``(B₀, A₀, s₀)``) overrides them per layer. Layer names are stored
+        without DDP/torch.compile prefixes (``modules.canonical_name``), so a wrapped model records the same keys.
 
         The store keeps exact factors when ``kind="factors"``; for ``"dense"`` and ``"bits"`` the update
         is folded in (bits: see ``History.append``; the first task's bits are exact)."""
-        found = [(name, *lora_factors(mod, ad)) for name, mod, ad in lora_layers(model)]
+        explicit = {canonical_name(k): v for k, v in (init_offsets or {}).items()}
+        found = []
+        for name, mod, ad in lora_layers(model):
+            name = canonical_name(name)
+            B, A, s = lora_factors(mod, ad)
+            offset = explicit.get(name)
+            B, A = effective_factors(B, A, offset if offset is not None else init_offset(mod, ad), s)
+            found.append((name, B, A, s))
         if not found:
             raise HistoryError(
                 "HistoryStore.record_task: the model has no active PEFT LoRA layer; pass the "
                 "PeftModel (before merge_and_unload)"
+            )
+        unknown = sorted(set(explicit) - {n for n, *_ in found})
+        if unknown:
+            raise HistoryError(
+                f"HistoryStore.record_task: init_offsets names {len(unknown)} layer(s) that are not LoRA layers of the "
+                f"model, e.g. {unknown[0]!r}; use the names of model.named_modules() (wrapper prefixes are ignored)"
             )
         new = {}
         for name, B, A, s in found:

@@ -8,8 +8,10 @@ model-level ``ParameterStabilityLoss``.
   ``loss = task + psl(model)``; with a Trainer see ``ps_lora.trainer``.
 
 An adapter initialized with a non-zero product (SLICE absorbs s·B₀·A₀ into W) updates W by
-s·(B·A − B₀·A₀), not s·B·A: pass ``init_offsets={name: (B₀, A₀)}`` and the loss penalizes that update,
-as the rank-2r factors [B, −B₀]·[A; A₀] (still no m×n tensor).
+s·(B·A − B₀·A₀), not s·B·A, and the loss penalizes that update, as the rank-2r factors [B, −B₀]·[A; A₀] (still no
+m×n tensor). ``get_slice_model`` leaves B₀, A₀ on its LoRA layers (``slice_kernels.init_offsets``), and they are
+used with no argument; ``init_offsets={name: (B₀, A₀)}`` overrides them per layer (e.g. for a model reloaded from
+disk, which carries none).
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import torch
 from torch import nn
 
 from ..errors import HistoryError, InvalidTypeError
+from ..init_offsets import effective_factors, init_offset
 from ..modules import canonical_name, lora_factors, lora_layers
 from ..ops.sign_bits import unpack_sign_bits
 from ..ops.sign_loss import MODES, sign_consistency
+from ..sharded_guard import first_dtensor
 from .history import History, HistoryStore
 
 log = logging.getLogger("slice_kernels")
@@ -110,21 +114,14 @@ def reference_sign_consistency_loss(A, B, history: History, *, scaling, alpha=1.
     return l_dir + beta * (dW**2).mean() / rms**2
 
 
-def effective_factors(B, A, offset=None):
-    """Factors of the update the adapter makes to W: (B, A), or ([B, −B₀], [A; A₀]) when s·B₀·A₀ was absorbed
-    into W at init."""
-    if offset is None:
-        return B, A
-    B0, A0 = offset
-    return torch.cat([B, -B0.to(B)], dim=1), torch.cat([A, A0.to(A)], dim=0)
-
-
 class ParameterStabilityLoss(nn.Module):
     """L_s = λ·Σ_ℓ (L_dir,ℓ + β·L_mag,ℓ) over the LoRA layers of a PEFT model (SPEC §3).
 
     ``history``: a ``HistoryStore`` or ``{layer name: History}`` (names from ``model.named_modules()``; a
     layer with no history contributes 0). ``lam`` = λ, ``alpha`` = α (α_ℓ = α/rms(H_ℓ)), ``beta`` = β,
-    ``mode`` "tanh" | "hinge". ``init_offsets``: ``{name: (B₀, A₀)}`` of inits absorbed into W (see module doc).
+    ``mode`` "tanh" | "hinge". ``init_offsets``: ``{name: (B₀, A₀)}`` or ``(B₀, A₀, s₀)`` of inits absorbed into
+    W; they take precedence over the offsets an init left on the layers (see module doc). Names may carry DDP's
+    ``module.`` or torch.compile's ``_orig_mod.`` (``modules.canonical_name``), in the history and in the model.
     """
 
     def __init__(
@@ -178,6 +175,13 @@ class ParameterStabilityLoss(nn.Module):
             if h is None or h.rms == 0.0:
                 continue
             B, A, s = lora_factors(mod, ad)
+            if first_dtensor((A, B)) is not None:
+                raise HistoryError(
+                    f"ParameterStabilityLoss on an FSDP2-sharded LoRA model is not supported: layer {name!r} holds "
+                    f"DTensor shards of lora_A/lora_B, and the loss needs each layer's full A and B. Train with the "
+                    f"stability loss on replicated ranks (DDP) instead, or without it on the sharded model "
+                    f"(docs/distributed.md)"
+                )
             if h.device != A.device:
                 h = self.layers[name] = h.to(A.device)
             if (B.shape[0], A.shape[1]) != tuple(h.shape):  # name the layer: the op itself cannot
@@ -186,7 +190,8 @@ class ParameterStabilityLoss(nn.Module):
                     f"but its history is {h.shape[0]}×{h.shape[1]}: the history was recorded from "
                     f"another model"
                 )
-            B, A = effective_factors(B, A, self.offsets.get(name))
+            offset = self.offsets.get(name)
+            B, A = effective_factors(B, A, offset if offset is not None else init_offset(mod, ad), s)
             term = sign_consistency_loss(A, B, h, scaling=s, alpha=self.alpha, beta=self.beta, mode=self.mode)
             total = term if total is None else total + term
         if total is None or self.lam == 0.0:

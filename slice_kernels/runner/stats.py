@@ -73,7 +73,7 @@ def cell_scores(method_result: dict, method_predictions: list, tasks: list[str],
     for key in ("GP", "IP"):
         if method_result.get(key) is not None and f"{key}_scores" not in method_result:
             raise StudyDataError(
-                f"results have {key} but no per-example {key}_scores (written by slice-kernels ≥ 0.3); rerun the cell"
+                f"results have {key} but no per-example {key}_scores (written by slice-kernels ≥ 0.2.1); rerun the cell"
             )
     gp = {k: np.asarray(v, dtype=float) for k, v in (method_result.get("GP_scores") or {}).items()}
     ip = {k: np.asarray(v, dtype=float) for k, v in (method_result.get("IP_scores") or {}).items()}

@@ -26,7 +26,10 @@ from .. import distributed
 from ..errors import NonFiniteGradientError, SliceInitError
 from ..modules import is_conv1d, resolve_targets
 from ..ops.grad_accum import accumulator
+from ..wrappers import refuse_wrapped_model
+from .batches import as_batches, is_example, is_tokenizer_output, looks_like_examples, refuse_raw
 from .finite import all_finite
+from .shard_layout import is_dtensor, local
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
 
@@ -46,6 +49,16 @@ def _to_device(batch, device):
 
 
 def default_loss(model: nn.Module, batch) -> torch.Tensor:
+    check_default_batch(batch)
+    out = model(**batch)
+    loss = out["loss"] if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if loss is None:
+        raise SliceInitError(f"{type(model).__name__}(**batch) returned no loss; pass loss_fn(model, batch) -> loss")
+    return loss
+
+
+def check_default_batch(batch) -> None:
+    """What ``default_loss`` needs of a batch (a dict with labels), checked before any forward pass."""
     if not isinstance(batch, Mapping):
         raise SliceInitError(
             f"a batch must be a dict accepted by model(**batch) (got {type(batch).__name__}); "
@@ -56,11 +69,10 @@ def default_loss(model: nn.Module, batch) -> torch.Tensor:
             f"batch has no 'labels' (keys {sorted(batch)}); add labels so model(**batch) returns "
             f"a loss, or pass loss_fn(model, batch) -> loss"
         )
-    out = model(**batch)
-    loss = out["loss"] if isinstance(out, Mapping) else getattr(out, "loss", None)
-    if loss is None:
-        raise SliceInitError(f"{type(model).__name__}(**batch) returned no loss; pass loss_fn(model, batch) -> loss")
-    return loss
+
+
+def _positive_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 
 
 class BatchStream:
@@ -116,14 +128,20 @@ def collect_streams(
     source: str = "gradient",
 ) -> dict[str, torch.Tensor]:
     """Σ over streams of weight · Σ_s ∇L(batch_s), one float32 accumulator per target, keyed by name in
-    (out, in) orientation. Averaged across ranks when torch.distributed is initialized."""
+    (out, in) orientation. Averaged across ranks when torch.distributed is initialized.
+
+    FSDP2-sharded targets (DTensor weights): each rank accumulates only its own shard of each gradient (FSDP's
+    reduce-scatter has already averaged it over the ranks) and gets back its shard in (out, in) orientation (rows
+    of W for a Linear, columns for a Conv1D); the ranks agree before every forward and backward, so a rank that
+    runs out of batches or whose loss is refused stops every rank instead of leaving them waiting."""
     loss_fn = loss_fn or default_loss
+    sharded = any(is_dtensor(m.weight) for m in targets.values())
     device = _model_device(targets)
     acc_device = torch.device("cpu") if offload else device
     pin = offload and device.type == "cuda"
     # Accumulate in the parameter's own layout (no transposed add for Conv1D); transposed once at the end.
     acc = {
-        n: torch.zeros(m.weight.shape, dtype=torch.float32, device=acc_device, pin_memory=pin)
+        n: torch.zeros(local(m.weight).shape, dtype=torch.float32, device=acc_device, pin_memory=pin)
         for n, m in targets.items()
     }
     alpha = {"value": 0.0}
@@ -136,6 +154,7 @@ def collect_streams(
         def hook(p):
             g = p.grad
             if g is not None:
+                g = local(g)  # a sharded weight's .grad is a DTensor: its local piece is this rank's shard
                 g = g if g.device == acc_device else g.to(acc_device)
                 for name in names:
                     add(acc[name], g, alpha["value"])
@@ -150,6 +169,7 @@ def collect_streams(
 
     undo = _gradient_context(model, targets, train_mode)
     handles = []
+    error = None
     try:
         for names in sharing.values():
             w = targets[names[0]].weight
@@ -164,20 +184,17 @@ def collect_streams(
         for st in streams:
             alpha["value"] = st.weight / st.steps
             got = 0
-            for batch in itertools.islice(iter(st.batches), st.steps):
+            for batch in _stream_batches(st, sharded, loss_fn):
                 with torch.enable_grad():
-                    loss = loss_fn(model, _to_device(batch, device))
-                    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                        raise SliceInitError(
-                            f"{st.label}: the loss must be a scalar tensor, got "
-                            f"{type(loss).__name__} {tuple(getattr(loss, 'shape', ()))}"
-                        )
-                    if not loss.requires_grad:
-                        raise SliceInitError(
-                            f"{st.label}: the loss does not depend on the target weights "
-                            f"(no grad); check target_modules and loss_fn (with reentrant "
-                            f"gradient checkpointing, call model.enable_input_require_grads())"
-                        )
+                    if sharded:  # FSDP's backward is collective: every rank must have a valid loss first
+                        loss, err = None, None
+                        try:
+                            loss = _checked_loss(loss_fn, model, _to_device(batch, device), st.label)
+                        except Exception as e:
+                            err = e
+                        distributed.agree(err, f"{st.label}: the loss")
+                    else:
+                        loss = _checked_loss(loss_fn, model, _to_device(batch, device), st.label)
                     loss.backward()
                 got += 1
                 if bar is not None:
@@ -189,22 +206,72 @@ def collect_streams(
                 )
         if bar is not None:
             bar.close()
+    except Exception as e:
+        if not distributed.active() or sharded:  # sharded ranks already agreed on every failure above
+            raise
+        error = e  # replicated ranks: say so to every rank before the all-reduce, which would wait for this one
     finally:
         for h in handles:
             h.remove()
         for m in targets.values():
             m.weight.grad = None
         undo()
-    distributed.average_(list(acc.values()))
+    if not sharded:
+        distributed.agree(error, f"collecting the {source}")
+        distributed.average_(list(acc.values()))
     out = {}
+    bad = None
     for n in list(acc):
         a = acc.pop(n)
         if is_conv1d(targets[n]):
             a = a.T.contiguous()
-        if not all_finite(a):
-            raise NonFiniteGradientError(n, source)
+        if bad is None and not all_finite(a):
+            bad = NonFiniteGradientError(n, source)
+            if not sharded:
+                raise bad
         out[n] = a
+    if sharded:
+        distributed.agree(bad, f"checking the {source} (a shard of it is non-finite)")
     return out
+
+
+def _checked_loss(loss_fn: LossFn, model: nn.Module, batch, label: str) -> torch.Tensor:
+    loss = loss_fn(model, batch)
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise SliceInitError(
+            f"{label}: the loss must be a scalar tensor, got {type(loss).__name__} {tuple(getattr(loss, 'shape', ()))}"
+        )
+    if not loss.requires_grad:
+        raise SliceInitError(
+            f"{label}: the loss does not depend on the target weights "
+            f"(no grad); check target_modules and loss_fn (with reentrant "
+            f"gradient checkpointing, call model.enable_input_require_grads())"
+        )
+    return loss
+
+
+def _stream_batches(st: BatchStream, sharded: bool, loss_fn: LossFn):
+    """The stream's first ``steps`` batches. Sharded: the ranks agree before each forward pass (FSDP's all-gathers
+    would wait for a rank that has no batch, or whose batch the default loss refuses, forever)."""
+    if not sharded:
+        yield from itertools.islice(iter(st.batches), st.steps)
+        return
+    it = iter(st.batches)
+    for _ in range(st.steps):
+        batch, err = None, None
+        try:
+            batch = next(it)
+            if loss_fn is default_loss:
+                check_default_batch(batch)
+        except StopIteration:
+            err = SliceInitError(
+                f"{st.label}: needs {st.steps} batches but the iterable ended early on this rank; give every rank "
+                f"at least that many batches or lower the steps"
+            )
+        except Exception as e:
+            err = e
+        distributed.agree(err, f"{st.label}: fetching a batch")
+        yield batch
 
 
 def collect_gradients(
@@ -217,6 +284,8 @@ def collect_gradients(
     offload: bool = False,
     progress: bool = False,
     train_mode: bool = False,
+    data_collator=None,
+    batch_size: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Average gradient of the target weights over ``steps`` batches (SPEC §1 step 1).
 
@@ -225,20 +294,35 @@ def collect_gradients(
         target_modules: names (exact or dotted suffix, like PEFT), a regex string (full match), or the
             ``dict`` returned by ``resolve_targets``.
         batches: an iterable of batches; the first ``steps`` are used. A batch is a dict for ``model(**batch)``
-            with ``labels`` (tensors are moved to the model's device), or anything ``loss_fn`` accepts.
+            with ``labels`` (tensors are moved to the model's device), or anything ``loss_fn`` accepts. Or
+            tokenized examples (a ``datasets.Dataset``, a list of ``{"input_ids": [...], ...}``) with
+            ``data_collator`` and ``batch_size`` (``slice_init.batches``).
         steps: how many batches to average (S_cur).
         loss_fn: ``loss_fn(model, batch) -> scalar loss``; default ``model(**batch).loss``.
         offload: keep the float32 accumulators in CPU memory (pinned when the model is on CUDA).
         progress: show a tqdm progress bar.
         train_mode: run in train mode (dropout on, as PEFT's LoRA-GA); default eval mode (see module doc).
+        data_collator: collates tokenized examples into a batch (e.g. transformers'
+            ``DataCollatorForLanguageModeling(tokenizer, mlm=False)``); used only when ``batches`` holds examples.
+        batch_size: examples per batch for ``data_collator``.
 
     Returns:
         name (from ``model.named_modules()``) -> float32 gradient in (out, in) orientation (Conv1D transposed),
         on the model's device, or on CPU with ``offload``. With torch.distributed initialized, the average
-        over all ranks' batches.
+        over all ranks' batches. FSDP2-sharded targets: this rank's shard of each, in (out, in) orientation (rows of W
+        for a Linear, columns for a Conv1D; ``collect_streams``).
     """
+    refuse_wrapped_model(model, "collect_gradients")  # DDP's reducer would hang (slice_kernels/wrappers.py)
     targets = resolve_targets(model, target_modules)
-    stream = BatchStream(batches, steps, 1.0, "batches")
+    batches, label = as_batches(
+        batches,
+        "batches",
+        data_collator=data_collator,
+        batch_size=batch_size,
+        needs_labels=loss_fn is None or loss_fn is default_loss,
+        steps=steps if _positive_int(steps) else None,
+    )
+    stream = BatchStream(batches, steps, 1.0, label)
     return collect_streams(
         model,
         targets,
@@ -264,6 +348,8 @@ def collect_replay_gradients(
     train_mode: bool = False,
     batch_size: int | None = None,
     last_task_only: bool = False,
+    data_collator=None,
+    example_batch_size: int | None = None,
 ) -> dict[str, torch.Tensor] | None:
     """G_prev (SPEC §1 step 2). ``mode="per_task"``: ``replay`` is a list with one iterable of batches per
     earlier task; each task's ``steps`` batches are averaged and the tasks weighted equally,
@@ -273,11 +359,23 @@ def collect_replay_gradients(
     ``batch_size`` (``SliceConfig.retain_batch_size``): regroup the rows of each stream into batches of exactly
     this many examples before averaging ``steps`` of them (``Rebatched``); None uses the batches as given.
     ``last_task_only`` (``SliceConfig.single_retain_task_mode``, per-task mode): replay only the last entry of
-    ``replay``, the most recent earlier task."""
+    ``replay``, the most recent earlier task. A source of tokenized examples (a ``datasets.Dataset``, a list of
+    ``{"input_ids": [...]}``) is collated by ``data_collator`` into batches of ``batch_size`` examples (of
+    ``example_batch_size`` when ``batch_size`` is None)."""
     if replay is None:
         return None
+    refuse_wrapped_model(model, "collect_replay_gradients")
     targets = resolve_targets(model, target_modules)
-    streams = replay_streams(replay, steps, mode, batch_size=batch_size, last_task_only=last_task_only)
+    streams = replay_streams(
+        replay,
+        steps,
+        mode,
+        batch_size=batch_size,
+        last_task_only=last_task_only,
+        data_collator=data_collator,
+        example_batch_size=example_batch_size,
+        needs_labels=loss_fn is None or loss_fn is default_loss,
+    )
     if not streams:
         return None
     return collect_streams(
@@ -293,16 +391,36 @@ def collect_replay_gradients(
 
 
 def replay_streams(
-    replay, steps: int, mode: str, *, batch_size: int | None = None, last_task_only: bool = False
+    replay,
+    steps: int,
+    mode: str,
+    *,
+    batch_size: int | None = None,
+    last_task_only: bool = False,
+    data_collator=None,
+    example_batch_size: int | None = None,
+    needs_labels: bool = False,
 ) -> list[BatchStream]:
     """Validate ``replay`` against ``mode`` and split it into weighted streams (no batch is consumed);
-    ``batch_size`` re-batches every stream, ``last_task_only`` keeps the last per-task entry only."""
+    ``batch_size`` re-batches every stream, ``last_task_only`` keeps the last per-task entry only.
+
+    A stream of tokenized examples is collated by ``data_collator`` into batches of ``batch_size`` examples, or of
+    ``example_batch_size`` when ``batch_size`` is None (``slice_init.batches``). ``needs_labels``: the default loss
+    will read the batches, so they must carry labels (checked here where the batches can be seen)."""
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise SliceInitError(f"replay batch_size={batch_size!r} must be a positive integer or None")
     if last_task_only and mode != "per_task":
         raise SliceInitError("last_task_only (single_retain_task_mode) needs replay_mode='per_task'")
 
     def stream(x, weight: float, label: str) -> BatchStream:
+        shown = steps if _positive_int(steps) else None
+        if looks_like_examples(x):  # collated straight at the replay batch size: no re-batching needed
+            size = batch_size if batch_size is not None else example_batch_size
+            x, label = as_batches(
+                x, label, data_collator=data_collator, batch_size=size, needs_labels=needs_labels, steps=shown
+            )
+            return BatchStream(x, steps, weight, label)
+        x, label = as_batches(x, label, needs_labels=needs_labels, steps=shown)
         if batch_size is not None:
             x, label = Rebatched(x, batch_size, label), f"{label} (re-batched to retain_batch_size={batch_size})"
         return BatchStream(x, steps, weight, label)
@@ -330,6 +448,14 @@ def replay_streams(
             f"got {type(replay).__name__} (for one mixed stream use replay_mode='pooled')"
         )
     if replay and not all(_is_batch_source(x) for x in replay):
+        if is_tokenizer_output(replay[0]):
+            refuse_raw(replay[0], "replay task 0")
+        if is_example(replay[0]):
+            raise SliceInitError(
+                "replay_mode='per_task' needs a list of per-task sources, but its items look like tokenized examples; "
+                "wrap one task's examples as [examples] (with data_collator=... and batch_size=...), or use "
+                "replay_mode='pooled' for one mixed stream"
+            )
         raise SliceInitError(
             "replay_mode='per_task' needs a list of per-task iterables, but its items look like batches; wrap "
             "one task's batches as [batches], or use replay_mode='pooled' for one mixed stream"

@@ -14,6 +14,11 @@ DIRECTIONS = ("A2rBr", "ArB2r", "top_r_no_sigma")
 SCALES = ("variance", "stable", "unit")
 SVDS = ("randomized", "exact")
 REPLAY_MODES = ("per_task", "pooled")
+# PEFT's LoraGAConfig choices (peft/tuners/lora/config.py), read by method "lora_ga_peft" only: PEFT's formulas
+# under PEFT's names, kept apart from SLICE's ``direction``/``scale`` whose same-named values mean other formulas
+PEFT_DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
+PEFT_SCALES = ("stable", "weight_svd", "gd_scale", "unit")
+PEFT_DEFAULTS = {"peft_direction": "ArB2r", "peft_scale": "stable", "peft_stable_gamma": 16.0}
 
 BOOL_FIELDS = (
     "offload_gradients",
@@ -59,6 +64,14 @@ class SliceConfig:
         offload_gradients: keep the float32 gradient accumulators in CPU memory during collection.
         collect_train_mode: collect gradients in train mode (dropout on, as PEFT's LoRA-GA); the default
             eval mode makes the init a deterministic function of (weights, batches, seed).
+        peft_direction, peft_scale, peft_stable_gamma: PEFT's ``LoraGAConfig.direction / scale / stable_gamma``
+            with PEFT's formulas (docs/peft_compat.md), read by method "lora_ga_peft" only and refused at a
+            non-default value with any other method. Directions (U, S, V the top 2r triplets of G): "ArB2r"
+            A = V[:, :r]ᵀ, B = U[:, r:2r]·diag(S[r:2r]); "A2rBr" A = V[:, r:2r]ᵀ, B = U[:, :r]·diag(S[:r]);
+            "ArBr" A = rows 1, 3, … of Vᵀ, B = columns 0, 2, … of U times their S; "random" r of the 2r
+            indices drawn by a generator seeded by (seed, layer name), A = Vᵀ[idx], B = U[:, idx]·diag(S[idx]).
+            Scales: "stable" B·rows^¼/√peft_stable_gamma (rows = the stored weight.shape[0]), "weight_svd"
+            B·σ₁(W)/S_B[0], "gd_scale" A/s and B/s (s the LoRA scaling), "unit" none.
 
     Surgery variants of the authors' code (RamiroNB/slice, ``SliceInitConfig`` in cl_lora/slice/config.py;
     the names are the reference's, whose "retain" gradient is this package's replay gradient G_prev). They
@@ -118,6 +131,10 @@ class SliceConfig:
     per_layer_threshold_delta: float = 0.0
     retain_batch_size: int | None = None
     single_retain_task_mode: bool = False
+    # PEFT's LoraGAConfig options, read by "lora_ga_peft" only (see the docstring)
+    peft_direction: str = "ArB2r"
+    peft_scale: str = "stable"
+    peft_stable_gamma: float = 16.0
 
     def __post_init__(self):
         self.validate()
@@ -143,6 +160,9 @@ class SliceConfig:
         choice("scale", SCALES)
         choice("svd", SVDS)
         choice("replay_mode", REPLAY_MODES)
+        choice("peft_direction", PEFT_DIRECTIONS)
+        choice("peft_scale", PEFT_SCALES)
+        number("peft_stable_gamma", 1e-12)
         number("projection_strength", 0.0, 1.0)
         number("conflict_threshold", -1.0, 1.0)
         number("svd_niter", 0, 64, integer=True)
@@ -159,6 +179,27 @@ class SliceConfig:
             if not isinstance(getattr(self, name), bool):
                 raise SliceConfigError(f"SliceConfig.{name}={getattr(self, name)!r} must be True or False")
         self._validate_variants()
+        if self.method != "lora_ga_peft":
+            # these are PEFT's formulas: on another method they would silently do nothing
+            set_ = [f"{k}={getattr(self, k)!r}" for k, d in PEFT_DEFAULTS.items() if getattr(self, k) != d]
+            if set_:
+                raise SliceConfigError(
+                    f"SliceConfig: {', '.join(set_)} are PEFT's LoRA-GA options, read by method='lora_ga_peft' "
+                    f"only (method is {self.method!r}); set method='lora_ga_peft', or use direction/scale/"
+                    f"stable_gamma for the {self.method!r} formulas"
+                )
+        else:
+            slice_set = [
+                f"{k}={getattr(self, k)!r}"
+                for k, d in (("direction", "A2rBr"), ("scale", "variance"), ("stable_gamma", 16.0))
+                if getattr(self, k) != d
+            ]
+            if slice_set:
+                raise SliceConfigError(
+                    f"SliceConfig: method='lora_ga_peft' reads PEFT's options peft_direction/peft_scale/"
+                    f"peft_stable_gamma, not SLICE's {', '.join(slice_set)} (same names, other formulas); "
+                    f"set the peft_* fields instead"
+                )
 
     def _validate_variants(self) -> None:
         """Refuse combinations in which an option would do nothing (the reference ignores some silently)."""

@@ -13,9 +13,10 @@ from typing import Callable
 
 import torch
 
+from ..errors import SliceInitError
 from .config import SliceConfig
 
-PEFT_STABLE_GAMMA = 16.0  # PEFT's LoRA-GA preset: B·diag(S)·m^¼/√16
+PEFT_STABLE_GAMMA = 16.0  # PEFT's LoRA-GA default: B·diag(S)·m^¼/√16 (SliceConfig.peft_stable_gamma)
 
 
 @dataclass
@@ -30,6 +31,7 @@ class LayerInput:
     svd: tuple | None = None  # (U (m, k), S (k,), V (n, k)) of G̃ for the gradient methods (k = 2r, or r)
     # the module stores W transposed (transformers Conv1D, PEFT's fan_in_fan_out): its weight.shape[0] is n
     fan_in_fan_out: bool = False
+    scaling: float | None = None  # the LoRA scaling s (PEFT's "gd_scale" divides A and B by it)
 
 
 def kaiming_A(r: int, n: int, seed: int, device, dtype=torch.float32) -> torch.Tensor:
@@ -108,12 +110,72 @@ def peft_stable_rows(layer: LayerInput) -> int:
     return n if layer.fan_in_fan_out else m
 
 
+def peft_slices(U, S, V, r: int, direction: str, seed: int):
+    """(B₀·diag(S_B), A₀, S_B) by PEFT's LoRA-GA direction (peft/tuners/lora/layer.py ``lora_ga_init``), from the
+    top 2r triplets. PEFT's "random" draws ``randperm(2r)[:r]`` from the global RNG; here the layer's own seed
+    drives it, so the init is reproducible and independent of whatever else consumed random numbers."""
+    if direction == "ArBr":
+        idx_a, idx_b = torch.arange(1, 2 * r, 2), torch.arange(0, 2 * r, 2)
+    elif direction == "A2rBr":
+        idx_a, idx_b = torch.arange(r, 2 * r), torch.arange(0, r)
+    elif direction == "ArB2r":
+        idx_a, idx_b = torch.arange(0, r), torch.arange(r, 2 * r)
+    else:  # "random": A and B take the same r triplets, so B₀A₀ = Σ σ_i u_i v_iᵀ over them
+        idx_a = idx_b = peft_random_indices(seed, r)
+    dev = U.device
+    idx_a, idx_b = idx_a.to(dev), idx_b.to(dev)
+    S_B = S[idx_b]
+    return U[:, idx_b] * S_B, V[:, idx_a].T, S_B
+
+
+def peft_random_indices(seed: int, r: int) -> torch.Tensor:
+    """The r indices of 2r the "random" PEFT direction picks for a layer of this seed (for tests and reports)."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed)
+    return torch.randperm(2 * r, generator=gen)[:r]
+
+
+def top_weight_singular_value(W: torch.Tensor, r: int, config: SliceConfig, seed: int) -> float:
+    """σ₁(W) for PEFT's "weight_svd" scale. PEFT takes ``svd_lowrank(W, q=r, niter=4)[1][0]``; the exact SVD
+    with ``svd="exact"``, else the package's seeded randomized SVD with the same sketch (q = r) and
+    ``svd_niter`` power iterations: the same algorithm, a reproducible sketch."""
+    from ..ops import rsvd
+
+    Wf = W.detach().to(torch.float32).unsqueeze(0)
+    if config.svd == "exact":
+        return float(torch.linalg.svdvals(Wf[0].double())[0])
+    q = min(r, min(W.shape))
+    omega = rsvd.sketch([seed ^ 0x5EED], W.shape[1], q, W.device)
+    _, S, _ = rsvd.randomized_svd(Wf, omega, 1, config.svd_niter)
+    return float(S[0, 0])
+
+
 def _peft_preset(layer: LayerInput, U, S, V):
-    rows = peft_stable_rows(layer)
-    factor = rows**0.25 / math.sqrt(PEFT_STABLE_GAMMA)
-    B0, A0, S_B = svd_slices(U, S, V, layer.r, "ArB2r")
-    B0 = B0 @ torch.diag(S_B) * factor
-    return A0.to(layer.dtype), B0.to(layer.dtype), {"beta": factor, "stable_rows": rows}
+    """PEFT's ``lora_ga_init`` with the options of its ``LoraGAConfig`` (``SliceConfig.peft_*``)."""
+    cfg, r = layer.config, layer.r
+    B, A, S_B = peft_slices(U, S, V, r, cfg.peft_direction, layer.seed)
+    info: dict = {"peft_direction": cfg.peft_direction, "peft_scale": cfg.peft_scale}
+    if cfg.peft_scale == "stable":
+        rows = peft_stable_rows(layer)
+        factor = rows**0.25 / math.sqrt(cfg.peft_stable_gamma)
+        B = B * factor
+        info.update(beta=factor, stable_rows=rows)
+    elif cfg.peft_scale == "weight_svd":
+        # PEFT leaves B as it is when S_B[0] is not positive (it cannot be negative: singular values)
+        sigma_w = top_weight_singular_value(layer.W, r, cfg, layer.seed)
+        factor = sigma_w / float(S_B[0]) if float(S_B[0]) > 0 else 1.0
+        B = B * factor
+        info.update(beta=factor, weight_sigma1=sigma_w)
+    elif cfg.peft_scale == "gd_scale":
+        if layer.scaling is None:
+            raise SliceInitError("peft_scale='gd_scale' needs the LoRA scaling s: pass LayerInput(scaling=...)")
+        A, B = A / layer.scaling, B / layer.scaling
+        info.update(beta=1.0 / layer.scaling)
+    else:
+        info.update(beta=1.0)
+    if cfg.peft_direction == "random":
+        info["peft_indices"] = peft_random_indices(layer.seed, r).tolist()
+    return A.to(layer.dtype), B.to(layer.dtype), info
 
 
 def _scaled_slices(layer: LayerInput, U, S, V):

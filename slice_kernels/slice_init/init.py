@@ -8,17 +8,20 @@ which lets the surgery reuse the current-gradient buffers).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Collection, Mapping
 
 import torch
 
+from .. import distributed
 from ..errors import SliceInitError
 from ..ops import rsvd
 from .config import SliceConfig
 from .factors import FACTORS, LayerInput, absorb_
 from .finite import all_finite
+from .layer_parallel import assign_owners, decompose_owned, share_factors
 from .report import InitReport, InitResult, lora_scaling, timed_phase
 from .surgery import describe_variant, reconcile
 from .svd import top_triplets
@@ -142,6 +145,7 @@ def init_from_gradients(
     inplace_gradients: bool = False,
     absorb: bool = True,
     fan_in_fan_out: Collection[str] = (),
+    layer_parallel: bool = False,
 ) -> InitResult:
     """Initialize LoRA factors for every layer of ``weights`` (SPEC §1).
 
@@ -159,6 +163,10 @@ def init_from_gradients(
         fan_in_fan_out: names of the layers whose module stores W transposed (transformers ``Conv1D``; PEFT's
             ``fan_in_fan_out``). Weights and gradients are still passed (out, in); only ``lora_ga_peft`` reads it,
             because PEFT's stable factor uses the stored ``weight.shape[0]`` (in_features for Conv1D).
+        layer_parallel: with torch.distributed active and every rank holding the same weights and gradients
+            (``get_slice_model`` sets it then): collective; each layer's SVD and factor rule run on one rank
+            (``layer_parallel.assign_owners``) and its A, B are broadcast, instead of every rank decomposing
+            every layer. Ignored on one process and by the methods without gradients.
 
     Returns:
         ``InitResult`` with ``A``, ``B``, absorbed ``weights`` (W − s·B·A) and a ``report``.
@@ -178,17 +186,22 @@ def init_from_gradients(
     report.variant = describe_variant(config, applied=False)  # reconcile says what ran for the gradient methods
 
     svd_out: dict = {}
+    A: dict = {}
+    B: dict = {}
+    parallel = layer_parallel and config.uses_gradients and distributed.active()
     if config.uses_gradients:
         prev = [g_prev[n] for n in names] if (g_prev is not None and config.uses_replay) else None
         g_tilde = reconcile(names, [g_cur[n] for n in names], prev, config, report, device, inplace=inplace_gradients)
-        svd_out = top_triplets(names, g_tilde, r, config, report, device)
+        if parallel:
+            _layer_parallel(names, weights, g_tilde, r, s, config, report, device, adapter_dtype, transposed, A, B)
+        else:
+            svd_out = top_triplets(names, g_tilde, r, config, report, device)
         del g_tilde
 
-    A: dict = {}
-    B: dict = {}
     rule = FACTORS[config.method]
-    with timed_phase(report, "scale", device):
-        for n in names:
+    # layer-parallel: the owned layers' scale phase was timed in ``_layer_parallel``
+    with timed_phase(report, "scale", device) if not parallel else contextlib.nullcontext():
+        for n in names if not parallel else ():
             W = weights[n]
             layer = LayerInput(
                 W=W,
@@ -198,6 +211,7 @@ def init_from_gradients(
                 config=config,
                 svd=svd_out.get(n),
                 fan_in_fan_out=n in transposed,
+                scaling=s,
             )
             A[n], B[n], info = rule(layer)
             report.layers.setdefault(n, {"shape": list(W.shape)}).update(info)
@@ -216,3 +230,25 @@ def init_from_gradients(
             if report.layers[n].get("offset", False):
                 absorb_(new_w[n], B[n], A[n], s)
     return InitResult(A=A, B=B, weights=new_w, scaling=s, report=report)
+
+
+def _layer_parallel(names, weights, g_tilde, r, s, config, report, device, adapter_dtype, transposed, A, B) -> None:
+    """Replicated ranks (identical W and G̃ everywhere): SVD and factor rule of this rank's layers only, then A, B
+    and the per-layer figures broadcast from each layer's owner (collective; fills ``A``, ``B``, the report)."""
+    shapes = {n: tuple(weights[n].shape) for n in names}
+    owner = assign_owners(shapes, r, config, distributed.world_size())
+    me = distributed.rank()
+    dtypes = {n: _adapter_dtype(adapter_dtype, n, weights[n], config.method) for n in names}
+    owned = {n: (g_tilde[i], weights[n], dtypes[n], n in transposed) for i, n in enumerate(names) if owner[n] == me}
+    err, info = None, {}
+    try:
+        got = decompose_owned(owned, r, config, report, device, s)
+        A.update(got[0])
+        B.update(got[1])
+        info = got[2]
+    except Exception as e:  # agreed below, so no rank waits in a broadcast the failed owner never sends
+        err = e
+    distributed.agree(err, "the layer-parallel SVD")
+    share_factors(names, owner, A, B, info, r, shapes, dtypes, device, report)
+    for n in names:
+        report.layers.setdefault(n, {"shape": list(weights[n].shape)}).update(info[n])

@@ -13,6 +13,10 @@ trained adapter alone does not fit the original model):
   ΔW = s·B·A − s·B₀·A₀ = [B | −B₀]·[A; A₀] with α adjusted so the scaling is unchanged, which loads with
   ``PeftModel.from_pretrained`` on the original, untouched base model;
 * or ``peft_model.merge_and_unload()``: the absorbed W plus s·B·A, i.e. the original W plus the update.
+
+An init with an offset marks the adapter's config (``artifacts.py``): every plain save of it (Trainer and TRL
+checkpoints too) is refused by ``PeftModel.from_pretrained`` with a message naming ``slice-kernels convert``
+(offline: ``convert_adapter``) and the ``SliceSaveCallback``; converted adapters carry no mark.
 """
 
 from __future__ import annotations
@@ -25,17 +29,23 @@ from torch import nn
 
 from .. import distributed
 from ..errors import SliceInitError
+from ..init_offsets import attach_init_offset
 from ..modules import is_conv1d, resolve_targets, weight_out_in
+from ..wrappers import refuse_wrapped_model
+from . import grad_cache
+from .artifacts import mark_changed_base, parse_mark
+from .batches import as_batches
 from .collect import BatchStream, collect_gradients, collect_replay_gradients, replay_streams
 from .config import SliceConfig
 from .factors import absorb_
 from .init import init_from_gradients, validate_finite_weights, validate_ranks
+from .peft_options import slice_config_for
 from .report import InitReport, InitResult, timed_phase
 
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _check_lora_config(lora_config):
+def check_lora_config(lora_config):
     from peft import LoraConfig
 
     if not isinstance(lora_config, LoraConfig):
@@ -57,7 +67,7 @@ def _check_lora_config(lora_config):
         raise SliceInitError(f"LoraConfig.r={r!r} must be a positive integer")
 
 
-def _refuse_shared_weights(model: nn.Module, targets: dict) -> None:
+def refuse_shared_weights(model: nn.Module, targets: dict) -> None:
     """A target whose weight tensor is also held by another module (tied lm_head/embeddings, two Linear layers
     sharing a weight) cannot take the offset W − s·B·A: the other holder sees the changed W without the adapter
     that adds s·B·A back, so the model's outputs would change at initialization."""
@@ -89,26 +99,34 @@ def _adapter_dtypes(weights, method: str, autocast_adapter_dtype: bool) -> dict:
     return out
 
 
-def check_init_targets(model: nn.Module, lora_config, slice_config: SliceConfig) -> dict[str, nn.Module]:
+def check_init_targets(
+    model: nn.Module, lora_config, slice_config: SliceConfig, *, strict_targets: bool = False
+) -> dict[str, nn.Module]:
     """Every refusal of ``get_slice_model`` that needs only the model and the configs (no batch, no collective):
-    bad configs, LoRA layers already present, targets matching nothing, a rank too large for a layer, a target
-    sharing its weight with another module. Returns the target modules. The runner calls it for every method
-    of a run before the first stage."""
+    bad configs, a LoraConfig init option that would be ignored or conflicts with ``slice_config``
+    (``peft_options.slice_config_for``), LoRA layers already present, targets matching nothing, quantized targets,
+    a rank too large for a layer, a target sharing its weight with another module. Returns the target modules:
+    matched modules SLICE cannot initialize but PEFT wraps (embeddings, Conv2d) are left out with a warning, or
+    refused with ``strict_targets=True``. The runner calls it for every method of a run before the first stage."""
     from peft.tuners.lora import LoraLayer
 
     if not isinstance(slice_config, SliceConfig):
         raise SliceInitError(f"slice_config must be a SliceConfig, got {type(slice_config).__name__}")
     slice_config.validate()
-    _check_lora_config(lora_config)
+    check_lora_config(lora_config)
+    slice_config_for(lora_config, slice_config)  # init_lora_weights / lora_ga_config against slice_config
+    if not isinstance(strict_targets, bool):
+        raise SliceInitError(f"strict_targets={strict_targets!r} must be True or False")
+    refuse_wrapped_model(model)  # DDP / accelerate's prepare: the init must come first (slice_kernels/wrappers.py)
     if any(isinstance(m, LoraLayer) for m in model.modules()):
         raise SliceInitError(
             "the model already has LoRA layers: merge them first (merge_and_unload()) so the "
             "model is at W^(t-1), or pass the base model"
         )
-    targets = resolve_targets(model, lora_config)  # PEFT's own matching rules
+    targets = resolve_targets(model, lora_config, skip_unsupported=not strict_targets)  # PEFT's own matching rules
     validate_ranks({n: weight_out_in(m) for n, m in targets.items()}, lora_config.r, slice_config)
     if slice_config.method != "lora":  # every other method absorbs an offset into W
-        _refuse_shared_weights(model, targets)
+        refuse_shared_weights(model, targets)
     return targets
 
 
@@ -123,15 +141,23 @@ def get_slice_model(
     adapter_name: str = "default",
     progress: bool = False,
     autocast_adapter_dtype: bool = True,
+    strict_targets: bool = False,
+    gradient_cache: str | os.PathLike | None = None,
+    data_collator=None,
+    batch_size: int | None = None,
 ):
     """Wrap ``model`` with PEFT LoRA adapters initialized by SLICE or a baseline (SPEC §1).
 
     Args:
         model: a transformers model (or any module with Linear/Conv1D layers) at W^(t−1).
         lora_config: ``peft.LoraConfig``; r, lora_alpha, use_rslora, target_modules, lora_dropout are used.
-            Its ``init_lora_weights`` is ignored (the adapter is written by SLICE; the saved config says True,
-            which is what PEFT's conversion to plain LoRA expects).
-        slice_config: ``SliceConfig`` (default: the paper's SLICE settings).
+            ``init_lora_weights``: True (PEFT's default) leaves the init to ``slice_config``; "lora_ga" with
+            ``lora_ga_config=LoraGAConfig(...)`` runs PEFT's LoRA-GA (method "lora_ga_peft", every LoraGAConfig
+            field mapped to ``SliceConfig.peft_*``); any other value is refused (docs/peft_compat.md). When the init
+            changed base weights, the returned adapter's ``init_lora_weights`` holds slice-kernels' mark, so plain
+            PEFT refuses its saves on the original model (docs/saving.md); PEFT's conversion resets it to True.
+        slice_config: ``SliceConfig`` (default: the paper's SLICE settings, or the LoRA-GA preset that
+            ``init_lora_weights="lora_ga"`` selects; an explicit one must then agree with it).
         current: iterable of batches of task t (needed by slice / lora_ga / lora_ga_peft); the first
             ``slice_config.current_steps`` are used. Batches are dicts for ``model(**batch)`` with ``labels``.
         replay: earlier tasks' batches for "slice": a list with one iterable per earlier task, oldest first
@@ -143,6 +169,18 @@ def get_slice_model(
         adapter_name: the PEFT adapter name.
         progress: tqdm bars during collection.
         autocast_adapter_dtype: PEFT's switch (float32 adapters on fp16/bf16 models).
+        strict_targets: refuse modules matched by ``target_modules`` that SLICE cannot initialize (embeddings,
+            Conv2d); by default they are skipped with a warning, as PEFT's LoRA-GA does, and PEFT gives them
+            its ordinary LoRA init (a zero update, no offset). Quantized targets are always refused.
+        gradient_cache: a file path (safetensors). Missing: the gradients are collected and written there.
+            Present: they are read from it instead of running the model (``current`` may then be None), after
+            checking its fingerprint (targets, shapes, dtypes, weight checksums, which gradients, collection
+            settings; ``grad_cache.gradient_fingerprint``); a cache for anything else is refused.
+        data_collator: for ``current``/``replay`` sources that hold tokenized examples (a ``datasets.Dataset``,
+            a list of ``{"input_ids": [...], ...}``) rather than collated batches: collates a list of examples
+            into a batch, e.g. ``DataCollatorForLanguageModeling(tokenizer, mlm=False)``. Collated sources (lists
+            of batches, DataLoaders) are used as they are (docs/init.md, "Data you can pass").
+        batch_size: examples per batch for ``data_collator`` (replay: ``slice_config.retain_batch_size`` when set).
 
     Returns:
         the ``PeftModel``, with the ``InitReport`` as ``peft_model.slice_init_report``. Its outputs equal the
@@ -152,15 +190,35 @@ def get_slice_model(
         SliceInitError (and subclasses) with the model unmodified.
     """
 
-    slice_config = slice_config if slice_config is not None else SliceConfig()
-    targets = check_init_targets(model, lora_config, slice_config)
+    err = targets = weights = None
+    try:  # distributed: a refusal on one rank is agreed by all before the first collective it would skip
+        slice_config = slice_config_for(lora_config, slice_config)
+        if gradient_cache is not None and distributed.active():
+            raise SliceInitError(
+                "gradient_cache is for single-process runs; collect (or load) the gradients in one process"
+            )
+        if gradient_cache is not None and not slice_config.uses_gradients:
+            raise SliceInitError(
+                f"gradient_cache is given but method {slice_config.method!r} uses no gradients; drop gradient_cache"
+            )
+        refuse_sharded(model)
+        targets = check_init_targets(model, lora_config, slice_config, strict_targets=strict_targets)
+        weights = {n: weight_out_in(m).detach() for n, m in targets.items()}
+        # before any batch runs: a NaN weight would otherwise surface as a NaN gradient of some other layer; and
+        # before the collective check, where NaN ≠ NaN would read as "the ranks hold different weights"
+        validate_finite_weights(weights)
+    except Exception as e:
+        if not distributed.active():
+            raise
+        err = e
+    distributed.agree(err, "checking the model and the configs")
+    distributed.same_signature(
+        [(n, tuple(w.shape), str(w.dtype)) for n, w in weights.items()], "the target layers (name, shape, dtype)"
+    )
     cfg = copy.deepcopy(lora_config)
     cfg.init_lora_weights = True
+    cfg.lora_ga_config = None  # read by PEFT only with "lora_ga"; the adapter is already written
     r = cfg.r
-    weights = {n: weight_out_in(m).detach() for n, m in targets.items()}
-    # before any batch runs: a NaN weight would otherwise surface as a NaN gradient of some other layer; and
-    # before the collective check, where NaN ≠ NaN would read as "the ranks hold different weights"
-    validate_finite_weights(weights)
     if not distributed.same_on_all_ranks(list(weights.values())):  # collective; same answer on every rank
         raise SliceInitError(
             "the ranks hold different weights for the target layers: every rank must start from "
@@ -170,24 +228,26 @@ def get_slice_model(
     g_cur = g_prev = None
     collected = InitReport(method=slice_config.method)  # holds the collection phases until the init's report
     kw = dict(offload=slice_config.offload_gradients, progress=progress, train_mode=slice_config.collect_train_mode)
-    if slice_config.uses_gradients:
-        if current is None:
-            raise SliceInitError(f"method {slice_config.method!r} needs the current task's batches (current=...)")
-        # both sources are validated before any forward pass (no batch is consumed)
-        BatchStream(current, slice_config.current_steps, 1.0, "current-task batches")
-        replay_given = slice_config.uses_replay and replay is not None
-        replay_kw = dict(batch_size=slice_config.retain_batch_size, last_task_only=slice_config.single_retain_task_mode)
-        replay_steps = slice_config.effective_replay_steps
-        if replay_given:
-            replay_given = bool(replay_streams(replay, replay_steps, slice_config.replay_mode, **replay_kw))
+    cached = None
+    if slice_config.uses_gradients and gradient_cache is not None and os.path.exists(gradient_cache):
+        with timed_phase(collected, "load_gradient_cache", next(iter(targets.values())).weight.device):
+            cached = _load_cache(gradient_cache, targets, slice_config, replay, loss_fn)
+    if cached is not None:
+        g_cur, g_prev = cached
+    elif slice_config.uses_gradients:
+        data_kw = dict(data_collator=data_collator, batch_size=batch_size)
+        replay_given, replay_kw, replay_steps = check_sources(slice_config, current, replay, loss_fn=loss_fn, **data_kw)
         device = next(iter(targets.values())).weight.device
         with timed_phase(collected, "collect_current", device):
-            g_cur = collect_gradients(model, targets, current, slice_config.current_steps, loss_fn, **kw)
+            g_cur = collect_gradients(model, targets, current, slice_config.current_steps, loss_fn, **kw, **data_kw)
         if replay_given:
             with timed_phase(collected, "collect_replay", device):
                 g_prev = collect_replay_gradients(
                     model, targets, replay, replay_steps, slice_config.replay_mode, loss_fn, **kw, **replay_kw
                 )
+        if gradient_cache is not None:  # before the init: the surgery overwrites g_cur in place
+            fp = grad_cache.gradient_fingerprint(targets, slice_config, replay=g_prev is not None, loss_fn=loss_fn)
+            grad_cache.save_gradient_cache(os.fspath(gradient_cache), fp, g_cur, g_prev)
 
     res = init_from_gradients(
         weights,
@@ -201,6 +261,7 @@ def get_slice_model(
         inplace_gradients=True,
         absorb=False,
         fan_in_fan_out=[n for n, m in targets.items() if is_conv1d(m)],
+        layer_parallel=distributed.active(),
     )
     del g_cur, g_prev
     res.report.phases = {**collected.phases, **res.report.phases}
@@ -211,6 +272,85 @@ def get_slice_model(
     return install_init(
         model, cfg, targets, res, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype
     )
+
+
+def _load_cache(path, targets: dict, slice_config: SliceConfig, replay, loss_fn):
+    """(G_cur, G_prev) from a gradient cache whose fingerprint matches; ``replay`` given (non-empty) says the replay
+    gradient is wanted, so a cache without one (or with one the call does not ask for) is refused."""
+    empty = isinstance(replay, (list, tuple)) and len(replay) == 0
+    wants_replay = slice_config.uses_replay and replay is not None and not empty
+    fp = grad_cache.gradient_fingerprint(targets, slice_config, replay=wants_replay, loss_fn=loss_fn)
+    where = "cpu" if slice_config.offload_gradients else None
+    devices = {n: where or m.weight.device for n, m in targets.items()}
+    return grad_cache.load_gradient_cache(os.fspath(path), fp, devices)
+
+
+def check_sources(slice_config: SliceConfig, current, replay, *, loss_fn=None, data_collator=None, batch_size=None):
+    """Both batch sources validated before any forward pass (no batch is consumed; examples are collated once to
+    check the collator); agreed across ranks. Returns (replay_given, replay keyword arguments, replay steps)."""
+    err = None
+    replay_kw = dict(
+        batch_size=slice_config.retain_batch_size,
+        last_task_only=slice_config.single_retain_task_mode,
+        data_collator=data_collator,
+        example_batch_size=batch_size,
+    )
+    needs_labels = loss_fn is None
+    replay_steps = slice_config.effective_replay_steps
+    replay_given = False
+    try:
+        if current is None:
+            raise SliceInitError(f"method {slice_config.method!r} needs the current task's batches (current=...)")
+        steps = slice_config.current_steps
+        current, label = as_batches(
+            current,
+            "current-task batches",
+            data_collator=data_collator,
+            batch_size=batch_size,
+            needs_labels=needs_labels,
+            steps=steps,
+        )
+        BatchStream(current, steps, 1.0, label)
+        replay_given = slice_config.uses_replay and replay is not None
+        if replay_given:
+            streams = replay_streams(
+                replay, replay_steps, slice_config.replay_mode, **replay_kw, needs_labels=needs_labels
+            )
+            replay_given = bool(streams)
+    except Exception as e:
+        if not distributed.active():
+            raise
+        err = e
+    distributed.agree(err, "checking the batches")
+    # every rank must collect the same gradient sets, or the all-reduce of one would meet the other's
+    distributed.same_signature(bool(replay_given), "whether replay batches were given")
+    return replay_given, replay_kw, replay_steps
+
+
+def refuse_sharded(model: nn.Module) -> None:
+    """``get_slice_model`` wraps the model with PEFT after the init; on an FSDP2-sharded model the new LoRA
+    parameters would sit outside FSDP (their gradients never reduced across ranks). Point to the sharded order."""
+    from .shard_layout import is_dtensor
+
+    zero3 = [n for n, p in model.named_parameters() if hasattr(p, "ds_id")]
+    if zero3:
+        # ZeRO-3 keeps an empty placeholder in p.data outside its gather contexts: the hooks would see no gradient.
+        # DeepSpeed cannot be installed and run on the CPU machine the package is tested on, so no sharded-
+        # accumulator path is offered for it (docs/distributed.md)
+        raise SliceInitError(
+            f"the model's parameters are DeepSpeed ZeRO-3 partitions (e.g. {zero3[0]!r} has ds_id): the SLICE init "
+            f"does not run on them. Use FSDP2 instead (peft.get_peft_model, fully_shard, then "
+            f"slice_kernels.init_sharded_; docs/distributed.md), or run get_slice_model on the model before "
+            f"deepspeed.initialize / outside zero.Init and hand the PEFT model to DeepSpeed afterwards"
+        )
+    sharded = [n for n, p in model.named_parameters() if is_dtensor(p)]
+    if sharded:
+        raise SliceInitError(
+            f"the model's parameters are FSDP2-sharded DTensors (e.g. {sharded[0]!r}); get_slice_model would add "
+            f"LoRA parameters outside FSDP. Use the sharded order instead: peft.get_peft_model(model, lora_config), "
+            f"then fully_shard the PEFT model, then slice_kernels.init_sharded_(peft_model, slice_config, current, "
+            f"replay) (docs/distributed.md)"
+        )
 
 
 def install_init(
@@ -240,6 +380,17 @@ def install_init(
             layer.lora_B[adapter_name].weight.data = result.B[n].to(dev).contiguous()
             if result.report.layers[n].get("offset", False):
                 absorb_(weight_out_in(base), result.B[n].to(dev), result.A[n].to(dev), result.scaling)
+                # kept on the layer so PS-LoRA sees the true update s·(B·A − B₀·A₀) with no hand extraction
+                attach_init_offset(
+                    layer,
+                    adapter_name,
+                    layer.lora_B[adapter_name].weight.data,
+                    layer.lora_A[adapter_name].weight.data,
+                    result.scaling,
+                )
+    if any(result.report.layers[n].get("offset", False) for n in targets):
+        # every later save_pretrained (Trainer/TRL checkpoints too) records that the base was changed
+        mark_changed_base(peft_model, adapter_name, result.report.method)
     peft_model.slice_init_report = result.report
     return peft_model
 
@@ -268,11 +419,12 @@ def save_initial_adapter(peft_model, path: str, adapter_name: str = "default") -
     component is used by PEFT as a temporary adapter name, so make it a plain word (e.g. ``.../slice_init``)."""
     _check_save_names(peft_model, path, adapter_name)
     cfg = peft_model.peft_config[adapter_name]
-    if cfg.init_lora_weights is not True:
+    if cfg.init_lora_weights is not True and parse_mark(cfg.init_lora_weights) is None:
         raise SliceInitError(
-            f"adapter {adapter_name!r} has init_lora_weights={cfg.init_lora_weights!r}; the "
-            f"initial adapter must be saved with True (get_slice_model sets it)"
+            f"adapter {adapter_name!r} has init_lora_weights={cfg.init_lora_weights!r}; the initial adapter must "
+            f"be saved with True or slice-kernels' changed-base mark (get_slice_model sets them)"
         )
+    # the saved config keeps the mark, so loading the initial adapter on the original model is refused too
     peft_model.save_pretrained(path, selected_adapters=[adapter_name])
 
 
@@ -286,6 +438,13 @@ def save_as_lora(peft_model, out_dir: str, initial_path: str, adapter_name: str 
             f"initial adapter {initial_path!r} not found; call save_initial_adapter(peft_model, "
             f"path) right after get_slice_model, before training"
         )
-    peft_model.save_pretrained(
-        out_dir, selected_adapters=[adapter_name], path_initial_model_for_weight_conversion=initial_path, **kwargs
-    )
+    init_cfg = os.path.join(initial_path, "adapter_config.json")
+    kept = open(init_cfg, "rb").read() if os.path.isfile(init_cfg) else None
+    try:  # PEFT's conversion overwrites the initial adapter's config (init_lora_weights=True, mark dropped)
+        peft_model.save_pretrained(
+            out_dir, selected_adapters=[adapter_name], path_initial_model_for_weight_conversion=initial_path, **kwargs
+        )
+    finally:
+        if kept is not None:
+            with open(init_cfg, "wb") as f:
+                f.write(kept)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import distributed
 from ..errors import NonFiniteGradientError
 from ..ops import conflict
 from .config import SliceConfig
@@ -113,7 +114,7 @@ def describe_variant(config: SliceConfig, applied: bool) -> dict:
 def _direction(config: SliceConfig) -> str | None:
     if not config.uses_gradients:
         return None  # lora, loram: no SVD
-    return "ArB2r" if config.method == "lora_ga_peft" else config.direction
+    return config.peft_direction if config.method == "lora_ga_peft" else config.direction
 
 
 def _cos(D: float, Np: float, Nc: float) -> float:
@@ -181,14 +182,20 @@ def _overflow(name, what, gamma, Np, dtype, config: SliceConfig):
     )
 
 
-def reconcile(names, cur, prev, config: SliceConfig, report: InitReport, device, *, inplace: bool):
+def _summed(stats: torch.Tensor, sharded: bool) -> torch.Tensor:
+    # sharded gradients: each rank's statistics are partial sums over its shard; one all-reduce makes them global
+    return distributed.all_reduce_sum_(stats) if sharded else stats
+
+
+def reconcile(names, cur, prev, config: SliceConfig, report: InitReport, device, *, inplace: bool, sharded=False):
     """G̃ of every layer (``prev`` None: G̃ = G_cur), per the configured variant. Fills the report's global and
     per-layer figures and returns the list of G̃ (``cur`` itself when nothing is changed or ``inplace``).
-    Every layer is checked before any buffer is written."""
+    Every layer is checked before any buffer is written. ``sharded``: ``cur`` and ``prev`` are this rank's shards
+    of each layer (collective: the statistics are summed over the ranks, the checks agreed by every rank)."""
     has_prev = prev is not None
     with timed_phase(report, "statistics", device):
         report.backends["conflict_stats"] = conflict.CONFLICT_STATS.select(cur[0].device)[0]
-        stats = conflict.conflict_stats(cur, prev).cpu()
+        stats = _summed(conflict.conflict_stats(cur, prev), sharded).cpu()
     for i, n in enumerate(names):
         if not math.isfinite(float(stats[i, 2])):
             raise NonFiniteGradientError(n, "current-task gradient (g_cur)")
@@ -227,7 +234,7 @@ def reconcile(names, cur, prev, config: SliceConfig, report: InitReport, device,
             # ‖G_cur,ℓ + γ_ℓ·G_prev,ℓ‖ measured on the result (the closed form N_c + 2γD + γ²N_p cancels
             # catastrophically when G_cur is nearly parallel to G_prev); the reference's per-layer rescale
             # (a layer whose γ is 0 is G_cur itself: its factor is 1)
-            norms2 = conflict.conflict_stats(cur, None)[:, 2].cpu() if project else None
+            norms2 = _summed(conflict.conflict_stats(cur, None), sharded)[:, 2].cpu() if project else None
             for i in range(L):
                 if not (plan.projected[i] and float(gammas[i]) != 0.0):
                     continue
@@ -239,13 +246,18 @@ def reconcile(names, cur, prev, config: SliceConfig, report: InitReport, device,
             conflict.surgery_(cur, prev, torch.full((L,), add, dtype=torch.float64))
         changed = [i for i in range(L) if float(gammas[i]) != 0.0 or scales[i] != 1.0 or add]
         # a representable γ can still overflow the product γ·G_prev in some entry: check G̃ itself
-        for i in changed:
-            if not all_finite(cur[i]):
-                raise _overflow(
-                    names[i], "a·(G_cur + γ·G_prev) + b·G_prev", float(gammas[i]), float(stats[i, 1]), None, config
-                )
+        bad = next((i for i in changed if not all_finite(cur[i])), None)
+        err = None
+        if bad is not None:
+            err = _overflow(
+                names[bad], "a·(G_cur + γ·G_prev) + b·G_prev", float(gammas[bad]), float(stats[bad, 1]), None, config
+            )
+        if sharded:  # an overflow in one rank's shard stops every rank
+            distributed.agree(err, "the surgery")
+        elif err is not None:
+            raise err
         if rescale or add:
-            measured = conflict.conflict_stats(cur, None)[:, 2].cpu()
+            measured = _summed(conflict.conflict_stats(cur, None), sharded)[:, 2].cpu()
     for i, n in enumerate(names):
         D, Np, Nc = (float(v) for v in stats[i])
         g = float(gammas[i])

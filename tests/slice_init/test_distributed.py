@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.helpers import lm_batches, tiny_llama
+from tests.helpers import lm_batches, tiny_gpt2, tiny_llama
 
 STEPS = 2
 # conflict_threshold=1.0 below gates the surgery on for any cos < 1, so the replay path is exercised.
@@ -115,3 +115,87 @@ def test_two_gloo_ranks_agree_and_match_single_process(tmp_path):
     for key, ref in single.items():
         # singular vectors of gradients summed in another order: float32 round-off over the spectral gaps
         torch.testing.assert_close(r0["adapter"][key], ref, rtol=0, atol=2e-4 * max(1.0, ref.abs().max().item()))
+
+
+GPT2_TARGETS = ["c_attn", "c_fc"]
+
+
+def _short(batches, n):
+    # a generator (no length): the shortfall shows only during collection, after the other ranks have started
+    yield from batches[:n]
+
+
+def _worker3(rank, world, store, outdir):
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        from peft import LoraConfig
+        from peft.tuners.lora import LoraLayer
+
+        from slice_kernels import SliceConfig, SliceInitError, get_slice_model
+
+        cur, _ = batches_for(rank)
+        pm = get_slice_model(
+            tiny_gpt2(),
+            LoraConfig(r=4, lora_alpha=2, target_modules=GPT2_TARGETS),
+            SliceConfig(method="lora_ga_peft", current_steps=STEPS),
+            current=cur,
+        )
+        out = {"adapter": adapter_state(pm), "phases": sorted(pm.slice_init_report.phases)}
+        # the last rank runs out of batches mid-collection: every rank raises, no rank waits in the all-reduce
+        model = tiny_llama()
+        try:
+            get_slice_model(
+                model,
+                LoraConfig(r=4, lora_alpha=2, target_modules=TARGETS),
+                SliceConfig(method="lora_ga", current_steps=STEPS),
+                current=_short(cur, 1 if rank == world - 1 else STEPS),
+            )
+            out["short"] = ""
+        except SliceInitError as e:
+            out["short"] = str(e)
+        out["short_untouched"] = not any(isinstance(m, LoraLayer) for m in model.modules())
+        # rank 0 targets other layers: refused on every rank before any batch runs
+        try:
+            get_slice_model(
+                tiny_llama(),
+                LoraConfig(r=4, lora_alpha=2, target_modules=["q_proj"] if rank == 0 else TARGETS),
+                SliceConfig(method="lora_ga", current_steps=STEPS),
+                current=cur,
+            )
+            out["targets"] = ""
+        except SliceInitError as e:
+            out["targets"] = str(e)
+        torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_three_ranks_layer_parallel_conv1d_and_agreed_failures(tmp_path):
+    """Odd world: each layer decomposed on one rank (Conv1D, PEFT's LoRA-GA preset) and broadcast, equal to one
+    process over all batches; a rank short of batches, or with other targets, stops all three."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this torch build")
+    from peft import LoraConfig
+
+    from slice_kernels import SliceConfig, get_slice_model
+
+    world = 3
+    mp.spawn(_worker3, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True)
+    ranks = [torch.load(tmp_path / f"rank{k}.pt") for k in range(world)]
+    pm = get_slice_model(
+        tiny_gpt2(),
+        LoraConfig(r=4, lora_alpha=2, target_modules=GPT2_TARGETS),
+        SliceConfig(method="lora_ga_peft", current_steps=world * STEPS),
+        current=[b for k in range(world) for b in batches_for(k)[0]],
+    )
+    single = adapter_state(pm)
+    for got in ranks:
+        assert "share_factors" in got["phases"]
+        for key, ref in single.items():
+            assert torch.equal(got["adapter"][key], ranks[0]["adapter"][key]), key
+            torch.testing.assert_close(got["adapter"][key], ref, rtol=0, atol=2e-4 * max(1.0, ref.abs().max().item()))
+        assert "needs 2 batches" in got["short"] or f"rank {world - 1} failed" in got["short"], got["short"]
+        assert got["short_untouched"]
+        assert "the ranks disagree on the target layers" in got["targets"], got["targets"]

@@ -432,3 +432,196 @@ def test_non_finite_weight_is_refused_before_any_batch(method):
     for k in before:  # bit for bit, the NaN included
         torch.testing.assert_close(after[k], before[k], rtol=0, atol=0, equal_nan=True)
     assert not any(isinstance(m, LoraLayer) for m in model.modules())
+
+
+# ---- PEFT's LoraGAConfig options (peft_direction × peft_scale) against PEFT itself and a float64 reference ----
+
+PEFT_DIRS = ["ArBr", "A2rBr", "ArB2r", "random"]
+PEFT_SCALES = ["stable", "weight_svd", "gd_scale", "unit"]
+
+
+def peft_indices(direction, r, seed_indices=None):
+    """(indices of A's rows of Vᵀ, indices of B's columns of U) of a PEFT LoRA-GA direction."""
+    if direction == "ArBr":
+        return list(range(1, 2 * r, 2)), list(range(0, 2 * r, 2))
+    if direction == "A2rBr":
+        return list(range(r, 2 * r)), list(range(r))
+    if direction == "ArB2r":
+        return list(range(r)), list(range(r, 2 * r))
+    return list(seed_indices), list(seed_indices)
+
+
+def ref_lora_ga_f64(G, W, r, direction, scale, gamma, s, rows, indices=None):
+    """PEFT's lora_ga_init written out in float64 with an exact SVD (no sign convention: compare up to sign)."""
+    U, S, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+    ia, ib = peft_indices(direction, r, indices)
+    A, B, S_B = Vh[ia], U[:, ib] * S[ib], S[ib]
+    if scale == "stable":
+        B = B * rows**0.25 / gamma**0.5
+    elif scale == "weight_svd":
+        B = B * torch.linalg.svdvals(W.double())[0] / S_B[0]
+    elif scale == "gd_scale":
+        A, B = A / s, B / s
+    return A, B, S
+
+
+@pytest.mark.parametrize("scale", PEFT_SCALES)
+@pytest.mark.parametrize("direction", PEFT_DIRS)
+def test_peft_options_match_float64_reference(direction, scale):
+    """The package's lora_ga_peft (exact SVD, float32 factors) against the float64 formula; gradients with a
+    geometric spectrum (σ_i = 10·0.8^i), so every singular vector is well separated and the comparison is tight
+    up to the sign of each singular vector. Conv1D-style (fan_in_fan_out) layer: PEFT's rows = in_features."""
+    from slice_kernels import init_from_gradients
+    from slice_kernels.ops.rsvd import layer_seed
+    from slice_kernels.slice_init.factors import peft_random_indices
+    from tests.slice_init.test_variants import gapped
+
+    r, gamma = 4, 9
+    g = {"lin": gapped(40, 24, seed=1).float(), "conv": gapped(24, 40, seed=2).float()}
+    gen = torch.Generator().manual_seed(3)
+    W = {n: 0.05 * torch.randn(*t.shape, generator=gen) for n, t in g.items()}
+    W["lin"] += 3.0 * torch.outer(torch.randn(40, generator=gen), torch.randn(24, generator=gen)) / 30
+    cfg = SliceConfig(method="lora_ga_peft", svd="exact", peft_direction=direction, peft_scale=scale)
+    cfg.peft_stable_gamma = gamma
+    res = init_from_gradients(W, g, None, r=r, lora_alpha=3.0, use_rslora=False, config=cfg, fan_in_fan_out={"conv"})
+    s = 3.0 / r
+    for n, rows in (("lin", 40), ("conv", 40)):  # conv: (out, in) = (24, 40), stored (40, 24): rows = 40
+        idx = peft_random_indices(layer_seed(0, n), r).tolist() if direction == "random" else None
+        A_ref, B_ref, S = ref_lora_ga_f64(g[n], W[n], r, direction, scale, gamma, s, rows, idx)
+        A, B = res.A[n].double(), res.B[n].double()
+        sa = torch.sign((A * A_ref).sum(1, keepdim=True))
+        sb = torch.sign((B * B_ref).sum(0, keepdim=True))
+        assert (sa != 0).all() and (sb != 0).all()
+        torch.testing.assert_close(A, sa * A_ref, rtol=0, atol=2e-5 * A_ref.abs().max().item())
+        torch.testing.assert_close(B, sb * B_ref, rtol=0, atol=2e-5 * B_ref.abs().max().item())
+        assert res.report.layers[n]["peft_direction"] == direction
+        if direction == "random":
+            assert res.report.layers[n]["peft_indices"] == idx
+            assert len(set(idx)) == r and all(0 <= i < 2 * r for i in idx)
+        # the absorbed weight cancels the adapter exactly as stored
+        torch.testing.assert_close(res.weights[n] + s * res.B[n] @ res.A[n], W[n], rtol=0, atol=1e-6)
+
+
+def _spiked(model, targets):
+    """Give every target weight a dominant singular value (σ₁ ≈ 5·σ₂): PEFT's "weight_svd" reads σ₁(W) from
+    svd_lowrank(W, q=r, niter=4), which then converges to float32 rounding, so it can be compared exactly."""
+    gen = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if name.split(".")[-1] in targets:
+                w = mod.weight
+                u = torch.randn(w.shape[0], 1, generator=gen)
+                v = torch.randn(1, w.shape[1], generator=gen)
+                top = torch.linalg.svdvals(w.double())[0].item()
+                w += (5 * top / (u.norm() * v.norm())) * u @ v
+    return model
+
+
+def _peer_models(arch, direction, scale, r=16):
+    """(PEFT's LoRA-GA model, ours from the same LoraConfig, original weights, our layer seeds). Same batches,
+    same spiked weights; PEFT's randperm for "random" is fed the indices the package draws from its seeds."""
+    from slice_kernels.ops.rsvd import layer_seed
+    from slice_kernels.slice_init.factors import peft_random_indices
+    from tests.slice_init.test_variants import no_dropout
+
+    targets = TARGETS[arch]
+    batches = lm_batches(3, seed=70)
+    make = lambda: _spiked(no_dropout(MAKE[arch]()), targets)  # noqa: E731  PEFT collects in train mode
+    orig = {n: m.weight.detach().clone() for n, m in make().named_modules() if n.split(".")[-1] in targets}
+
+    def cfg():
+        return LoraConfig(
+            r=r,
+            lora_alpha=2,
+            use_rslora=True,
+            target_modules=targets,
+            fan_in_fan_out=arch == "gpt2",
+            init_lora_weights="lora_ga",
+            lora_ga_config=LoraGAConfig(direction=direction, scale=scale),
+        )
+
+    theirs_base = make()
+    c = cfg()
+
+    def train_step():
+        for b in batches:
+            theirs_base(**b).loss.backward()
+
+    torch.manual_seed(0)  # PEFT's svd_lowrank sketches come from the global RNG
+    preprocess_loraga(theirs_base, c, train_step)
+    picks = iter([peft_random_indices(layer_seed(0, n), r) for n in orig])
+    real_randperm = torch.randperm
+
+    def randperm(k, *a, **kw):  # PEFT's "random": the package's per-layer draw, in PEFT's layer order
+        assert k == 2 * r
+        return torch.cat([next(picks), torch.tensor([i for i in range(k)], dtype=torch.long)])[:k]
+
+    if direction == "random":
+        torch.randperm = randperm
+    try:
+        theirs = get_peft_model(theirs_base, c)
+    finally:
+        torch.randperm = real_randperm
+    if direction == "random":
+        assert next(picks, None) is None  # PEFT drew once per layer
+    ours = get_slice_model(
+        make(),
+        cfg(),
+        SliceConfig(method="lora_ga_peft", current_steps=3, svd="exact", peft_direction=direction, peft_scale=scale),
+        current=batches,
+    )
+    return theirs, ours, orig
+
+
+@pytest.mark.parametrize("scale", PEFT_SCALES)
+@pytest.mark.parametrize("direction", PEFT_DIRS)
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_peft_options_equal_peft_lora_ga(arch, direction, scale):
+    """Every LoraGAConfig direction × scale: A, B and the absorbed W of get_slice_model(LoraConfig(
+    init_lora_weights="lora_ga", lora_ga_config=...)) equal PEFT's preprocess_loraga + get_peft_model on the same
+    model and batches (Linear and GPT-2 Conv1D). r = 16 makes PEFT's sketch span every layer (exact SVD); signs of
+    singular vectors are free, so each row of A / column of B is compared up to sign, and W through
+    W + s·B·A = W_original. Tolerance: 1e-4 of each factor's largest entry (two float32 SVD routes of gradients
+    collected by two float32 backward passes; the tiny models' spectra have gaps down to ~1e-2·σ₁)."""
+    theirs, ours, orig = _peer_models(arch, direction, scale)
+    lt = {n.removeprefix("base_model.model."): m for n, m in theirs.named_modules() if isinstance(m, LoraLayer)}
+    lo = {n.removeprefix("base_model.model."): m for n, m in ours.named_modules() if isinstance(m, LoraLayer)}
+    assert set(lt) == set(lo) == set(orig)
+    s = 2 / math.sqrt(16)
+    for n in orig:
+        At, Bt = lt[n].lora_A["default"].weight.detach(), lt[n].lora_B["default"].weight.detach()
+        Ao, Bo = lo[n].lora_A["default"].weight.detach(), lo[n].lora_B["default"].weight.detach()
+        assert Ao.shape == At.shape and Bo.shape == Bt.shape and Ao.dtype == At.dtype
+        sa = torch.sign((At * Ao).sum(1, keepdim=True))
+        sb = torch.sign((Bt * Bo).sum(0, keepdim=True))
+        torch.testing.assert_close(Ao, sa * At, rtol=0, atol=1e-4 * At.abs().max().item())
+        torch.testing.assert_close(Bo, sb * Bt, rtol=0, atol=1e-4 * Bt.abs().max().item())
+        torch.testing.assert_close(Bo.norm(dim=0), Bt.norm(dim=0), rtol=1e-4, atol=0)  # the scale itself
+        for lay, A, B in ((lo[n], Ao, Bo), (lt[n], At, Bt)):
+            Wst = lay.get_base_layer().weight.detach()
+            off = s * B @ A
+            torch.testing.assert_close(Wst + (off.T if arch == "gpt2" else off), orig[n], rtol=0, atol=1e-5)
+    # the adapter is written: PEFT must not run its own LoRA-GA again when the saved config is loaded
+    assert ours.peft_config["default"].init_lora_weights != "lora_ga"
+    assert ours.peft_config["default"].lora_ga_config is None
+
+
+def test_weight_svd_randomized_sigma1_is_seeded_and_close_to_exact():
+    """peft_scale="weight_svd" with the default randomized SVD: σ₁(W) from a seeded sketch of q = r columns and
+    svd_niter power iterations (PEFT's svd_lowrank(W, q=r, niter=4) with a reproducible sketch). On a weight with
+    a dominant singular value it equals the exact σ₁ to float32 rounding, and two runs agree bit for bit."""
+    from slice_kernels.slice_init.factors import top_weight_singular_value
+
+    gen = torch.Generator().manual_seed(4)
+    W = (
+        0.05 * torch.randn(48, 40, generator=gen)
+        + torch.outer(torch.randn(48, generator=gen), torch.randn(40, generator=gen)) / 4
+    )
+    exact = torch.linalg.svdvals(W.double())[0].item()
+    cfg = SliceConfig(method="lora_ga_peft", peft_scale="weight_svd")
+    a = top_weight_singular_value(W, 4, cfg, seed=123)
+    assert a == top_weight_singular_value(W, 4, cfg, seed=123)
+    assert a == pytest.approx(exact, rel=1e-5)
+    assert top_weight_singular_value(W, 4, SliceConfig(method="lora_ga_peft", svd="exact"), seed=0) == pytest.approx(
+        exact, rel=1e-12
+    )
