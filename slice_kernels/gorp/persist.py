@@ -185,8 +185,17 @@ def load_full_rank_weights(model: nn.Module, path: str, *, strict: bool = True) 
 def save_gorp_adapter(peft_model, out_dir: str, **save_kwargs) -> None:
     """Export a GORP-trained PEFT model: the adapter (``save_pretrained(out_dir, **save_kwargs)``) and, beside it,
     the full-rank weights. Load it with ``load_gorp_adapter(base_model, out_dir)``. An adapter initialized by
-    SLICE (which changed the base weights of its targets) is converted to a plain LoRA for the untouched base by
-    passing PEFT's ``path_initial_model_for_weight_conversion=<save_initial_adapter's folder>``."""
+    SLICE (which changed the base weights of its targets) is exported for the untouched base in two calls:
+    ``slice_kernels.save_as_lora(peft_model, out_dir, initial_folder)`` (which checks the initial adapter against
+    the init's mark), then ``save_full_rank_weights(peft_model, out_dir)``."""
+    if "path_initial_model_for_weight_conversion" in save_kwargs:
+        # PEFT's own conversion neither checks the initial adapter nor keeps its mark (it rewrites its config)
+        raise GorpCheckpointError(
+            "save_gorp_adapter: for an adapter whose init changed the base weights, call "
+            "slice_kernels.save_as_lora(model, out_dir, initial_folder) and then "
+            "slice_kernels.gorp.persist.save_full_rank_weights(model, out_dir) instead of passing "
+            "path_initial_model_for_weight_conversion"
+        )
     if not full_rank_parameters(peft_model):  # checked before anything is written
         raise GorpCheckpointError(
             "the model has no full-rank weights to export (nothing trainable outside the adapter)"

@@ -14,6 +14,7 @@ import os
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .. import distributed
 from ..gorp.persist import (
     FULL_RANK_FILE,
     GorpCheckpointError,
@@ -67,23 +68,32 @@ class GorpCheckpointCallback(TrainerCallback):
         self.restored_from = folder
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        if not args.should_save:
-            return  # the ranks hold identical weights; the processes Trainer saves the model on write them
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if not os.path.isdir(folder):
-            raise GorpCheckpointError(
-                f"GorpCheckpointCallback: Trainer's checkpoint folder {folder!r} is not there (a hyperparameter "
-                f"search writes its runs elsewhere, which the callback does not follow); save with "
-                f"save_full_rank_weights(model, <the checkpoint folder>) from your own callback instead"
-            )
-        save_full_rank_weights(model, folder, step=state.global_step)
+        err = None
+        if args.should_save:  # the ranks hold identical weights; the processes Trainer saves the model on write them
+            try:
+                folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+                if not os.path.isdir(folder):
+                    raise GorpCheckpointError(
+                        f"GorpCheckpointCallback: Trainer's checkpoint folder {folder!r} is not there (a "
+                        f"hyperparameter search writes its runs elsewhere, which the callback does not follow); save "
+                        f"with save_full_rank_weights(model, <the checkpoint folder>) from your own callback instead"
+                    )
+                save_full_rank_weights(model, folder, step=state.global_step)
+            except Exception as e:
+                err = e
+        distributed.agree(err, "GorpCheckpointCallback: saving the full-rank weights")  # no rank left waiting
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if args.load_best_model_at_end and state.best_model_checkpoint:
-            # Trainer reloaded the best checkpoint's adapter; its full-rank weights belong with it
-            load_full_rank_weights(model, state.best_model_checkpoint)
-        if args.should_save:
-            save_full_rank_weights(model, args.output_dir, step=state.global_step)
+        err = None
+        try:
+            if args.load_best_model_at_end and state.best_model_checkpoint:
+                # Trainer reloaded the best checkpoint's adapter; its full-rank weights belong with it
+                load_full_rank_weights(model, state.best_model_checkpoint)
+            if args.should_save:
+                save_full_rank_weights(model, args.output_dir, step=state.global_step)
+        except Exception as e:
+            err = e
+        distributed.agree(err, "GorpCheckpointCallback: the full-rank weights at the end of training")
 
 
 __all__ = ["GorpCheckpointCallback"]

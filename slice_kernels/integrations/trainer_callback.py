@@ -22,6 +22,7 @@ import warnings
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .. import distributed
 from ..errors import SliceInitError
 from ..slice_init.artifacts import (
     WEIGHTS_NAME,
@@ -82,8 +83,15 @@ class SliceSaveCallback(TrainerCallback):
                 stacklevel=2,
             )
             return
-        if not state.is_world_process_zero:
-            return
+        err = None
+        if state.is_world_process_zero:  # rank 0 checks and writes; every rank raises alike (no rank left waiting)
+            try:
+                self._prepare_initial(args, model, mark)
+            except Exception as e:
+                err = e
+        distributed.agree(err, "SliceSaveCallback: checking or saving the initial adapter")
+
+    def _prepare_initial(self, args, model, mark) -> None:
         init_dir = self._initial(args)
         at_init = probes_match(mark["probes"], current_probes(model, self.adapter_name), rtol=1e-9)
         saved = os.path.isfile(os.path.join(init_dir, WEIGHTS_NAME))
@@ -110,14 +118,29 @@ class SliceSaveCallback(TrainerCallback):
         convert_adapter(trained_dir, self._initial(args), os.path.join(trained_dir, CONVERTED_SUBDIR))
 
     def on_save(self, args, state, control, **kwargs):
-        if not self.active or not state.is_world_process_zero:
+        if not self.active:
             return
-        ckpt = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        self._convert(ckpt, args)
+        err = None
+        if state.is_world_process_zero:
+            try:
+                ckpt = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+                self._convert(ckpt, args)
+            except Exception as e:
+                err = e
+        distributed.agree(err, "SliceSaveCallback: converting the checkpoint")
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if not self.active or not state.is_world_process_zero:
+        if not self.active:
             return
+        err = None
+        if state.is_world_process_zero:
+            try:
+                self._convert_final(args, model)
+            except Exception as e:
+                err = e
+        distributed.agree(err, "SliceSaveCallback: converting the final adapter")
+
+    def _convert_final(self, args, model) -> None:
         # the final weights (the best ones with load_best_model_at_end) are in no checkpoint folder: save, convert
         tmp = tempfile.mkdtemp(prefix=".slice-final-", dir=args.output_dir)
         try:

@@ -28,7 +28,44 @@ def summary_table(results: dict) -> str:
         )
     b = results["base"]
     lines.append(f"| base model | – | – | – | – | {_f(b['GP'])} | {_f(b['IP'])} |")
+    lines += surgery_table(results)
     return "\n".join(lines) + "\n"
+
+
+def _gamma_cell(gamma) -> tuple[str, bool]:
+    """(the γ cell, whether the surgery changed the gradient) for a global γ or per-layer {name: γ}."""
+    if isinstance(gamma, dict):
+        acted = sum(1 for g in gamma.values() if g)
+        return f"{acted} of {len(gamma)} layers ≠ 0", acted > 0
+    if gamma is None:
+        return "–", False
+    return f"{gamma:.3g}", gamma != 0
+
+
+def surgery_table(results: dict) -> list[str]:
+    """Lines of a table of every stage at which a method measured cos(G_cur, G_prev) (SLICE and its variants):
+    whether the surgery acted is what separates SLICE from LoRA-GA in that run."""
+    rows = []
+    for m, r in results["methods"].items():
+        for rep in r.get("init_reports") or []:
+            if rep.get("cos") is None:
+                continue
+            cell, acted = _gamma_cell(rep.get("gamma"))
+            rows.append(
+                f"| {m} | {rep.get('stage', '–')} | {rep.get('task', '–')} | {rep['cos']:.3f} | {cell} | "
+                f"{'projected' if acted else 'not applied'} |"
+            )
+    if not rows:
+        return []
+    return [
+        "",
+        "Gradient surgery at each stage with a replay buffer (cos of the current and replay gradients at W^(t-1); "
+        "γ ≠ 0: the current gradient was projected):",
+        "",
+        "| method | stage | task | cos | γ | surgery |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
 
 
 def write_outputs(results: dict, out: str, timings: list | None = None, predictions: dict | None = None) -> str:

@@ -208,11 +208,32 @@ def _unseen_eval_items(ds, start: int, stop: int, n_eval: int, train_prompts: se
     return out
 
 
+PRESETS = os.path.join(os.path.dirname(__file__), "presets")
+
+
+def preset_names() -> list[str]:
+    return sorted(f[: -len(".json")] for f in os.listdir(PRESETS) if f.endswith(".json"))
+
+
+def preset_path(name: str) -> str | None:
+    """The file of a named preset (``@conflict_easy``), or None when ``name`` is not a preset's name."""
+    if os.sep in name or name.endswith(".json") or os.path.exists(name):
+        return None
+    path = os.path.join(PRESETS, name + ".json")
+    if not os.path.isfile(path):
+        raise TaskError(
+            f"--tasks @{name}: no file {name!r} and no preset of that name; presets: {', '.join(preset_names())} "
+            f"(or give a path to a mined.json)"
+        )
+    return path
+
+
 def expand_task_list(arg: str) -> list[str]:
-    """``a,b,c`` or ``@file.json`` (the output of ``slice-kernels mine``: its ``sequence`` key)."""
+    """``a,b,c``, ``@file.json`` (the output of ``slice-kernels mine``: its ``sequence`` key) or ``@preset`` (a
+    sequence kept in ``runner/presets/``, e.g. ``@conflict_easy``, the default profile's)."""
     arg = arg.strip()
     if arg.startswith("@"):
-        path = arg[1:]
+        path = preset_path(arg[1:]) or arg[1:]
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)

@@ -66,17 +66,36 @@ def parse_mark(value) -> dict | None:
     return {"method": m["method"], "probes": [float(x) for x in m["probe"].split(",")]}
 
 
-def lora_pairs(state_dict: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{module key: (A, B)} from a PEFT LoRA state dict (keys ``<module>.lora_A.weight`` / ``.lora_B.weight``)."""
+# (A suffix, B suffix) of a LoRA pair in PEFT's saved state dict: Linear/Conv1D/Conv2d layers, and embeddings
+# (which the init skips, so their B₀ = 0, but whose trained update a conversion must keep)
+PAIR_SUFFIXES = ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B"))
+
+
+def pair_keys(state_dict: dict) -> dict[str, tuple[str, str]]:
+    """{module key: (A's state-dict key, B's)} of every LoRA pair in a PEFT LoRA state dict."""
     out: dict = {}
-    for k, v in state_dict.items():
-        for part, i in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
-            if k.endswith(part):
-                out.setdefault(k[: -len(part)], [None, None])[i] = v
+    for k in state_dict:
+        for sa, sb in PAIR_SUFFIXES:
+            for suffix, i in ((sa, 0), (sb, 1)):
+                if k.endswith(suffix):
+                    out.setdefault(k[: -len(suffix)], [None, None])[i] = k
     bad = sorted(k for k, (a, b) in out.items() if a is None or b is None)
     if bad:
-        raise SliceInitError(f"LoRA layers with only one of lora_A/lora_B: {bad[:3]}")
+        raise SliceInitError(f"LoRA layers with only one of their A/B factors: {bad[:3]}")
     return {k: (a, b) for k, (a, b) in out.items()}
+
+
+def embedding_copies(state_dict: dict, names: dict) -> list[str]:
+    """Keys of the embedding weights PEFT saves beside an embedding's LoRA (``save_embedding_layers="auto"``):
+    the init never changes an embedding (it is skipped), so the copies are the original weights and pass through."""
+    emb = {k for k, (a, _) in names.items() if a.endswith(".lora_embedding_A")}
+    return [k for k in state_dict if k.endswith(".base_layer.weight") and k[: -len(".base_layer.weight")] in emb]
+
+
+def lora_pairs(state_dict: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module key: (A, B)} from a PEFT LoRA state dict (``<module>.lora_A.weight`` / ``.lora_B.weight``, or an
+    embedding's ``.lora_embedding_A`` / ``.lora_embedding_B``)."""
+    return {k: (state_dict[a], state_dict[b]) for k, (a, b) in pair_keys(state_dict).items()}
 
 
 def offset_probes(pairs: dict, scaling: float) -> list[float]:
@@ -184,7 +203,10 @@ def _check_pair(tcfg: dict, icfg: dict, tsd: dict, isd: dict, trained_dir: str, 
                 f"trained adapter {trained_dir!r} has {key}={tcfg.get(key)!r} but the initial adapter "
                 f"{initial_dir!r} has {icfg.get(key)!r}: they are not the same adapter before and after training"
             )
-    extra = sorted(k for k in tsd if ".lora_A." not in k and ".lora_B." not in k)
+    names = pair_keys(tsd)
+    paired = {key for ab in names.values() for key in ab}
+    paired |= set(embedding_copies(tsd, names))
+    extra = sorted(k for k in tsd if k not in paired)
     if extra:
         raise SliceInitError(
             f"trained adapter {trained_dir!r} holds weights other than lora_A/lora_B ({extra[:3]}), e.g. "
@@ -216,6 +238,31 @@ def check_initial_matches(mark: dict, initial_pairs: dict, scaling: float, initi
         )
 
 
+# what a folder written by save_pretrained holds: the only contents convert_adapter may replace
+_ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, _BIN_NAME, "README.md"}
+
+
+def check_out_dir(out_dir: str, inputs) -> None:
+    """Refuse an output folder that is, or contains, an input, or that holds anything but a saved adapter (it is
+    replaced whole, so a run folder given by mistake must not be deleted)."""
+    out = os.path.abspath(out_dir)
+    for p in inputs:
+        src = os.path.abspath(p)
+        if os.path.commonpath([out, src]) == out:
+            raise SliceInitError(
+                f"out_dir {out_dir!r} is or contains the input folder {p!r}; write the conversion to a new folder"
+            )
+    if os.path.exists(out_dir):
+        if not os.path.isdir(out_dir):
+            raise SliceInitError(f"out_dir {out_dir!r} is a file; pass a folder")
+        other = sorted(set(os.listdir(out_dir)) - _ADAPTER_FILES)
+        if other:
+            raise SliceInitError(
+                f"out_dir {out_dir!r} holds more than a saved adapter ({other[:3]}), and it would be replaced "
+                f"whole; pass a new folder"
+            )
+
+
 def convert_adapter(trained_dir: str, initial_dir: str, out_dir: str, *, check_initial: bool = True) -> str:
     """Turn a trained adapter whose init changed the base (a Trainer checkpoint folder or a ``save_pretrained``
     folder) plus its saved initial adapter into a plain LoRA folder for the original, untouched base, offline
@@ -228,20 +275,14 @@ def convert_adapter(trained_dir: str, initial_dir: str, out_dir: str, *, check_i
 
     tcfg, tsd = read_adapter(trained_dir, "trained adapter")
     icfg, isd = read_adapter(initial_dir, "initial adapter")
-    for p in (trained_dir, initial_dir):
-        if os.path.abspath(out_dir) == os.path.abspath(p):
-            raise SliceInitError(f"out_dir {out_dir!r} is one of the input folders; write the conversion elsewhere")
-    if os.path.exists(out_dir) and os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, CONFIG_NAME)):
-        raise SliceInitError(
-            f"out_dir {out_dir!r} exists and is not an adapter folder; pass a new folder (it is replaced whole)"
-        )
+    check_out_dir(out_dir, (trained_dir, initial_dir))
     tp, ip = _check_pair(tcfg, icfg, tsd, isd, trained_dir, initial_dir)
     init_w = tcfg.get("init_lora_weights")
     mark = parse_mark(init_w)
     if mark is None:
         if init_w is True:
             warnings.warn(
-                f"trained adapter {trained_dir!r} carries no slice-kernels mark (saved before 0.3, or its init "
+                f"trained adapter {trained_dir!r} carries no slice-kernels mark (saved before 0.2.1, or its init "
                 f"changed no weight), so the initial adapter cannot be checked against it; converting anyway",
                 stacklevel=2,
             )
@@ -253,11 +294,13 @@ def convert_adapter(trained_dir: str, initial_dir: str, out_dir: str, *, check_i
     elif check_initial:
         check_initial_matches(mark, ip, config_scaling(tcfg), initial_dir, f"trained adapter {trained_dir!r}")
 
-    out = {}
+    names = pair_keys(tsd)
+    out = {k: tsd[k] for k in embedding_copies(tsd, names)}
     for k, (A, B) in tp.items():
         A0, B0 = ip[k]
-        out[f"{k}.lora_A.weight"] = torch.cat([A, A0.to(A.dtype)], dim=0).contiguous()
-        out[f"{k}.lora_B.weight"] = torch.cat([B, -B0.to(B.dtype)], dim=1).contiguous()
+        a_key, b_key = names[k]
+        out[a_key] = torch.cat([A, A0.to(A.dtype)], dim=0).contiguous()
+        out[b_key] = torch.cat([B, -B0.to(B.dtype)], dim=1).contiguous()
     cfg = LoraConfig.from_pretrained(trained_dir)
     cfg.init_lora_weights = True
     cfg.r *= 2

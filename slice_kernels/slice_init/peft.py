@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+import tempfile
 
 import torch
 from torch import nn
@@ -33,7 +35,7 @@ from ..init_offsets import attach_init_offset
 from ..modules import is_conv1d, resolve_targets, weight_out_in
 from ..wrappers import refuse_wrapped_model
 from . import grad_cache
-from .artifacts import mark_changed_base, parse_mark
+from .artifacts import check_out_dir, convert_adapter, mark_changed_base, parse_mark
 from .batches import as_batches
 from .collect import BatchStream, collect_gradients, collect_replay_gradients, replay_streams
 from .config import SliceConfig
@@ -429,22 +431,23 @@ def save_initial_adapter(peft_model, path: str, adapter_name: str = "default") -
 
 
 def save_as_lora(peft_model, out_dir: str, initial_path: str, adapter_name: str = "default", **kwargs) -> None:
-    """Save the trained adapter as a plain rank-2r LoRA that loads on the original, untouched base model
-    (PEFT's ``path_initial_model_for_weight_conversion``). ``initial_path`` is what ``save_initial_adapter``
-    wrote."""
+    """Save the trained adapter as a plain rank-2r LoRA that loads on the original, untouched base model (the
+    tensors of PEFT's ``path_initial_model_for_weight_conversion``). ``initial_path`` is what
+    ``save_initial_adapter`` wrote; it is checked against the fingerprint in the adapter's mark, and left as it
+    is. The adapter is saved (``save_pretrained(**kwargs)``) to a temporary folder and converted from there by
+    ``convert_adapter``, so both paths write the same files and make the same checks."""
     _check_save_names(peft_model, initial_path, adapter_name)
     if not os.path.isdir(initial_path):
         raise SliceInitError(
             f"initial adapter {initial_path!r} not found; call save_initial_adapter(peft_model, "
             f"path) right after get_slice_model, before training"
         )
-    init_cfg = os.path.join(initial_path, "adapter_config.json")
-    kept = open(init_cfg, "rb").read() if os.path.isfile(init_cfg) else None
-    try:  # PEFT's conversion overwrites the initial adapter's config (init_lora_weights=True, mark dropped)
-        peft_model.save_pretrained(
-            out_dir, selected_adapters=[adapter_name], path_initial_model_for_weight_conversion=initial_path, **kwargs
-        )
+    check_out_dir(out_dir, (initial_path,))
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".trained-", dir=parent)
+    try:
+        peft_model.save_pretrained(tmp, selected_adapters=[adapter_name], **kwargs)
+        convert_adapter(tmp, initial_path, out_dir)  # the 'default' adapter is saved at the folder's top
     finally:
-        if kept is not None:
-            with open(init_cfg, "wb") as f:
-                f.write(kept)
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -280,7 +280,7 @@ def test_load_best_model_at_end_brings_the_best_checkpoints_full_rank_weights(tm
 
 
 def test_export_of_a_slice_initialized_gorp_run_loads_on_the_untouched_base(tmp_path):
-    from slice_kernels import SliceConfig, get_slice_model, save_initial_adapter
+    from slice_kernels import SliceConfig, get_slice_model, save_as_lora, save_initial_adapter
 
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     model = get_slice_model(tiny_llama(), cfg, SliceConfig(method="lora_ga", current_steps=2), current=lm_batches(2))
@@ -296,7 +296,11 @@ def test_export_of_a_slice_initialized_gorp_run_loads_on_the_untouched_base(tmp_
     with torch.no_grad():
         want = model(input_ids=probe).logits
     out = str(tmp_path / "export")
-    save_gorp_adapter(model, out, path_initial_model_for_weight_conversion=str(tmp_path / "slice_init"))
+    with pytest.raises(GorpCheckpointError, match="call slice_kernels.save_as_lora"):
+        save_gorp_adapter(model, out, path_initial_model_for_weight_conversion=str(tmp_path / "slice_init"))
+    assert not os.path.exists(out)
+    save_as_lora(model, out, str(tmp_path / "slice_init"))  # checked against the mark, for the untouched base
+    save_full_rank_weights(model, out)
     with torch.no_grad():
         got = load_gorp_adapter(tiny_llama(), out).eval()(input_ids=probe).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -81,3 +81,47 @@ def test_jsonl_duplicate_lines_do_not_leak_into_training(tmp_path):
     p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     t = load_task(str(p), n_train=0, n_eval=4, seed=0)
     assert not {ex.prompt for ex in t.train} & {ex.prompt for ex in t.eval}
+
+
+def test_summary_shows_where_the_surgery_acted():
+    from slice_kernels.runner.report import summary_table
+
+    row = dict(AP=0.5, FP=0.4, Forgetting=0.1, BWT=-0.1, GP=0.2, IP=0.3)
+    results = {
+        "tasks": ["a", "b", "c"],
+        "heldout": [],
+        "train_on": "answer",
+        "base": {"GP": None, "IP": None},
+        "methods": {
+            "lora_ga": dict(row, init_reports=[{"stage": 1, "cos": None, "gamma": None}] * 3),
+            "slice": dict(
+                row,
+                init_reports=[
+                    {"stage": 1, "task": "a", "cos": None, "gamma": 0.0},
+                    {"stage": 2, "task": "b", "cos": -0.25, "gamma": 1.5},
+                    {"stage": 3, "task": "c", "cos": 0.4, "gamma": 0.0},
+                ],
+            ),
+            "per_layer": dict(
+                row, init_reports=[{"stage": 2, "task": "b", "cos": -0.1, "gamma": {"q": 0.0, "v": 2.0}}]
+            ),
+        },
+    }
+    md = summary_table(results)
+    assert "| slice | 2 | b | -0.250 | 1.5 | projected |" in md
+    assert "| slice | 3 | c | 0.400 | 0 | not applied |" in md
+    assert "| per_layer | 2 | b | -0.100 | 1 of 2 layers ≠ 0 | projected |" in md
+    assert "| lora_ga |" in md and md.count("| lora_ga |") == 1  # its metrics row only: it measures no cosine
+    results["methods"] = {"lora_ga": results["methods"]["lora_ga"]}
+    assert "Gradient surgery" not in summary_table(results)
+
+
+def test_named_presets_expand_and_the_default_sequence_is_one():
+    from slice_kernels.runner.profiles import RunConfig
+    from slice_kernels.runner.tasks import TaskError, expand_task_list, preset_names
+
+    assert {"conflict_easy", "mined_easy"} <= set(preset_names())
+    assert expand_task_list("@conflict_easy") == RunConfig().tasks  # the default run is the documented preset
+    assert len(expand_task_list("@mined_easy")) == 3
+    with pytest.raises(TaskError, match=r"no preset of that name; presets: conflict_easy, mined_easy"):
+        expand_task_list("@no_such_preset")

@@ -3,6 +3,7 @@ the converted rank-2r adapter (no mark, loads silently and correctly), and the o
 ``slice-kernels convert`` against PEFT's own conversion, tensor for tensor."""
 
 import json
+import os
 import warnings
 
 import pytest
@@ -166,13 +167,24 @@ def test_convert_errors_are_clear(trained, tmp_path):
     save_initial_adapter(qv, str(d / "init_qv"))
     with pytest.raises(SliceInitError, match="target different layers"):
         convert_adapter(str(d / "plain"), str(d / "init_qv"), str(d / "out"))
-    with pytest.raises(SliceInitError, match="is one of the input folders"):
+    with pytest.raises(SliceInitError, match="is or contains the input folder"):
         convert_adapter(str(d / "plain"), str(d / "slice_init"), str(d / "plain"))
     (d / "busy").mkdir()
     (d / "busy" / "notes.txt").write_text("keep me")
-    with pytest.raises(SliceInitError, match="not an adapter folder"):
+    with pytest.raises(SliceInitError, match=r"holds more than a saved adapter \(\['notes.txt'\]\)"):
         convert_adapter(str(d / "plain"), str(d / "slice_init"), str(d / "busy"))
     assert (d / "busy" / "notes.txt").read_text() == "keep me"
+    # a run folder with an adapter at its top (trainer.save_model) and the inputs inside: never deleted
+    before = sorted(os.listdir(d))
+    with pytest.raises(SliceInitError, match="is or contains the input folder"):
+        convert_adapter(str(d / "plain"), str(d / "slice_init"), str(d))
+    (d / "run").mkdir()
+    for f in os.listdir(d / "plain"):
+        (d / "run" / f).write_bytes((d / "plain" / f).read_bytes())
+    (d / "run" / "checkpoint-2").mkdir()
+    with pytest.raises(SliceInitError, match=r"holds more than a saved adapter \(\['checkpoint-2'\]\)"):
+        convert_adapter(str(d / "plain"), str(d / "slice_init"), str(d / "run"))
+    assert sorted(os.listdir(d)) == sorted(before + ["run"]) and (d / "run" / "checkpoint-2").is_dir()
 
 
 def test_cli_reports_errors_with_exit_code_2(trained, capsys):
@@ -199,3 +211,55 @@ def test_unmarked_old_adapter_converts_with_a_warning(trained):
         convert_adapter(str(d / "plain"), str(d / "slice_init"), str(d / "out"))
     loaded = PeftModel.from_pretrained(tiny_llama(), str(d / "out"))
     torch.testing.assert_close(logits(loaded), logits(pm), rtol=0, atol=1e-5)
+
+
+def test_skipped_embedding_targets_survive_both_conversions(tmp_path):
+    """An embedding in the target list is skipped by the init (PEFT's ordinary LoRA, B₀ = 0) but trained: both
+    save_as_lora and convert_adapter keep its update, so the converted adapter reproduces the trained model on
+    the untouched base. save_as_lora also checks the initial adapter against the mark, as convert does."""
+    from tests.helpers import lm_batches, tiny_llama
+
+    base = tiny_llama()
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"])
+    with pytest.warns(UserWarning, match="skipping 1 module"):
+        pm = get_slice_model(
+            tiny_llama(), cfg, SliceConfig(method="lora_ga", current_steps=1), current=lm_batches(1, seed=3)
+        )
+    save_initial_adapter(pm, str(tmp_path / "slice_init"))
+    with torch.no_grad():  # a "training" step that moves every factor, the embedding's too
+        g = torch.Generator().manual_seed(1)
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    ids = torch.randint(0, 128, (2, 8), generator=g)
+    with torch.no_grad():
+        want = pm(input_ids=ids).logits
+    sk_lora = tmp_path / "lora"
+    save_as_lora(pm, str(sk_lora), str(tmp_path / "slice_init"))
+    pm.save_pretrained(str(tmp_path / "trained"))
+    convert_adapter(str(tmp_path / "trained"), str(tmp_path / "slice_init"), str(tmp_path / "offline"))
+    for folder in (sk_lora, tmp_path / "offline"):
+        keys = load_file(str(folder / "adapter_model.safetensors"))
+        assert any("lora_embedding_A" in k for k in keys) and any("q_proj.lora_A" in k for k in keys)
+        with torch.no_grad():
+            got = PeftModel.from_pretrained(tiny_llama(), str(folder)).eval()(input_ids=ids).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    with torch.no_grad():
+        assert (base(input_ids=ids).logits - want).abs().max() > 1e-2  # the update is not negligible
+
+    other = get_slice_model(
+        tiny_llama(),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]),
+        SliceConfig(method="lora_ga", current_steps=1),
+        current=lm_batches(1, seed=4),
+    )
+    save_initial_adapter(other, str(tmp_path / "other_init"))
+    pq = get_slice_model(
+        tiny_llama(),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]),
+        SliceConfig(method="lora_ga", current_steps=1),
+        current=lm_batches(1, seed=3),
+    )
+    with pytest.raises(SliceInitError, match="is not the initial adapter of"):
+        save_as_lora(pq, str(tmp_path / "wrong"), str(tmp_path / "other_init"))
+    assert not (tmp_path / "wrong").exists()
