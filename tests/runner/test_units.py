@@ -125,3 +125,13 @@ def test_named_presets_expand_and_the_default_sequence_is_one():
     assert len(expand_task_list("@mined_easy")) == 3
     with pytest.raises(TaskError, match=r"no preset of that name; presets: conflict_easy, mined_easy"):
         expand_task_list("@no_such_preset")
+
+
+@pytest.mark.parametrize("profile", ["study", "study_gpu"])
+def test_study_profiles_run_the_default_sequence_with_standard_errors_at_most_005(profile):
+    from slice_kernels.runner.profiles import RunConfig, make_config
+
+    cfg, d = make_config(profile), RunConfig()
+    assert (cfg.tasks, cfg.heldout, cfg.methods) == (d.tasks, d.heldout, d.methods)
+    for n in (cfg.n_eval, cfg.n_heldout):  # the worst case p = 0.5 of one task's score
+        assert (0.25 / n) ** 0.5 <= 0.05
