@@ -69,7 +69,7 @@ def _worker(rank, world, port, args, out):
         from slice_kernels import SliceConfig
         from slice_kernels.slice_init.collect import collect_gradients
         from slice_kernels.slice_init.layer_parallel import assign_owners
-        from slice_kernels.slice_init.sharded import _sharded_targets, init_sharded_
+        from slice_kernels.slice_init.sharded import init_sharded_, sharded_targets
 
         rows = []
         for _ in range(args.repeat):  # a fresh model each time: the init refuses an adapter whose B is not zero
@@ -81,7 +81,7 @@ def _worker(rank, world, port, args, out):
             fully_shard(pm)
             cur = batches(2, args.dim, 10 + rank)
             replay = [batches(2, args.dim, 20 + rank)]
-            bases = {n: m.get_base_layer() for n, m in _sharded_targets(pm, "default").items()}
+            bases = {n: m.get_base_layer() for n, m in sharded_targets(pm, "default").items()}
             acc = collect_gradients(pm, bases, cur, 2, loss_fn)
             acc_bytes = sum(a.numel() * a.element_size() for a in acc.values())
             del acc

@@ -23,7 +23,7 @@ def active() -> bool:
     )
 
 
-def _comm_device(t: torch.Tensor) -> torch.device:
+def comm_device(t: torch.Tensor) -> torch.device:
     # NCCL reduces CUDA tensors only; offloaded (CPU) accumulators travel through the current CUDA device.
     backend = torch.distributed.get_backend()
     if "nccl" in str(backend) and t.device.type == "cpu":
@@ -32,7 +32,7 @@ def _comm_device(t: torch.Tensor) -> torch.device:
 
 
 def _op_in_place(t: torch.Tensor, fn) -> None:
-    dev = _comm_device(t)
+    dev = comm_device(t)
     if dev == t.device:
         fn(t)
         return
@@ -50,7 +50,7 @@ def _checksums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         w = torch.arange(1, f.numel() + 1, dtype=torch.float64, device=f.device).remainder_(977.0).add_(1.0)
         out.append(torch.stack([f.sum(), (f * w).sum()]).cpu())
     c = torch.stack(out) if out else torch.zeros(0, 2, dtype=torch.float64)
-    return c.to(_comm_device(tensors[0])) if tensors else c
+    return c.to(comm_device(tensors[0])) if tensors else c
 
 
 def same_on_all_ranks(tensors: Sequence[torch.Tensor]) -> bool:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import SliceInitError
+from .sharded_guard import dtensor_types
 
 # PEFT's own LoRA sub-modules (lora_A, lora_B, lora_dropout, lora_embedding_*): never targets themselves.
 _LORA_INTERNAL = re.compile(r"(^|\.)lora_[A-Za-z_]+(\.|$)")
@@ -47,6 +48,10 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
 # Path components that only wrappers insert, wherever they sit: torch.compile's OptimizedModule (also per block,
 # as accelerate's regional compilation does), FSDP1's and activation checkpointing's wrappers.
 _WRAPPER_PARTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+
+# what peft.PeftModel puts before the wrapped model's module names
+PEFT_PREFIX = "base_model.model."
 
 
 def canonical_name(name: str) -> str:
@@ -93,16 +98,8 @@ def is_quantized(module: nn.Module) -> bool:
     w = getattr(module, "weight", None)
     if hasattr(module, "quant_state") or (w is not None and hasattr(w, "quant_state")):
         return True
-    plain = (nn.Parameter, torch.Tensor, *_dtensor())  # FSDP2's sharded weights are full-precision DTensors
+    plain = (nn.Parameter, torch.Tensor, *dtensor_types())  # FSDP2's sharded weights are full-precision DTensors
     return isinstance(w, torch.Tensor) and (not w.is_floating_point() or type(w) not in plain)
-
-
-def _dtensor() -> tuple:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch build without torch.distributed
-        return ()
-    return (DTensor,)
 
 
 def quantized_reason(module: nn.Module) -> str:

@@ -25,11 +25,10 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError, NotFoundError
-from ..modules import canonical_name
+from ..modules import PEFT_PREFIX, canonical_name
 
 FULL_RANK_FILE = "gorp_full_rank.safetensors"
 _FORMAT = "slice_kernels.gorp_full_rank/1"
-_PEFT_PREFIX = "base_model.model."
 
 
 class GorpCheckpointError(InvalidArgumentError):
@@ -39,8 +38,8 @@ class GorpCheckpointError(InvalidArgumentError):
 def base_name(name: str) -> str:
     """The base-model name of a parameter of a (PEFT, DDP-wrapped) model."""
     name = canonical_name(name)
-    if name.startswith(_PEFT_PREFIX):
-        name = name[len(_PEFT_PREFIX) :]
+    if name.startswith(PEFT_PREFIX):
+        name = name[len(PEFT_PREFIX) :]
     return name.replace(".base_layer.", ".")
 
 

@@ -80,8 +80,8 @@ def is_tokenizer_output(x) -> bool:
     return isinstance(ids, (list, tuple)) and len(ids) > 0 and isinstance(ids[0], (list, tuple))
 
 
-def _refuse_raw(source, label: str) -> None:
-    """Sources that cannot be collated at all: text that is not tokenized, a tokenizer's column output."""
+def refuse_raw(source, label: str) -> None:
+    """Raise the error ``as_batches`` gives for sources that cannot be collated at all: text that is not tokenized, a tokenizer's column output."""
     if isinstance(source, Mapping):
         ids = source.get("input_ids")
         hint = ""
@@ -173,11 +173,6 @@ class CollatedExamples(torch.utils.data.DataLoader):
             self.n_examples = None
 
 
-def refuse_raw(source, label: str) -> None:
-    """Raise the error ``as_batches`` gives for a source that cannot be collated (text, a tokenizer's dict)."""
-    _refuse_raw(source, label)
-
-
 def as_batches(
     source,
     label: str,
@@ -194,7 +189,7 @@ def as_batches(
     loss is used, so batches must carry ``labels``. ``steps``: how many batches will be read (the labels of a
     list of batches are checked for those). Nothing is consumed but the first ``batch_size`` examples, which are
     collated once to check the collator."""
-    _refuse_raw(source, label)
+    refuse_raw(source, label)
     if not looks_like_examples(source):
         if isinstance(source, (list, tuple)):
             for i, b in enumerate(source[: steps if steps is not None else len(source)]):

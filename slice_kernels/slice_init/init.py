@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from typing import Collection, Mapping
 
 import torch
@@ -21,8 +20,8 @@ from ..ops import rsvd
 from .config import SliceConfig
 from .factors import FACTORS, LayerInput, absorb_
 from .finite import all_finite
-from .layer_parallel import assign_owners, decompose_owned, share_factors
-from .report import InitReport, InitResult, lora_scaling, timed_phase
+from .layer_parallel import assign_owners, decompose_and_share
+from .report import InitReport, InitResult, lora_scaling, timed_phase, warn_zero_gradient
 from .surgery import describe_variant, reconcile
 from .svd import top_triplets
 
@@ -215,14 +214,7 @@ def init_from_gradients(
             )
             A[n], B[n], info = rule(layer)
             report.layers.setdefault(n, {"shape": list(W.shape)}).update(info)
-    zero_layers = [n for n in names if report.layers[n].get("zero_gradient")]
-    if zero_layers:
-        warnings.warn(
-            f"{len(zero_layers)} layer(s) had an exactly zero gradient after surgery and got the vanilla LoRA "
-            f"init (A random, B = 0, no offset): {zero_layers[:5]}{'…' if len(zero_layers) > 5 else ''}. "
-            f"They receive no gradient from the task loss: check the target modules or the batches.",
-            stacklevel=2,
-        )
+    warn_zero_gradient(report, names)
     new_w: dict = {}
     with timed_phase(report, "absorb", device):
         for n in names if absorb else ():
@@ -240,15 +232,6 @@ def _layer_parallel(names, weights, g_tilde, r, s, config, report, device, adapt
     me = distributed.rank()
     dtypes = {n: _adapter_dtype(adapter_dtype, n, weights[n], config.method) for n in names}
     owned = {n: (g_tilde[i], weights[n], dtypes[n], n in transposed) for i, n in enumerate(names) if owner[n] == me}
-    err, info = None, {}
-    try:
-        got = decompose_owned(owned, r, config, report, device, s)
-        A.update(got[0])
-        B.update(got[1])
-        info = got[2]
-    except Exception as e:  # agreed below, so no rank waits in a broadcast the failed owner never sends
-        err = e
-    distributed.agree(err, "the layer-parallel SVD")
-    share_factors(names, owner, A, B, info, r, shapes, dtypes, device, report)
-    for n in names:
-        report.layers.setdefault(n, {"shape": list(weights[n].shape)}).update(info[n])
+    got_a, got_b = decompose_and_share(owned, names, owner, r, config, report, device, s, shapes, dtypes)
+    A.update(got_a)
+    B.update(got_b)

@@ -84,3 +84,30 @@ def share_factors(
         torch.distributed.all_gather_object(got, {n: info[n] for n in names if owner[n] == me})
         for part in got:
             info.update(part)
+
+
+def decompose_and_share(
+    owned: dict,
+    names: list,
+    owner: dict,
+    r: int,
+    config: SliceConfig,
+    report: InitReport,
+    device,
+    s: float,
+    shapes: dict,
+    dtypes: dict,
+) -> tuple[dict, dict]:
+    """Collective: this rank decomposes the layers it owns, the ranks agree that every owner succeeded (so no rank
+    waits in a broadcast a failed owner never sends), then every layer's A, B and figures are broadcast from its
+    owner. Returns (A, B) of every layer; the per-layer figures go into ``report.layers``."""
+    err, A, B, info = None, {}, {}, {}
+    try:
+        A, B, info = decompose_owned(owned, r, config, report, device, s)
+    except Exception as e:
+        err = e
+    distributed.agree(err, "the layer-parallel SVD")
+    share_factors(names, owner, A, B, info, r, shapes, dtypes, device, report)
+    for n in names:
+        report.layers.setdefault(n, {"shape": list(shapes[n])}).update(info[n])
+    return A, B

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import resource
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -62,3 +63,15 @@ def timed_phase(report: InitReport, name: str, device: torch.device):
     else:
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_max_rss"
     report.phases[name] = {"seconds": time.perf_counter() - t0, "peak_bytes": int(peak), "memory": kind}
+
+
+def warn_zero_gradient(report: InitReport, names) -> None:
+    """Warn about the layers whose gradient after surgery was exactly zero (they got the vanilla LoRA init)."""
+    zero = [n for n in names if report.layers[n].get("zero_gradient")]
+    if zero:
+        warnings.warn(
+            f"{len(zero)} layer(s) had an exactly zero gradient after surgery and got the vanilla LoRA init "
+            f"(A random, B = 0, no offset): {zero[:5]}{'…' if len(zero) > 5 else ''}. They receive no gradient "
+            f"from the task loss: check the target modules or the batches.",
+            stacklevel=3,
+        )

@@ -12,14 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SliceInitError
-
-
-def is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch build without torch.distributed
-        return False
-    return isinstance(t, DTensor)
+from ..sharded_guard import is_dtensor  # noqa: F401  (re-exported: the init's modules import it from here)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

@@ -26,35 +26,31 @@ one rank only cannot be caught that way (FSDP's all-gathers of the other ranks w
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
 from .. import distributed
 from ..errors import SliceInitError
-from ..modules import is_conv1d
+from ..modules import PEFT_PREFIX, is_conv1d
 from .artifacts import mark_changed_base
 from .collect import collect_gradients, collect_replay_gradients
 from .config import SliceConfig
 from .factors import absorb_
 from .finite import all_finite
 from .init import validate_ranks
-from .layer_parallel import assign_owners, decompose_owned, share_factors
+from .layer_parallel import assign_owners, decompose_and_share
 from .peft import check_lora_config, check_sources, refuse_shared_weights
-from .report import InitReport, lora_scaling, timed_phase
+from .report import InitReport, lora_scaling, timed_phase, warn_zero_gradient
 from .shard_layout import ShardLayout, chunk_bounds, dim0_bounds, is_dtensor, layout, local
 from .surgery import describe_variant, reconcile
-
-_PEFT_PREFIX = "base_model.model."
 
 
 def _logical(name: str) -> str:
     # the name the layer has in the unwrapped model: sketch seeds and reports agree with get_slice_model's
-    return name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name
+    return name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
 
 
-def _sharded_targets(peft_model: nn.Module, adapter_name: str) -> dict:
+def sharded_targets(peft_model: nn.Module, adapter_name: str) -> dict:
     from peft.tuners.lora import LoraLayer
 
     found = {}
@@ -86,7 +82,7 @@ def _check(peft_model, slice_config, adapter_name):
         )
     cfg = peft_config[adapter_name]
     check_lora_config(cfg)
-    lora = _sharded_targets(peft_model, adapter_name)
+    lora = sharded_targets(peft_model, adapter_name)
     bases = {n: m.get_base_layer() for n, m in lora.items()}
     plain = [n for n, b in bases.items() if not is_dtensor(b.weight)]
     if plain:
@@ -124,7 +120,7 @@ def _gather_to(owner: int, piece: torch.Tensor, lay: ShardLayout) -> torch.Tenso
     rows = piece if lay.axis == 0 else piece.T  # the stored weight's rows, the axis FSDP splits
     total = lay.shape[lay.axis]
     per = -(-total // world)
-    dev = distributed._comm_device(rows)
+    dev = distributed.comm_device(rows)
     buf = torch.zeros((per, *rows.shape[1:]), dtype=rows.dtype, device=dev)
     buf[: rows.shape[0]].copy_(rows)  # uneven split: the last ranks pad their shorter (or empty) shard
     parts = [torch.empty_like(buf) for _ in range(world)] if me == owner else None
@@ -209,23 +205,9 @@ def init_sharded_(
             W = _gather_to(owner[n], w if lay.axis == 0 else w.T, lay)
             if owner[n] == me:
                 owned[n] = (G, W, dtypes[n], is_conv1d(bases[n]))
-    err, A, B, info = None, {}, {}, {}
-    try:
-        A, B, info = decompose_owned(owned, r, slice_config, report, device, s)
-    except Exception as e:  # agreed below, so no rank waits in a broadcast the failed owner never sends
-        err = e
+    A, B = decompose_and_share(owned, names, owner, r, slice_config, report, device, s, shapes, dtypes)
     del owned
-    distributed.agree(err, "the layer-parallel SVD")
-    share_factors(names, owner, A, B, info, r, shapes, dtypes, device, report)
-    for n in names:
-        report.layers.setdefault(n, {"shape": list(shapes[n])}).update(info[n])
-    zero = [n for n in names if report.layers[n].get("zero_gradient")]
-    if zero:
-        warnings.warn(
-            f"{len(zero)} layer(s) had an exactly zero gradient after surgery and got the vanilla LoRA init "
-            f"(A random, B = 0, no offset): {zero[:5]}{'…' if len(zero) > 5 else ''}",
-            stacklevel=2,
-        )
+    warn_zero_gradient(report, names)
 
     # ---- everything is validated, computed and agreed: from here on the model is modified ----
     with timed_phase(report, "absorb", device), torch.no_grad():

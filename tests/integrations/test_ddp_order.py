@@ -40,12 +40,16 @@ def _worker(rank, world, store, outdir):
         untouched = not any(isinstance(m, LoraLayer) for m in model.modules())
 
         pm = get_slice_model(model, cfg, slice_cfg, current=batches)  # the order that works
+        pm(**batches[2]).loss.backward()  # this rank's own gradient, without DDP, for the check of the mean
+        local = {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
+        pm.zero_grad(set_to_none=True)
         ddp = nn.parallel.DistributedDataParallel(pm)
         opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
         ddp(**batches[2]).loss.backward()
         grads = {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
         opt.step()
-        torch.save({"refused": refused, "untouched": untouched, "grads": grads}, os.path.join(outdir, f"r{rank}.pt"))
+        out = {"refused": refused, "untouched": untouched, "grads": grads, "local": local}
+        torch.save(out, os.path.join(outdir, f"r{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -61,6 +65,9 @@ def test_ddp_wrapped_model_is_refused_and_init_before_ddp_trains(tmp_path):
     assert r0["grads"].keys() == r1["grads"].keys() and any("lora_A" in k for k in r0["grads"])
     for k in r0["grads"]:  # DDP averaged every LoRA gradient over the two ranks' different batches
         assert torch.equal(r0["grads"][k], r1["grads"][k]), k
+        mean = (r0["local"][k] + r1["local"][k]) / 2
+        torch.testing.assert_close(r0["grads"][k], mean, rtol=1e-5, atol=1e-7, msg=k)
+        assert not torch.allclose(r0["local"][k], r1["local"][k])  # the batches differ, so the mean is a test
 
 
 def test_wrappers_are_found_at_any_depth():
