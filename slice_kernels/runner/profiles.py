@@ -72,6 +72,7 @@ class RunConfig:
     # per-method options (ps_lambda, gorp_rank, SliceConfig fields, ...): each method declares its own (runner.methods, Method.options)
     method_options: dict = field(default_factory=dict)
     seed: int = 0
+    fsdp: bool = False  # under torchrun: init and train each stage on an FSDP2-sharded copy (runner/fsdp.py)
     device: str = "cpu"
     dtype: str = "float32"
     profile: str = "default"

@@ -133,6 +133,12 @@ def validate(cfg: RunConfig) -> None:
             )
     if cfg.batch_size % world:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {world} data-parallel processes")
+    if not isinstance(cfg.fsdp, bool):
+        raise ValueError(f"fsdp={cfg.fsdp!r} must be true or false")
+    if cfg.fsdp:
+        from .fsdp import check_fsdp
+
+        check_fsdp(list(cfg.methods), world)
     _check_device_and_dtype(cfg)
     check_model_dir(cfg.model)
 
@@ -502,6 +508,7 @@ class _Run:
             world_size=self.world,
             rank=self.rank,
             progress=self.progress,
+            fsdp=cfg.fsdp,
         )
         ts = time.perf_counter()
         peft_model, rep = method.init_adapter(ctx)

@@ -103,7 +103,7 @@ def train_adapter(
             tot += float(loss.detach()) / grad_accum
         if not math.isfinite(tot):
             raise FloatingPointError(f"{desc}: the training loss became {tot}; lower the learning rate (--lr)")
-        if world > 1:  # data parallel: average the adapter gradients over ranks
+        if world > 1 and not ctx.fsdp:  # data parallel: average the adapter gradients (FSDP reduces its own)
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)

@@ -151,6 +151,7 @@ class StageContext:
     world_size: int = 1
     rank: int = 0
     progress: bool = False  # show progress bars (gradient collection) on this rank
+    fsdp: bool = False  # the stage runs on an FSDP2-sharded copy of the model (runner/fsdp.py)
 
 
 class Method(abc.ABC):

@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig
 
 from ...modules import is_conv1d, matches, resolve_targets
-from ...slice_init import SliceConfig, get_slice_model
+from ...slice_init import SliceConfig, get_slice_model, init_sharded_
 from ...slice_init.peft import check_init_targets
 from ..errors import RunnerError
 from ..train import rank_share, world_and_rank
@@ -108,6 +108,8 @@ class InitMethod(Method):
         replay = [rank_share(b) for b in ctx.replay]
         cfg = self.slice_config(ctx, current, replay)
         _, rank = world_and_rank()
+        if ctx.fsdp:
+            return self._init_sharded(ctx, lora_config, cfg, current, replay, rank)
         with torch.random.fork_rng(devices=[]):  # PEFT's own init draws are overwritten: leave the run's RNG alone
             peft_model = get_slice_model(
                 ctx.model,
@@ -118,7 +120,34 @@ class InitMethod(Method):
                 loss_fn=ctx.loss_fn,
                 progress=ctx.progress and rank == 0,
             )
-        rep = peft_model.slice_init_report
+        return peft_model, self._report(peft_model.slice_init_report)
+
+    def _init_sharded(self, ctx: StageContext, lora_config, cfg: SliceConfig, current, replay, rank: int):
+        """--fsdp: PEFT wrap and shard a copy of W^(t-1), then init_sharded_ on the shards (runner/fsdp.py)."""
+        from ..fsdp import sharded_stage_model
+
+        check_init_targets(ctx.model, lora_config, cfg)  # the refusals get_slice_model makes, on the plain model
+        with torch.random.fork_rng(devices=[]):
+            peft_model = sharded_stage_model(ctx.model, lora_config)
+            rep = init_sharded_(
+                peft_model,
+                cfg,
+                current=current,
+                replay=replay or None,
+                loss_fn=ctx.loss_fn,
+                progress=ctx.progress and rank == 0,
+            )
+        return peft_model, self._report(rep)
+
+    def merge(self, ctx: StageContext, peft_model):
+        if not ctx.fsdp:
+            return super().merge(ctx, peft_model)
+        from ..fsdp import full_state, merge_into
+
+        state = full_state(peft_model)  # collective: every rank gathers the trained shards
+        return merge_into(ctx.model, self.lora_config(ctx.model, ctx.lora), state)  # the init's wrapping
+
+    def _report(self, rep) -> dict:
         report = {
             "method": self.name,
             "init": self.init,
@@ -130,7 +159,7 @@ class InitMethod(Method):
             "variant": rep.variant,
             "phases_seconds": {k: v["seconds"] for k, v in rep.phases.items()},
         }
-        return peft_model, report
+        return report
 
 
 def init_method(init_name: str) -> type[InitMethod]:
