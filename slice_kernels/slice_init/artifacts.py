@@ -67,7 +67,7 @@ def parse_mark(value) -> dict | None:
 
 
 # (A suffix, B suffix) of a LoRA pair in PEFT's saved state dict: Linear/Conv1D/Conv2d layers, and embeddings
-# (which the init skips, so their B₀ = 0, but whose trained update a conversion must keep)
+# (which the init skips, so their A₀ = 0 (PEFT's embedding init), but whose trained update a conversion must keep)
 PAIR_SUFFIXES = ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B"))
 
 
@@ -245,9 +245,9 @@ _ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, _BIN_NAME, "README.md"}
 def check_out_dir(out_dir: str, inputs) -> None:
     """Refuse an output folder that is, or contains, an input, or that holds anything but a saved adapter (it is
     replaced whole, so a run folder given by mistake must not be deleted)."""
-    out = os.path.abspath(out_dir)
+    out = os.path.realpath(out_dir)  # through symlinked parents too
     for p in inputs:
-        src = os.path.abspath(p)
+        src = os.path.realpath(p)
         if os.path.commonpath([out, src]) == out:
             raise SliceInitError(
                 f"out_dir {out_dir!r} is or contains the input folder {p!r}; write the conversion to a new folder"

@@ -437,6 +437,8 @@ def save_as_lora(peft_model, out_dir: str, initial_path: str, adapter_name: str 
     is. The adapter is saved (``save_pretrained(**kwargs)``) to a temporary folder and converted from there by
     ``convert_adapter``, so both paths write the same files and make the same checks."""
     _check_save_names(peft_model, initial_path, adapter_name)
+    if not kwargs.get("is_main_process", True):
+        return  # as save_pretrained: only the main process writes (PEFT would leave the temporary folder empty)
     if not os.path.isdir(initial_path):
         raise SliceInitError(
             f"initial adapter {initial_path!r} not found; call save_initial_adapter(peft_model, "

@@ -109,7 +109,7 @@ def test_torchrun_two_processes(tiny_dir, tmp_path):
     assert res["world_size"] == 2
     R = res["methods"]["slice"]["R"]
     assert len(R) == 2 and R[0][1] is None and R[1][0] is not None
-    assert p.stdout.count("| slice |") == 1  # rank 0 alone prints the summary
+    assert p.stdout.count("| method | AP | FP |") == 1  # rank 0 alone prints the summary
     # a resume under torchrun: rank 0 picks and verifies the checkpoint, rank 1 reads the one it named
     p = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
