@@ -165,3 +165,22 @@ def test_fsdp_refusals_name_the_way_out():
     with pytest.raises(ValueError, match=r"\['ps_lora', 'gorp'\] cannot run on FSDP2-sharded parameters"):
         check_fsdp(["slice", "ps_lora", "gorp"], 2)
     check_fsdp(["lora", "lora_ga", "lora_ga_peft", "slice", "loram"], 2)
+
+
+@pytest.mark.reasoning_gym
+def test_accelerate_launch_with_an_fsdp2_config_runs_the_sharded_runner(tiny_dir, tmp_path):
+    """`accelerate launch --use_fsdp --fsdp_version 2 -m slice_kernels run --fsdp`: accelerate's launcher sets up
+    the processes as torchrun does and the runner shards each stage itself (the sharded init's gather phase ran)."""
+    pytest.importorskip("accelerate")
+    out = tmp_path / "acc"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--use_fsdp"]
+    cmd += ["--fsdp_version", "2", "-m", "slice_kernels", "run", "--model", tiny_dir, "--tasks"]
+    cmd += ["basic_arithmetic,chain_sum", "--heldout", "", "--methods", "slice", "--rank", "2", "--steps", "2"]
+    cmd += ["--batch-size", "4", "--n-train", "16", "--n-eval", "3", "--targets", "q_proj,v_proj", "--tau", "1.0"]
+    cmd += ["--no-progress", "--out", str(out), "--fsdp"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.load(open(out / "results.json"))
+    assert res["world_size"] == 2 and res["config"]["fsdp"] is True
+    assert all("gather" in t["init_phases"] for t in json.load(open(out / "timings.json")))
