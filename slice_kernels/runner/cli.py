@@ -279,7 +279,7 @@ def cmd_run(a) -> int:
         if started:
             _end_distributed(ok)
     if started and cfg.fsdp:
-        # Under --fsdp, 3 of 27 two-process gloo runs in the test suite aborted in the teardown, after every output
+        # Under --fsdp, 4 of 28 two-process gloo runs in the test suite aborted in the teardown, after every output
         # was written and the group was ended ("terminate called without an active exception" from a backend
         # thread; never seen without FSDP2). Everything is written by now: flush and leave without the teardown.
         sys.stdout.flush()
