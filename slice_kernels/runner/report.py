@@ -33,18 +33,16 @@ def summary_table(results: dict) -> str:
 
 
 def _gamma_cell(gamma) -> tuple[str, bool]:
-    """(the γ cell, whether the surgery changed the gradient) for a global γ or per-layer {name: γ}."""
-    if isinstance(gamma, dict):
-        acted = sum(1 for g in gamma.values() if g)
-        return f"{acted} of {len(gamma)} layers ≠ 0", acted > 0
+    """(the γ cell, whether the surgery changed the gradient) for the stage's global γ."""
     if gamma is None:
         return "–", False
     return f"{gamma:.3g}", gamma != 0
 
 
 def surgery_table(results: dict) -> list[str]:
-    """Lines of a table of every stage at which a method measured cos(G_cur, G_prev) (SLICE and its variants):
-    whether the surgery acted is what separates SLICE from LoRA-GA in that run."""
+    """Lines of a table of every stage at which a method measured one global cos(G_cur, G_prev) (SLICE with the
+    default global scope; per-module scopes report per layer, in results.json only): whether the surgery acted is
+    what separates SLICE from LoRA-GA in that run."""
     rows = []
     for m, r in results["methods"].items():
         for rep in r.get("init_reports") or []:

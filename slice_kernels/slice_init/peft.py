@@ -398,21 +398,14 @@ def install_init(
 
 
 def _check_save_names(peft_model, initial_path: str, adapter_name: str) -> None:
-    # PEFT saves a non-default adapter into a subfolder named after it, and loads the initial adapter under the
-    # name basename(initial_path) for the conversion: both must fit or the conversion reads the wrong files.
+    # PEFT saves a non-default adapter into a subfolder named after it, which the conversion (convert_adapter,
+    # reading the folder's top) would not find
     if adapter_name not in peft_model.peft_config:
         raise SliceInitError(f"no adapter named {adapter_name!r}; adapters: {sorted(peft_model.peft_config)}")
     if adapter_name != "default":
         raise SliceInitError(
             f"saving with conversion supports the adapter named 'default' (got {adapter_name!r}); "
             f"create the model with get_slice_model(..., adapter_name='default')"
-        )
-    base = os.path.basename(os.path.normpath(initial_path))
-    if not base or base in peft_model.peft_config:
-        raise SliceInitError(
-            f"initial adapter path {initial_path!r}: its last component {base!r} is used by PEFT "
-            f"as a temporary adapter name and must not be empty or an existing adapter's name; "
-            f"use e.g. '<run>/slice_init'"
         )
 
 

@@ -102,15 +102,11 @@ def test_summary_shows_where_the_surgery_acted():
                     {"stage": 3, "task": "c", "cos": 0.4, "gamma": 0.0},
                 ],
             ),
-            "per_layer": dict(
-                row, init_reports=[{"stage": 2, "task": "b", "cos": -0.1, "gamma": {"q": 0.0, "v": 2.0}}]
-            ),
         },
     }
     md = summary_table(results)
     assert "| slice | 2 | b | -0.250 | 1.5 | projected |" in md
     assert "| slice | 3 | c | 0.400 | 0 | not applied |" in md
-    assert "| per_layer | 2 | b | -0.100 | 1 of 2 layers ≠ 0 | projected |" in md
     assert "| lora_ga |" in md and md.count("| lora_ga |") == 1  # its metrics row only: it measures no cosine
     results["methods"] = {"lora_ga": results["methods"]["lora_ga"]}
     assert "Gradient surgery" not in summary_table(results)

@@ -304,8 +304,10 @@ def test_plain_torch_module_with_loss_fn():
 
 def test_save_helpers_refuse_clashing_names(tmp_path):
     pm = slice_model("llama", method="loram")
-    with pytest.raises(SliceInitError, match="temporary adapter name"):
-        save_initial_adapter(pm, str(tmp_path / "default"))
+    # a folder named like an adapter is fine now that the conversion reads files, not PEFT's temporary adapter
+    save_initial_adapter(pm, str(tmp_path / "default"))
+    save_as_lora(pm, str(tmp_path / "lora"), str(tmp_path / "default"))
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
     with pytest.raises(SliceInitError, match="no adapter named 'other'"):
         save_initial_adapter(pm, str(tmp_path / "init"), adapter_name="other")
 
