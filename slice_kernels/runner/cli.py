@@ -3,6 +3,7 @@
     slice-kernels run  [--profile default|paper] [--model DIR] [--tasks a,b,c | @mined.json] [--methods ...]
     slice-kernels study [every run option] --seeds 0,1,2 [--lr-grid [METHOD=]LR,LR] [--out DIR] [--resume]
     slice-kernels mine --pool a,b,c,d,e --size 3 [--out DIR]
+    slice-kernels probe --tasks A --candidates X,Y,Z [--seeds 0,1,2] [--out DIR]   (the gate's cos at W^(t-1))
     slice-kernels tasks | methods          (list what --tasks / --methods accept)
 
 Under ``torchrun --nproc_per_node N -m slice_kernels run ...`` the run is data parallel (gloo on CPU, nccl
@@ -64,6 +65,26 @@ def _study_parser(sub):
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap replicates (default 2000)")
     p.add_argument("--out", default="runs/study", help="study directory (default runs/study)")
     p.add_argument("--resume", action="store_true", help="continue the study in --out (finished cells are kept)")
+
+
+def _probe_parser(sub):
+    p = sub.add_parser(
+        "probe",
+        help="the cosine SLICE's gate would see at W^(t-1) if each candidate task came after --tasks",
+        description="For each seed: train the prefix --tasks as a run's stages do (with --prefix-method), then for "
+        "every candidate run SLICE's init at W^(t-1) with the batches a run would give that task next, and record "
+        "cos(G_cur, G_prev) and γ; nothing is trained on the candidates. Writes probe.json, summary.md (candidates "
+        "sorted by mean cosine, seeds with cos < τ) and probe.png. Takes every option of 'run' (--methods and "
+        "--heldout are not used).",
+    )
+    _add_run_options(p)
+    p.add_argument("--candidates", required=True, help="comma-separated tasks to probe as the next task (as --tasks)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument(
+        "--prefix-method", default="slice", help="init method that trains the prefix (default slice: SLICE's W^(t-1))"
+    )
+    p.add_argument("--out", default="runs/probe", help="probe directory (default runs/probe)")
+    p.add_argument("--resume", action="store_true", help="continue the probe in --out (finished seeds are kept)")
 
 
 def _add_run_options(p):
@@ -313,12 +334,7 @@ def _lr_grid(items: list[str]):
 def cmd_study(a) -> int:
     from .study import study
 
-    try:
-        seeds = [int(x) for x in _csv(a.seeds)]
-    except ValueError:
-        raise SystemExit(f"--seeds {a.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
-    if a.seed is not None:
-        raise SystemExit("slice-kernels study: --seed sets one run's seed; a study takes --seeds 0,1,2")
+    seeds = _seed_list(a, "study")
     cfg = _config_from_args(a)
     study(
         cfg,
@@ -328,6 +344,33 @@ def cmd_study(a) -> int:
         resume=a.resume,
         progress=not a.no_progress,
         n_boot=a.bootstrap,
+    )
+    return 0
+
+
+def _seed_list(a, command: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in _csv(a.seeds)]
+    except ValueError:
+        raise SystemExit(f"--seeds {a.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if a.seed is not None:
+        raise SystemExit(f"slice-kernels {command}: --seed sets one run's seed; {command} takes --seeds 0,1,2")
+    return seeds
+
+
+def cmd_probe(a) -> int:
+    from .probe import probe
+    from .tasks import expand_task_list
+
+    seeds = _seed_list(a, "probe")
+    probe(
+        _config_from_args(a),
+        expand_task_list(a.candidates),
+        a.out,
+        seeds=seeds,
+        prefix_method=a.prefix_method,
+        resume=a.resume,
+        progress=not a.no_progress,
     )
     return 0
 
@@ -352,13 +395,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="slice-kernels",
         description="Continual LoRA fine-tuning: run a task sequence with several init methods side by side "
-        "(run), find a conflicting sequence (mine), list what --tasks and --methods accept (tasks, "
+        "(run), compare them over seeds (study), find a conflicting sequence (mine), measure the gate's cosine "
+        "at W^(t-1) for candidate next tasks (probe), list what --tasks and --methods accept (tasks, "
         "methods). Same as python -m slice_kernels.",
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
     _run_parser(sub)
     _study_parser(sub)
     _mine_parser(sub)
+    _probe_parser(sub)
     _convert_parser(sub)
     sub.add_parser("tasks", help="list reasoning-gym task names (and the file-based task forms, on stderr)")
     sub.add_parser("methods", help="list registered methods")
@@ -372,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_study(a)
         if a.cmd == "mine":
             return cmd_mine(a)
+        if a.cmd == "probe":
+            return cmd_probe(a)
         if a.cmd == "convert":
             from ..slice_init.artifacts import convert_adapter
 

@@ -204,6 +204,86 @@ def _steps(cfg: RunConfig, n_train: int) -> int:
     return max(1, -(-int(cfg.epochs * n_train) // (cfg.batch_size * cfg.grad_accum)))
 
 
+def replay_buffer(task, cfg: RunConfig) -> list:
+    """The replay buffer a finished task leaves: a seeded sample of replay_batches × grad_batch_size of its
+    training examples."""
+    return replay_sample(
+        task.train, cfg.replay_batches * cfg.grad_batch_size, _seed(cfg.seed, "replay_buffer", task.name)
+    )
+
+
+def stage_context(
+    model, tok, task, t: int, cfg: RunConfig, lora, state: dict, replay: dict, *, mname: str, world, rank, progress
+) -> StageContext:
+    """What stage ``t`` of method ``mname`` sees at ``model`` = W^(t-1): the current task's gradient batches and
+    one list of replay batches per earlier task (``replay``: task name -> buffer, oldest first), all seeded by
+    (seed, stage), so any task placed at stage t gets the batches a run would give it. Seeds the global RNG
+    per (method, stage) first, as every stage of a run does."""
+    torch.manual_seed(_seed(cfg.seed, mname, t))  # anything drawing from the global RNG is seeded per stage
+    current = make_batches(
+        tok,
+        task.train,
+        cfg.grad_batches,
+        cfg.grad_batch_size,
+        cfg.max_len,
+        _seed(cfg.seed, t, "grad"),
+        cfg.train_on,
+        cfg.prompt_format,
+    )
+    replay_b = [
+        make_batches(
+            tok,
+            buf,
+            cfg.replay_batches,
+            cfg.grad_batch_size,
+            cfg.max_len,
+            _seed(cfg.seed, t, "replay", n),
+            cfg.train_on,
+            cfg.prompt_format,
+        )
+        for n, buf in replay.items()
+    ]
+    return StageContext(
+        model=model,
+        stage=t,
+        task_name=task.name,
+        current=current,
+        replay=replay_b,
+        lora=lora,
+        seed=cfg.seed,
+        state=state,
+        collect_gradients=lambda b: collect_gradients(model, lora.target_modules, b, progress=progress),
+        loss_fn=default_loss,
+        options=_method_options(cfg),
+        world_size=world,
+        rank=rank,
+        progress=progress,
+        fsdp=cfg.fsdp,
+    )
+
+
+def train_stage(method, ctx: StageContext, tok, task, cfg: RunConfig, *, world, rank, progress, desc: str):
+    """Init the stage's adapter, train it on ``task`` and merge it: (W^(t), init report, losses per step)."""
+    peft_model, rep = method.init_adapter(ctx)
+    stream = _train_stream(tok, task, cfg, ctx.stage, world, rank)
+    ls = train_adapter(
+        peft_model,
+        method,
+        ctx,
+        stream,
+        steps=_steps(cfg, len(task.train)),
+        lr=cfg.lr,
+        grad_accum=cfg.grad_accum,
+        lr_schedule=cfg.lr_schedule,
+        warmup_ratio=cfg.warmup_ratio,
+        max_grad_norm=cfg.max_grad_norm,
+        progress=progress,
+        desc=f"{desc} t{ctx.stage} {task.name} train",
+    )
+    method.end_of_task(ctx, peft_model)
+    return method.merge(ctx, peft_model), rep, ls
+
+
 def _heldout_scores(model, tok, heldout, cfg, progress) -> dict:
     kw = dict(
         max_new_tokens=cfg.max_new_tokens,
@@ -468,67 +548,24 @@ class _Run:
         cfg, st, tok = self.cfg, self.state, self.tok
         names = [x.name for x in self.tasks]
         task = self.tasks[t - 1]
-        torch.manual_seed(_seed(cfg.seed, mname, t))  # anything drawing from the global RNG is seeded per stage
-        current = make_batches(
+        ctx = stage_context(
+            self.model,
             tok,
-            task.train,
-            cfg.grad_batches,
-            cfg.grad_batch_size,
-            cfg.max_len,
-            _seed(cfg.seed, t, "grad"),
-            cfg.train_on,
-            cfg.prompt_format,
-        )
-        replay_b = [
-            make_batches(
-                tok,
-                st.replay[n],
-                cfg.replay_batches,
-                cfg.grad_batch_size,
-                cfg.max_len,
-                _seed(cfg.seed, t, "replay", n),
-                cfg.train_on,
-                cfg.prompt_format,
-            )
-            for n in names[: t - 1]
-        ]
-        model = self.model
-        ctx = StageContext(
-            model=model,
-            stage=t,
-            task_name=task.name,
-            current=current,
-            replay=replay_b,
-            lora=self.lora,
-            seed=cfg.seed,
-            state=mrun["state"],
-            collect_gradients=lambda b: collect_gradients(model, self.lora.target_modules, b, progress=self.progress),
-            loss_fn=default_loss,
-            options=_method_options(cfg),
-            world_size=self.world,
+            task,
+            t,
+            cfg,
+            self.lora,
+            mrun["state"],
+            {n: st.replay[n] for n in names[: t - 1]},
+            mname=mname,
+            world=self.world,
             rank=self.rank,
             progress=self.progress,
-            fsdp=cfg.fsdp,
         )
         ts = time.perf_counter()
-        peft_model, rep = method.init_adapter(ctx)
-        stream = _train_stream(tok, task, cfg, t, self.world, self.rank)
-        ls = train_adapter(
-            peft_model,
-            method,
-            ctx,
-            stream,
-            steps=_steps(cfg, len(task.train)),
-            lr=cfg.lr,
-            grad_accum=cfg.grad_accum,
-            lr_schedule=cfg.lr_schedule,
-            warmup_ratio=cfg.warmup_ratio,
-            max_grad_norm=cfg.max_grad_norm,
-            progress=self.progress,
-            desc=f"{mname} t{t} {task.name} train",
+        self.model, rep, ls = train_stage(
+            method, ctx, tok, task, cfg, world=self.world, rank=self.rank, progress=self.progress, desc=mname
         )
-        method.end_of_task(ctx, peft_model)
-        self.model = method.merge(ctx, peft_model)
         row = None
         if self.rank == 0:
             evals = [
@@ -557,9 +594,7 @@ class _Run:
         mrun["reports"].append(rep)
         mrun["losses"].append(ls)
         if task.name not in st.replay:
-            st.replay[task.name] = replay_sample(
-                task.train, cfg.replay_batches * cfg.grad_batch_size, _seed(cfg.seed, "replay_buffer", task.name)
-            )
+            st.replay[task.name] = replay_buffer(task, cfg)
         self.log(
             f"[runner] {mname} stage {t}/{len(self.tasks)} ({task.name}): loss {ls[0]:.3f} -> {ls[-1]:.3f}, "
             f"R row {[round(x, 3) for x in row]}, gamma {rep.get('gamma')}, cos {rep.get('cos')}, "

@@ -153,7 +153,7 @@ def study(
         validate(cell_config(cfg, c))
     config = _study_config(cfg, seeds, grid)
 
-    lock = _open_study_dir(out, config, resume)
+    lock = open_experiment_dir(out, config, resume)
     try:
         ran = 0
         t0 = time.perf_counter()
@@ -180,15 +180,21 @@ def study(
         lock.release()
 
 
-def _open_study_dir(out: str, config: dict, resume: bool) -> RunDirLock:
+def open_experiment_dir(
+    out: str, config: dict, resume: bool, *, config_name: str = "study_config.json", what: str = "study"
+) -> RunDirLock:
+    """Lock ``out`` for a study (or a probe, ``what``): a fresh one needs it new or empty and records ``config`` in
+    ``config_name``; a resume needs the same config there. Refusals change nothing."""
     if not isinstance(out, (str, os.PathLike)) or not str(out).strip():
-        raise ResumeError(f"--out {out!r} names no directory; pass a new or empty directory, e.g. --out runs/study")
+        raise ResumeError(
+            f"--out {out!r} names no directory; pass a new or empty directory, e.g. --out runs/{what.replace(' ', '_')}"
+        )
     if os.path.exists(out) and not os.path.isdir(out):
         raise ResumeError(f"--out {str(out)!r} is a file, not a directory")
-    path = os.path.join(out, "study_config.json")
+    path = os.path.join(out, config_name)
     if resume:
         if not os.path.isfile(path):
-            raise ResumeError(f"--resume: {out!r} holds no study ({path} is missing); drop --resume to start one")
+            raise ResumeError(f"--resume: {out!r} holds no {what} ({path} is missing); drop --resume to start one")
     else:
         os.makedirs(out, exist_ok=True)
     lock = RunDirLock(out).acquire()
@@ -205,15 +211,15 @@ def _open_study_dir(out: str, config: dict, resume: bool) -> RunDirLock:
                     if saved.get("run", {}).get(k) != config["run"].get(k)
                 )
                 raise ResumeError(
-                    f"--resume: the study in {out!r} was started with other settings (differences: {', '.join(diff)}); "
+                    f"--resume: the {what} in {out!r} was started with other settings (differences: {', '.join(diff)}); "
                     f"rerun with the same options, or choose another --out. Nothing was changed."
                 )
         else:
             entries = [e for e in os.listdir(out) if e != LOCK_NAME]
             if entries:
                 raise ResumeError(
-                    f"{out!r} is not empty (it holds {', '.join(sorted(entries)[:5])}); a fresh study writes only into a "
-                    f"new or empty directory: pass --resume to continue the study there, or choose another --out"
+                    f"{out!r} is not empty (it holds {', '.join(sorted(entries)[:5])}); a fresh {what} writes only into "
+                    f"a new or empty directory: pass --resume to continue the {what} there, or choose another --out"
                 )
             atomic_json(path, config)
     except BaseException:
