@@ -101,8 +101,17 @@ def train_adapter(
                 loss = loss + extra
             (loss / grad_accum).backward()
             tot += float(loss.detach()) / grad_accum
-        if not math.isfinite(tot):
-            raise FloatingPointError(f"{desc}: the training loss became {tot}; lower the learning rate (--lr)")
+        bad = 0 if math.isfinite(tot) else 1
+        if world > 1:  # every rank must raise, or the ranks that saw a finite loss wait in the next collective
+            flag = torch.tensor([float(bad)], device=device)
+            dist.all_reduce(flag)
+            bad = int(flag.item())
+        if bad:
+            where = f" on {bad} of {world} processes" if world > 1 else ""
+            raise FloatingPointError(
+                f"{desc}: the training loss became non-finite{where} (this process: {tot}); lower the learning rate "
+                f"(--lr)"
+            )
         if world > 1 and not ctx.fsdp:  # data parallel: average the adapter gradients (FSDP reduces its own)
             for p in params:
                 if p.grad is None:
