@@ -129,6 +129,22 @@ def _add_run_options(p):
         type=float,
         help=f"clip the gradient norm (0: no clipping); {_profile_default('max_grad_norm')}",
     )
+    p.add_argument(
+        "--grad-batches",
+        type=int,
+        help=f"batches of the current task averaged for the gradient inits (S_cur); {_profile_default('grad_batches')}",
+    )
+    p.add_argument(
+        "--replay-batches",
+        type=int,
+        help=f"replay batches per earlier task (S_prev; the buffer holds this × --grad-batch-size examples); "
+        f"{_profile_default('replay_batches')}",
+    )
+    p.add_argument(
+        "--grad-batch-size",
+        type=int,
+        help=f"examples per gradient and replay batch; {_profile_default('grad_batch_size')}",
+    )
     p.add_argument("--n-train", type=int, help="training examples per task")
     p.add_argument("--n-eval", type=int, help="evaluation examples per task")
     p.add_argument(
@@ -260,6 +276,9 @@ def _config_from_args(a):
         prompt_format=a.prompt_format,
         lr_schedule=a.lr_schedule,
         warmup_ratio=a.warmup_ratio,
+        grad_batches=a.grad_batches,
+        replay_batches=a.replay_batches,
+        grad_batch_size=a.grad_batch_size,
         n_train=a.n_train,
         n_eval=a.n_eval,
         svd=a.svd,

@@ -153,3 +153,20 @@ def test_probe_refuses_a_short_candidate_before_writing(inputs, tmp_path):
     with pytest.raises(ValueError, match="short"):
         run_probe(config(inputs), [short], out)
     assert not out.exists()
+
+
+def test_gradient_buffer_options_reach_the_config():
+    """--grad-batches / --replay-batches / --grad-batch-size (run, study and probe take them) set the buffers."""
+    import argparse
+
+    from slice_kernels.runner import cli
+
+    parser = argparse.ArgumentParser()
+    cli._add_run_options(parser)
+    a = parser.parse_args(
+        ["--profile", "study", "--grad-batches", "12", "--replay-batches", "6", "--grad-batch-size", "4"]
+    )
+    cfg = cli._config_from_args(a)
+    assert (cfg.grad_batches, cfg.replay_batches, cfg.grad_batch_size, cfg.n_eval) == (12, 6, 4, 100)
+    cfg = cli._config_from_args(parser.parse_args([]))
+    assert (cfg.grad_batches, cfg.replay_batches, cfg.grad_batch_size) == (2, 2, 8)
