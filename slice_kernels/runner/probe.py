@@ -181,6 +181,12 @@ def probe_markdown(result: dict) -> str:
             for s in result["per_seed"]
         ),
         "",
+        "Candidates whose gate opens, per seed: "
+        + "; ".join(
+            f"seed {s['seed']}: {sum(c < result['tau'] for c in s['cos'].values())} of {len(s['cos'])}"
+            for s in result["per_seed"]
+        ),
+        "",
         "| candidate | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | conflicts |",
         "|---|" + "---|" * len(seeds) + "---|---|",
     ]
@@ -202,13 +208,16 @@ def plot_probe(result: dict, out: str) -> str:
 
     rows = result["summary"]
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.5))
-    for i, r in enumerate(rows):
-        ax.plot(r["cos"], [i] * len(r["cos"]), "o", color="tab:blue", alpha=0.7)
-        ax.plot([r["mean_cos"]], [i], "|", color="black", markersize=14)
+    colors = plt.get_cmap("tab10")
+    for j, seed in enumerate(result["seeds"]):  # one colour per seed: a seed that shifts every candidate shows
+        ax.plot(
+            [r["cos"][j] for r in rows], range(len(rows)), "o", color=colors(j % 10), alpha=0.8, label=f"seed {seed}"
+        )
+    ax.plot([r["mean_cos"] for r in rows], range(len(rows)), "|", color="black", markersize=14, label="mean")
     ax.axvline(result["tau"], color="tab:red", linestyle="--", label=f"τ = {result['tau']:g}")
     ax.set_yticks(range(len(rows)), [r["candidate"] for r in rows], fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel(f"cos(G_cur, G_prev) at W^({len(result['prefix'])}) (dots: seeds; bar: mean)")
+    ax.set_xlabel(f"cos(G_cur, G_prev) at W^({len(result['prefix'])})")
     ax.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, out, "probe.png")

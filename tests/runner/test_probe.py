@@ -76,6 +76,8 @@ def test_probe_outputs_and_summary(reference):
         assert r["conflicting_seeds"] == sum(v < 0.0 for v in vals)
     md = (out / "summary.md").read_text()
     assert "| t2 |" in md and "| t3 |" in md and "of 2 |" in md
+    n0 = sum(c < 0.0 for c in res["per_seed"][0]["cos"].values())
+    assert f"seed 0: {n0} of 2;" in md
 
 
 def test_summarize_probe_by_hand():
