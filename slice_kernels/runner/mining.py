@@ -256,12 +256,35 @@ class GradientSketchCache:
         atomic_write_bytes(self._path(task, settings), lambda f: f.write(blob))
 
 
-def format_matrix(res: dict) -> str:
-    names = res["pool"]
+# Beyond this many tasks the whole matrix is unreadable in a terminal or as annotated cells (the whole pool has
+# about 105): the text shows the chosen tasks' block and the most conflicting pairs, the plot drops the numbers.
+FULL_MATRIX_MAX = 16
+
+
+def _matrix_lines(names: list, rows: list) -> list[str]:
     w = max(len(n) for n in names)
     lines = [" " * w + " " + " ".join(f"{n[:8]:>8}" for n in names)]
-    for n, row in zip(names, res["cosines"]):
+    for n, row in zip(names, rows):
         lines.append(f"{n:>{w}} " + " ".join(f"{c:8.3f}" for c in row))
+    return lines
+
+
+def most_conflicting_pairs(res: dict, k: int = 10) -> list[tuple[float, str, str]]:
+    """The k pool pairs with the lowest cosine, lowest first."""
+    names, C = res["pool"], res["cosines"]
+    pairs = [(C[i][j], names[i], names[j]) for i in range(len(names)) for j in range(i + 1, len(names))]
+    return sorted(pairs)[:k]
+
+
+def format_matrix(res: dict) -> str:
+    names, C = res["pool"], res["cosines"]
+    if len(names) <= FULL_MATRIX_MAX:
+        return "\n".join(_matrix_lines(names, C))
+    idx = [names.index(s) for s in res["sequence"]]
+    lines = [f"cosines among the chosen tasks (the whole {len(names)} × {len(names)} matrix is in mined.json):"]
+    lines += _matrix_lines(res["sequence"], [[C[i][j] for j in idx] for i in idx])
+    lines.append("\nthe 10 most conflicting pairs of the pool:")
+    lines += [f"{c:+.3f}  {a} | {b}" for c, a, b in most_conflicting_pairs(res)]
     return "\n".join(lines)
 
 
@@ -272,17 +295,28 @@ def plot_cosines(res: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     n = len(res["pool"])
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * n, 0.8 + 0.6 * n))
+    full = n <= FULL_MATRIX_MAX
+    side = 1.0 + 0.7 * n if full else 14.0  # a fixed canvas for big pools keeps the file small and the labels legible
+    fig, ax = plt.subplots(figsize=(side, side * 0.86))
     im = ax.imshow(res["cosines"], vmin=-1, vmax=1, cmap="coolwarm")
-    ax.set_xticks(range(n), res["pool"], rotation=45, ha="right", fontsize=7)
-    ax.set_yticks(range(n), res["pool"], fontsize=7)
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, f"{res['cosines'][i][j]:.2f}", ha="center", va="center", fontsize=6)
+    font = 7 if full else max(3.5, min(7.0, 600 / n))
+    ax.set_xticks(
+        range(n), res["pool"], rotation=90 if not full else 45, ha="center" if not full else "right", fontsize=font
+    )
+    ax.set_yticks(range(n), res["pool"], fontsize=font)
+    chosen = set(res["sequence"])
+    for lab in ax.get_xticklabels() + ax.get_yticklabels():
+        if lab.get_text() in chosen:  # the chosen tasks stand out among a hundred names
+            lab.set_color("black" if full else "darkgreen")
+            lab.set_fontweight("bold")
+    if full:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{res['cosines'][i][j]:.2f}", ha="center", va="center", fontsize=6)
     ax.set_title(f"gradient cosines (chosen: {', '.join(res['sequence'])})", fontsize=8)
     fig.colorbar(im, ax=ax, shrink=0.8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110 if full else 100)
     plt.close(fig)
 
 

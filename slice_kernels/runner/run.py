@@ -29,7 +29,7 @@ from .methods import LoraSettings, StageContext
 from .metrics import continual_metrics
 from .model import check_model_dir, load_model
 from .profiles import RunConfig
-from .tasks import Example, check_spec, load_task, task_name
+from .tasks import Example, check_spec, load_task, shared_datasets, task_name
 from .train import LR_SCHEDULES, collect_gradients, default_loss, train_adapter, world_and_rank
 
 
@@ -454,6 +454,11 @@ class _Run:
             f"{'answer tokens only' if cfg.train_on == 'answer' else 'prompt and answer tokens'}; "
             f"{self.world} process(es)"
         )
+        for h, t in shared_datasets(cfg.tasks, cfg.heldout):
+            self.log(
+                f"[runner] note: held-out task {h} is the dataset of sequence task {t} in other settings, so its "
+                f"GP/IP score a kind of task the adapters trained on; --heldout with other datasets measures unseen ones"
+            )
 
     def _save(self, current: dict | None) -> bool:
         """Checkpoint after a stage; True when the caller asked to stop here (``stop_after``)."""

@@ -76,6 +76,16 @@ def parse_rg_spec(spec: str) -> tuple[str, dict]:
     return name, opts
 
 
+def shared_datasets(tasks: list, heldout: list) -> list[tuple[str, str]]:
+    """(held-out, sequence task) pairs that are the same reasoning-gym dataset in other settings (``gcd?max_value=20``
+    and ``gcd``): allowed, since the questions differ, but GP/IP then score a kind of task the adapters trained on."""
+
+    def dataset(spec):
+        return None if loaders.kind(spec) or is_path(spec) else parse_rg_spec(spec)[0]
+
+    return [(h, t) for h in heldout for t in tasks if h != t and dataset(h) is not None and dataset(h) == dataset(t)]
+
+
 def check_spec(spec: str) -> None:
     """Fail fast (before any model is loaded) on a task that cannot be built."""
     if loaders.kind(spec):

@@ -259,3 +259,27 @@ def test_mine_pool_all_leaves_out_datasets_that_cannot_generate(tmp_path, monkey
     assert res["skipped"] == {"gcd": "RuntimeError: cannot generate here"}
     assert "left out gcd" in capsys.readouterr().out
     assert len(os.listdir(out / "grad_cache")) == 2
+
+
+def test_a_whole_pool_prints_the_chosen_block_and_the_worst_pairs_and_plots_small(tmp_path):
+    from slice_kernels.runner.mining import FULL_MATRIX_MAX, format_matrix, most_conflicting_pairs, plot_cosines
+
+    n = FULL_MATRIX_MAX + 24
+    names = [f"task_{i:02d}" for i in range(n)]
+    C = [[1.0 if i == j else 0.1 + 0.001 * (i + j) for j in range(n)] for i in range(n)]
+    C[3][30] = C[30][3] = -0.8  # the pool's most conflicting pair
+    C[5][7] = C[7][5] = -0.5
+    res = {"pool": names, "cosines": C, "sequence": ["task_03", "task_30", "task_07"]}
+    assert most_conflicting_pairs(res, 2) == [(-0.8, "task_03", "task_30"), (-0.5, "task_05", "task_07")]
+    text = format_matrix(res)
+    lines = text.splitlines()
+    assert len(lines) < n  # not the whole matrix
+    assert lines[1].split() == ["task_03", "task_30", "task_07"]  # the chosen block, in sequence order
+    assert lines[2].split()[:3] == ["task_03", "1.000", "-0.800"]
+    assert "-0.800  task_03 | task_30" in text and text.index("task_03 | task_30") < text.index("task_05 | task_07")
+    plot_cosines(res, str(tmp_path / "big.png"))
+    small = {"pool": names[:4], "cosines": [r[:4] for r in C[:4]], "sequence": names[:2]}
+    assert len(format_matrix(small).splitlines()) == 5  # a small pool prints its whole matrix
+    plot_cosines(small, str(tmp_path / "small.png"))
+    assert 1000 < (tmp_path / "big.png").stat().st_size < 1_000_000
+    assert (tmp_path / "small.png").stat().st_size > 1000

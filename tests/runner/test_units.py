@@ -116,10 +116,11 @@ def test_named_presets_expand_and_the_default_sequence_is_one():
     from slice_kernels.runner.profiles import RunConfig
     from slice_kernels.runner.tasks import TaskError, expand_task_list, preset_names
 
-    assert {"conflict_easy", "mined_easy"} <= set(preset_names())
+    assert {"conflict_easy", "mined_easy", "mined_pool"} <= set(preset_names())
     assert expand_task_list("@conflict_easy") == RunConfig().tasks  # the default run is the documented preset
     assert len(expand_task_list("@mined_easy")) == 3
-    with pytest.raises(TaskError, match=r"no preset of that name; presets: conflict_easy, mined_easy"):
+    assert expand_task_list("@mined_pool") == ["fraction_simplification", "gcd", "survo"]  # mined from the whole pool
+    with pytest.raises(TaskError, match=r"no preset of that name; presets: conflict_easy, mined_easy, mined_pool"):
         expand_task_list("@no_such_preset")
 
 
@@ -135,3 +136,13 @@ def test_study_profiles_run_the_default_sequence_with_standard_errors_at_most_00
         assert cfg.tasks[:2] == d.tasks[:2] and cfg.tasks[2] == d.tasks[2].replace("max_digits=1", "max_digits=2")
     for n in (cfg.n_eval, cfg.n_heldout):  # the worst case p = 0.5 of one task's score
         assert (0.25 / n) ** 0.5 <= 0.05
+
+
+def test_held_out_tasks_of_a_sequence_dataset_are_found(tmp_path):
+    from slice_kernels.runner.tasks import shared_datasets
+
+    f = tmp_path / "gcd.jsonl"  # a file is its own task, whatever its name says
+    f.write_text('{"prompt": "1+1", "answer": "2"}\n')
+    tasks = ["fraction_simplification", "gcd", "survo"]
+    assert shared_datasets(tasks, ["gcd?max_value=20", "basic_arithmetic", str(f)]) == [("gcd?max_value=20", "gcd")]
+    assert shared_datasets(["letter_counting?min_words=1&max_words=2"], ["gcd?max_value=20"]) == []
