@@ -300,14 +300,12 @@ def plot_cosines(res: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(side, side * 0.86))
     im = ax.imshow(res["cosines"], vmin=-1, vmax=1, cmap="coolwarm")
     font = 7 if full else max(3.5, min(7.0, 600 / n))
-    ax.set_xticks(
-        range(n), res["pool"], rotation=90 if not full else 45, ha="center" if not full else "right", fontsize=font
-    )
+    ax.set_xticks(range(n), res["pool"], rotation=45 if full else 90, ha="right" if full else "center", fontsize=font)
     ax.set_yticks(range(n), res["pool"], fontsize=font)
     chosen = set(res["sequence"])
     for lab in ax.get_xticklabels() + ax.get_yticklabels():
         if lab.get_text() in chosen:  # the chosen tasks stand out among a hundred names
-            lab.set_color("black" if full else "darkgreen")
+            lab.set_color("darkgreen")
             lab.set_fontweight("bold")
     if full:
         for i in range(n):
