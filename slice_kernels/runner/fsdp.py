@@ -63,11 +63,15 @@ def shard(peft_model: nn.Module) -> nn.Module:
     return peft_model
 
 
-def sharded_stage_model(model: nn.Module, lora_config) -> nn.Module:
-    """A PEFT-wrapped, sharded copy of ``model`` (``model`` itself is left plain, for the merge)."""
+def sharded_stage_model(model: nn.Module, lora_config, method: str) -> nn.Module:
+    """A PEFT-wrapped, sharded copy of ``model`` (``model`` itself is left plain, for the merge), its adapters in
+    the dtype the unsharded init gives ``method``'s."""
     from peft import get_peft_model
 
-    return shard(get_peft_model(copy.deepcopy(model), lora_config))
+    from ..slice_init.peft import autocasts_adapter_dtype
+
+    copied = copy.deepcopy(model)
+    return shard(get_peft_model(copied, lora_config, autocast_adapter_dtype=autocasts_adapter_dtype(method)))
 
 
 def full_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
@@ -78,11 +82,14 @@ def full_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in sd.items()}
 
 
-def merge_into(model: nn.Module, lora_config, state: dict[str, torch.Tensor]) -> nn.Module:
-    """W^(t): ``model`` (W^(t-1), plain) wrapped by PEFT, loaded with the gathered ``state`` and merged."""
+def merge_into(model: nn.Module, lora_config, state: dict[str, torch.Tensor], method: str) -> nn.Module:
+    """W^(t): ``model`` (W^(t-1), plain) wrapped by PEFT as the stage was, loaded with the gathered ``state`` and
+    merged."""
     from peft import get_peft_model
 
-    plain = get_peft_model(model, lora_config)
+    from ..slice_init.peft import autocasts_adapter_dtype
+
+    plain = get_peft_model(model, lora_config, autocast_adapter_dtype=autocasts_adapter_dtype(method))
     missing, unexpected = plain.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(

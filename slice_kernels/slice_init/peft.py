@@ -87,18 +87,16 @@ def refuse_shared_weights(model: nn.Module, targets: dict) -> None:
             )
 
 
+def autocasts_adapter_dtype(method: str, autocast_adapter_dtype: bool = True) -> bool:
+    """Whether adapters of fp16/bf16 layers are float32, as PEFT makes them: when autocast_adapter_dtype (its
+    default), except LoRA-GA, which PEFT casts to the base weight's dtype. Every path that wraps a model for an
+    init (here, and the runner's sharded stages) asks this, so their adapters agree."""
+    return autocast_adapter_dtype and method != "lora_ga_peft"
+
+
 def _adapter_dtypes(weights, method: str, autocast_adapter_dtype: bool) -> dict:
-    # What PEFT itself does: adapters of fp16/bf16 layers are float32 when autocast_adapter_dtype (its
-    # default); LoRA-GA in PEFT casts A and B to the base weight's dtype.
-    out = {}
-    for n, w in weights.items():
-        if method == "lora_ga_peft":
-            out[n] = w.dtype
-        elif w.dtype in _HALF:
-            out[n] = torch.float32 if autocast_adapter_dtype else w.dtype
-        else:
-            out[n] = w.dtype
-    return out
+    up = autocasts_adapter_dtype(method, autocast_adapter_dtype)
+    return {n: torch.float32 if up and w.dtype in _HALF else w.dtype for n, w in weights.items()}
 
 
 def check_init_targets(

@@ -184,3 +184,44 @@ def test_accelerate_launch_with_an_fsdp2_config_runs_the_sharded_runner(tiny_dir
     res = json.load(open(out / "results.json"))
     assert res["world_size"] == 2 and res["config"]["fsdp"] is True
     assert all("gather" in t["init_phases"] for t in json.load(open(out / "timings.json")))
+
+
+def _dtype_worker(rank, world, model_dir, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from transformers import AutoModelForCausalLM
+
+        from slice_kernels.runner import methods
+        from slice_kernels.runner.fsdp import sharded_stage_model
+        from slice_kernels.runner.methods import LoraSettings
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+        lora = LoraSettings(2, 2.0, True, TARGETS)
+        found = {}
+        for name in ("lora_ga_peft", "slice"):
+            m = methods.get(name)
+            sharded = sharded_stage_model(model, m.lora_config(model, lora), m.init)
+            found[name] = sorted({str(p.dtype) for n, p in sharded.named_parameters() if "lora_" in n})
+        torch.save(found, os.path.join(out, "dtypes.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_stage_adapters_have_the_unsharded_inits_dtype(tiny_dir, tmp_path):
+    """--fsdp wraps each stage's copy itself: on a bf16 model its adapters must be what get_slice_model gives the
+    same method (PEFT's LoRA-GA casts them to the base dtype, the others are float32), or the two paths train
+    different adapters."""
+    from transformers import AutoModelForCausalLM
+
+    from slice_kernels.runner import methods
+    from slice_kernels.slice_init.peft import _adapter_dtypes, autocasts_adapter_dtype
+
+    mp.spawn(_dtype_worker, args=(1, tiny_dir, _free_port(), str(tmp_path)), nprocs=1, join=True)
+    found = torch.load(tmp_path / "dtypes.pt")
+    assert found == {"lora_ga_peft": ["torch.bfloat16"], "slice": ["torch.float32"]}
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16)
+    w = {n: p for n, p in model.named_parameters() if n.endswith("q_proj.weight")}
+    for name, want in found.items():  # the unsharded init's rule gives the same dtypes
+        assert {str(d) for d in _adapter_dtypes(w, methods.get(name).init, True).values()} == set(want)
+    assert autocasts_adapter_dtype("slice", False) is False

@@ -128,7 +128,7 @@ class InitMethod(Method):
 
         check_init_targets(ctx.model, lora_config, cfg)  # the refusals get_slice_model makes, on the plain model
         with torch.random.fork_rng(devices=[]):
-            peft_model = sharded_stage_model(ctx.model, lora_config)
+            peft_model = sharded_stage_model(ctx.model, lora_config, self.init)
             rep = init_sharded_(
                 peft_model,
                 cfg,
@@ -145,7 +145,7 @@ class InitMethod(Method):
         from ..fsdp import full_state, merge_into
 
         state = full_state(peft_model)  # collective: every rank gathers the trained shards
-        return merge_into(ctx.model, self.lora_config(ctx.model, ctx.lora), state)  # the init's wrapping
+        return merge_into(ctx.model, self.lora_config(ctx.model, ctx.lora), state, self.init)  # the init's wrapping
 
     def _report(self, rep) -> dict:
         report = {
