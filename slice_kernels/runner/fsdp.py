@@ -63,15 +63,18 @@ def shard(peft_model: nn.Module) -> nn.Module:
     return peft_model
 
 
-def sharded_stage_model(model: nn.Module, lora_config, method: str) -> nn.Module:
-    """A PEFT-wrapped, sharded copy of ``model`` (``model`` itself is left plain, for the merge), its adapters in
-    the dtype the unsharded init gives ``method``'s."""
+def _peft_wrap(model: nn.Module, lora_config, method: str) -> nn.Module:
+    """PEFT's wrap with the adapter dtype the unsharded init gives ``method`` (the stage and its merge use it)."""
     from peft import get_peft_model
 
     from ..slice_init.peft import autocasts_adapter_dtype
 
-    copied = copy.deepcopy(model)
-    return shard(get_peft_model(copied, lora_config, autocast_adapter_dtype=autocasts_adapter_dtype(method)))
+    return get_peft_model(model, lora_config, autocast_adapter_dtype=autocasts_adapter_dtype(method))
+
+
+def sharded_stage_model(model: nn.Module, lora_config, method: str) -> nn.Module:
+    """A PEFT-wrapped, sharded copy of ``model`` (``model`` itself is left plain, for the merge)."""
+    return shard(_peft_wrap(copy.deepcopy(model), lora_config, method))
 
 
 def full_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
@@ -85,11 +88,7 @@ def full_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
 def merge_into(model: nn.Module, lora_config, state: dict[str, torch.Tensor], method: str) -> nn.Module:
     """W^(t): ``model`` (W^(t-1), plain) wrapped by PEFT as the stage was, loaded with the gathered ``state`` and
     merged."""
-    from peft import get_peft_model
-
-    from ..slice_init.peft import autocasts_adapter_dtype
-
-    plain = get_peft_model(model, lora_config, autocast_adapter_dtype=autocasts_adapter_dtype(method))
+    plain = _peft_wrap(model, lora_config, method)
     missing, unexpected = plain.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(
